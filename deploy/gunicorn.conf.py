@@ -1,0 +1,31 @@
+"""gunicorn settings shared by luksctl-api.service and luksctl-api-wn.service.
+
+The units' ExecStart keeps the historic flags (--workers 2, --bind, -m 007,
+--certfile, --keyfile); those on the command line win over this file.
+"""
+
+import ssl
+
+# Threads keep status polls answering while one open waits minutes on cryptsetup.
+worker_class = "gthread"
+threads = 8
+# Longer than an open may take (config PRIVILEGED_TIMEOUT, 180 s by default) so no worker is killed mid-open.
+timeout = 240
+graceful_timeout = 30
+# journald keeps both logs; nothing goes to world-writable /tmp as the old tool's did.
+accesslog = "-"
+errorlog = "-"
+loglevel = "info"
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+    "loggers": {"luksctl": {"handlers": ["stderr"], "level": "INFO", "propagate": False}},
+}
+
+
+def ssl_context(config, default_ssl_context_factory):
+    context = default_ssl_context_factory()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context

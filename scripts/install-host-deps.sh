@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that the tests, the VM harness and the demo need, only when missing.
+set -euo pipefail
+packages=(
+    python3 python3-venv            # the venvs are built from Debian's interpreter (see README, Testing)
+    cryptsetup-bin e2fsprogs util-linux sudo kmod iproute2
+    nfs-kernel-server nfs-common rpcbind
+    qemu-system-x86 linux-image-amd64 busybox-static
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+ls /boot/vmlinuz-* >/dev/null

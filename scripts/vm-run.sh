@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Boots one virtme-ng VM (a real kernel: dm-crypt, loop, NFS) over the host's filesystem and
+# runs MODE inside it via scripts/vm/guest.sh. The guest's exit status becomes ours.
+# usage: VM_PREFIX=/opt/luksctl-test scripts/vm-run.sh test|demo|bench [args...]
+set -euo pipefail
+mode=${1:?usage: $0 test|demo|bench [args...]}
+shift
+repo=$(cd "$(dirname "$0")/.." && pwd)
+prefix=${VM_PREFIX:-/opt/luksctl-test}
+out=$repo/vm-out # the only directory the guest can write back to (--rwdir)
+rm -rf "$out"
+mkdir -p "$out"
+
+[[ -x $prefix/venv/bin/python ]] || { echo "vm-run: no venv in $prefix; run scripts/build-vm-prefix.sh" >&2; exit 2; }
+kernel=$(ls -v /boot/vmlinuz-* | tail -n 1)
+# vng calls virtme-run from its own venv, so that bin directory must be on PATH.
+export PATH=$repo/.venv/bin:$PATH
+# vng hands --exec to the guest's shell: quote every argument for it.
+guest_cmd=$(printf '%q ' "$repo/scripts/vm/guest.sh" "$mode" "$out" "$prefix" "$@")
+
+start=$SECONDS
+rc=0
+# --disable-kvm: /dev/kvm exists on these hosts, but the stock kernel hangs under it.
+# </dev/null: vng must not wait on, or steal, a CI job's stdin.
+vng --disable-kvm --force-9p -r "$kernel" --memory 2G --cpus 2 --rwdir "$out" \
+    --exec "$guest_cmd" </dev/null || rc=$?
+echo "vm-run: $mode exited $rc after $((SECONDS - start)) s (kernel $kernel)"
+
+if ((rc != 0)); then
+    # The console interleaves kernel messages; repeat what tells which test failed and why.
+    if [[ -f $out/pytest.log ]]; then
+        echo "===== pytest summary ($out/pytest.log) ====="
+        sed -n '/short test summary info/,$p' "$out/pytest.log"
+    fi
+    for log in "$out"/*.log; do
+        [[ -f $log && $log != "$out/pytest.log" ]] || continue
+        echo "===== tail of $log ====="
+        tail -n 25 "$log"
+    done
+fi
+exit "$rc"

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs inside the virtme-ng guest (as root, started by scripts/vm-run.sh).
+# usage: guest.sh MODE OUT PREFIX [args...]
+# Does the setup every mode needs, then runs the mode. Its exit status is the VM's.
+set -euo pipefail
+mode=$1 out=$2 prefix=$3
+shift 3
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+# The guest's default PATH lacks /usr/local/*; HOME=/root is read-only in the guest.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp
+# The repo is on the read-only 9p root: no .pyc files; results go to the --rwdir.
+export PYTHONDONTWRITEBYTECODE=1 LUKSCTL_VM_OUT=$out
+
+# pam_nologin would make sudo fail for every non-root user.
+rm -f /run/nologin
+modprobe -a loop dm-crypt veth nfsd nfs nfsv4
+
+# The production layout (see deploy/), pointing at the venv built by build-vm-prefix.sh.
+# /opt and /usr are throw-away overlays; refuse to shadow a real install the host might have.
+[[ ! -e /opt/luksctl || -L /opt/luksctl ]] || { echo "guest: /opt/luksctl is not a symlink" >&2; exit 2; }
+ln -sfn "$prefix" /opt/luksctl
+install -d /usr/local/sbin
+ln -sfn /opt/luksctl/venv/bin/luksctl /usr/local/sbin/luksctl
+
+# useradd writes /etc/passwd but fails to rewrite /etc/shadow on the overlay; without a
+# shadow entry PAM rejects the account, so sudo fails. Write the entry ourselves.
+for user in luksctl_api luksctl_api_wn; do
+    id -u "$user" >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin "$user" 2>/dev/null || true
+    id -u "$user" >/dev/null
+    grep -q "^$user:" /etc/shadow || echo "$user:*:20000:0:99999:7:::" >>/etc/shadow
+done
+
+if [[ -f $repo/deploy/sudoers.d/luksctl-api ]]; then
+    install -m 0440 -o root -g root "$repo/deploy/sudoers.d/luksctl-api" /etc/sudoers.d/luksctl-api
+fi
+install -d -m 0755 -o root -g root /etc/luks
+
+cd "$repo"
+case $mode in
+test)
+    # tee hides pytest's status; PIPESTATUS brings it back. The log lets vm-run.sh
+    # print the summary again after the console noise.
+    set +e
+    "$prefix/venv/bin/pytest" tests/vm -p no:cacheprovider --junitxml="$out/junit.xml" "$@" 2>&1 |
+        tee "$out/pytest.log"
+    exit "${PIPESTATUS[0]}"
+    ;;
+demo | bench) exec "$prefix/venv/bin/python" "scripts/$mode.py" "$@" ;;
+*) echo "guest: unknown mode $mode" >&2; exit 2 ;;
+esac

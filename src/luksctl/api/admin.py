@@ -1,0 +1,57 @@
+"""`luksctl-api` and `luksctl-api-wn`: admin commands next to the gunicorn services."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import certs
+from ..config import FrontendConfig, WorkerConfig, api_config_path, load_json_config
+from ..errors import EXIT_CONFIG, EXIT_USAGE, LuksctlError
+
+
+def _main(argv: list[str] | None, prog: str, model: type, default_owner: str) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=f"Admin commands for the {prog} service (gunicorn runs the service itself).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = commands.add_parser("gen-cert", help="write the self-signed TLS certificate and key gunicorn serves")
+    gen.add_argument("--cert", type=Path, default=certs.CERT_FILE, help="default: %(default)s")
+    gen.add_argument("--key", type=Path, default=certs.KEY_FILE, help="default: %(default)s (mode 0600)")
+    gen.add_argument("--owner", default=default_owner, help="user that owns the key, the service user (default: %(default)s)")
+    gen.add_argument("--hostname", action="append", help="DNS name for the certificate (repeatable; default: this host's names)")
+    gen.add_argument("--ip", action="append", default=[], help="extra IP address for the certificate (this host's are always included)")
+    gen.add_argument("--days", type=int, default=3650, help="validity (default: %(default)s)")
+    gen.add_argument("--force", action="store_true", help="replace an existing certificate")
+    commands.add_parser("check-config", help=f"validate the config file ($LUKSCTL_API_CONFIG or {api_config_path()})")
+    args = parser.parse_args(argv)
+
+    if args.command == "check-config":
+        path = api_config_path()
+        try:
+            config = load_json_config(model, path)
+        except LuksctlError as exc:
+            print(f"{prog}: {exc.message}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"{path}: OK {config.model_dump_json()}")
+        return 0
+
+    if args.cert.exists() and not args.force:
+        print(f"{prog}: {args.cert} exists; use --force to replace it", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        certs.write_certificate(
+            args.cert, args.key, hostnames=args.hostname or certs.default_hostnames(), extra_addresses=args.ip, owner=args.owner, days=args.days
+        )
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"{prog}: cannot write the certificate: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"wrote {args.cert} and {args.key} (owner {args.owner}, mode 0600)")
+    return 0
+
+
+def main_frontend(argv: list[str] | None = None) -> int:
+    return _main(argv, "luksctl-api", FrontendConfig, "luksctl_api")
+
+
+def main_worker(argv: list[str] | None = None) -> int:
+    return _main(argv, "luksctl-api-wn", WorkerConfig, "luksctl_api_wn")

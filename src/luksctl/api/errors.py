@@ -1,0 +1,44 @@
+"""One JSON error handler per app: every failure answers JSON with the state key.
+
+The dashboard reads `json.loads(r.text)["volume_state"]` from every answer,
+so even a 404 or a crash must carry the state, plus an `error` a person can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from ..errors import CommandFailed, LuksctlError
+
+log = logging.getLogger(__name__)
+
+
+def register_json_errors(app: Flask, current_state: Callable[[], dict]) -> None:
+    """`current_state()` gives e.g. {"volume_state": "unmounted"}; it must never raise."""
+
+    def answer(status: int, message: str, headers: dict | None = None):
+        response = jsonify({**current_state(), "error": message})
+        response.status_code = status
+        response.headers.update(headers or {})
+        return response
+
+    @app.errorhandler(LuksctlError)
+    def domain_error(exc: LuksctlError):
+        log.warning("%s: %s", exc.__class__.__name__, exc.detail() if isinstance(exc, CommandFailed) else exc.message)
+        if exc.http_status >= 500 and isinstance(exc, CommandFailed):
+            return answer(exc.http_status, "internal error; the service log has the details")
+        return answer(exc.http_status, exc.message, getattr(exc, "headers", None))
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        kept = {name: value for name, value in exc.get_headers() if name in ("Allow", "Retry-After")}
+        return answer(exc.code or 500, exc.description or exc.name, kept)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception):
+        log.exception("unexpected error")
+        return answer(500, "internal error; the service log has the details")

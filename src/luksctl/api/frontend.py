@@ -1,0 +1,169 @@
+"""Front-end node API: /luksctl_api/v1.0/status and /open (PROTOCOL §3)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import urllib.parse
+from pathlib import Path
+from typing import Annotated
+
+from flask import Blueprint, Flask, current_app, request
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from .. import vault
+from ..config import FrontendConfig, VolumeConfig, load_api_config, load_volume_config
+from ..errors import BadRequest, ConfigError, LuksctlError
+from ..locking import exclusive_lock
+from ..privileged import PrivilegedBridge, SudoBridge
+from ..status import VolumeState, volume_status
+from .errors import register_json_errors
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/luksctl_api/v1.0"
+MAX_BODY_BYTES = 16 * 1024
+# Path segments Vault accepts and we can put in a URL as they are: no '..', '?', '#', '%', NUL or spaces.
+_VAULT_PATH = re.compile(r"^[A-Za-z0-9_@:+=.-]+(/[A-Za-z0-9_@:+=.-]+)*$")
+
+
+def _vault_url(value: str) -> str:
+    parsed = urllib.parse.urlsplit(value)
+    try:
+        parsed.port  # raises on a bad port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+        or parsed.username is not None
+        or parsed.query
+        or parsed.fragment
+        or any(c.isspace() or ord(c) < 32 for c in value)
+    ):
+        raise ValueError("must look like https://vault.example:8200, without credentials, query or fragment")
+    return value.rstrip("/")
+
+
+def _vault_path(value: str) -> str:
+    if not _VAULT_PATH.match(value) or any(part in (".", "..") for part in value.split("/")):
+        raise ValueError(
+            "may hold letters, digits and _ @ : + = . - in segments separated by single '/', "
+            "with no leading or trailing '/' and no '.' or '..' segment"
+        )
+    return value
+
+
+class OpenRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    vault_url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(_vault_url)]
+    vault_token: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9._-]+$")]
+    secret_root: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_vault_path)]
+    secret_path: Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_vault_path)]
+    secret_key: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+    @property
+    def location(self) -> vault.SecretLocation:
+        return vault.SecretLocation(self.vault_url, self.secret_root, self.secret_path, self.secret_key)
+
+
+def parse_open_request() -> OpenRequest:
+    if not request.is_json:
+        raise BadRequest("send the body as JSON with Content-Type: application/json")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object with vault_url, vault_token, secret_root, secret_path and secret_key")
+    try:
+        return OpenRequest.model_validate(body)
+    except ValidationError as exc:
+        # msg only: pydantic's `input` would echo the token back.
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise BadRequest(f"invalid request body: {problems}") from None
+
+
+class VolumeConfigCache:
+    """The ini file, parsed again only when it changes: status polls cost one stat()."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._key: tuple | None = None
+        self._volume: VolumeConfig | None = None
+
+    def get(self) -> VolumeConfig:
+        try:
+            info = os.stat(self.path)
+        except OSError as exc:
+            raise ConfigError(f"{self.path} cannot be read: {exc.strerror}; has the volume been encrypted yet?") from None
+        key = (info.st_ino, info.st_mtime_ns, info.st_size)
+        if key != self._key or self._volume is None:
+            self._volume = load_volume_config(self.path)
+            self._key = key
+        return self._volume
+
+
+class Frontend:
+    def __init__(self, config: FrontendConfig, bridge: PrivilegedBridge):
+        self.config = config
+        self.bridge = bridge
+        self.volumes = VolumeConfigCache(Path(config.CRYPTDEV_INI))
+        verify = config.VAULT_CA_BUNDLE or config.VAULT_TLS_VERIFY
+        self.vault_settings = vault.VaultSettings(verify=verify, timeout=config.VAULT_TIMEOUT)
+
+    def state(self) -> VolumeState:
+        volume = self.volumes.get()
+        return volume_status(volume.cryptdev, volume.mountpoint).state
+
+    def state_body(self) -> dict:
+        """For error answers: the true state, or unavailable; never raises."""
+        try:
+            return {"volume_state": self.state().value}
+        except (LuksctlError, OSError):
+            return {"volume_state": VolumeState.UNAVAILABLE.value}
+
+    def open(self, unlock: OpenRequest) -> dict:
+        if self.state() is VolumeState.MOUNTED:
+            return {"volume_state": VolumeState.MOUNTED.value}
+        # Serialise opens across threads and gunicorn workers; whoever waited
+        # finds the volume mounted and leaves its wrapping token unused.
+        with exclusive_lock(Path(self.config.LOCK_FILE), timeout=self.config.PRIVILEGED_TIMEOUT + 30, what="open"):
+            if self.state() is VolumeState.MOUNTED:
+                return {"volume_state": VolumeState.MOUNTED.value}
+            passphrase = vault.fetch_passphrase(unlock.location, unlock.vault_token, self.vault_settings)
+            self.bridge.open_volume(passphrase)
+            del passphrase
+        return {"volume_state": self.state().value}
+
+
+bp = Blueprint("frontend", __name__, url_prefix=PREFIX)
+
+
+def _frontend() -> Frontend:
+    return current_app.extensions["luksctl_frontend"]
+
+
+@bp.get("/status")
+def status():
+    try:
+        return {"volume_state": _frontend().state().value}
+    except (LuksctlError, OSError) as exc:
+        message = exc.message if isinstance(exc, LuksctlError) else "the volume state cannot be read"
+        return {"volume_state": VolumeState.UNAVAILABLE.value, "error": message}
+
+
+@bp.post("/open")
+def open_volume():
+    return _frontend().open(parse_open_request())
+
+
+def create_frontend_app(config: FrontendConfig | None = None, bridge: PrivilegedBridge | None = None) -> Flask:
+    if config is None:
+        config = load_api_config(FrontendConfig)
+    frontend = Frontend(config, bridge or SudoBridge(config.LUKSCTL_BINARY, config.PRIVILEGED_TIMEOUT))
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["luksctl_frontend"] = frontend
+    register_json_errors(app, frontend.state_body)
+    app.register_blueprint(bp)
+    return app

@@ -1,0 +1,197 @@
+"""`luksctl`: the root CLI and the API's only privileged door.
+
+It takes no path, command or option from its caller beyond the action
+itself: what it acts on comes from root-owned files in fixed places, so a
+sudoers rule naming this binary grants exactly open, close, status and
+nfs-mount of the configured volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from . import services, volume
+from .config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
+from .errors import EXIT_ACTION_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError
+from .locking import exclusive_lock
+from .status import VolumeState, nfs_mount_states
+
+log = logging.getLogger("luksctl")
+
+LOCK_FILE = Path("/run/luksctl.lock")
+LOCK_WAIT = 200  # longer than one open takes, even on a slow VM
+MAX_PASSPHRASE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the CLI reads from: fixed in production, replaced in tests."""
+
+    volume_ini: Path = VOLUME_INI
+    api_config: Path = API_CONFIG
+    lock_file: Path = LOCK_FILE
+    root_owned: bool = True
+
+
+@dataclass
+class Report:
+    volume_state: str | None = None
+    mapper_open: bool | None = None
+    mounted: bool | None = None
+    changed: bool = False
+    actions: list[dict] | None = None
+    nfs_state: str | None = None
+    mountpoints: dict[str, bool] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        if self.nfs_state is not None:
+            return self.nfs_state == VolumeState.MOUNTED.value
+        return self.volume_state == VolumeState.MOUNTED.value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2, which we reserve for a wrong passphrase
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="luksctl", description="Open, close and report the LUKS volume of /etc/luks/luks-cryptdev.ini.")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, help_text in (
+        ("status", "report whether the volume is open and mounted (exit 0 if so, 1 if not)"),
+        ("open", "read the passphrase from stdin, open and mount the volume, run post-open actions"),
+        ("close", "unmount and close the volume"),
+        ("nfs-mount", "worker node: mount the NFS entries of /etc/fstab"),
+    ):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def read_passphrase(stream: BinaryIO, is_tty: bool) -> bytes:
+    """The passphrase as the old tools piped it: everything before one trailing newline."""
+    if is_tty:
+        return getpass.getpass("Passphrase: ").encode()
+    data = stream.read(MAX_PASSPHRASE_BYTES + 1)
+    if len(data) > MAX_PASSPHRASE_BYTES:
+        raise LuksctlError(f"the passphrase on stdin is longer than {MAX_PASSPHRASE_BYTES} bytes")
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    if not data:
+        raise LuksctlError("no passphrase on stdin (pipe it in: printf '%s\\n' \"$PASS\" | luksctl open)")
+    return data
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise LuksctlError("this command must run as root (sudo luksctl ...)")
+
+
+def _status_report(paths: Paths) -> Report:
+    vol = load_volume_config(paths.volume_ini, root_owned=paths.root_owned)
+    status = volume.current_status(vol)
+    return Report(status.state.value, status.mapper_open, status.mounted)
+
+
+def cmd_status(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
+    return _status_report(paths)
+
+
+def cmd_open(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
+    _require_root()
+    vol = load_volume_config(paths.volume_ini, root_owned=paths.root_owned)
+    config = load_json_config(FrontendConfig, paths.api_config, root_owned=paths.root_owned, missing_ok=True)
+    with exclusive_lock(paths.lock_file, timeout=LOCK_WAIT, what="luksctl open or close"):
+        if volume.current_status(vol).mounted:
+            return _status_report(paths)  # nothing to do, and no passphrase needed
+        outcome = volume.open_volume(vol, read_passphrase(stdin, stdin_is_tty))
+        results = services.run_post_open_actions(config)
+    status = outcome.status
+    return Report(status.state.value, status.mapper_open, status.mounted, outcome.changed, [asdict(r) for r in results])
+
+
+def cmd_close(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
+    _require_root()
+    vol = load_volume_config(paths.volume_ini, root_owned=paths.root_owned)
+    with exclusive_lock(paths.lock_file, timeout=LOCK_WAIT, what="luksctl open or close"):
+        outcome = volume.close_volume(vol)
+    return Report(outcome.status.state.value, outcome.status.mapper_open, outcome.status.mounted, outcome.changed)
+
+
+def cmd_nfs_mount(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
+    _require_root()
+    config = load_json_config(WorkerConfig, paths.api_config, root_owned=paths.root_owned)
+    changed = False
+    if not all(nfs_mount_states(config.NFS_MOUNTPOINT_LIST).values()):
+        changed = True
+        try:
+            services.mount_nfs_shares()
+        except CommandFailed as exc:  # some entries may have mounted: report each one below
+            log.error("%s", exc.detail())
+    states = nfs_mount_states(config.NFS_MOUNTPOINT_LIST)
+    state = VolumeState.MOUNTED if all(states.values()) else VolumeState.UNMOUNTED
+    return Report(changed=changed, nfs_state=state.value, mountpoints=states)
+
+
+COMMANDS = {"status": cmd_status, "open": cmd_open, "close": cmd_close, "nfs-mount": cmd_nfs_mount}
+
+
+def print_text(command: str, report: Report, out: TextIO) -> None:
+    if command == "close":
+        print(f"Encrypted volume umount: [ {'OK' if report.mapper_open is False else 'FAIL'} ]", file=out)
+        return
+    if command == "nfs-mount":
+        for mountpoint, mounted in (report.mountpoints or {}).items():
+            print(f"NFS {mountpoint}: {'mounted' if mounted else 'not mounted'}", file=out)
+        print(f"NFS shares: [ {'OK' if report.ok else 'FAIL'} ]", file=out)
+        return
+    for action in report.actions or []:
+        print(f"{action['name']}: {'done' if action['ok'] else 'FAILED: ' + str(action['error'])}", file=out)
+    if report.mapper_open is not None:
+        print(f"Mapper device:    {'open' if report.mapper_open else 'closed'}", file=out)
+        print(f"Filesystem:       {'mounted' if report.mounted else 'not mounted'}", file=out)
+    print(f"Encrypted volume: [ {'OK' if report.ok else 'FAIL'} ]", file=out)
+
+
+def _state_after_error(paths: Paths) -> Report:
+    try:
+        return _status_report(paths)
+    except LuksctlError:
+        return Report(VolumeState.UNAVAILABLE.value)
+
+
+def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: BinaryIO | None = None, stdin_is_tty: bool | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="luksctl: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    stdin_is_tty = stdin_is_tty if stdin_is_tty is not None else sys.stdin.isatty()
+    try:
+        report = COMMANDS[args.command](paths, stdin, stdin_is_tty)
+        exit_code = EXIT_OK if report.ok or args.command == "close" else EXIT_NOT_OPEN
+        failed = [action["name"] for action in report.actions or [] if not action["ok"]]
+        if failed:
+            report.error = f"the volume is mounted, but these post-open actions failed: {', '.join(failed)}"
+            exit_code = EXIT_ACTION_FAILED
+    except LuksctlError as exc:
+        log.error("%s", exc.detail() if isinstance(exc, CommandFailed) else exc.message)
+        report = _state_after_error(paths)
+        report.error = exc.message
+        exit_code = exc.exit_code
+    if args.json:
+        print(json.dumps({key: value for key, value in asdict(report).items() if value is not None}))
+    else:
+        print_text(args.command, report, sys.stdout)
+    return exit_code
+

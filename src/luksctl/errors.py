@@ -1,0 +1,126 @@
+"""One error hierarchy for the CLI and both APIs.
+
+Each class carries its CLI exit code and its HTTP status, so the translation
+to a process exit or a JSON body happens in exactly one place per surface.
+Messages are written for a person and never contain a secret.
+"""
+
+from __future__ import annotations
+
+# CLI exit codes (documented in the README, section "Exit codes").
+EXIT_OK = 0
+EXIT_NOT_OPEN = 1
+EXIT_WRONG_PASSPHRASE = 2
+EXIT_CONFIG = 3
+EXIT_COMMAND_FAILED = 4
+EXIT_ACTION_FAILED = 5
+EXIT_BUSY = 6
+EXIT_USAGE = 64
+
+
+class LuksctlError(Exception):
+    """Base class: a failure with a message that is safe to show anyone."""
+
+    exit_code = EXIT_COMMAND_FAILED
+    http_status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(LuksctlError):
+    """A config file is missing, unsafe or invalid; the message names the file and key."""
+
+    exit_code = EXIT_CONFIG
+    http_status = 500
+
+
+class CommandFailed(LuksctlError):
+    """An external command failed. Keeps argv, exit code and stderr for the log."""
+
+    def __init__(self, message: str, argv: list[str], returncode: int | None, stderr: str):
+        super().__init__(message)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+
+    def detail(self) -> str:
+        return f"{self.message} (argv={self.argv}, exit={self.returncode}, stderr={self.stderr.strip()!r})"
+
+
+class DeviceNotFound(LuksctlError):
+    """The LUKS device named by the ini's uuid is not attached."""
+
+
+class WrongPassphrase(LuksctlError):
+    exit_code = EXIT_WRONG_PASSPHRASE
+    http_status = 422
+
+
+class VolumeBusy(LuksctlError):
+    """The filesystem is in use, so it stays mounted and open."""
+
+    exit_code = EXIT_NOT_OPEN
+    http_status = 409
+
+
+class LockTimeout(LuksctlError):
+    """Another open or close is still running."""
+
+    exit_code = EXIT_BUSY
+    http_status = 503
+
+
+class ActionFailed(LuksctlError):
+    """The volume is mounted but a post-open action (docker, NFS) failed."""
+
+    exit_code = EXIT_ACTION_FAILED
+    http_status = 500
+
+
+class NfsMountIncomplete(LuksctlError):
+    """A worker's `mount -a` left some NFS mountpoints unmounted."""
+
+    exit_code = EXIT_NOT_OPEN
+    http_status = 502
+
+
+class BadRequest(LuksctlError):
+    http_status = 400
+
+
+class VaultError(LuksctlError):
+    http_status = 502
+
+
+class VaultUnreachable(VaultError):
+    http_status = 502
+
+
+class WrappingTokenInvalid(VaultError):
+    http_status = 403
+
+
+class VaultDenied(VaultError):
+    http_status = 403
+
+
+class SecretNotFound(VaultError):
+    http_status = 404
+
+
+class PrivilegedCallFailed(LuksctlError):
+    """`sudo -n luksctl` could not run at all (sudoers, missing binary)."""
+
+    http_status = 500
+
+
+# The CLI's exit code -> the error the API bridge raises for it (others: LuksctlError).
+ERROR_FOR_EXIT_CODE: dict[int, type[LuksctlError]] = {
+    EXIT_WRONG_PASSPHRASE: WrongPassphrase,
+    EXIT_CONFIG: ConfigError,
+    EXIT_ACTION_FAILED: ActionFailed,
+    EXIT_BUSY: LockTimeout,
+    EXIT_NOT_OPEN: VolumeBusy,
+}

@@ -1,0 +1,71 @@
+"""The only place that starts processes.
+
+argv lists only (never a shell), binaries resolved on a fixed PATH, LC_ALL=C
+so output parses the same everywhere, a timeout on every call, and secrets
+only on stdin. Logged argv never holds a secret because argv never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from .errors import CommandFailed
+
+log = logging.getLogger(__name__)
+
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ENVIRONMENT = {"PATH": SAFE_PATH, "LC_ALL": "C"}
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def resolve(binary: str) -> str:
+    """Absolute path of `binary` on SAFE_PATH; the caller's PATH is never trusted."""
+    if binary.startswith("/"):
+        return binary
+    found = shutil.which(binary, path=SAFE_PATH)
+    if found is None:
+        raise CommandFailed(f"{binary} is not installed (looked in {SAFE_PATH})", [binary], None, "")
+    return found
+
+
+def run(argv: list[str], *, timeout: float, stdin: bytes | None = None, check: bool = True) -> Result:
+    """Run argv[0] (resolved) with `stdin` bytes as its standard input.
+
+    With check=True a non-zero exit raises CommandFailed carrying argv, exit
+    code and stderr; with check=False the caller decides what the code means.
+    """
+    full_argv = [resolve(argv[0]), *argv[1:]]
+    log.debug("running %s", full_argv)
+    try:
+        completed = subprocess.run(
+            full_argv,
+            input=stdin if stdin is not None else b"",
+            capture_output=True,
+            env=ENVIRONMENT,
+            timeout=timeout,
+            close_fds=True,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s", full_argv, None, "") from None
+    except OSError as exc:
+        raise CommandFailed(f"{argv[0]} could not be started: {exc.strerror}", full_argv, None, "") from None
+    result = Result(
+        full_argv,
+        completed.returncode,
+        completed.stdout.decode("utf-8", "replace"),
+        completed.stderr.decode("utf-8", "replace"),
+    )
+    if check and result.returncode != 0:
+        raise CommandFailed(f"{argv[0]} failed with exit code {result.returncode}", full_argv, result.returncode, result.stderr)
+    return result

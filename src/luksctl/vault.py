@@ -1,0 +1,132 @@
+"""Fetch the volume passphrase from Vault with a single-use wrapping token.
+
+Unwrap -> read KV (v2 or v1, from the mount's own description) -> revoke the
+unwrapped token, so it is useless even if it leaked. Every hvac or network
+error becomes one of our errors with a message that names the Vault path and
+never a token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import hvac
+import hvac.exceptions
+import requests
+
+from .errors import SecretNotFound, VaultDenied, VaultError, VaultUnreachable, WrappingTokenInvalid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecretLocation:
+    vault_url: str
+    secret_root: str
+    secret_path: str
+    secret_key: str
+
+    def __str__(self) -> str:
+        return f"{self.secret_root}/{self.secret_path} (key {self.secret_key!r}) at {self.vault_url}"
+
+
+@dataclass(frozen=True)
+class VaultSettings:
+    verify: bool | str = True  # True, False, or a CA bundle path
+    timeout: float = 10
+
+
+@contextlib.contextmanager
+def _translated_errors(location: SecretLocation, settings: VaultSettings, step: str) -> Iterator[None]:
+    try:
+        yield
+    except requests.exceptions.Timeout:
+        raise VaultUnreachable(f"Vault at {location.vault_url} did not answer within {settings.timeout:g} s ({step})") from None
+    except requests.exceptions.SSLError:
+        raise VaultUnreachable(
+            f"the TLS certificate of {location.vault_url} could not be verified ({step}); "
+            "set VAULT_CA_BUNDLE in config.json"
+        ) from None
+    except requests.exceptions.RequestException as exc:
+        raise VaultUnreachable(f"Vault at {location.vault_url} cannot be reached ({step}): {exc.__class__.__name__}") from None
+    except (hvac.exceptions.VaultDown, hvac.exceptions.VaultNotInitialized):
+        raise VaultUnreachable(f"Vault at {location.vault_url} is sealed or not initialised ({step})") from None
+    except (hvac.exceptions.InternalServerError, hvac.exceptions.BadGateway, hvac.exceptions.UnexpectedError) as exc:
+        log.warning("Vault error during %s: %s %s", step, exc.__class__.__name__, getattr(exc, "errors", None))
+        raise VaultUnreachable(f"Vault at {location.vault_url} failed during {step}") from None
+    except hvac.exceptions.RateLimitExceeded:
+        raise VaultUnreachable(f"Vault at {location.vault_url} is rate limiting us ({step}); try again later") from None
+
+
+def fetch_passphrase(location: SecretLocation, wrapping_token: str, settings: VaultSettings) -> str:
+    client = hvac.Client(url=location.vault_url, token=wrapping_token, verify=settings.verify, timeout=settings.timeout)
+    client_token = _unwrap(client, location, settings)
+    client.token = client_token
+    try:
+        return _read_secret(client, location, settings)
+    finally:
+        _revoke(client, location, settings)
+
+
+def _unwrap(client: hvac.Client, location: SecretLocation, settings: VaultSettings) -> str:
+    try:
+        with _translated_errors(location, settings, "unwrap"):
+            response = client.sys.unwrap()
+    except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized, hvac.exceptions.InvalidPath):
+        raise WrappingTokenInvalid(
+            "the wrapping token is invalid, expired or already used; request a new one from the dashboard"
+        ) from None
+    token = ((response or {}).get("auth") or {}).get("client_token")
+    if not isinstance(token, str) or not token:
+        raise WrappingTokenInvalid("the wrapping token does not wrap a Vault token (expected auth.client_token)")
+    return token
+
+
+def _kv_version(client: hvac.Client, location: SecretLocation, settings: VaultSettings) -> str:
+    """The mount's KV version; any token may ask about a mount it can use."""
+    try:
+        with _translated_errors(location, settings, "mount lookup"):
+            mount = client.adapter.get(f"/v1/sys/internal/ui/mounts/{location.secret_root}")
+    except hvac.exceptions.VaultError:
+        return "2"  # the dashboard's layout
+    options = ((mount or {}).get("data") or {}).get("options") or {}
+    return "1" if options.get("version") == "1" else "2"
+
+
+def _read_secret(client: hvac.Client, location: SecretLocation, settings: VaultSettings) -> str:
+    version = _kv_version(client, location, settings)
+    try:
+        with _translated_errors(location, settings, "read secret"):
+            if version == "2":
+                response = client.secrets.kv.v2.read_secret_version(
+                    path=location.secret_path, mount_point=location.secret_root, raise_on_deleted_version=True
+                )
+                data = ((response or {}).get("data") or {}).get("data") or {}
+            else:
+                response = client.secrets.kv.v1.read_secret(path=location.secret_path, mount_point=location.secret_root)
+                data = (response or {}).get("data") or {}
+    except hvac.exceptions.InvalidPath:
+        raise SecretNotFound(f"no secret at {location.secret_root}/{location.secret_path} (KV v{version}) at {location.vault_url}") from None
+    except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
+        raise VaultDenied(f"the unwrapped token may not read {location.secret_root}/{location.secret_path}; check its Vault policy") from None
+    except hvac.exceptions.VaultError as exc:
+        log.warning("Vault refused the read: %s %s", exc.__class__.__name__, getattr(exc, "errors", None))
+        raise VaultError(f"Vault refused to read {location.secret_root}/{location.secret_path}") from None
+    value = data.get(location.secret_key)
+    if not isinstance(value, str) or not value:
+        raise SecretNotFound(f"the secret {location.secret_root}/{location.secret_path} has no non-empty key {location.secret_key!r}")
+    return value
+
+
+def _revoke(client: hvac.Client, location: SecretLocation, settings: VaultSettings) -> None:
+    """Best effort: a failed revoke is logged, and the token still expires with its TTL."""
+    try:
+        with _translated_errors(location, settings, "revoke"):
+            client.auth.token.revoke_self()
+    except VaultError as exc:
+        log.warning("could not revoke the unwrapped token: %s", exc.message)
+    except hvac.exceptions.VaultError as exc:
+        log.warning("could not revoke the unwrapped token: %s", exc.__class__.__name__)

@@ -1,0 +1,90 @@
+"""Fixtures for the VM tests: real kernel, real OpenBao, the real service as deployed.
+
+These tests run only inside the virtme-ng guest, as root (`make test-vm`). Starting a process
+costs seconds under software emulation, so what is expensive to start lives for the session
+and tests put it back the way they found it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers_vm import OUT, Api, Bao, CryptsetupCounter, Dashboard, VolumeFactory
+
+
+def pytest_collection_modifyitems(items):
+    # Anywhere but the guest these tests would format loop devices on the host: refuse.
+    if os.geteuid() != 0 or "LUKSCTL_VM_OUT" not in os.environ:
+        skip = pytest.mark.skip(reason="VM test: run with `make test-vm`")
+        for item in items:
+            item.add_marker(skip)
+    for item in items:
+        item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(scope="session")
+def bao():
+    """A real OpenBao dev server; stop()/start() it for the "Vault down" case."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    server = Bao(OUT / "bao.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bao_up(bao):
+    """The shared server, restarted if an earlier test left it stopped (its data is then gone)."""
+    if bao.proc is None:
+        bao.start()
+    return bao
+
+
+@pytest.fixture
+def luks_volume():
+    """A factory: luks_volume(passphrase) -> Volume, described in /etc/luks/luks-cryptdev.ini.
+
+    The newest volume is the one the ini names. Everything is unmounted, closed and detached
+    after the test.
+    """
+    factory = VolumeFactory()
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture(scope="session")
+def api_server():
+    server = Api()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api(api_server):
+    """The front-end API running with the default config.json.
+
+    A test that needs another config calls api.restart(config); the next test that asks for
+    `api` gets the default back. Restarts cost seconds, so only a changed config restarts.
+    """
+    default = {"INFRASTRUCTURE_CONFIGURATION": "single_vm"}
+    if api_server.proc is None or api_server.proc.poll() is not None:
+        api_server.start(default)
+    elif api_server.config != default:
+        api_server.restart(default)
+    return api_server
+
+
+@pytest.fixture
+def dashboard(api):
+    return Dashboard(api.base_url)
+
+
+@pytest.fixture
+def cryptsetup_calls():
+    """Counts real cryptsetup invocations made through luksctl's fixed PATH."""
+    counter = CryptsetupCounter()
+    counter.install()
+    yield counter
+    counter.remove()
