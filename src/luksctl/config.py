@@ -23,6 +23,7 @@ VOLUME_INI = Path("/etc/luks/luks-cryptdev.ini")
 API_CONFIG = Path("/etc/luks/config.json")
 API_CONFIG_ENV = "LUKSCTL_API_CONFIG"
 LUKSCTL_BINARY = "/usr/local/sbin/luksctl"
+CLUSTER_TOKEN = "/etc/luks/cluster-token"
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 
@@ -98,6 +99,14 @@ class FrontendConfig(_JsonConfig):
     VAULT_CA_BUNDLE: AbsolutePath | None = None
     VAULT_TIMEOUT: Annotated[float, Field(gt=0, le=120)] = 10
     LOCK_FILE: AbsolutePath = "/run/luksctl-api/open.lock"
+    # Cluster: how the front end reaches the worker APIs (PROTOCOL §5).
+    WN_SCHEME: Literal["https", "http"] = "https"
+    WN_PORT: Annotated[int, Field(ge=1, le=65535)] = 5000
+    WN_TLS_VERIFY: bool = True
+    WN_CA_BUNDLE: AbsolutePath | None = None
+    WN_CONNECT_TIMEOUT: Annotated[float, Field(gt=0, le=60)] = 5
+    WN_READ_TIMEOUT: Annotated[float, Field(gt=0, le=600)] = 60
+    CLUSTER_TOKEN_FILE: AbsolutePath = CLUSTER_TOKEN
 
     @model_validator(mode="after")
     def _cluster_needs_workers(self) -> "FrontendConfig":
@@ -118,6 +127,9 @@ class WorkerConfig(_JsonConfig):
     """config.json of a worker node (PROTOCOL §5)."""
 
     NFS_MOUNTPOINT_LIST: Annotated[list[AbsolutePath], Field(min_length=1)]
+    CLUSTER_TOKEN_FILE: AbsolutePath = CLUSTER_TOKEN
+    # Only for front ends too old to send the cluster token.
+    ALLOW_UNAUTHENTICATED_NFS_MOUNT: bool = False
 
 
 Model = TypeVar("Model", bound=BaseModel)

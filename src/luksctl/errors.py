@@ -86,6 +86,10 @@ class NfsMountIncomplete(LuksctlError):
     http_status = 502
 
 
+class CallerRefused(LuksctlError):
+    http_status = 403
+
+
 class BadRequest(LuksctlError):
     http_status = 400
 

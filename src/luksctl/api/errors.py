@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flask import Flask, jsonify
+from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from ..errors import CommandFailed, LuksctlError
@@ -17,10 +17,14 @@ from ..errors import CommandFailed, LuksctlError
 log = logging.getLogger(__name__)
 
 
+INTERNAL = "internal error; the service log has the details"
+
+
 def register_json_errors(app: Flask, current_state: Callable[[], dict]) -> None:
     """`current_state()` gives e.g. {"volume_state": "unmounted"}; it must never raise."""
 
-    def answer(status: int, message: str, headers: dict | None = None):
+    def answer(exc: Exception, status: int, message: str, headers: dict | None = None):
+        g.error_class = exc.__class__.__name__  # for the audit line
         response = jsonify({**current_state(), "error": message})
         response.status_code = status
         response.headers.update(headers or {})
@@ -29,16 +33,16 @@ def register_json_errors(app: Flask, current_state: Callable[[], dict]) -> None:
     @app.errorhandler(LuksctlError)
     def domain_error(exc: LuksctlError):
         log.warning("%s: %s", exc.__class__.__name__, exc.detail() if isinstance(exc, CommandFailed) else exc.message)
-        if exc.http_status >= 500 and isinstance(exc, CommandFailed):
-            return answer(exc.http_status, "internal error; the service log has the details")
-        return answer(exc.http_status, exc.message, getattr(exc, "headers", None))
+        # A failed command's message may name internals; the log has them, the client gets a pointer.
+        message = INTERNAL if isinstance(exc, CommandFailed) else exc.message
+        return answer(exc, exc.http_status, message, getattr(exc, "headers", None))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         kept = {name: value for name, value in exc.get_headers() if name in ("Allow", "Retry-After")}
-        return answer(exc.code or 500, exc.description or exc.name, kept)
+        return answer(exc, exc.code or 500, exc.description or exc.name, kept)
 
     @app.errorhandler(Exception)
     def unexpected_error(exc: Exception):
         log.exception("unexpected error")
-        return answer(500, "internal error; the service log has the details")
+        return answer(exc, 500, INTERNAL)

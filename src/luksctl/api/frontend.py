@@ -12,12 +12,13 @@ from typing import Annotated
 from flask import Blueprint, Flask, current_app, request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .. import vault
+from .. import cluster, vault
 from ..config import FrontendConfig, VolumeConfig, load_api_config, load_volume_config
 from ..errors import BadRequest, ConfigError, LuksctlError
 from ..locking import exclusive_lock
 from ..privileged import PrivilegedBridge, SudoBridge
 from ..status import VolumeState, volume_status
+from .auditing import install_audit, note
 from .errors import register_json_errors
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class Frontend:
         self.volumes = VolumeConfigCache(Path(config.CRYPTDEV_INI))
         verify = config.VAULT_CA_BUNDLE or config.VAULT_TLS_VERIFY
         self.vault_settings = vault.VaultSettings(verify=verify, timeout=config.VAULT_TIMEOUT)
+        self.workers = cluster.WorkerClient.from_config(config) if config.is_cluster else None
 
     def state(self) -> VolumeState:
         volume = self.volumes.get()
@@ -123,17 +125,26 @@ class Frontend:
             return {"volume_state": VolumeState.UNAVAILABLE.value}
 
     def open(self, unlock: OpenRequest) -> dict:
-        if self.state() is VolumeState.MOUNTED:
-            return {"volume_state": VolumeState.MOUNTED.value}
-        # Serialise opens across threads and gunicorn workers; whoever waited
-        # finds the volume mounted and leaves its wrapping token unused.
-        with exclusive_lock(Path(self.config.LOCK_FILE), timeout=self.config.PRIVILEGED_TIMEOUT + 30, what="open"):
-            if self.state() is VolumeState.MOUNTED:
-                return {"volume_state": VolumeState.MOUNTED.value}
-            passphrase = vault.fetch_passphrase(unlock.location, unlock.vault_token, self.vault_settings)
-            self.bridge.open_volume(passphrase)
-            del passphrase
-        return {"volume_state": self.state().value}
+        volume = self.volumes.get()
+        note(volume=volume.cryptdev, vault_path=str(unlock.location))
+        if self.state() is not VolumeState.MOUNTED:
+            # Serialise opens across threads and gunicorn workers; whoever waited
+            # finds the volume mounted and leaves its wrapping token unused.
+            with exclusive_lock(Path(self.config.LOCK_FILE), timeout=self.config.PRIVILEGED_TIMEOUT + 30, what="open"):
+                if self.state() is not VolumeState.MOUNTED:
+                    passphrase = vault.fetch_passphrase(unlock.location, unlock.vault_token, self.vault_settings)
+                    self.bridge.open_volume(passphrase)
+                    del passphrase
+        body = {"volume_state": self.state().value}
+        if self.workers is not None and body["volume_state"] == VolumeState.MOUNTED.value:
+            body["nodes"] = cluster.remount_workers(self.workers, self.config.WN_IPS)
+            note(nodes=body["nodes"])
+        return body
+
+    def nodes(self) -> dict:
+        """The operator's view of every worker, fetched on demand (never on a status poll)."""
+        nodes = cluster.worker_states(self.workers, self.config.WN_IPS) if self.workers is not None else {}
+        return {**self.state_body(), "nodes": nodes}
 
 
 bp = Blueprint("frontend", __name__, url_prefix=PREFIX)
@@ -157,6 +168,11 @@ def open_volume():
     return _frontend().open(parse_open_request())
 
 
+@bp.get("/nodes")
+def nodes():
+    return _frontend().nodes()
+
+
 def create_frontend_app(config: FrontendConfig | None = None, bridge: PrivilegedBridge | None = None) -> Flask:
     if config is None:
         config = load_api_config(FrontendConfig)
@@ -165,5 +181,6 @@ def create_frontend_app(config: FrontendConfig | None = None, bridge: Privileged
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["luksctl_frontend"] = frontend
     register_json_errors(app, frontend.state_body)
+    install_audit(app, {"frontend.open_volume": "open", "frontend.status": "status", "frontend.nodes": "nodes"})
     app.register_blueprint(bp)
     return app

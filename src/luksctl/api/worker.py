@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, current_app
+import hmac
+from pathlib import Path
 
-from ..errors import NfsMountIncomplete
+from flask import Blueprint, Flask, current_app, request
+
+from ..cluster import TOKEN_HEADER, read_token
+
+from ..errors import CallerRefused, NfsMountIncomplete
 from ..config import WorkerConfig, load_api_config
 from ..privileged import PrivilegedBridge, SudoBridge
 from ..status import VolumeState, nfs_mount_states
+from .auditing import install_audit, note
 from .errors import register_json_errors
 
 PREFIX = "/luksctl_api_wn/v1.0"
@@ -17,6 +23,16 @@ class Worker:
     def __init__(self, config: WorkerConfig, bridge: PrivilegedBridge):
         self.config = config
         self.bridge = bridge
+        self.token = None if config.ALLOW_UNAUTHENTICATED_NFS_MOUNT else read_token(Path(config.CLUSTER_TOKEN_FILE), missing_ok=True)
+
+    def check_caller(self, presented: str | None) -> None:
+        """Only the front end, which holds the shared cluster token, may trigger a remount."""
+        if self.config.ALLOW_UNAUTHENTICATED_NFS_MOUNT:
+            return
+        if self.token is None:
+            raise CallerRefused(f"no cluster token at {self.config.CLUSTER_TOKEN_FILE}: copy it from the front end, then restart this service")
+        if not presented or not hmac.compare_digest(presented.encode(), self.token.encode()):
+            raise CallerRefused(f"missing or wrong {TOKEN_HEADER} header: only the front end may ask for nfs-mount")
 
     def mountpoints(self) -> dict[str, bool]:
         return nfs_mount_states(self.config.NFS_MOUNTPOINT_LIST)
@@ -57,7 +73,10 @@ def status():
 
 @bp.post("/nfs-mount")
 def nfs_mount():
-    return _worker().nfs_mount()
+    worker = _worker()
+    note(volume=",".join(worker.config.NFS_MOUNTPOINT_LIST))
+    worker.check_caller(request.headers.get(TOKEN_HEADER))
+    return worker.nfs_mount()
 
 
 def create_worker_app(config: WorkerConfig | None = None, bridge: PrivilegedBridge | None = None) -> Flask:
@@ -67,5 +86,6 @@ def create_worker_app(config: WorkerConfig | None = None, bridge: PrivilegedBrid
     app = Flask(__name__)
     app.extensions["luksctl_worker"] = worker
     register_json_errors(app, worker.state_body)
+    install_audit(app, {"worker.nfs_mount": "nfs-mount", "worker.status": "status"})
     app.register_blueprint(bp)
     return app
