@@ -29,3 +29,11 @@ def ssl_context(config, default_ssl_context_factory):
     context = default_ssl_context_factory()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def on_starting(server):
+    # The old tool fell back to plain HTTP when its certificate was missing; we refuse instead.
+    from luksctl.config import plain_http_allowed
+
+    if not server.cfg.is_ssl and not plain_http_allowed():
+        raise SystemExit("luksctl: refusing to serve plain HTTP: pass --certfile/--keyfile, or set ALLOW_PLAIN_HTTP in config.json")

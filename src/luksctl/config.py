@@ -12,6 +12,7 @@ import json
 import os
 import re
 import stat
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -43,7 +44,30 @@ def _host(value: str) -> str:
     raise ValueError("must be an IP address or a host name")
 
 
+def normalize_vault_url(value: str) -> str:
+    """scheme://host:port with the default port made explicit, for exact comparison."""
+    parsed = urllib.parse.urlsplit(value)
+    try:
+        port = parsed.port or {"https": 443, "http": 80}.get(parsed.scheme)
+    except ValueError:
+        port = None
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+        or port is None
+        or parsed.username is not None
+        or parsed.query
+        or parsed.fragment
+        or parsed.path not in ("", "/")
+        or any(c.isspace() or ord(c) < 32 for c in value)
+    ):
+        raise ValueError("must look like https://vault.example:8200, without credentials, path, query or fragment")
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return f"{parsed.scheme}://{host.lower()}:{port}"
+
+
 AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+VaultUrl = Annotated[str, AfterValidator(normalize_vault_url)]
 Host = Annotated[str, AfterValidator(_host)]
 ServiceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")]
 
@@ -83,6 +107,10 @@ class _JsonConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     LUKSCTL_BINARY: AbsolutePath = LUKSCTL_BINARY
+    # Defence in depth behind the firewall: None lets every address in.
+    ALLOWED_CLIENTS: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None
+    # gunicorn refuses to start without --certfile unless this is true.
+    ALLOW_PLAIN_HTTP: bool = False
     # How long the privileged call may take: cryptsetup's PBKDF alone is ~2 s by design.
     PRIVILEGED_TIMEOUT: Annotated[float, Field(gt=0, le=600)] = 180
 
@@ -98,6 +126,13 @@ class FrontendConfig(_JsonConfig):
     VAULT_TLS_VERIFY: bool = True
     VAULT_CA_BUNDLE: AbsolutePath | None = None
     VAULT_TIMEOUT: Annotated[float, Field(gt=0, le=120)] = 10
+    # The Vault servers a caller may name; None keeps the old "any URL" behaviour (and warns).
+    VAULT_URL_ALLOWLIST: list[VaultUrl] | None = None
+    # Where a wrapping token must have been created; [] skips the check.
+    WRAPPING_CREATION_PATHS: list[str] = ["auth/token/create"]
+    # Failed opens per client address before 429 (0 disables), and the window in seconds.
+    FAILED_OPEN_LIMIT: Annotated[int, Field(ge=0)] = 5
+    FAILED_OPEN_WINDOW: Annotated[float, Field(gt=0)] = 300
     LOCK_FILE: AbsolutePath = "/run/luksctl-api/open.lock"
     # Cluster: how the front end reaches the worker APIs (PROTOCOL §5).
     WN_SCHEME: Literal["https", "http"] = "https"
@@ -205,3 +240,11 @@ def api_config_path() -> Path:
 def load_api_config(model: type[Model]) -> Model:
     """The service's config.json; only the default path may be absent (then: single_vm defaults)."""
     return load_json_config(model, api_config_path(), missing_ok=API_CONFIG_ENV not in os.environ)
+
+
+def plain_http_allowed() -> bool:
+    """Read before the app (and its model) is loaded, by gunicorn's on_starting hook."""
+    try:
+        return json.loads(api_config_path().read_text()).get("ALLOW_PLAIN_HTTP") is True
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -86,6 +86,18 @@ class NfsMountIncomplete(LuksctlError):
     http_status = 502
 
 
+class TooManyFailures(LuksctlError):
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class UnsupportedMediaType(LuksctlError):
+    http_status = 415
+
+
 class CallerRefused(LuksctlError):
     http_status = 403
 
@@ -104,6 +116,10 @@ class VaultUnreachable(VaultError):
 
 class WrappingTokenInvalid(VaultError):
     http_status = 403
+
+    def __init__(self, message: str, *, possible_interception: bool = False):
+        super().__init__(message)
+        self.possible_interception = possible_interception
 
 
 class VaultDenied(VaultError):

@@ -37,6 +37,7 @@ class SecretLocation:
 class VaultSettings:
     verify: bool | str = True  # True, False, or a CA bundle path
     timeout: float = 10
+    creation_paths: tuple[str, ...] = ("auth/token/create",)  # () skips the wrapping lookup
 
 
 @contextlib.contextmanager
@@ -62,13 +63,39 @@ def _translated_errors(location: SecretLocation, settings: VaultSettings, step: 
 
 
 def fetch_passphrase(location: SecretLocation, wrapping_token: str, settings: VaultSettings) -> str:
-    client = hvac.Client(url=location.vault_url, token=wrapping_token, verify=settings.verify, timeout=settings.timeout)
+    client = hvac.Client(url=location.vault_url, verify=settings.verify, timeout=settings.timeout)
+    if settings.creation_paths:
+        _check_wrapping_token(client, location, settings, wrapping_token)
+    client.token = wrapping_token
     client_token = _unwrap(client, location, settings)
     client.token = client_token
     try:
         return _read_secret(client, location, settings)
     finally:
         _revoke(client, location, settings)
+
+
+def _check_wrapping_token(client: hvac.Client, location: SecretLocation, settings: VaultSettings, wrapping_token: str) -> None:
+    """Vault's response-wrapping advice: look the token up before unwrapping it.
+
+    A token that no longer exists was either used by someone else or expired;
+    the first may mean it was intercepted, so it is flagged for the audit log.
+    """
+    try:
+        with _translated_errors(location, settings, "wrapping lookup"):
+            response = client.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token})
+    except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden, hvac.exceptions.InvalidPath):
+        raise WrappingTokenInvalid(
+            "the wrapping token is expired or was already used (if not by you, it may have been intercepted); "
+            "request a new one from the dashboard",
+            possible_interception=True,
+        ) from None
+    creation_path = ((response or {}).get("data") or {}).get("creation_path")
+    if creation_path not in settings.creation_paths:
+        raise WrappingTokenInvalid(
+            f"the wrapping token was created at {creation_path!r}, not at {' or '.join(settings.creation_paths)}; "
+            "it was not unwrapped"
+        )
 
 
 def _unwrap(client: hvac.Client, location: SecretLocation, settings: VaultSettings) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-import urllib.parse
 from pathlib import Path
 from typing import Annotated
 
@@ -13,13 +13,15 @@ from flask import Blueprint, Flask, current_app, request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .. import cluster, vault
-from ..config import FrontendConfig, VolumeConfig, load_api_config, load_volume_config
-from ..errors import BadRequest, ConfigError, LuksctlError
+from ..config import FrontendConfig, VolumeConfig, load_api_config, load_volume_config, normalize_vault_url
+from ..errors import BadRequest, ConfigError, LuksctlError, UnsupportedMediaType, WrappingTokenInvalid
 from ..locking import exclusive_lock
 from ..privileged import PrivilegedBridge, SudoBridge
 from ..status import VolumeState, volume_status
 from .auditing import install_audit, note
 from .errors import register_json_errors
+from .guards import install_client_allowlist
+from .ratelimit import FailedOpenLimiter
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +29,6 @@ PREFIX = "/luksctl_api/v1.0"
 MAX_BODY_BYTES = 16 * 1024
 # Path segments Vault accepts and we can put in a URL as they are: no '..', '?', '#', '%', NUL or spaces.
 _VAULT_PATH = re.compile(r"^[A-Za-z0-9_@:+=.-]+(/[A-Za-z0-9_@:+=.-]+)*$")
-
-
-def _vault_url(value: str) -> str:
-    parsed = urllib.parse.urlsplit(value)
-    try:
-        parsed.port  # raises on a bad port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    if (
-        parsed.scheme not in ("http", "https")
-        or not parsed.hostname
-        or parsed.username is not None
-        or parsed.query
-        or parsed.fragment
-        or any(c.isspace() or ord(c) < 32 for c in value)
-    ):
-        raise ValueError("must look like https://vault.example:8200, without credentials, query or fragment")
-    return value.rstrip("/")
 
 
 def _vault_path(value: str) -> str:
@@ -59,7 +43,7 @@ def _vault_path(value: str) -> str:
 class OpenRequest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    vault_url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(_vault_url)]
+    vault_url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(normalize_vault_url)]
     vault_token: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9._-]+$")]
     secret_root: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_vault_path)]
     secret_path: Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_vault_path)]
@@ -72,8 +56,12 @@ class OpenRequest(BaseModel):
 
 def parse_open_request() -> OpenRequest:
     if not request.is_json:
-        raise BadRequest("send the body as JSON with Content-Type: application/json")
-    body = request.get_json(silent=True)
+        raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
+    try:
+        # Parsed here, not by get_json(): a deeply nested body must be a 400, not a RecursionError.
+        body = json.loads(request.get_data().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest("the body is not valid UTF-8 JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with vault_url, vault_token, secret_root, secret_path and secret_key")
     try:
@@ -110,8 +98,14 @@ class Frontend:
         self.bridge = bridge
         self.volumes = VolumeConfigCache(Path(config.CRYPTDEV_INI))
         verify = config.VAULT_CA_BUNDLE or config.VAULT_TLS_VERIFY
-        self.vault_settings = vault.VaultSettings(verify=verify, timeout=config.VAULT_TIMEOUT)
+        self.vault_settings = vault.VaultSettings(verify, config.VAULT_TIMEOUT, tuple(config.WRAPPING_CREATION_PATHS))
         self.workers = cluster.WorkerClient.from_config(config) if config.is_cluster else None
+        self.limiter = None
+        if config.FAILED_OPEN_LIMIT:
+            database = Path(config.LOCK_FILE).with_name("failed-opens.sqlite")
+            self.limiter = FailedOpenLimiter(database, config.FAILED_OPEN_LIMIT, config.FAILED_OPEN_WINDOW)
+        if config.VAULT_URL_ALLOWLIST is None:
+            log.warning("VAULT_URL_ALLOWLIST is not set: callers may make this server contact any Vault URL")
 
     def state(self) -> VolumeState:
         volume = self.volumes.get()
@@ -127,12 +121,20 @@ class Frontend:
     def open(self, unlock: OpenRequest) -> dict:
         volume = self.volumes.get()
         note(volume=volume.cryptdev, vault_path=str(unlock.location))
+        allowed = self.config.VAULT_URL_ALLOWLIST
+        if allowed is not None and unlock.vault_url not in allowed:
+            raise BadRequest(f"vault_url {unlock.vault_url} is not in VAULT_URL_ALLOWLIST; nothing was contacted")
         if self.state() is not VolumeState.MOUNTED:
             # Serialise opens across threads and gunicorn workers; whoever waited
             # finds the volume mounted and leaves its wrapping token unused.
             with exclusive_lock(Path(self.config.LOCK_FILE), timeout=self.config.PRIVILEGED_TIMEOUT + 30, what="open"):
                 if self.state() is not VolumeState.MOUNTED:
-                    passphrase = vault.fetch_passphrase(unlock.location, unlock.vault_token, self.vault_settings)
+                    try:
+                        passphrase = vault.fetch_passphrase(unlock.location, unlock.vault_token, self.vault_settings)
+                    except WrappingTokenInvalid as exc:
+                        if exc.possible_interception:
+                            note(alert="wrapping token already unwrapped or expired: possible interception")
+                        raise
                     self.bridge.open_volume(passphrase)
                     del passphrase
         body = {"volume_state": self.state().value}
@@ -165,7 +167,17 @@ def status():
 
 @bp.post("/open")
 def open_volume():
-    return _frontend().open(parse_open_request())
+    frontend = _frontend()
+    client = request.remote_addr or "unknown"
+    if frontend.limiter is None:
+        return frontend.open(parse_open_request())
+    frontend.limiter.check(client)
+    try:
+        return frontend.open(parse_open_request())
+    except LuksctlError as exc:
+        if 400 <= exc.http_status < 500:  # the caller's fault; Vault or us being down is not
+            frontend.limiter.record_failure(client)
+        raise
 
 
 @bp.get("/nodes")
@@ -182,5 +194,6 @@ def create_frontend_app(config: FrontendConfig | None = None, bridge: Privileged
     app.extensions["luksctl_frontend"] = frontend
     register_json_errors(app, frontend.state_body)
     install_audit(app, {"frontend.open_volume": "open", "frontend.status": "status", "frontend.nodes": "nodes"})
+    install_client_allowlist(app, config.ALLOWED_CLIENTS)
     app.register_blueprint(bp)
     return app

@@ -15,6 +15,7 @@ from ..privileged import PrivilegedBridge, SudoBridge
 from ..status import VolumeState, nfs_mount_states
 from .auditing import install_audit, note
 from .errors import register_json_errors
+from .guards import install_client_allowlist
 
 PREFIX = "/luksctl_api_wn/v1.0"
 
@@ -87,5 +88,6 @@ def create_worker_app(config: WorkerConfig | None = None, bridge: PrivilegedBrid
     app.extensions["luksctl_worker"] = worker
     register_json_errors(app, worker.state_body)
     install_audit(app, {"worker.nfs_mount": "nfs-mount", "worker.status": "status"})
+    install_client_allowlist(app, config.ALLOWED_CLIENTS)
     app.register_blueprint(bp)
     return app

@@ -1,0 +1,56 @@
+"""Failed-open limits per client address, shared by every gunicorn worker.
+
+SQLite in the service's runtime directory gives the workers one store with
+proper locking and no extra daemon; the data is small and may be lost at reboot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import ConfigError, TooManyFailures
+
+
+class FailedOpenLimiter:
+    def __init__(self, path: Path, limit: int, window: float):
+        self.path = path
+        self.limit = limit
+        self.window = window
+        try:
+            with self._connect() as db:
+                db.execute("CREATE TABLE IF NOT EXISTS failures (client TEXT NOT NULL, at REAL NOT NULL)")
+                db.execute("CREATE INDEX IF NOT EXISTS failures_client ON failures (client, at)")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the failed-open counter {path} ({exc}); does its directory exist and belong to the service user?") from None
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction; waits for other workers' transactions."""
+        db = sqlite3.connect(self.path, timeout=10, isolation_level="IMMEDIATE")
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def check(self, client: str) -> None:
+        """Refuse a client with `limit` failures inside the window, saying when to retry."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("DELETE FROM failures WHERE at < ?", (now - self.window,))
+            count, oldest = db.execute("SELECT COUNT(*), MIN(at) FROM failures WHERE client = ?", (client,)).fetchone()
+        if count >= self.limit:
+            retry_after = max(1, math.ceil(oldest + self.window - now))
+            raise TooManyFailures(
+                f"{count} failed opens from {client} in the last {self.window:g} s; try again in {retry_after} s",
+                retry_after,
+            )
+
+    def record_failure(self, client: str) -> None:
+        with self._connect() as db:
+            db.execute("INSERT INTO failures (client, at) VALUES (?, ?)", (client, time.time()))
