@@ -13,15 +13,18 @@ threads = 8
 timeout = 240
 graceful_timeout = 30
 # journald keeps both logs; nothing goes to world-writable /tmp as the old tool's did.
+# The service users have no home for gunicorn's control socket, and nothing uses it.
+control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 loglevel = "info"
+# Merged over gunicorn's defaults: the app's own loggers ("luksctl.*") reach stderr at INFO.
 logconfig_dict = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
-    "loggers": {"luksctl": {"handlers": ["stderr"], "level": "INFO", "propagate": False}},
+    "root": {"level": "INFO", "handlers": ["error_console"]},
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+    },
 }
 
 

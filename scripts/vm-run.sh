@@ -19,11 +19,15 @@ export PATH=$repo/.venv/bin:$PATH
 guest_cmd=$(printf '%q ' "$repo/scripts/vm/guest.sh" "$mode" "$out" "$prefix" "$@")
 
 start=$SECONDS
-rc=0
 # --disable-kvm: /dev/kvm exists on these hosts, but the stock kernel hangs under it.
 # </dev/null: vng must not wait on, or steal, a CI job's stdin.
+# | cat: qemu reopens our stdout; redirected to a file it would write from offset 0 and
+# clobber (or be clobbered by) our own lines. A pipe has no offset.
+set +e
 vng --disable-kvm --force-9p -r "$kernel" --memory 2G --cpus 2 --rwdir "$out" \
-    --exec "$guest_cmd" </dev/null || rc=$?
+    --exec "$guest_cmd" </dev/null | cat
+rc=${PIPESTATUS[0]}
+set -e
 echo "vm-run: $mode exited $rc after $((SECONDS - start)) s (kernel $kernel)"
 
 if ((rc != 0)); then

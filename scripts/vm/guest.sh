@@ -22,10 +22,12 @@ ln -sfn "$prefix" /opt/luksctl
 install -d /usr/local/sbin
 ln -sfn /opt/luksctl/venv/bin/luksctl /usr/local/sbin/luksctl
 
-# useradd writes /etc/passwd but fails to rewrite /etc/shadow on the overlay; without a
-# shadow entry PAM rejects the account, so sudo fails. Write the entry ourselves.
+# useradd writes /etc/passwd, then fails to rewrite /etc/shadow on the overlay and stops
+# before writing /etc/group (groupadd alone works). Without a shadow entry PAM rejects the
+# account, so sudo fails. So: group first, then the user, then the shadow entry by hand.
 for user in luksctl_api luksctl_api_wn; do
-    id -u "$user" >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
+    getent group "$user" >/dev/null || groupadd --system "$user"
+    id -u "$user" >/dev/null 2>&1 || useradd --system --gid "$user" --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin "$user" 2>/dev/null || true
     id -u "$user" >/dev/null
     grep -q "^$user:" /etc/shadow || echo "$user:*:20000:0:99999:7:::" >>/etc/shadow

@@ -7,6 +7,7 @@ spawning CLIs, and start long-lived processes once.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -35,7 +36,6 @@ LUKS_DIR = Path("/etc/luks")
 VOLUME_INI = LUKS_DIR / "luks-cryptdev.ini"
 API_CONFIG = LUKS_DIR / "config.json"
 HEADER_BACKUP = LUKS_DIR / "luks-header.bck"
-API_USER = "luksctl_api"
 API_PORT = 5000
 # Not /export: the guest's root is the host's, read-only, so a new top-level directory is impossible.
 MOUNTPOINT = Path("/srv/export")
@@ -229,21 +229,45 @@ class VolumeFactory:
         self.volumes.clear()
 
 
-def service_exec_start(unit: Path) -> list[str]:
-    """The ExecStart= argv of a systemd unit, so the tests run what operators run."""
-    logical_lines = unit.read_text().replace("\\\n", " ").splitlines()
-    starts = [line.split("=", 1)[1] for line in logical_lines if line.strip().startswith("ExecStart=")]
-    assert len(starts) == 1, f"{unit}: expected one ExecStart=, found {starts}"
-    return shlex.split(starts[0])
+class ServiceUnit:
+    """The [Service] settings of a systemd unit that the tests honour, so they run what
+    operators run: User=, Group=, RuntimeDirectory=, RuntimeDirectoryMode=, Environment=,
+    ExecStart=."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.settings: dict[str, list[str]] = {}
+        section = ""
+        for line in path.read_text().replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[Service]" and "=" in line and not line.startswith(("#", ";")):
+                key, value = line.split("=", 1)
+                self.settings.setdefault(key.strip(), []).append(value.strip())
+
+    def one(self, key: str, default: str | None = None) -> str:
+        values = self.settings.get(key, [default] if default is not None else [])
+        assert len(values) == 1, f"{self.path}: expected one {key}=, found {values}"
+        return values[0]
+
+    @property
+    def exec_start(self) -> list[str]:
+        return shlex.split(self.one("ExecStart"))
+
+    @property
+    def environment(self) -> dict[str, str]:
+        pairs = [item.split("=", 1) for value in self.settings.get("Environment", []) for item in shlex.split(value)]
+        return dict(pairs)
 
 
 class Api:
-    """The front-end API started like deploy/luksctl-api.service: same argv, same user."""
+    """The front-end API started as deploy/luksctl-api.service would start it."""
 
-    unit = REPO / "deploy" / "luksctl-api.service"
     base_url = f"https://127.0.0.1:{API_PORT}"
 
     def __init__(self) -> None:
+        self.unit = ServiceUnit(REPO / "deploy" / "luksctl-api.service")
         self.proc: subprocess.Popen | None = None
         self.config: dict | None = None
         self.starts = 0
@@ -257,23 +281,24 @@ class Api:
         self.config = config or {"INFRASTRUCTURE_CONFIGURATION": "single_vm"}
         API_CONFIG.write_text(json.dumps(self.config))
         API_CONFIG.chmod(0o644)
+        user = pwd.getpwnam(self.unit.one("User"))
+        group = grp.getgrnam(self.unit.one("Group", user.pw_name))
         if not (LUKS_DIR / "gunicorn-key.pem").exists():
-            run(str(VENV_BIN / "luksctl-api"), "gen-cert", "--owner", API_USER)
-        user = pwd.getpwnam(API_USER)
-        # What systemd's RuntimeDirectory=luksctl-api provides (the open lock lives there).
-        runtime = Path("/run/luksctl-api")
-        runtime.mkdir(mode=0o755, exist_ok=True)
-        os.chown(runtime, user.pw_uid, user.pw_gid)
-        runtime.chmod(0o755)
+            run(str(VENV_BIN / "luksctl-api"), "gen-cert", "--owner", user.pw_name)
+        # What systemd makes for RuntimeDirectory= (the open lock lives there).
+        runtime = Path("/run") / self.unit.one("RuntimeDirectory")
+        runtime.mkdir(exist_ok=True)
+        os.chown(runtime, user.pw_uid, group.gr_gid)
+        runtime.chmod(int(self.unit.one("RuntimeDirectoryMode", "0755"), 8))
 
         self.starts += 1
         self.stdout_log = OUT / f"api.{self.starts}.stdout.log"
         self.stderr_log = OUT / f"api.{self.starts}.stderr.log"
         # setpriv execs in place (runuser would fork), so self.pid is gunicorn's master.
-        argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--",
-                *service_exec_start(self.unit)]
-        env = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": user.pw_dir, "USER": API_USER,
-               "LOGNAME": API_USER, "SHELL": user.pw_shell}
+        argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={group.gr_gid}", "--init-groups", "--",
+                *self.unit.exec_start]
+        env = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": user.pw_dir, "USER": user.pw_name,
+               "LOGNAME": user.pw_name, "SHELL": user.pw_shell, **self.unit.environment}
         with self.stdout_log.open("wb") as out, self.stderr_log.open("wb") as err:
             self.proc = subprocess.Popen(argv, env=env, cwd="/", stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL)

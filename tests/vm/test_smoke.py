@@ -72,3 +72,15 @@ def test_api_answers_status_over_https(luks_volume, dashboard):
     luks_volume()
     reply = dashboard.status()
     assert reply.state == "unmounted", reply.response.text
+
+
+def test_api_opens_with_a_wrapped_passphrase_through_sudo(bao_up, luks_volume, dashboard):
+    # Proves the guest set-up the service depends on: users, shadow lines, no /run/nologin, sudoers.
+    volume = luks_volume("unlock me")
+    secret_path = bao_up.store_passphrase("user-sub", volume.uuid, "unlock me")
+    payload = bao_up.open_payload(secret_path)
+    reply = dashboard.open(payload)
+    assert reply.state == "mounted", reply.response.text
+    assert os.path.ismount(MOUNTPOINT)
+    assert not bao_up.lookup_wrapping(payload["vault_token"])
+    assert dashboard.status().state == "mounted"
