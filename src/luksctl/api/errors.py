@@ -6,8 +6,10 @@ so even a 404 or a crash must carry the state, plus an `error` a person can act 
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
@@ -18,6 +20,12 @@ log = logging.getLogger(__name__)
 
 
 INTERNAL = "internal error; the service log has the details"
+OPENAPI_DIR = Path(__file__).with_name("openapi")
+
+
+def openapi_document(name: str) -> dict:
+    """The published contract of one service, kept in the repo and served as it is."""
+    return json.loads((OPENAPI_DIR / f"{name}.json").read_text())
 
 
 def register_json_errors(app: Flask, current_state: Callable[[], dict]) -> None:

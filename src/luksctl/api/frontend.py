@@ -19,7 +19,7 @@ from ..locking import exclusive_lock
 from ..privileged import PrivilegedBridge, SudoBridge
 from ..status import VolumeState, volume_status
 from .auditing import install_audit, note
-from .errors import register_json_errors
+from .errors import openapi_document, register_json_errors
 from .guards import install_client_allowlist
 from .ratelimit import FailedOpenLimiter
 
@@ -154,6 +154,11 @@ bp = Blueprint("frontend", __name__, url_prefix=PREFIX)
 
 def _frontend() -> Frontend:
     return current_app.extensions["luksctl_frontend"]
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return openapi_document("frontend")
 
 
 @bp.get("/status")

@@ -14,7 +14,7 @@ from ..config import WorkerConfig, load_api_config
 from ..privileged import PrivilegedBridge, SudoBridge
 from ..status import VolumeState, nfs_mount_states
 from .auditing import install_audit, note
-from .errors import register_json_errors
+from .errors import openapi_document, register_json_errors
 from .guards import install_client_allowlist
 
 PREFIX = "/luksctl_api_wn/v1.0"
@@ -65,6 +65,11 @@ bp = Blueprint("worker", __name__, url_prefix=PREFIX)
 
 def _worker() -> Worker:
     return current_app.extensions["luksctl_worker"]
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return openapi_document("worker")
 
 
 @bp.get("/status")

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Install luksctl on a front-end node or a worker node, as root:
+#
+#   sudo deploy/install.sh frontend [single_vm|docker|cluster]
+#   sudo deploy/install.sh worker
+#
+# Idempotent: re-running upgrades the package and keeps existing config,
+# certificate and cluster token. See README.md, "Install on a VM".
+set -euo pipefail
+
+role=${1:-}
+profile=${2:-single_vm}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+prefix=/opt/luksctl
+python=${PYTHON:-/usr/bin/python3}
+
+case "$role" in
+    frontend) user=luksctl_api; unit=luksctl-api; sample="$repo/deploy/config/$profile.json" ;;
+    worker) user=luksctl_api_wn; unit=luksctl-api-wn; sample="$repo/deploy/config/worker.json" ;;
+    *) echo "usage: $0 frontend [single_vm|docker|cluster] | worker" >&2; exit 64 ;;
+esac
+[[ $(id -u) == 0 ]] || { echo "$0: run as root" >&2; exit 1; }
+[[ -f $sample ]] || { echo "$0: no sample config $sample" >&2; exit 64; }
+
+step() { printf '==> %s\n' "$*"; }
+
+step "venv $prefix/venv (from $python) with luksctl from $repo"
+install -d -m 0755 -o root -g root "$prefix"
+[[ -x $prefix/venv/bin/python ]] || "$python" -m venv "$prefix/venv"
+"$prefix/venv/bin/pip" install --quiet --upgrade "$repo"
+install -m 0644 -o root -g root "$repo/deploy/gunicorn.conf.py" "$repo/README.md" "$prefix/"
+ln -sfn "$prefix/venv/bin/luksctl" /usr/local/sbin/luksctl
+
+step "system user $user"
+if ! id -u "$user" >/dev/null 2>&1; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$user"
+fi
+
+step "sudoers rule /etc/sudoers.d/$unit (luksctl only)"
+install -m 0440 -o root -g root "$repo/deploy/sudoers.d/$unit" "/etc/sudoers.d/.$unit.new"
+if visudo -cf "/etc/sudoers.d/.$unit.new" >/dev/null; then
+    mv "/etc/sudoers.d/.$unit.new" "/etc/sudoers.d/$unit"
+else
+    rm -f "/etc/sudoers.d/.$unit.new"
+    echo "$0: the sudoers rule did not validate; nothing was changed" >&2
+    exit 1
+fi
+
+step "config /etc/luks"
+install -d -m 0755 -o root -g root /etc/luks
+if [[ ! -e /etc/luks/config.json ]]; then
+    install -m 0644 -o root -g root "$sample" /etc/luks/config.json
+    echo "    wrote /etc/luks/config.json from $(basename "$sample"): edit it (README, Configuration)"
+fi
+if [[ $role == frontend && ! -e /etc/luks/luks-cryptdev.ini ]]; then
+    echo "    note: /etc/luks/luks-cryptdev.ini is missing; the encryption step (fast-luks) writes it"
+fi
+
+step "TLS certificate /etc/luks/gunicorn-cert.pem"
+if [[ ! -e /etc/luks/gunicorn-cert.pem ]]; then
+    "$prefix/venv/bin/$unit" gen-cert --owner "$user"
+fi
+
+step "cluster token /etc/luks/cluster-token"
+if [[ $role == frontend && $profile == cluster && ! -e /etc/luks/cluster-token ]]; then
+    (umask 077; "$prefix/venv/bin/python" -c 'import secrets; print(secrets.token_hex(32))' > /etc/luks/cluster-token)
+    echo "    generated; copy it to every worker as /etc/luks/cluster-token"
+fi
+if [[ -e /etc/luks/cluster-token ]]; then
+    chown root:"$user" /etc/luks/cluster-token
+    chmod 0640 /etc/luks/cluster-token
+elif [[ $role == worker ]]; then
+    echo "    missing: copy /etc/luks/cluster-token from the front end, then: systemctl restart $unit"
+fi
+
+step "validate config"
+LUKSCTL_API_CONFIG=/etc/luks/config.json "$prefix/venv/bin/$unit" check-config
+
+step "systemd unit $unit.service"
+install -m 0644 -o root -g root "$repo/deploy/$unit.service" "/etc/systemd/system/$unit.service"
+if [[ -d /run/systemd/system ]]; then
+    systemctl daemon-reload
+    systemctl enable "$unit.service"
+    systemctl restart "$unit.service"
+    systemctl --no-pager --lines=5 status "$unit.service" || true
+else
+    echo "    systemd is not running here: start it later with systemctl enable --now $unit"
+fi
