@@ -1,6 +1,7 @@
-"""The audit trail: one JSON line per state-changing or refused request, on stdout.
+"""The audit trail: one JSON line per state-changing or refused request.
 
-systemd hands the service's stdout to journald, which keeps it. Lines carry
+The services write it to stdout, which systemd hands to journald; the CLI
+writes it to syslog. Lines carry
 who, what, the outcome and the Vault path, never a secret: callers pass
 only the fields named here.
 """
@@ -10,18 +11,31 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import logging.handlers
+import os
 import sys
 
 logger = logging.getLogger("luksctl.audit")
+SYSLOG_SOCKET = "/dev/log"
 
 
-def _configure() -> None:
+def _configure(handler: logging.Handler | None = None) -> None:
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = handler or logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+def use_syslog() -> None:
+    """For the CLI, which has no service stdout: the journal via /dev/log, else stderr."""
+    if os.path.exists(SYSLOG_SOCKET):
+        handler: logging.Handler = logging.handlers.SysLogHandler(SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_AUTHPRIV)
+        handler.ident = "luksctl: "
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    _configure(handler)
 
 
 def record(

@@ -14,11 +14,12 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from . import services, volume
+from . import audit, services, volume
 from .config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
 from .errors import EXIT_ACTION_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError
 from .locking import exclusive_lock
@@ -175,8 +176,10 @@ def _state_after_error(paths: Paths) -> Report:
 def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: BinaryIO | None = None, stdin_is_tty: bool | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="luksctl: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    started = time.monotonic()
     stdin = stdin if stdin is not None else sys.stdin.buffer
     stdin_is_tty = stdin_is_tty if stdin_is_tty is not None else sys.stdin.isatty()
+    error_class = None
     try:
         report = COMMANDS[args.command](paths, stdin, stdin_is_tty)
         exit_code = EXIT_OK if report.ok or args.command == "close" else EXIT_NOT_OPEN
@@ -189,6 +192,17 @@ def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: Binary
         report = _state_after_error(paths)
         report.error = exc.message
         exit_code = exc.exit_code
+        error_class = exc.__class__.__name__
+    if args.command != "status":
+        audit.use_syslog()
+        audit.record(
+            action=args.command,
+            client=f"uid {os.environ.get('SUDO_UID', os.getuid())}",
+            outcome="ok" if exit_code in (EXIT_OK,) else "error",
+            status=exit_code,
+            duration_ms=(time.monotonic() - started) * 1000,
+            error_class=error_class,
+        )
     if args.json:
         print(json.dumps({key: value for key, value in asdict(report).items() if value is not None}))
     else:
