@@ -49,6 +49,7 @@ def record(
     volume: str | None = None,
     vault_path: str | None = None,
     nodes: dict[str, str] | None = None,
+    alert: str | None = None,
 ) -> None:
     _configure()
     entry = {
@@ -63,5 +64,6 @@ def record(
         "volume": volume,
         "vault_path": vault_path,
         "nodes": nodes,
+        "alert": alert,
     }
     logger.info(json.dumps({key: value for key, value in entry.items() if value is not None}, sort_keys=False))

@@ -120,7 +120,8 @@ def _kv_version(client: hvac.Client, location: SecretLocation, settings: VaultSe
     except hvac.exceptions.VaultError:
         return "2"  # the dashboard's layout
     options = ((mount or {}).get("data") or {}).get("options") or {}
-    return "1" if options.get("version") == "1" else "2"
+    # `secrets enable kv` makes a v1 mount with no version option at all.
+    return "2" if options.get("version") == "2" else "1"
 
 
 def _read_secret(client: hvac.Client, location: SecretLocation, settings: VaultSettings) -> str:
