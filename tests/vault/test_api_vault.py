@@ -1,0 +1,119 @@
+"""POST /luksctl_api/v1.0/open against a real OpenBao, with a fake privileged bridge (PROTOCOL §3)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from .conftest import KV1_ROOT, OPEN_URL, open_body, wait_until
+
+
+def post_open(app, body: dict):
+    response = app.test_client().post(OPEN_URL, json=body)
+    assert response.is_json, f"{response.status_code} answered {response.content_type}: {response.get_data(as_text=True)[:200]}"
+    return response
+
+
+def assert_error(response, status: int, volume_state: str = "unmounted") -> dict:
+    body = response.get_json()
+    assert response.status_code == status, body
+    assert body["volume_state"] == volume_state
+    assert isinstance(body["error"], str) and body["error"]
+    return body
+
+
+def test_open_hands_the_stored_passphrase_to_the_bridge(bao, frontend_app, fake_bridge):
+    secret = f"correct horse {uuid.uuid4().hex}"
+    path = bao.store_secret(secret)
+    wrapped = bao.wrap_token()
+
+    response = post_open(frontend_app, open_body(bao.url, wrapped.token, path))
+
+    assert response.status_code == 200
+    assert response.get_json() == {"volume_state": "mounted"}
+    assert fake_bridge.passphrases == [secret]
+    assert not bao.accessor_alive(wrapped.wrapped_accessor), "the unwrapped token must be revoked"
+
+
+def test_open_reads_kv_v1(bao, frontend_app, fake_bridge):
+    secret = f"v1-{uuid.uuid4().hex}"
+    path = bao.store_secret(secret, root=KV1_ROOT, kv_version=1)
+
+    response = post_open(frontend_app, open_body(bao.url, bao.wrap_token().token, path, root=KV1_ROOT))
+
+    assert response.status_code == 200
+    assert fake_bridge.passphrases == [secret]
+
+
+def test_open_when_mounted_leaves_the_wrapping_token_unused(bao, frontend_app, fake_bridge):
+    fake_bridge.mounted = True
+    wrapped = bao.wrap_token()
+
+    response = post_open(frontend_app, open_body(bao.url, wrapped.token, bao.store_secret("unused")))
+
+    assert response.status_code == 200
+    assert response.get_json() == {"volume_state": "mounted"}
+    assert fake_bridge.passphrases == []
+    assert bao.wrapping_token_alive(wrapped.token)
+
+
+def test_used_wrapping_token_is_403(bao, frontend_app, fake_bridge):
+    path = bao.store_secret("first-use-wins")
+    wrapped = bao.wrap_token()
+    bao.unwrap(wrapped.token)  # someone else used it first
+
+    assert_error(post_open(frontend_app, open_body(bao.url, wrapped.token, path)), 403)
+    assert fake_bridge.passphrases == []
+
+
+def test_expired_wrapping_token_is_403(bao, frontend_app, fake_bridge):
+    path = bao.store_secret("too-late")
+    wrapped = bao.wrap_token("1s")
+    wait_until(lambda: not bao.wrapping_token_alive(wrapped.token), 15, "the 1 s wrapping token to expire")
+
+    assert_error(post_open(frontend_app, open_body(bao.url, wrapped.token, path)), 403)
+    assert fake_bridge.passphrases == []
+
+
+def test_missing_secret_is_404(bao, frontend_app, fake_bridge):
+    missing = f"sub-nobody/{uuid.uuid4()}/storage_encryption"
+
+    body = assert_error(post_open(frontend_app, open_body(bao.url, bao.wrap_token().token, missing)), 404)
+    assert missing in body["error"]
+    assert fake_bridge.passphrases == []
+
+
+def test_missing_key_is_404(bao, frontend_app, fake_bridge):
+    path = bao.store_secret("has-another-key")
+
+    body = assert_error(post_open(frontend_app, open_body(bao.url, bao.wrap_token().token, path, key="wrong_key")), 404)
+    assert "wrong_key" in body["error"]
+    assert fake_bridge.passphrases == []
+
+
+def test_vault_down_is_502(frontend_app, fake_bridge, closed_port_url):
+    body = assert_error(post_open(frontend_app, open_body(closed_port_url, "s.abcdef", "a/b/storage_encryption")), 502)
+    assert closed_port_url in body["error"]
+    assert fake_bridge.passphrases == []
+
+
+def test_silent_vault_is_502_after_the_configured_timeout(frontend_app, fake_bridge, silent_server_url):
+    body = assert_error(post_open(frontend_app, open_body(silent_server_url, "s.abcdef", "a/b/storage_encryption")), 502)
+    assert "did not answer within 3 s" in body["error"]  # VAULT_TIMEOUT=3 in the fixture's config
+
+
+def test_self_signed_vault_is_502(frontend_app, fake_bridge, self_signed_server):
+    body = assert_error(post_open(frontend_app, open_body(self_signed_server.url, "s.abcdef", "a/b/storage_encryption")), 502)
+    assert "VAULT_CA_BUNDLE" in body["error"]
+
+
+@pytest.mark.parametrize("missing", ["vault_url", "vault_token", "secret_root", "secret_path", "secret_key"])
+def test_missing_field_is_400_without_contacting_vault(bao, frontend_app, fake_bridge, missing):
+    wrapped = bao.wrap_token()
+    body = open_body(bao.url, wrapped.token, "a/b/storage_encryption")
+    del body[missing]
+
+    error = assert_error(post_open(frontend_app, body), 400)
+    assert missing in error["error"]
+    assert bao.wrapping_token_alive(wrapped.token)
