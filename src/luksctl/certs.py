@@ -65,18 +65,22 @@ def build_certificate(hostnames: list[str], addresses: set, days: int) -> tuple[
 
 
 def _write_atomically(path: Path, data: bytes, mode: int, owner: str | None) -> None:
+    """Readers see the old file or the whole new one, with its final mode and owner."""
+    entry = pwd.getpwnam(owner) if owner else None  # an unknown user fails before any file exists
     temporary = path.with_name(f".{path.name}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
-        os.fchmod(fd, mode)  # the umask must not widen or narrow it
-        if owner:
-            entry = pwd.getpwnam(owner)
-            os.fchown(fd, entry.pw_uid, entry.pw_gid)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(fd, mode)  # the umask must not widen or narrow it
+            if entry:
+                os.fchown(fd, entry.pw_uid, entry.pw_gid)
+            file.write(data)
+            file.flush()
+            os.fsync(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_certificate(cert_file: Path, key_file: Path, *, hostnames: list[str], extra_addresses: list[str], owner: str | None, days: int) -> None:

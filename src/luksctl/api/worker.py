@@ -74,7 +74,10 @@ def openapi():
 
 @bp.get("/status")
 def status():
-    return {"nfs_state": _worker().body()["nfs_state"]}
+    body = _worker().state_body()
+    if body["nfs_state"] == VolumeState.UNAVAILABLE.value:
+        body["error"] = "the mount table cannot be read"
+    return body
 
 
 @bp.post("/nfs-mount")
