@@ -1,0 +1,463 @@
+"""The front-end API through Flask's test client, with a fake bridge, scripted state and a faked Vault step.
+
+The dashboard does json.loads(r.text)["volume_state"] on every answer, so every test
+goes through `answer()`, which checks that contract before anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from luksctl import vault
+from luksctl.api import create_frontend_app, frontend
+from luksctl.config import FrontendConfig
+from luksctl.errors import LockTimeout, SecretNotFound, VaultUnreachable, WrappingTokenInvalid, WrongPassphrase
+from luksctl.status import VolumeStatus
+
+STATUS = "/luksctl_api/v1.0/status"
+OPEN = "/luksctl_api/v1.0/open"
+PASSPHRASE = "the volume passphrase"
+TOKEN = "hvs.CAESIwrappingtoken"
+INI = """\
+[luks]
+uuid = 0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10
+cryptdev = xkqzbmwe
+mountpoint = /export
+"""
+
+
+def payload(**changes) -> dict:
+    body = {
+        "vault_url": "https://vault.example:8200",
+        "vault_token": TOKEN,
+        "secret_root": "secrets",
+        "secret_path": "user-sub@idp/3f1c0f7e-deployment/storage_encryption",
+        "secret_key": "storage_encryption_key",
+    }
+    body.update(changes)
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def answer(response, status: int) -> dict:
+    """The dashboard's contract: a JSON body with volume_state; errors add a non-empty `error`."""
+    body = json.loads(response.text)
+    assert response.status_code == status, body
+    assert response.mimetype == "application/json"
+    assert isinstance(body, dict) and body.get("volume_state") in ("mounted", "unmounted", "unavailable"), body
+    if status >= 400:
+        assert isinstance(body.get("error"), str) and body["error"].strip(), body
+    assert PASSPHRASE not in response.text and TOKEN not in response.text
+    assert "Traceback" not in response.text and "<html" not in response.text.lower()
+    return body
+
+
+class Kernel:
+    """Scripted volume state behind luksctl.api.frontend.volume_status."""
+
+    def __init__(self):
+        self.mounted = False
+        self.reads: list[tuple[str, str]] = []
+
+    def volume_status(self, cryptdev, mountpoint, **kwargs):
+        self.reads.append((cryptdev, mountpoint))
+        return VolumeStatus("254:0" if self.mounted else None, self.mounted)
+
+
+class FakeBridge:
+    """The privileged side: opening mounts the scripted volume, unless told to raise."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+        self.passphrases: list[str] = []
+        self.error: Exception | None = None
+        self.delay = 0.0
+
+    def open_volume(self, passphrase: str) -> dict:
+        self.passphrases.append(passphrase)
+        time.sleep(self.delay)
+        if self.error:
+            raise self.error
+        self.kernel.mounted = True
+        return {"volume_state": "mounted"}
+
+    def nfs_mount(self) -> dict:
+        raise AssertionError("the front end never remounts NFS shares itself")
+
+
+class FakeVault:
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.error: Exception | None = None
+        self._lock = threading.Lock()
+
+    def fetch_passphrase(self, location, wrapping_token, settings):
+        with self._lock:
+            self.calls.append((location, wrapping_token, settings))
+        if self.error:
+            raise self.error
+        return PASSPHRASE
+
+
+@pytest.fixture
+def kernel(monkeypatch) -> Kernel:
+    fake = Kernel()
+    monkeypatch.setattr(frontend, "volume_status", fake.volume_status)
+    return fake
+
+
+@pytest.fixture
+def fake_vault(monkeypatch) -> FakeVault:
+    fake = FakeVault()
+    monkeypatch.setattr(vault, "fetch_passphrase", fake.fetch_passphrase)
+    return fake
+
+
+@pytest.fixture
+def bridge(kernel) -> FakeBridge:
+    return FakeBridge(kernel)
+
+
+@pytest.fixture
+def ini(tmp_path):
+    path = tmp_path / "luks-cryptdev.ini"
+    path.write_text(INI)
+    return path
+
+
+@pytest.fixture
+def app(tmp_path, ini, bridge, fake_vault):
+    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock"))
+    return create_frontend_app(config, bridge=bridge)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+# --- status ------------------------------------------------------------------
+
+
+def test_status_unmounted(client, kernel):
+    assert answer(client.get(STATUS), 200) == {"volume_state": "unmounted"}
+    assert kernel.reads == [("xkqzbmwe", "/export")]
+
+
+def test_status_mounted(client, kernel):
+    kernel.mounted = True
+
+    assert answer(client.get(STATUS), 200) == {"volume_state": "mounted"}
+
+
+def test_status_unavailable_without_the_ini(client, ini):
+    ini.unlink()
+
+    assert answer(client.get(STATUS), 200)["volume_state"] == "unavailable"
+
+
+def test_status_unavailable_with_an_invalid_ini(client, ini):
+    ini.write_text("[luks]\nuuid = ; rm -rf /\n")
+
+    assert answer(client.get(STATUS), 200)["volume_state"] == "unavailable"
+
+
+def test_status_follows_a_rewritten_ini(client, ini, kernel):
+    answer(client.get(STATUS), 200)
+    ini.write_text(INI.replace("/export", "/data/encrypted"))
+
+    answer(client.get(STATUS), 200)
+
+    assert kernel.reads[-1] == ("xkqzbmwe", "/data/encrypted")
+
+
+# --- open: validation ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["vault_url", "vault_token", "secret_root", "secret_path", "secret_key"])
+def test_open_without_a_field_is_400(client, fake_vault, bridge, missing):
+    body = answer(client.post(OPEN, json=payload(**{missing: None})), 400)
+
+    assert missing in body["error"]
+    assert fake_vault.calls == [] and bridge.passphrases == []
+
+
+@pytest.mark.parametrize("field", ["secret_root", "secret_path"])
+@pytest.mark.parametrize(
+    "value",
+    ["..", "a/../b", "a/./b", "/abs", "trailing/", "a//b", "a?b", "a#b", "a%2e%2e", "a\0b", "a b", "a\tb", "a\nb", "", "sys/../../v1/sys/raw"],
+)
+def test_open_rejects_path_tricks_in_secret_location(client, fake_vault, bridge, field, value):
+    body = answer(client.post(OPEN, json=payload(**{field: value})), 400)
+
+    assert field in body["error"]
+    assert fake_vault.calls == [] and bridge.passphrases == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://vault.example:8200",
+        "file:///etc/shadow",
+        "https://user:pw@vault.example:8200",
+        "https://:pw@vault.example",
+        "https://vault.example:8200?x=1",
+        "https://vault.example:8200/#frag",
+        "https://vault.example:8200/v1/sys",
+        "https://vault.example:99999",
+        "https://vault example",
+        "vault.example:8200",
+        "https://",
+        "https://[::1",
+    ],
+)
+def test_open_rejects_bad_vault_urls(client, fake_vault, url):
+    body = answer(client.post(OPEN, json=payload(vault_url=url)), 400)
+
+    assert "vault_url" in body["error"]
+    assert fake_vault.calls == []
+
+
+@pytest.mark.parametrize("token", ["has space", "semi;colon", "x" * 513, "tok\nen"])
+def test_open_rejects_a_bad_token_without_echoing_it(client, fake_vault, token):
+    response = client.post(OPEN, json=payload(vault_token=token))
+
+    body = answer(response, 400)
+    assert "vault_token" in body["error"]
+    assert token not in response.text
+    assert fake_vault.calls == []
+
+
+def test_open_with_a_non_json_body_is_400(client, fake_vault):
+    answer(client.post(OPEN, data="vault_url=https://vault", content_type="application/json"), 400)
+    assert fake_vault.calls == []
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_open_with_a_wrong_content_type_is_415(client, fake_vault, content_type):
+    answer(client.post(OPEN, data=json.dumps(payload()), content_type=content_type), 415)
+    assert fake_vault.calls == []
+
+
+def test_open_with_a_deeply_nested_body_is_400(client, fake_vault):
+    answer(client.post(OPEN, data="[" * 5000 + "]" * 5000, content_type="application/json"), 400)
+    assert fake_vault.calls == []
+
+
+def test_open_with_a_body_that_is_not_utf8_is_400(client, fake_vault):
+    answer(client.post(OPEN, data=b'{"vault_url": "\xff\xfe"}', content_type="application/json"), 400)
+    assert fake_vault.calls == []
+
+
+@pytest.mark.parametrize("document", [[payload()], "a string", None, 42])
+def test_open_with_a_json_body_that_is_not_an_object_is_400(client, fake_vault, document):
+    answer(client.post(OPEN, data=json.dumps(document), content_type="application/json"), 400)
+    assert fake_vault.calls == []
+
+
+def test_open_with_a_body_over_16_kib_is_413(client, fake_vault):
+    response = client.post(OPEN, json=payload(padding="x" * (16 * 1024)))
+
+    answer(response, 413)
+    assert fake_vault.calls == []
+
+
+def test_open_ignores_extra_fields(client, bridge):
+    assert answer(client.post(OPEN, json=payload(dashboard_version="2.1")), 200) == {"volume_state": "mounted"}
+
+
+# --- open: the flow ------------------------------------------------------------
+
+
+def test_open_when_already_mounted_does_not_contact_vault(client, kernel, fake_vault, bridge):
+    kernel.mounted = True
+
+    assert answer(client.post(OPEN, json=payload()), 200) == {"volume_state": "mounted"}
+    assert fake_vault.calls == [] and bridge.passphrases == []
+
+
+def test_open_fetches_the_passphrase_and_hands_it_to_the_bridge(client, fake_vault, bridge):
+    body = answer(client.post(OPEN, json=payload(vault_url="https://vault.example:8200/")), 200)
+
+    assert body == {"volume_state": "mounted"}
+    assert bridge.passphrases == [PASSPHRASE]
+    ((location, token, settings),) = fake_vault.calls
+    assert token == TOKEN
+    assert (location.vault_url, location.secret_root, location.secret_path, location.secret_key) == (
+        "https://vault.example:8200",
+        "secrets",
+        "user-sub@idp/3f1c0f7e-deployment/storage_encryption",
+        "storage_encryption_key",
+    )
+    assert settings.verify is True
+
+
+@pytest.mark.parametrize(
+    "url, normalized",
+    [("https://Vault.Example:8200/", "https://vault.example:8200"), ("https://vault.example", "https://vault.example:443")],
+)
+def test_vault_url_is_normalized(client, fake_vault, url, normalized):
+    answer(client.post(OPEN, json=payload(vault_url=url)), 200)
+
+    assert fake_vault.calls[0][0].vault_url == normalized
+
+
+def make_client(tmp_path, ini, bridge, **settings):
+    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock"), **settings)
+    return create_frontend_app(config, bridge=bridge).test_client()
+
+
+def test_vault_url_outside_the_allowlist_is_400_and_not_contacted(tmp_path, ini, bridge, fake_vault):
+    client = make_client(tmp_path, ini, bridge, VAULT_URL_ALLOWLIST=["https://vault.example:8200"])
+
+    body = answer(client.post(OPEN, json=payload(vault_url="https://169.254.169.254")), 400)
+
+    assert "VAULT_URL_ALLOWLIST" in body["error"]
+    assert fake_vault.calls == [] and bridge.passphrases == []
+
+
+def test_vault_url_in_the_allowlist_matches_after_normalization(tmp_path, ini, bridge, fake_vault):
+    client = make_client(tmp_path, ini, bridge, VAULT_URL_ALLOWLIST=["https://vault.example:443"])
+
+    answer(client.post(OPEN, json=payload(vault_url="https://VAULT.example/")), 200)
+
+    assert bridge.passphrases == [PASSPHRASE]
+
+
+def test_repeated_failed_opens_are_limited_with_429(tmp_path, ini, bridge, fake_vault):
+    client = make_client(tmp_path, ini, bridge, FAILED_OPEN_LIMIT=2, FAILED_OPEN_WINDOW=60)
+    fake_vault.error = WrappingTokenInvalid("the wrapping token is invalid, expired or already used")
+
+    statuses = [client.post(OPEN, json=payload()).status_code for _ in range(2)]
+    response = client.post(OPEN, json=payload())
+
+    assert statuses == [403, 403]
+    answer(response, 429)
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert len(fake_vault.calls) == 2
+
+
+def test_vault_being_down_does_not_count_as_a_failed_open(tmp_path, ini, bridge, fake_vault):
+    client = make_client(tmp_path, ini, bridge, FAILED_OPEN_LIMIT=1)
+    fake_vault.error = VaultUnreachable("Vault at https://vault.example:8200 cannot be reached")
+
+    assert [client.post(OPEN, json=payload()).status_code for _ in range(3)] == [502, 502, 502]
+
+
+def test_clients_outside_allowed_clients_get_json_403(tmp_path, ini, bridge, fake_vault):
+    client = make_client(tmp_path, ini, bridge, ALLOWED_CLIENTS=["10.0.0.0/24"])
+
+    answer(client.get(STATUS, environ_base={"REMOTE_ADDR": "192.0.2.9"}), 403)
+    answer(client.post(OPEN, json=payload(), environ_base={"REMOTE_ADDR": "192.0.2.9"}), 403)
+    assert answer(client.get(STATUS, environ_base={"REMOTE_ADDR": "10.0.0.7"}), 200) == {"volume_state": "unmounted"}
+    assert fake_vault.calls == []
+
+
+def test_open_uses_the_configured_ca_bundle_for_vault(tmp_path, ini, bridge, fake_vault):
+    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "l"), VAULT_CA_BUNDLE="/etc/luks/vault-ca.pem", VAULT_TIMEOUT=3)
+    client = create_frontend_app(config, bridge=bridge).test_client()
+
+    answer(client.post(OPEN, json=payload()), 200)
+
+    ((_, _, settings),) = fake_vault.calls
+    assert (settings.verify, settings.timeout) == ("/etc/luks/vault-ca.pem", 3)
+
+
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (WrappingTokenInvalid("the wrapping token is invalid, expired or already used"), 403),
+        (SecretNotFound("no secret at secrets/x"), 404),
+        (VaultUnreachable("Vault at https://vault.example:8200 cannot be reached"), 502),
+    ],
+)
+def test_vault_errors_map_to_statuses(client, fake_vault, bridge, error, status):
+    fake_vault.error = error
+
+    body = answer(client.post(OPEN, json=payload()), status)
+
+    assert body == {"volume_state": "unmounted", "error": error.message}
+    assert bridge.passphrases == []
+
+
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (WrongPassphrase("the passphrase does not open /dev/disk/by-uuid/0b2e; the volume stays closed"), 422),
+        (LockTimeout("another luksctl open or close is still running"), 503),
+    ],
+)
+def test_bridge_errors_map_to_statuses(client, bridge, error, status):
+    bridge.error = error
+
+    body = answer(client.post(OPEN, json=payload()), status)
+
+    assert body == {"volume_state": "unmounted", "error": error.message}
+
+
+def test_unexpected_bridge_crash_is_a_json_500_without_details(client, bridge):
+    bridge.error = RuntimeError('Traceback (most recent call last):\n  File "/opt/luksctl/x.py" secret-detail')
+
+    response = client.post(OPEN, json=payload())
+
+    answer(response, 500)
+    assert "secret-detail" not in response.text and "x.py" not in response.text
+
+
+def test_error_answers_carry_the_true_state(client, kernel, bridge):
+    bridge.error = LockTimeout("busy")
+    kernel.mounted = False
+
+    def open_then_mount(passphrase):
+        kernel.mounted = True  # another worker finished meanwhile
+        raise LockTimeout("busy")
+
+    bridge.open_volume = open_then_mount
+
+    assert answer(client.post(OPEN, json=payload()), 503)["volume_state"] == "mounted"
+
+
+# --- routing -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/luksctl_api/v1.0/nope", "/luksctl_api/v2.0/status", "/luksctl_api_wn/v1.0/status"])
+def test_unknown_routes_are_json_404(client, path):
+    answer(client.get(path), 404)
+
+
+def test_wrong_method_is_json_405_with_allow(client):
+    response = client.get(OPEN)
+
+    answer(response, 405)
+    assert "POST" in response.headers["Allow"]
+
+
+def test_post_to_status_is_json_405(client):
+    answer(client.post(STATUS, json={}), 405)
+
+
+# --- concurrency -------------------------------------------------------------------
+
+
+def test_concurrent_opens_reach_vault_and_the_bridge_once(app, bridge, fake_vault):
+    bridge.delay = 0.5
+    start = threading.Barrier(2)
+    responses = []
+
+    def post_open():
+        client = app.test_client()
+        start.wait()
+        responses.append(client.post(OPEN, json=payload()))
+
+    threads = [threading.Thread(target=post_open) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert [answer(response, 200) for response in responses] == [{"volume_state": "mounted"}] * 2
+    assert bridge.passphrases == [PASSPHRASE]
+    assert len(fake_vault.calls) == 1

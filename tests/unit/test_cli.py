@@ -1,0 +1,363 @@
+"""cli.py: the root CLI end to end, with runner.run and the state read faked (see conftest.FakeHost)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from luksctl import cli, services
+from luksctl.cli import Paths, main, read_passphrase
+from luksctl.config import FrontendConfig
+from luksctl.errors import LuksctlError
+
+DEVICE = "/dev/disk/by-uuid/0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"
+
+
+class UnreadableStdin(io.RawIOBase):
+    """Fails the test if the CLI reads a passphrase it does not need."""
+
+    def read(self, *args):
+        raise AssertionError("stdin was read")
+
+
+@pytest.fixture
+def paths(tmp_path) -> Paths:
+    ini = tmp_path / "luks-cryptdev.ini"
+    ini.write_text(
+        "[luks]\nuuid = 0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10\ncryptdev = xkqzbmwe\n"
+        f"mountpoint = {tmp_path / 'export'}\nfilesystem = ext4\n"
+    )
+    return Paths(volume_ini=ini, api_config=tmp_path / "config.json", lock_file=tmp_path / "luksctl.lock", root_owned=False)
+
+
+def run_cli(paths: Paths, *argv: str, stdin: bytes | io.RawIOBase = b"") -> int:
+    stream = io.BytesIO(stdin) if isinstance(stdin, bytes) else stdin
+    return main(list(argv), paths=paths, stdin=stream, stdin_is_tty=False)
+
+
+def mountpoint(paths: Paths) -> str:
+    return str(paths.volume_ini.parent / "export")
+
+
+def open_argvs(paths: Paths) -> list[list[str]]:
+    return [
+        ["cryptsetup", "open", DEVICE, "xkqzbmwe", "--key-file=-"],
+        ["mount", "-t", "ext4", "/dev/mapper/xkqzbmwe", mountpoint(paths)],
+    ]
+
+
+def last_line(capsys) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def json_output(capsys) -> dict:
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1, out
+    return json.loads(out)
+
+
+# --- read_passphrase ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "piped, passphrase",
+    [
+        (b"pass\n", b"pass"),
+        (b"pass\n\n", b"pass\n"),
+        (b"pass", b"pass"),
+        ("a b \\ ü\n".encode(), "a b \\ ü".encode()),
+        (b" leading and trailing spaces \n", b" leading and trailing spaces "),
+    ],
+)
+def test_read_passphrase_strips_exactly_one_trailing_newline(piped, passphrase):
+    assert read_passphrase(io.BytesIO(piped), is_tty=False) == passphrase
+
+
+@pytest.mark.parametrize("piped", [b"", b"\n"])
+def test_read_passphrase_rejects_an_empty_passphrase(piped):
+    with pytest.raises(LuksctlError, match="no passphrase"):
+        read_passphrase(io.BytesIO(piped), is_tty=False)
+
+
+def test_read_passphrase_rejects_an_oversized_stream():
+    with pytest.raises(LuksctlError, match="longer than"):
+        read_passphrase(io.BytesIO(b"x" * (cli.MAX_PASSPHRASE_BYTES + 1)), is_tty=False)
+
+
+def test_piped_passphrase_reaches_cryptsetup_byte_for_byte(host, paths):
+    assert run_cli(paths, "open", stdin="a b \\ ü\n\n".encode()) == 0
+
+    assert host.stdin_of("cryptsetup", "open") == "a b \\ ü\n".encode()
+
+
+def test_empty_passphrase_runs_nothing(host, paths, capsys):
+    assert run_cli(paths, "open", stdin=b"\n") == 4
+
+    assert host.calls == []
+    assert last_line(capsys) == "Encrypted volume: [ FAIL ]"
+
+
+# --- status ------------------------------------------------------------------
+
+
+def test_status_mounted_exits_0(host, paths, capsys):
+    host.mapper_open = host.mounted = True
+
+    assert run_cli(paths, "status") == 0
+    assert last_line(capsys) == "Encrypted volume: [ OK ]"
+    assert host.calls == []
+
+
+@pytest.mark.parametrize("mapper_open", [False, True])
+def test_status_not_mounted_exits_1(host, paths, capsys, mapper_open):
+    host.mapper_open = mapper_open
+
+    assert run_cli(paths, "status") == 1
+    assert last_line(capsys) == "Encrypted volume: [ FAIL ]"
+
+
+def test_status_json(host, paths, capsys):
+    host.mapper_open = True
+
+    assert run_cli(paths, "--json", "status") == 1
+    assert json_output(capsys) == {"volume_state": "unmounted", "mapper_open": True, "mounted": False, "changed": False}
+
+
+def test_json_flag_is_accepted_after_the_subcommand(host, paths, capsys):
+    host.mapper_open = host.mounted = True
+
+    assert run_cli(paths, "status", "--json") == 0
+    assert json_output(capsys)["volume_state"] == "mounted"
+
+
+def test_bad_config_exits_3(host, paths, capsys):
+    paths.volume_ini.write_text("[luks]\nuuid = nope\n")
+
+    assert run_cli(paths, "--json", "status") == 3
+    report = json_output(capsys)
+    assert report["volume_state"] == "unavailable"
+    assert str(paths.volume_ini) in report["error"]
+
+
+def test_missing_ini_exits_3(host, paths):
+    paths.volume_ini.unlink()
+
+    assert run_cli(paths, "open", stdin=b"pass\n") == 3
+    assert host.calls == []
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["status", "/dev/sda"], ["--passphrase", "x", "open"]])
+def test_usage_errors_exit_64(host, paths, argv):
+    with pytest.raises(SystemExit) as caught:
+        run_cli(paths, *argv)
+
+    assert caught.value.code == 64
+    assert host.calls == []
+
+
+# --- open --------------------------------------------------------------------
+
+
+def test_open_maps_mounts_and_reports_ok(host, paths, capsys):
+    assert run_cli(paths, "open", stdin=b"secret\n") == 0
+
+    assert host.argvs == open_argvs(paths)
+    assert host.stdin_of("cryptsetup", "open") == b"secret"
+    assert last_line(capsys) == "Encrypted volume: [ OK ]"
+
+
+def test_open_json_reports_mounted_and_changed(host, paths, capsys):
+    assert run_cli(paths, "open", "--json", stdin=b"secret\n") == 0
+
+    report = json_output(capsys)
+    assert report["volume_state"] == "mounted" and report["changed"] is True
+    assert "error" not in report
+    assert "secret" not in json.dumps(report)
+
+
+def test_open_when_already_mounted_reads_no_passphrase_and_runs_nothing(host, paths, capsys):
+    host.mapper_open = host.mounted = True
+
+    assert run_cli(paths, "--json", "open", stdin=UnreadableStdin()) == 0
+
+    assert host.calls == []
+    assert json_output(capsys)["volume_state"] == "mounted"
+
+
+def test_wrong_passphrase_exits_2_without_mounting(host, paths, capsys):
+    host.fail("cryptsetup", "open", returncode=2, stderr="No key available with this passphrase.\n")
+
+    assert run_cli(paths, "--json", "open", stdin=b"wrong\n") == 2
+
+    assert host.argvs == open_argvs(paths)[:1]
+    report = json_output(capsys)
+    assert report["volume_state"] == "unmounted" and report["error"]
+    assert "wrong" not in report["error"]
+
+
+def test_wrong_passphrase_text_output(host, paths, capsys):
+    host.fail("cryptsetup", "open", returncode=2)
+
+    assert run_cli(paths, "open", stdin=b"wrong\n") == 2
+    assert last_line(capsys) == "Encrypted volume: [ FAIL ]"
+
+
+def test_mount_failure_exits_4_and_closes_what_it_opened(host, paths, capsys):
+    host.fail("mount", returncode=32, stderr="mount: wrong fs type\n")
+
+    assert run_cli(paths, "--json", "open", stdin=b"secret\n") == 4
+
+    assert host.argvs == open_argvs(paths) + [["cryptsetup", "close", "xkqzbmwe"]]
+    report = json_output(capsys)
+    assert report["volume_state"] == "unmounted" and report["mapper_open"] is False and report["error"]
+
+
+def test_docker_config_restarts_docker_after_the_mount(host, paths):
+    paths.api_config.write_text(json.dumps({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "VIRTUALIZATION_TYPE": "docker"}))
+
+    assert run_cli(paths, "open", stdin=b"secret\n") == 0
+
+    assert host.argvs == open_argvs(paths) + [["systemctl", "restart", "docker"]]
+
+
+def test_single_vm_runs_no_post_open_action(host, paths):
+    paths.api_config.write_text(json.dumps({"INFRASTRUCTURE_CONFIGURATION": "single_vm"}))
+
+    assert run_cli(paths, "open", stdin=b"secret\n") == 0
+
+    assert host.argvs == open_argvs(paths)
+
+
+def test_cluster_restarts_the_configured_nfs_service(host, paths):
+    paths.api_config.write_text(
+        json.dumps({"INFRASTRUCTURE_CONFIGURATION": "cluster", "WN_IPS": ["10.0.0.2"], "NFS_SERVICE": "nfs-ganesha"})
+    )
+
+    assert run_cli(paths, "open", stdin=b"secret\n") == 0
+
+    assert host.argvs == open_argvs(paths) + [["systemctl", "restart", "nfs-ganesha"]]
+
+
+def test_failed_post_open_action_exits_5_with_the_volume_mounted(host, paths, capsys):
+    paths.api_config.write_text(json.dumps({"VIRTUALIZATION_TYPE": "docker"}))
+    host.fail("systemctl", "restart", "docker", returncode=1, stderr="Unit docker.service not found.\n")
+
+    assert run_cli(paths, "--json", "open", stdin=b"secret\n") == 5
+
+    report = json_output(capsys)
+    assert report["volume_state"] == "mounted"
+    assert "restart docker" in report["error"]
+    assert report["actions"] == [{"name": "restart docker", "ok": False, "error": "systemctl failed with exit code 1"}]
+
+
+def test_bad_api_config_stops_open_before_anything_runs(host, paths):
+    paths.api_config.write_text(json.dumps({"INFRASTRUCTURE_CONFIGURATION": "cluster"}))
+
+    assert run_cli(paths, "open", stdin=b"secret\n") == 3
+    assert host.calls == []
+
+
+# --- NFS service name ----------------------------------------------------------
+
+DEBIAN = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
+UBUNTU = "NAME=Ubuntu\nID=ubuntu\nID_LIKE=debian\n"
+ROCKY = 'NAME="Rocky Linux"\nID="rocky"\nID_LIKE="rhel centos fedora"\n'
+ALMA = 'ID="almalinux"\nID_LIKE="rhel centos fedora"\n'
+
+
+@pytest.mark.parametrize(
+    "os_release, service",
+    [(DEBIAN, "nfs-kernel-server"), (UBUNTU, "nfs-kernel-server"), (ROCKY, "nfs-server"), (ALMA, "nfs-server")],
+)
+def test_nfs_server_service_follows_os_release(tmp_path, os_release, service):
+    path = tmp_path / "os-release"
+    path.write_text(os_release)
+    cluster = FrontendConfig(INFRASTRUCTURE_CONFIGURATION="cluster", WN_IPS=["10.0.0.2"])
+
+    assert services.nfs_server_service(cluster, path) == service
+
+
+def test_nfs_service_setting_overrides_os_release(tmp_path):
+    path = tmp_path / "os-release"
+    path.write_text(ROCKY)
+    cluster = FrontendConfig(INFRASTRUCTURE_CONFIGURATION="cluster", WN_IPS=["10.0.0.2"], NFS_SERVICE="nfs-kernel-server")
+
+    assert services.nfs_server_service(cluster, path) == "nfs-kernel-server"
+
+
+def test_cluster_post_open_actions_on_rocky(host, tmp_path):
+    path = tmp_path / "os-release"
+    path.write_text(ROCKY)
+    cluster = FrontendConfig(INFRASTRUCTURE_CONFIGURATION="cluster", WN_IPS=["10.0.0.2"], VIRTUALIZATION_TYPE="docker")
+
+    results = services.run_post_open_actions(cluster, path)
+
+    assert host.argvs == [["systemctl", "restart", "docker"], ["systemctl", "restart", "nfs-server"]]
+    assert all(result.ok for result in results)
+
+
+def test_one_failed_action_does_not_skip_the_next(host, tmp_path):
+    path = tmp_path / "os-release"
+    path.write_text(DEBIAN)
+    host.fail("systemctl", "restart", "docker", returncode=1)
+    cluster = FrontendConfig(INFRASTRUCTURE_CONFIGURATION="cluster", WN_IPS=["10.0.0.2"], VIRTUALIZATION_TYPE="docker")
+
+    results = services.run_post_open_actions(cluster, path)
+
+    assert host.argvs == [["systemctl", "restart", "docker"], ["systemctl", "restart", "nfs-kernel-server"]]
+    assert [result.ok for result in results] == [False, True]
+
+
+# --- close -------------------------------------------------------------------
+
+
+def test_close_unmounts_then_closes_and_reports_ok(host, paths, capsys):
+    host.mapper_open = host.mounted = True
+
+    assert run_cli(paths, "close") == 0
+
+    assert host.argvs == [["umount", mountpoint(paths)], ["cryptsetup", "close", "xkqzbmwe"]]
+    assert last_line(capsys) == "Encrypted volume umount: [ OK ]"
+
+
+def test_close_when_closed_is_ok_and_runs_nothing(host, paths, capsys):
+    assert run_cli(paths, "close") == 0
+
+    assert host.calls == []
+    assert last_line(capsys) == "Encrypted volume umount: [ OK ]"
+
+
+def test_close_busy_exits_1_and_keeps_the_volume_open(host, paths, capsys):
+    host.mapper_open = host.mounted = True
+    host.fail("umount", returncode=32, stderr=f"umount: {mountpoint(paths)}: target is busy.\n")
+
+    assert run_cli(paths, "close") == 1
+
+    assert host.argvs == [["umount", mountpoint(paths)]]
+    assert last_line(capsys) == "Encrypted volume umount: [ FAIL ]"
+
+
+# --- nfs-mount (worker) --------------------------------------------------------
+
+
+def test_nfs_mount_runs_mount_a_for_nfs_when_something_is_missing(host, paths, monkeypatch, capsys):
+    paths.api_config.write_text(json.dumps({"NFS_MOUNTPOINT_LIST": ["/home", "/export"]}))
+    mounted = {"/home": True, "/export": False}
+    monkeypatch.setattr(cli, "nfs_mount_states", lambda mountpoints: {m: mounted[m] for m in mountpoints})
+    host.fail("mount", "-a", returncode=32)  # the states below still decide the answer
+
+    assert run_cli(paths, "--json", "nfs-mount") == 1
+
+    assert host.argvs == [["mount", "-a", "-t", "nfs,nfs4"]]
+    assert json_output(capsys) == {"changed": True, "nfs_state": "unmounted", "mountpoints": mounted}
+
+
+def test_nfs_mount_when_everything_is_mounted_runs_nothing(host, paths, monkeypatch):
+    paths.api_config.write_text(json.dumps({"NFS_MOUNTPOINT_LIST": ["/home"]}))
+    monkeypatch.setattr(cli, "nfs_mount_states", lambda mountpoints: {m: True for m in mountpoints})
+
+    assert run_cli(paths, "nfs-mount") == 0
+    assert host.calls == []

@@ -1,0 +1,309 @@
+"""config.py: the ini and JSON files become validated models; errors name the file and key."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from luksctl import config
+from luksctl.config import FrontendConfig, WorkerConfig, ensure_root_owned, load_api_config, load_json_config, load_volume_config
+from luksctl.errors import ConfigError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+DEPLOY_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "config"
+NOBODY = 65534
+
+GOOD_INI = """\
+[luks]
+uuid = 0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10
+cryptdev = xkqzbmwe
+mapper = /dev/mapper/xkqzbmwe
+mountpoint = /export
+filesystem = ext4
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def with_line(key: str, value: str) -> str:
+    lines = [line for line in GOOD_INI.splitlines() if not line.startswith(f"{key} =")]
+    return "\n".join(lines + [f"{key} = {value}"]) + "\n"
+
+
+# --- luks-cryptdev.ini -------------------------------------------------------
+
+
+def test_protocol_sample_with_inline_comments_and_extra_sections():
+    volume = load_volume_config(FIXTURES / "luks-cryptdev.ini")
+
+    assert volume.uuid == "0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"
+    assert volume.cryptdev == "xkqzbmwe"
+    assert volume.mapper == "/dev/mapper/xkqzbmwe"
+    assert volume.mountpoint == "/export"
+    assert volume.filesystem == "ext4"
+    assert volume.device == "/dev/vdb"
+    assert volume.header_path == "/etc/luks/luks-header.bck"
+    assert volume.device_path == "/dev/disk/by-uuid/0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"
+    assert volume.mapper_path == "/dev/mapper/xkqzbmwe"
+
+
+def test_deploy_ini_sample_loads():
+    assert load_volume_config(DEPLOY_CONFIG / "luks-cryptdev.ini").cryptdev == "xkqzbmwe"
+
+
+def test_filesystem_defaults_to_ext4(tmp_path):
+    text = "\n".join(line for line in GOOD_INI.splitlines() if not line.startswith("filesystem")) + "\n"
+
+    assert load_volume_config(write(tmp_path, "v.ini", text)).filesystem == "ext4"
+
+
+def test_mountpoint_is_normalised(tmp_path):
+    assert load_volume_config(write(tmp_path, "v.ini", with_line("mountpoint", "/export//data/"))).mountpoint == "/export/data"
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("uuid", "0b2e; rm -rf /"),
+        ("uuid", "abc"),
+        ("cryptdev", "../evil"),
+        ("cryptdev", "name with space"),
+        ("mountpoint", "export"),
+        ("mountpoint", "/export/../etc"),
+        ("filesystem", "ext4 -o exec"),
+    ],
+)
+def test_bad_value_names_file_and_key(tmp_path, key, value):
+    path = write(tmp_path, "luks-cryptdev.ini", with_line(key, value))
+
+    with pytest.raises(ConfigError) as caught:
+        load_volume_config(path)
+
+    assert str(path) in caught.value.message
+    assert repr(key) in caught.value.message
+
+
+def test_missing_required_key_is_named(tmp_path):
+    text = "\n".join(line for line in GOOD_INI.splitlines() if not line.startswith("uuid")) + "\n"
+    path = write(tmp_path, "v.ini", text)
+
+    with pytest.raises(ConfigError, match="'uuid'"):
+        load_volume_config(path)
+
+
+def test_mapper_must_match_cryptdev(tmp_path):
+    path = write(tmp_path, "v.ini", with_line("mapper", "/dev/mapper/somethingelse"))
+
+    with pytest.raises(ConfigError) as caught:
+        load_volume_config(path)
+
+    assert str(path) in caught.value.message
+    assert "/dev/mapper/somethingelse" in caught.value.message and "/dev/mapper/xkqzbmwe" in caught.value.message
+
+
+def test_missing_luks_section(tmp_path):
+    path = write(tmp_path, "v.ini", "[logs]\nlogdir = /var/log\n")
+
+    with pytest.raises(ConfigError, match=r"\[luks\]") as caught:
+        load_volume_config(path)
+
+    assert str(path) in caught.value.message
+
+
+def test_not_an_ini_file(tmp_path):
+    path = write(tmp_path, "v.ini", "uuid = 1234\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_volume_config(path)
+
+    assert str(path) in caught.value.message
+
+
+def test_missing_ini_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_volume_config(tmp_path / "absent.ini")
+
+
+# --- config.json -------------------------------------------------------------
+
+
+def test_frontend_defaults():
+    frontend = FrontendConfig()
+
+    assert frontend.INFRASTRUCTURE_CONFIGURATION == "single_vm"
+    assert not frontend.restarts_docker and not frontend.is_cluster
+    assert frontend.LUKSCTL_BINARY == "/usr/local/sbin/luksctl"
+    assert frontend.VAULT_TLS_VERIFY is True
+
+
+def test_frontend_unknown_key_is_rejected_by_name(tmp_path):
+    path = write(tmp_path, "config.json", json.dumps({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "VAULT_VERIFY": False}))
+
+    with pytest.raises(ConfigError) as caught:
+        load_json_config(FrontendConfig, path)
+
+    assert "VAULT_VERIFY" in caught.value.message and str(path) in caught.value.message
+
+
+def test_cluster_without_worker_ips_is_rejected(tmp_path):
+    path = write(tmp_path, "config.json", json.dumps({"INFRASTRUCTURE_CONFIGURATION": "cluster"}))
+
+    with pytest.raises(ConfigError, match="WN_IPS"):
+        load_json_config(FrontendConfig, path)
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.300", "host name", "http://10.0.0.2", "-rf", ""])
+def test_bad_worker_ip_entry_is_rejected(tmp_path, bad):
+    path = write(tmp_path, "config.json", json.dumps({"INFRASTRUCTURE_CONFIGURATION": "cluster", "WN_IPS": ["10.0.0.2", bad]}))
+
+    with pytest.raises(ConfigError) as caught:
+        load_json_config(FrontendConfig, path)
+
+    assert "WN_IPS.1" in caught.value.message
+
+
+def test_cluster_with_hosts_and_ips():
+    frontend = FrontendConfig(INFRASTRUCTURE_CONFIGURATION="cluster", WN_IPS=["10.0.0.2", "wn-1.example.org", "fd00::2"])
+
+    assert frontend.is_cluster and frontend.WN_IPS == ["10.0.0.2", "wn-1.example.org", "fd00::2"]
+
+
+def test_unknown_infrastructure_value_is_rejected(tmp_path):
+    path = write(tmp_path, "config.json", json.dumps({"INFRASTRUCTURE_CONFIGURATION": "kubernetes"}))
+
+    with pytest.raises(ConfigError, match="INFRASTRUCTURE_CONFIGURATION"):
+        load_json_config(FrontendConfig, path)
+
+
+@pytest.mark.parametrize("text, problem", [("[]", "JSON object"), ("{not json", "not valid JSON")])
+def test_json_file_must_hold_an_object(tmp_path, text, problem):
+    path = write(tmp_path, "config.json", text)
+
+    with pytest.raises(ConfigError, match=problem):
+        load_json_config(FrontendConfig, path)
+
+
+def test_worker_config():
+    assert WorkerConfig(NFS_MOUNTPOINT_LIST=["/home", "/export/"]).NFS_MOUNTPOINT_LIST == ["/home", "/export"]
+
+
+@pytest.mark.parametrize("mountpoints", [[], ["home"], ["/home/../etc"]])
+def test_worker_config_rejects_bad_mountpoint_lists(tmp_path, mountpoints):
+    path = write(tmp_path, "config.json", json.dumps({"NFS_MOUNTPOINT_LIST": mountpoints}))
+
+    with pytest.raises(ConfigError, match="NFS_MOUNTPOINT_LIST"):
+        load_json_config(WorkerConfig, path)
+
+
+def test_worker_config_requires_the_mountpoint_list(tmp_path):
+    with pytest.raises(ConfigError, match="NFS_MOUNTPOINT_LIST"):
+        load_json_config(WorkerConfig, write(tmp_path, "config.json", "{}"))
+
+
+DEPLOY_MODELS = {"worker.json": WorkerConfig}
+
+
+@pytest.mark.parametrize("sample", sorted(DEPLOY_CONFIG.glob("*.json")), ids=lambda path: path.name)
+def test_every_deploy_json_sample_validates(sample):
+    model = DEPLOY_MODELS.get(sample.name, FrontendConfig)
+
+    assert isinstance(load_json_config(model, sample), model)
+
+
+def test_deploy_samples_exist():
+    assert {path.name for path in DEPLOY_CONFIG.glob("*.json")} >= {"single_vm.json", "docker.json", "cluster.json", "worker.json"}
+
+
+# --- ownership ---------------------------------------------------------------
+
+
+@pytest.fixture
+def safe_dir(tmp_path) -> Path:
+    directory = tmp_path / "luks"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    return directory
+
+
+def test_root_owned_file_is_accepted(safe_dir):
+    path = write(safe_dir, "luks-cryptdev.ini", GOOD_INI)
+    path.chmod(0o644)
+
+    ensure_root_owned(path)
+    assert load_volume_config(path, root_owned=True).cryptdev == "xkqzbmwe"
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646, 0o666])
+def test_group_or_other_writable_file_is_refused(safe_dir, mode):
+    path = write(safe_dir, "luks-cryptdev.ini", GOOD_INI)
+    path.chmod(mode)
+
+    with pytest.raises(ConfigError, match="owned by root") as caught:
+        load_volume_config(path, root_owned=True)
+
+    assert str(path) in caught.value.message
+
+
+def test_file_owned_by_another_user_is_refused(safe_dir):
+    path = write(safe_dir, "config.json", "{}")
+    path.chmod(0o644)
+    os.chown(path, NOBODY, NOBODY)
+
+    with pytest.raises(ConfigError, match="owned by root"):
+        load_json_config(FrontendConfig, path, root_owned=True)
+
+
+def test_writable_parent_directory_is_refused(safe_dir):
+    path = write(safe_dir, "config.json", "{}")
+    path.chmod(0o644)
+    safe_dir.chmod(0o777)
+
+    with pytest.raises(ConfigError) as caught:
+        ensure_root_owned(path)
+
+    assert str(safe_dir) in caught.value.message
+
+
+def test_root_owned_check_is_skipped_when_not_asked(safe_dir):
+    path = write(safe_dir, "config.json", "{}")
+    os.chown(path, NOBODY, NOBODY)
+
+    assert load_json_config(FrontendConfig, path).INFRASTRUCTURE_CONFIGURATION == "single_vm"
+
+
+# --- load_api_config ---------------------------------------------------------
+
+
+def test_api_config_defaults_when_the_default_file_is_missing(tmp_path, monkeypatch):
+    monkeypatch.delenv(config.API_CONFIG_ENV, raising=False)
+    monkeypatch.setattr(config, "API_CONFIG", tmp_path / "absent.json")
+
+    assert load_api_config(FrontendConfig) == FrontendConfig()
+
+
+def test_api_config_reads_the_default_file_when_present(tmp_path, monkeypatch):
+    monkeypatch.delenv(config.API_CONFIG_ENV, raising=False)
+    monkeypatch.setattr(config, "API_CONFIG", write(tmp_path, "config.json", '{"VIRTUALIZATION_TYPE": "docker"}'))
+
+    assert load_api_config(FrontendConfig).restarts_docker
+
+
+def test_api_config_named_by_environment_must_exist(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "API_CONFIG", tmp_path / "absent-default.json")
+    monkeypatch.setenv(config.API_CONFIG_ENV, str(tmp_path / "absent.json"))
+
+    with pytest.raises(ConfigError, match="absent.json"):
+        load_api_config(FrontendConfig)
+
+
+def test_api_config_named_by_environment_is_used(tmp_path, monkeypatch):
+    monkeypatch.setenv(config.API_CONFIG_ENV, str(write(tmp_path, "wn.json", '{"NFS_MOUNTPOINT_LIST": ["/home"]}')))
+
+    assert load_api_config(WorkerConfig).NFS_MOUNTPOINT_LIST == ["/home"]

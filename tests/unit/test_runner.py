@@ -1,0 +1,98 @@
+"""runner.py with real processes: argv lists, fixed environment, timeouts, stdin only."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from luksctl import runner
+from luksctl.errors import CommandFailed
+
+
+def test_success_returns_exit_code_zero_and_absolute_argv0():
+    result = runner.run(["true"], timeout=10)
+
+    assert result.returncode == 0
+    assert os.path.isabs(result.argv[0]) and os.path.basename(result.argv[0]) == "true"
+
+
+def test_stdin_bytes_reach_the_process_unchanged():
+    data = b"pass phrase \\ \xc3\xbc\nsecond line\n"
+
+    result = runner.run(["cat"], stdin=data, timeout=10)
+
+    assert result.stdout.encode() == data
+
+
+def test_stdin_defaults_to_empty_not_the_callers_terminal():
+    result = runner.run(["cat"], timeout=10)
+
+    assert result.stdout == ""
+
+
+def test_environment_is_exactly_safe_path_and_lc_all_c(monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", "s.leak")
+    monkeypatch.setenv("LD_PRELOAD", "/tmp/evil.so")
+
+    result = runner.run(["env"], timeout=10)
+
+    assert sorted(result.stdout.splitlines()) == sorted([f"PATH={runner.SAFE_PATH}", "LC_ALL=C"])
+
+
+def test_binaries_are_found_on_safe_path_not_the_callers_path(tmp_path, monkeypatch):
+    impostor = tmp_path / "true"
+    impostor.write_text("#!/bin/sh\nexit 42\n")
+    impostor.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+    result = runner.run(["true"], timeout=10)
+
+    assert result.returncode == 0
+    assert not result.argv[0].startswith(str(tmp_path))
+
+
+def test_nonzero_exit_raises_command_failed_with_argv_code_and_stderr():
+    with pytest.raises(CommandFailed) as caught:
+        runner.run(["sh", "-c", "echo oops >&2; exit 3", "arg0"], timeout=10)
+
+    error = caught.value
+    assert error.returncode == 3
+    assert error.stderr == "oops\n"
+    assert error.argv[1:] == ["-c", "echo oops >&2; exit 3", "arg0"]
+    assert os.path.basename(error.argv[0]) == "sh"
+    assert "exit=3" in error.detail() and "oops" in error.detail()
+
+
+def test_check_false_returns_the_failure_to_the_caller():
+    result = runner.run(["sh", "-c", "echo out; echo err >&2; exit 5"], timeout=10, check=False)
+
+    assert (result.returncode, result.stdout, result.stderr) == (5, "out\n", "err\n")
+
+
+def test_timeout_raises_command_failed_without_exit_code():
+    started = time.monotonic()
+
+    with pytest.raises(CommandFailed) as caught:
+        runner.run(["sleep", "30"], timeout=0.3)
+
+    assert caught.value.returncode is None
+    assert caught.value.argv[1:] == ["30"]
+    assert time.monotonic() - started < 10
+
+
+def test_missing_binary_raises_command_failed():
+    with pytest.raises(CommandFailed) as caught:
+        runner.run(["luksctl-no-such-binary"], timeout=10)
+
+    assert caught.value.returncode is None
+    assert "luksctl-no-such-binary" in caught.value.message
+
+
+def test_missing_absolute_binary_raises_command_failed():
+    with pytest.raises(CommandFailed) as caught:
+        runner.run(["/nonexistent/bin/tool"], timeout=10)
+
+    assert caught.value.returncode is None
+    assert caught.value.argv == ["/nonexistent/bin/tool"]
