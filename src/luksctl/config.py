@@ -39,7 +39,7 @@ def _host(value: str) -> str:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        if _HOSTNAME.match(value) and not value.replace(".", "").isdigit():
+        if _HOSTNAME.fullmatch(value) and not value.replace(".", "").isdigit():
             return value
     raise ValueError("must be an IP address or a host name")
 

@@ -32,7 +32,7 @@ _VAULT_PATH = re.compile(r"^[A-Za-z0-9_@:+=.-]+(/[A-Za-z0-9_@:+=.-]+)*$")
 
 
 def _vault_path(value: str) -> str:
-    if not _VAULT_PATH.match(value) or any(part in (".", "..") for part in value.split("/")):
+    if not _VAULT_PATH.fullmatch(value) or any(part in (".", "..") for part in value.split("/")):
         raise ValueError(
             "may hold letters, digits and _ @ : + = . - in segments separated by single '/', "
             "with no leading or trailing '/' and no '.' or '..' segment"
