@@ -22,7 +22,7 @@ $(VENV)/.stamp: pyproject.toml | deps
 	touch $@
 
 test-host: $(VENV)/.stamp
-	$(VENV)/bin/pytest tests/unit tests/api tests/vault $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/unit tests/api tests/vault tests/contract $(PYTEST_ARGS)
 
 # The package is installed (not linked) so the guest runs exactly what was built from this tree.
 vm-prefix: $(VENV)/.stamp
