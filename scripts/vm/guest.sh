@@ -33,14 +33,20 @@ for user in luksctl_api luksctl_api_wn; do
     grep -q "^$user:" /etc/shadow || echo "$user:*:20000:0:99999:7:::" >>/etc/shadow
 done
 
-if [[ -f $repo/deploy/sudoers.d/luksctl-api ]]; then
-    install -m 0440 -o root -g root "$repo/deploy/sudoers.d/luksctl-api" /etc/sudoers.d/luksctl-api
-fi
+# The rules exactly as shipped (the front end's and the worker's), not copies of them.
+shopt -s nullglob
+for rule in "$repo"/deploy/sudoers.d/*; do
+    install -m 0440 -o root -g root "$rule" "/etc/sudoers.d/${rule##*/}"
+done
+shopt -u nullglob
 install -d -m 0755 -o root -g root /etc/luks
 
 cd "$repo"
 case $mode in
 test)
+    # The VM tests use no third-party pytest plugin; importing them (hypothesis, schemathesis)
+    # costs seconds under software emulation.
+    export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
     # tee hides pytest's status; PIPESTATUS brings it back. The log lets vm-run.sh
     # print the summary again after the console noise.
     set +e

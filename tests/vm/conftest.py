@@ -14,6 +14,11 @@ import pytest
 from helpers_vm import OUT, Api, Bao, CryptsetupCounter, Dashboard, VolumeFactory
 
 
+def pytest_configure(config):
+    # Our service presents a self-signed certificate, exactly as in production (see helpers_vm).
+    config.addinivalue_line("filterwarnings", "ignore::urllib3.exceptions.InsecureRequestWarning")
+
+
 def pytest_collection_modifyitems(items):
     # Anywhere but the guest these tests would format loop devices on the host: refuse.
     if os.geteuid() != 0 or "LUKSCTL_VM_OUT" not in os.environ:
@@ -27,7 +32,6 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def bao():
     """A real OpenBao dev server; stop()/start() it for the "Vault down" case."""
-    OUT.mkdir(parents=True, exist_ok=True)
     server = Bao(OUT / "bao.log")
     server.start()
     yield server

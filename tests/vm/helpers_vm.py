@@ -25,7 +25,8 @@ from typing import NamedTuple
 import requests
 import urllib3
 
-# Our own server presents a self-signed certificate, exactly as in production.
+# Our service presents a self-signed certificate, exactly as in production. (Under pytest the
+# filter set here is undone after collection; conftest.py sets it again for the tests.)
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +41,8 @@ API_PORT = 5000
 # Not /export: the guest's root is the host's, read-only, so a new top-level directory is impossible.
 MOUNTPOINT = Path("/srv/export")
 READ_POLICY = "luksctl-read"
+# The real binary: the harness's own calls must not show up in CryptsetupCounter's count.
+CRYPTSETUP = "/sbin/cryptsetup"
 # What a systemd service gets, so the service sees no trace of the test's environment.
 SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -88,9 +91,14 @@ class Bao:
                 f"-dev-listen-address=127.0.0.1:{self.port}"]
         # HOME: /root is read-only in the guest and the dev server writes ~/.vault-token.
         env = {"PATH": SERVICE_PATH, "HOME": "/tmp"}
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._healthy, 60, f"OpenBao on {self.url} (log {self.log})")
+        try:
+            wait_until(self._healthy, 90, f"OpenBao on {self.url} (log {self.log})")
+        except BaseException:
+            self.stop()  # a session fixture that failed must not leave its server behind
+            raise
         # The dev server keeps everything in memory: lay it out again after every start.
         self.request("POST", "sys/mounts/secrets", json={"type": "kv", "options": {"version": "2"}})
         self.request("PUT", f"sys/policies/acl/{READ_POLICY}",
@@ -107,8 +115,8 @@ class Bao:
         if self.proc.poll() is not None:
             raise RuntimeError(f"OpenBao exited {self.proc.returncode}:\n{tail(self.log)}")
         try:
-            return requests.get(f"{self.url}/v1/sys/health", timeout=2).status_code == 200
-        except requests.ConnectionError:
+            return requests.get(f"{self.url}/v1/sys/health", timeout=5).status_code == 200
+        except requests.RequestException:  # refused, or still unsealing (reads time out)
             return False
 
     def request(self, method: str, path: str, token: str = "root", headers: dict | None = None,
@@ -197,18 +205,18 @@ class VolumeFactory:
             secrets.choice(string.ascii_lowercase) for _ in range(8)))  # fast-luks style name
         self.volumes.append(volume)
         # Fast PBKDF for tests only; production keeps cryptsetup's defaults (argon2id).
-        run("cryptsetup", "luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2",
+        run(CRYPTSETUP, "luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2",
             "--pbkdf-force-iterations", "1000", "--batch-mode", "--key-file=-", loop, input=secret)
-        volume.uuid = run("cryptsetup", "luksUUID", loop).stdout.decode().strip()
-        run("cryptsetup", "open", "--key-file=-", loop, volume.cryptdev, input=secret)
+        volume.uuid = run(CRYPTSETUP, "luksUUID", loop).stdout.decode().strip()
+        run(CRYPTSETUP, "open", "--key-file=-", loop, volume.cryptdev, input=secret)
         run("mkfs.ext4", "-q", volume.mapper)
-        run("cryptsetup", "close", volume.cryptdev)
+        run(CRYPTSETUP, "close", volume.cryptdev)
         # No udev in the guest: make the link it would make.
         volume.by_uuid.parent.mkdir(parents=True, exist_ok=True)
         volume.by_uuid.unlink(missing_ok=True)
         volume.by_uuid.symlink_to(Path("../..") / Path(loop).name)
         HEADER_BACKUP.unlink(missing_ok=True)  # cryptsetup refuses to overwrite a backup
-        run("cryptsetup", "luksHeaderBackup", loop, "--header-backup-file", str(HEADER_BACKUP))
+        run(CRYPTSETUP, "luksHeaderBackup", loop, "--header-backup-file", str(HEADER_BACKUP))
         volume.write_ini()
         MOUNTPOINT.mkdir(exist_ok=True)
         return volume
@@ -219,7 +227,7 @@ class VolumeFactory:
             run("umount", str(MOUNTPOINT))
         for volume in self.volumes:
             if Path(volume.mapper).exists():
-                run("cryptsetup", "close", volume.cryptdev)
+                run(CRYPTSETUP, "close", volume.cryptdev)
             if volume.uuid:
                 volume.by_uuid.unlink(missing_ok=True)
             run("losetup", "--detach", volume.loop, check=False)
@@ -292,6 +300,7 @@ class Api:
         runtime.chmod(int(self.unit.one("RuntimeDirectoryMode", "0755"), 8))
 
         self.starts += 1
+        OUT.mkdir(parents=True, exist_ok=True)
         self.stdout_log = OUT / f"api.{self.starts}.stdout.log"
         self.stderr_log = OUT / f"api.{self.starts}.stderr.log"
         # setpriv execs in place (runuser would fork), so self.pid is gunicorn's master.
@@ -302,7 +311,11 @@ class Api:
         with self.stdout_log.open("wb") as out, self.stderr_log.open("wb") as err:
             self.proc = subprocess.Popen(argv, env=env, cwd="/", stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL)
-        wait_until(self._answers, 90, f"luksctl-api at {self.base_url}")
+        try:
+            wait_until(self._answers, 90, f"luksctl-api at {self.base_url}")
+        except BaseException:
+            self.stop()
+            raise
 
     def _answers(self) -> bool:
         if self.proc.poll() is not None:
@@ -310,7 +323,7 @@ class Api:
         try:
             requests.get(f"{self.base_url}/luksctl_api/v1.0/status", verify=False, timeout=5)
             return True
-        except requests.ConnectionError:
+        except requests.RequestException:  # refused, or workers still importing
             return False
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
@@ -379,7 +392,7 @@ class CryptsetupCounter:
         self.wrapper.write_text(
             "#!/bin/sh\n"
             f"flock {self.counter} sh -c 'echo \"$*\" >> {self.counter}' -- \"$@\" </dev/null\n"
-            'exec /sbin/cryptsetup "$@"\n'
+            f'exec {CRYPTSETUP} "$@"\n'
         )
         self.wrapper.chmod(0o755)
 

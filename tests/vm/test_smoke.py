@@ -53,12 +53,15 @@ def test_volume_opens_with_its_exact_passphrase_and_mounts(luks_volume):
     run("cryptsetup", "close", volume.cryptdev)
 
 
-def test_factory_makes_several_volumes_and_the_ini_names_the_newest(luks_volume):
+def test_factory_makes_several_volumes_and_the_ini_names_the_newest(luks_volume, cryptsetup_calls):
     first = luks_volume("one")
     second = luks_volume("$(touch /tmp/pwned); 'two'\"")
     assert first.uuid != second.uuid
     assert f"uuid = {second.uuid}" in Path("/etc/luks/luks-cryptdev.ini").read_text()
-    run("cryptsetup", "luksOpen", "--test-passphrase", "--key-file=-", second.loop, input=second.passphrase)
+    # The counting wrapper hands stdin through untouched, or this passphrase would not match.
+    run(str(cryptsetup_calls.wrapper), "open", "--test-passphrase", "--key-file=-", second.loop,
+        input=second.passphrase)
+    assert cryptsetup_calls.calls() == [f"open --test-passphrase --key-file=- {second.loop}"]
 
 
 def test_deployed_sudoers_file_is_valid():
