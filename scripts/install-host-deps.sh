@@ -6,6 +6,7 @@ packages=(
     cryptsetup-bin e2fsprogs util-linux sudo kmod iproute2
     nfs-kernel-server nfs-common rpcbind
     qemu-system-x86 linux-image-amd64 busybox-static
+    wrk                             # make bench: HTTP load from inside the VM
 )
 missing=()
 for p in "${packages[@]}"; do

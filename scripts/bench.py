@@ -1,0 +1,161 @@
+"""`make bench`: the figures behind BENCHMARKS.md, measured on the real stack in the VM.
+
+Runs inside the VM as root (scripts/vm-run.sh bench). Software emulation
+makes every absolute time slow, so each comparison is made within this one
+run and reported as a ratio too. Results: stdout (Markdown) and vm-out/bench.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
+
+from helpers_vm import OUT, SERVICE_PATH, Api, Bao, Dashboard, VolumeFactory, run, wait_until  # noqa: E402
+
+from luksctl import vault  # noqa: E402
+
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+LEVELS = (1, 8, 32)
+LEGACY_PORT = 5001
+PASSPHRASE = "bench passphrase"
+
+# The old design: every status poll spawned sudo + the luksctl interpreter.
+LEGACY_APP = '''
+import json, subprocess
+from flask import Flask
+app = Flask(__name__)
+
+@app.get("/luksctl_api/v1.0/status")
+def status():
+    done = subprocess.run(["/usr/bin/sudo", "-n", "/usr/local/sbin/luksctl", "--json", "status"], capture_output=True)
+    return {"volume_state": json.loads(done.stdout)["volume_state"]}
+'''
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * _UNIT[unit]
+
+
+def wrk(url: str, connections: int) -> dict:
+    """Requests/s and latency percentiles from wrk (C, so the client costs little CPU)."""
+    out = run("wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{SECONDS}s", "--timeout", "60s", "--latency", url).stdout.decode()
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)$", out, re.M)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": _ms(latency["50"]),
+        "p99_ms": _ms(latency["99"]),
+        "errors": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def start_legacy_server(api: Api) -> subprocess.Popen:
+    """The old status design behind the same gunicorn command line, user and TLS."""
+    module_dir = Path("/tmp/bench")
+    module_dir.mkdir(exist_ok=True)
+    (module_dir / "legacy_status.py").write_text(LEGACY_APP)
+    module_dir.chmod(0o755)
+    argv = [arg.replace("0.0.0.0:5000", f"127.0.0.1:{LEGACY_PORT}") for arg in api.unit.exec_start[:-1]]
+    user = pwd.getpwnam(api.unit.one("User"))
+    command = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--",
+               *argv, "--pythonpath", str(module_dir), "legacy_status:app"]
+    log = (OUT / "legacy.log").open("wb")
+    proc = subprocess.Popen(command, env={"PATH": SERVICE_PATH, "HOME": "/tmp"}, stdout=log, stderr=log, cwd="/")
+    wait_until(lambda: run("curl", "-sk", f"https://127.0.0.1:{LEGACY_PORT}/luksctl_api/v1.0/status", check=False).returncode == 0,
+               120, "legacy status server")
+    return proc
+
+
+def status_benchmark(api: Api) -> dict:
+    legacy = start_legacy_server(api)
+    try:
+        results: dict = {"ours": {}, "legacy": {}}
+        for level in LEVELS:
+            for name, port in (("ours", 5000), ("legacy", LEGACY_PORT)):
+                runs = [wrk(f"https://127.0.0.1:{port}/luksctl_api/v1.0/status", level) for _ in range(RUNS)]
+                results[name][level] = {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms", "errors")}
+                print(f"status {name:6} c={level:2}: {results[name][level]}", flush=True)
+        return results
+    finally:
+        legacy.terminate()
+        legacy.wait(60)
+
+
+def timed(action) -> float:
+    started = time.perf_counter()
+    action()
+    return (time.perf_counter() - started) * 1000
+
+
+def open_breakdown(api: Api, bao: Bao, volume, secret_path: str) -> dict:
+    """Each part of an open timed on its own, then the whole open through the API."""
+    dashboard = Dashboard(api.base_url)
+    location = vault.SecretLocation(bao.url, "secrets", secret_path, "storage_encryption_key")
+    user = pwd.getpwnam(api.unit.one("User"))
+    as_service_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
+    parts: dict[str, list[float]] = {k: [] for k in ("vault", "sudo_cli_start", "cryptsetup_open", "mount", "api_open_total")}
+    for _ in range(RUNS + 2):
+        token = bao.wrap_token()
+        parts["vault"].append(timed(lambda: vault.fetch_passphrase(location, token, vault.VaultSettings())))
+        parts["sudo_cli_start"].append(timed(lambda: run(*as_service_user, "/usr/bin/sudo", "-n", "/usr/local/sbin/luksctl", "--json", "status", check=False)))
+        parts["cryptsetup_open"].append(timed(lambda: run("cryptsetup", "open", "--key-file=-", str(volume.by_uuid), volume.cryptdev, input=volume.passphrase)))
+        parts["mount"].append(timed(lambda: run("mount", "-t", "ext4", volume.mapper, "/srv/export")))
+        run("umount", "/srv/export")
+        run("cryptsetup", "close", volume.cryptdev)
+        payload = bao.open_payload(secret_path)
+        parts["api_open_total"].append(timed(lambda: dashboard.open(payload)))
+        run("/usr/local/sbin/luksctl", "close")
+    medians = {key: statistics.median(values) for key, values in parts.items()}
+    medians["overhead_beyond_cryptsetup"] = medians["api_open_total"] - medians["cryptsetup_open"]
+    print(f"open breakdown (median ms over {RUNS + 2}): {medians}", flush=True)
+    return medians
+
+
+def pbkdf_of(volume) -> str:
+    dump = run("cryptsetup", "luksDump", volume.loop).stdout.decode()
+    found = re.search(r"PBKDF:\s+(\S+)", dump)
+    iterations = re.search(r"Iterations:\s+(\d+)", dump)
+    return f"{found.group(1) if found else '?'}" + (f", {iterations.group(1)} iterations" if iterations else "")
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    volumes, bao, api = VolumeFactory(), Bao(OUT / "bao.log"), Api()
+    try:
+        volume = volumes(PASSPHRASE)
+        bao.start()
+        secret_path = bao.store_passphrase("bench", "deployment", PASSPHRASE)
+        api.start({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "FAILED_OPEN_LIMIT": 0})
+        results = {"runs": RUNS, "seconds_per_run": SECONDS, "pbkdf": pbkdf_of(volume)}
+        results["open"] = open_breakdown(api, bao, volume, secret_path)
+        Dashboard(api.base_url).open(bao.open_payload(secret_path))  # status benchmarks poll a mounted volume
+        results["status"] = status_benchmark(api)
+        results["status_ratio_rps"] = {
+            level: results["status"]["ours"][level]["rps"] / max(results["status"]["legacy"][level]["rps"], 1e-9) for level in LEVELS
+        }
+        (OUT / "bench.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
+        return 0
+    finally:
+        api.stop()
+        bao.stop()
+        volumes.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
