@@ -7,7 +7,7 @@ mode=${1:?usage: $0 test|demo|bench [args...]}
 shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
 prefix=${VM_PREFIX:-/opt/luksctl-test}
-out=$repo/vm-out # the only directory the guest can write back to (--rwdir)
+out=${VM_OUT:-$repo/vm-out} # the only directory the guest can write back to (--rwdir)
 rm -rf "$out"
 mkdir -p "$out"
 
