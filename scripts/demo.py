@@ -37,7 +37,7 @@ def main() -> int:
     volumes, bao, api = VolumeFactory(), Bao(OUT / "bao.log"), Api()
     try:
         step("1. a file-backed LUKS2 volume on a loop device, described in /etc/luks/luks-cryptdev.ini")
-        volume = volumes(PASSPHRASE)
+        volumes(PASSPHRASE)
         print(Path("/etc/luks/luks-cryptdev.ini").read_text())
 
         step("2. OpenBao (a real Vault) with the passphrase where the dashboard keeps it")

@@ -16,16 +16,21 @@ import os
 import sys
 
 logger = logging.getLogger("luksctl.audit")
+logger.setLevel(logging.INFO)
+logger.propagate = False  # audit lines go only to their own sink, never into the app's log
 SYSLOG_SOCKET = "/dev/log"
 
 
-def _configure(handler: logging.Handler | None = None) -> None:
-    if not logger.handlers:
-        handler = handler or logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+def _send_to(handler: logging.Handler) -> None:
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+
+
+def use_stdout() -> None:
+    """For the services: systemd hands their stdout to journald."""
+    _send_to(logging.StreamHandler(sys.stdout))
 
 
 def use_syslog() -> None:
@@ -35,7 +40,7 @@ def use_syslog() -> None:
         handler.ident = "luksctl: "
     else:
         handler = logging.StreamHandler(sys.stderr)
-    _configure(handler)
+    _send_to(handler)
 
 
 def record(
@@ -51,7 +56,6 @@ def record(
     nodes: dict[str, str] | None = None,
     alert: str | None = None,
 ) -> None:
-    _configure()
     entry = {
         "audit": "luksctl",
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),

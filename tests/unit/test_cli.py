@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 
-from luksctl import cli, services
+from luksctl import audit, cli, services
 from luksctl.cli import Paths, main, read_passphrase
 from luksctl.config import FrontendConfig
 from luksctl.errors import LuksctlError
@@ -361,3 +360,25 @@ def test_nfs_mount_when_everything_is_mounted_runs_nothing(host, paths, monkeypa
 
     assert run_cli(paths, "nfs-mount") == 0
     assert host.calls == []
+
+
+# --- audit -------------------------------------------------------------------
+
+
+def test_open_writes_one_audit_line_without_the_passphrase(host, paths, capsys, monkeypatch):
+    monkeypatch.setattr(audit, "SYSLOG_SOCKET", str(paths.volume_ini.parent / "no-syslog-here"))
+    monkeypatch.setenv("SUDO_UID", "997")
+
+    assert run_cli(paths, "open", stdin=b"secret passphrase\n") == 0
+
+    [line] = [json.loads(text) for text in capsys.readouterr().err.splitlines() if text.startswith('{"audit"')]
+    assert (line["action"], line["outcome"], line["status"], line["client"]) == ("open", "ok", 0, "uid 997")
+    assert "secret passphrase" not in json.dumps(line)
+
+
+def test_status_writes_no_audit_line(host, paths, capsys, monkeypatch):
+    monkeypatch.setattr(audit, "SYSLOG_SOCKET", str(paths.volume_ini.parent / "no-syslog-here"))
+
+    run_cli(paths, "status")
+
+    assert '{"audit"' not in capsys.readouterr().err

@@ -16,6 +16,7 @@ def note(**fields) -> None:
 
 def install_audit(app: Flask, actions: dict[str, str]) -> None:
     """`actions` maps a Flask endpoint to its audit action name."""
+    audit.use_stdout()
 
     @app.before_request
     def start_clock():

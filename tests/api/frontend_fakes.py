@@ -1,0 +1,92 @@
+"""Fakes for the front-end API tests: scripted volume state, a fake privileged bridge, a fake Vault step."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from luksctl.status import VolumeStatus
+
+STATUS = "/luksctl_api/v1.0/status"
+OPEN = "/luksctl_api/v1.0/open"
+PASSPHRASE = "the volume passphrase"
+TOKEN = "hvs.CAESIwrappingtoken"
+INI = """\
+[luks]
+uuid = 0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10
+cryptdev = xkqzbmwe
+mountpoint = /export
+"""
+
+
+def payload(**changes) -> dict:
+    body = {
+        "vault_url": "https://vault.example:8200",
+        "vault_token": TOKEN,
+        "secret_root": "secrets",
+        "secret_path": "user-sub@idp/3f1c0f7e-deployment/storage_encryption",
+        "secret_key": "storage_encryption_key",
+    }
+    body.update(changes)
+    return {key: value for key, value in body.items() if value is not None}
+
+
+def answer(response, status: int) -> dict:
+    """The dashboard's contract: a JSON body with volume_state; errors add a non-empty `error`."""
+    body = json.loads(response.text)
+    assert response.status_code == status, body
+    assert response.mimetype == "application/json"
+    assert isinstance(body, dict) and body.get("volume_state") in ("mounted", "unmounted", "unavailable"), body
+    if status >= 400:
+        assert isinstance(body.get("error"), str) and body["error"].strip(), body
+    assert PASSPHRASE not in response.text and TOKEN not in response.text
+    assert "Traceback" not in response.text and "<html" not in response.text.lower()
+    return body
+
+
+class Kernel:
+    """Scripted volume state behind luksctl.api.frontend.volume_status."""
+
+    def __init__(self):
+        self.mounted = False
+        self.reads: list[tuple[str, str]] = []
+
+    def volume_status(self, cryptdev, mountpoint, **kwargs):
+        self.reads.append((cryptdev, mountpoint))
+        return VolumeStatus("254:0" if self.mounted else None, self.mounted)
+
+
+class FakeBridge:
+    """The privileged side: opening mounts the scripted volume, unless told to raise."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+        self.passphrases: list[str] = []
+        self.error: Exception | None = None
+        self.delay = 0.0
+
+    def open_volume(self, passphrase: str) -> dict:
+        self.passphrases.append(passphrase)
+        time.sleep(self.delay)
+        if self.error:
+            raise self.error
+        self.kernel.mounted = True
+        return {"volume_state": "mounted"}
+
+    def nfs_mount(self) -> dict:
+        raise AssertionError("the front end never remounts NFS shares itself")
+
+
+class FakeVault:
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.error: Exception | None = None
+        self._lock = threading.Lock()
+
+    def fetch_passphrase(self, location, wrapping_token, settings):
+        with self._lock:
+            self.calls.append((location, wrapping_token, settings))
+        if self.error:
+            raise self.error
+        return PASSPHRASE
