@@ -100,10 +100,8 @@ class Frontend:
         verify = config.VAULT_CA_BUNDLE or config.VAULT_TLS_VERIFY
         self.vault_settings = vault.VaultSettings(verify, config.VAULT_TIMEOUT, tuple(config.WRAPPING_CREATION_PATHS))
         self.workers = cluster.WorkerClient.from_config(config) if config.is_cluster else None
-        self.limiter = None
-        if config.FAILED_OPEN_LIMIT:
-            database = Path(config.LOCK_FILE).with_name("failed-opens.sqlite")
-            self.limiter = FailedOpenLimiter(database, config.FAILED_OPEN_LIMIT, config.FAILED_OPEN_WINDOW)
+        database = Path(config.LOCK_FILE).with_name("failed-opens.sqlite")
+        self.limiter = FailedOpenLimiter(database, config.FAILED_OPEN_LIMIT, config.FAILED_OPEN_WINDOW)
         if config.VAULT_URL_ALLOWLIST is None:
             log.warning("VAULT_URL_ALLOWLIST is not set: callers may make this server contact any Vault URL")
 
@@ -125,23 +123,25 @@ class Frontend:
         if allowed is not None and unlock.vault_url not in allowed:
             raise BadRequest(f"vault_url {unlock.vault_url} is not in VAULT_URL_ALLOWLIST; nothing was contacted")
         if self.state() is not VolumeState.MOUNTED:
-            # Serialise opens across threads and gunicorn workers; whoever waited
-            # finds the volume mounted and leaves its wrapping token unused.
+            # One open at a time across threads and gunicorn workers; whoever
+            # waited finds the volume mounted and leaves its wrapping token unused.
             with exclusive_lock(Path(self.config.LOCK_FILE), timeout=self.config.PRIVILEGED_TIMEOUT + 30, what="open"):
                 if self.state() is not VolumeState.MOUNTED:
-                    try:
-                        passphrase = vault.fetch_passphrase(unlock.location, unlock.vault_token, self.vault_settings)
-                    except WrappingTokenInvalid as exc:
-                        if exc.possible_interception:
-                            note(alert="wrapping token already unwrapped or expired: possible interception")
-                        raise
-                    self.bridge.open_volume(passphrase)
-                    del passphrase
+                    self._unlock(unlock)
         body = {"volume_state": self.state().value}
         if self.workers is not None and body["volume_state"] == VolumeState.MOUNTED.value:
             body["nodes"] = cluster.remount_workers(self.workers, self.config.WN_IPS)
             note(nodes=body["nodes"])
         return body
+
+    def _unlock(self, unlock: OpenRequest) -> None:
+        try:
+            passphrase = vault.fetch_passphrase(unlock.location, unlock.vault_token, self.vault_settings)
+        except WrappingTokenInvalid as exc:
+            if exc.possible_interception:
+                note(alert="wrapping token already unwrapped or expired: possible interception")
+            raise
+        self.bridge.open_volume(passphrase)
 
     def nodes(self) -> dict:
         """The operator's view of every worker, fetched on demand (never on a status poll)."""
@@ -173,16 +173,8 @@ def status():
 @bp.post("/open")
 def open_volume():
     frontend = _frontend()
-    client = request.remote_addr or "unknown"
-    if frontend.limiter is None:
+    with frontend.limiter.counting_failures(request.remote_addr or "unknown"):
         return frontend.open(parse_open_request())
-    frontend.limiter.check(client)
-    try:
-        return frontend.open(parse_open_request())
-    except LuksctlError as exc:
-        if 400 <= exc.http_status < 500:  # the caller's fault; Vault or us being down is not
-            frontend.limiter.record_failure(client)
-        raise
 
 
 @bp.get("/nodes")

@@ -13,14 +13,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import ConfigError, TooManyFailures
+from ..errors import ConfigError, LuksctlError, TooManyFailures
 
 
 class FailedOpenLimiter:
+    """`limit` 0 turns it off: nothing is stored or refused."""
+
     def __init__(self, path: Path, limit: int, window: float):
         self.path = path
         self.limit = limit
         self.window = window
+        if not limit:
+            return
         try:
             with self._connect() as db:
                 db.execute("CREATE TABLE IF NOT EXISTS failures (client TEXT NOT NULL, at REAL NOT NULL)")
@@ -54,3 +58,18 @@ class FailedOpenLimiter:
     def record_failure(self, client: str) -> None:
         with self._connect() as db:
             db.execute("INSERT INTO failures (client, at) VALUES (?, ?)", (client, time.time()))
+
+    @contextlib.contextmanager
+    def counting_failures(self, client: str) -> Iterator[None]:
+        """Refuse a client over the limit, and count the failures it causes (4xx only:
+        Vault or us being down is not the caller's fault)."""
+        if not self.limit:
+            yield
+            return
+        self.check(client)
+        try:
+            yield
+        except LuksctlError as exc:
+            if 400 <= exc.http_status < 500:
+                self.record_failure(client)
+            raise
