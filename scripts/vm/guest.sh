@@ -54,6 +54,11 @@ test)
         tee "$out/pytest.log"
     exit "${PIPESTATUS[0]}"
     ;;
-demo | bench) exec "$prefix/venv/bin/python" "scripts/$mode.py" "$@" ;;
+demo) exec "$prefix/venv/bin/python" scripts/demo.py "$@" ;;
+bench)
+    for bench in bench bench_cluster bench_soak; do
+        "$prefix/venv/bin/python" "scripts/$bench.py" || exit
+    done
+    ;;
 *) echo "guest: unknown mode $mode" >&2; exit 2 ;;
 esac

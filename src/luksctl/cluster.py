@@ -66,6 +66,9 @@ class WorkerClient:
         except requests.exceptions.SSLError:
             log.warning("worker %s: TLS verification failed (check WN_CA_BUNDLE)", host)
             return "tls-error"
+        except requests.exceptions.ReadTimeout:
+            log.warning("worker %s: no answer within %g s; it may still finish", host, self.read_timeout)
+            return "timeout"
         except requests.exceptions.RequestException as exc:
             log.warning("worker %s: %s", host, exc.__class__.__name__)
             return "unreachable"
