@@ -21,7 +21,7 @@ from typing import BinaryIO, TextIO
 
 from . import audit, services, volume
 from .config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
-from .errors import EXIT_ACTION_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError
+from .errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError
 from .locking import exclusive_lock
 from .status import VolumeState, nfs_mount_states
 
@@ -192,6 +192,12 @@ def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: Binary
         report = _state_after_error(paths)
         report.error = exc.message
         exit_code = exc.exit_code
+        error_class = exc.__class__.__name__
+    except Exception as exc:  # still answer the caller (the API) in JSON, and audit
+        log.exception("unexpected error")
+        report = _state_after_error(paths)
+        report.error = f"internal error ({exc.__class__.__name__}); see the log"
+        exit_code = EXIT_COMMAND_FAILED
         error_class = exc.__class__.__name__
     if args.command != "status":
         audit.use_syslog()

@@ -94,6 +94,10 @@ class TooManyFailures(LuksctlError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class BodyTooLarge(LuksctlError):
+    http_status = 413
+
+
 class UnsupportedMediaType(LuksctlError):
     http_status = 415
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import runner
 from .config import VolumeConfig
-from .errors import CommandFailed, DeviceNotFound, VolumeBusy, WrongPassphrase
+from .errors import CommandFailed, DeviceNotFound, LuksctlError, VolumeBusy, WrongPassphrase
 from .status import VolumeStatus, volume_status
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,14 @@ def open_volume(volume: VolumeConfig, passphrase: bytes) -> Outcome:
     before = current_status(volume)
     if before.mounted:
         return Outcome(before, changed=False)
-    if not before.mapper_open:
-        luks_open(volume, passphrase)
     try:
-        mount(volume)
-    except CommandFailed:
         if not before.mapper_open:
-            _close_quietly(volume)  # leave nothing half-open that we opened
+            luks_open(volume, passphrase)
+        mount(volume)
+    except LuksctlError:
+        # Leave nothing half-open that we opened, even when cryptsetup died after mapping.
+        if not before.mapper_open and current_status(volume).mapper_open:
+            _close_quietly(volume)
         raise
     return Outcome(current_status(volume), changed=True)
 
@@ -75,7 +76,12 @@ def luks_open(volume: VolumeConfig, passphrase: bytes) -> None:
 
 
 def mount(volume: VolumeConfig) -> None:
-    os.makedirs(volume.mountpoint, mode=0o755, exist_ok=True)
+    if os.path.lexists(volume.mountpoint) and not os.path.isdir(volume.mountpoint):
+        raise LuksctlError(f"the mountpoint {volume.mountpoint} exists but is not a directory")
+    try:
+        os.makedirs(volume.mountpoint, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise LuksctlError(f"the mountpoint {volume.mountpoint} cannot be created: {exc.strerror}") from None
     runner.run(["mount", "-t", volume.filesystem, volume.mapper_path, volume.mountpoint], timeout=MOUNT_TIMEOUT)
 
 

@@ -6,6 +6,7 @@ goes through `answer()`, which checks that contract before anything else.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 
@@ -132,6 +133,16 @@ def test_open_with_a_body_that_is_not_utf8_is_400(client, fake_vault):
 @pytest.mark.parametrize("document", [[payload()], "a string", None, 42])
 def test_open_with_a_json_body_that_is_not_an_object_is_400(client, fake_vault, document):
     answer(client.post(OPEN, data=json.dumps(document), content_type="application/json"), 400)
+    assert fake_vault.calls == []
+
+
+def test_a_chunked_body_over_16_kib_is_413_not_truncated(client, fake_vault):
+    """Without Content-Length nothing says how much is coming; the limit must still hold."""
+    body = json.dumps(payload()).encode() + b" " * (16 * 1024)
+
+    response = client.post(OPEN, input_stream=io.BytesIO(body), content_type="application/json", headers={"Transfer-Encoding": "chunked"})
+
+    answer(response, 413)
     assert fake_vault.calls == []
 
 

@@ -382,3 +382,15 @@ def test_status_writes_no_audit_line(host, paths, capsys, monkeypatch):
     run_cli(paths, "status")
 
     assert '{"audit"' not in capsys.readouterr().err
+
+
+def test_an_unexpected_exception_still_answers_json_with_exit_4(host, paths, capsys, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("something nobody planned for")
+
+    monkeypatch.setattr(cli.volume, "open_volume", broken)
+
+    assert run_cli(paths, "--json", "open", stdin=b"pass\n") == 4
+
+    report = json_output(capsys)
+    assert report["volume_state"] == "unmounted" and "RuntimeError" in report["error"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from luksctl import volume
-from luksctl.errors import CommandFailed, DeviceNotFound, VolumeBusy, WrongPassphrase
+from luksctl.errors import CommandFailed, DeviceNotFound, LuksctlError, VolumeBusy, WrongPassphrase
 
 DEVICE = "/dev/disk/by-uuid/0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"
 PASSPHRASE = b"correct horse \\ battery \xc3\xbc"
@@ -120,6 +120,37 @@ def test_mount_error_wins_when_the_cleanup_close_also_fails(host, vol):
         volume.open_volume(vol, PASSPHRASE)
 
     assert caught.value.argv == mount_argv(vol)
+
+
+def test_cryptsetup_killed_after_mapping_leaves_nothing_open(host, vol, monkeypatch):
+    """cryptsetup can die (OOM, our timeout) after the kernel made the mapping."""
+    real_run = host.run
+
+    def killed_after_mapping(argv, **kwargs):
+        if argv[:2] == ["cryptsetup", "open"]:
+            host.calls.append((list(argv), kwargs.get("stdin")))
+            host.mapper_open = True
+            raise CommandFailed("cryptsetup did not finish within 150 s", list(argv), None, "")
+        return real_run(argv, **kwargs)
+
+    monkeypatch.setattr(volume.runner, "run", killed_after_mapping)
+
+    with pytest.raises(CommandFailed):
+        volume.open_volume(vol, PASSPHRASE)
+
+    assert host.argvs == [luks_open_argv(), ["cryptsetup", "close", "xkqzbmwe"]]
+    assert not host.mapper_open
+
+
+def test_a_mountpoint_that_is_a_file_is_a_clear_error_and_closes_the_mapper(host, vol):
+    with open(vol.mountpoint, "w"):
+        pass
+
+    with pytest.raises(LuksctlError, match="not a directory"):
+        volume.open_volume(vol, PASSPHRASE)
+
+    assert host.argvs == [luks_open_argv(), ["cryptsetup", "close", "xkqzbmwe"]]
+    assert not host.mapper_open
 
 
 def test_close_unmounts_then_closes(host, vol):

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .. import cluster, vault
 from ..config import FrontendConfig, VolumeConfig, load_api_config, load_volume_config, normalize_vault_url
-from ..errors import BadRequest, ConfigError, LuksctlError, UnsupportedMediaType, WrappingTokenInvalid
+from ..errors import BadRequest, BodyTooLarge, ConfigError, LuksctlError, UnsupportedMediaType, WrappingTokenInvalid
 from ..locking import exclusive_lock
 from ..privileged import PrivilegedBridge, SudoBridge
 from ..status import VolumeState, volume_status
@@ -57,9 +57,13 @@ class OpenRequest(BaseModel):
 def parse_open_request() -> OpenRequest:
     if not request.is_json:
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
+    # Read from the raw input: werkzeug's limit silently truncates a chunked body.
+    raw = request.environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise BodyTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes")
     try:
         # Parsed here, not by get_json(): a deeply nested body must be a 400, not a RecursionError.
-        body = json.loads(request.get_data().decode("utf-8"))
+        body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise BadRequest("the body is not valid UTF-8 JSON") from None
     if not isinstance(body, dict):
