@@ -12,6 +12,9 @@ threads = 8
 # Longer than an open may take (config PRIVILEGED_TIMEOUT, 180 s by default) so no worker is killed mid-open.
 timeout = 240
 graceful_timeout = 30
+# gthread closes a new connection whose first request is not in within `keepalive`
+# seconds; 2 s (the default) dropped TLS handshakes of polls on a loaded VM.
+keepalive = 30
 # journald keeps both logs; nothing goes to world-writable /tmp as the old tool's did.
 # The service users have no home for gunicorn's control socket, and nothing uses it.
 control_socket_disable = True
@@ -32,6 +35,12 @@ def ssl_context(config, default_ssl_context_factory):
     context = default_ssl_context_factory()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def post_worker_init(worker):
+    from luksctl.api.gunicorn_errors import answer_malformed_requests_in_json
+
+    answer_malformed_requests_in_json(worker.wsgi)
 
 
 def on_starting(server):
