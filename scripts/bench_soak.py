@@ -1,0 +1,216 @@
+"""Soak: status polling under load with an open/close cycle in the middle, on the real stack.
+
+Inside the VM (as root, like scripts/bench.py): SOAK_SECONDS (60) of `wrk` status polling at
+SOAK_CONNECTIONS (64) concurrent HTTPS clients, and, SOAK_CYCLE_AT (0.33) of the way in, an
+open through the API (the dashboard's request) followed by `luksctl close`. Reports failed
+requests (non-2xx and socket errors), latency percentiles, and gunicorn's memory (sum of VmRSS
+of master + workers) before, at peak and after. Prints the figures and writes
+<results dir>/bench_soak.json. Exits 1 if any request failed, the cycle failed, or a gunicorn
+process died or was replaced.
+
+On the host, `python3 scripts/bench_soak.py` boots the VM itself (the guest set-up comes from
+scripts/vm/guest.sh) and runs this script in it; VM_OUT chooses the results directory.
+A short smoke run: SOAK_SECONDS=15 python3 scripts/bench_soak.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "vm"))
+
+SECONDS = int(os.environ.get("SOAK_SECONDS", "60"))
+CONNECTIONS = int(os.environ.get("SOAK_CONNECTIONS", "64"))
+THREADS = int(os.environ.get("SOAK_THREADS", "2"))
+# A request slower than this counts as a socket error (timeout). wrk's default is 2 s.
+WRK_TIMEOUT = os.environ.get("SOAK_WRK_TIMEOUT", "30s")
+CYCLE_AT = float(os.environ.get("SOAK_CYCLE_AT", "0.33"))
+SETTINGS = ("SOAK_SECONDS", "SOAK_CONNECTIONS", "SOAK_THREADS", "SOAK_WRK_TIMEOUT", "SOAK_CYCLE_AT")
+PASSPHRASE = "soak passphrase"
+LUKSCTL = "/usr/local/sbin/luksctl"
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * _UNIT_MS[unit]
+
+
+def parse_wrk(out: str) -> dict:
+    latency = {p: _ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.MULTILINE)}
+    sockets = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
+    found = re.search(r"Socket errors: (.*)$", out, re.MULTILINE)
+    if found:
+        sockets.update({k: int(v) for k, v in re.findall(r"(\w+) (\d+)", found.group(1))})
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in ([\d.]+\w+)", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    result = {
+        "requests": int(total.group(1)) if total else 0,
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": sockets,
+        **{f"p{p}_ms": v for p, v in latency.items()},
+    }
+    result["failed_requests"] = result["non_2xx"] + sum(sockets.values())
+    return result
+
+
+class RssSampler(threading.Thread):
+    """gunicorn's memory once a second, to catch a peak between 'before' and 'after'."""
+
+    def __init__(self, master: int):
+        super().__init__(daemon=True)
+        self.master = master
+        self.peak = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from faults_lab import gunicorn_pids, rss_kib
+
+        while not self.done.wait(1.0):
+            master, workers = gunicorn_pids(self.master)
+            self.peak = max(self.peak, rss_kib((master, *workers)))
+
+
+def soak() -> int:
+    import requests
+    from faults_lab import gunicorn_pids, rss_kib
+    from helpers_vm import OUT, Api, Bao, Dashboard, VolumeFactory, run
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    volumes, bao, api = VolumeFactory(), Bao(OUT / "bao.log"), Api()
+    try:
+        volume = volumes(PASSPHRASE)
+        bao.start()
+        secret_path = bao.store_passphrase("soak", volume.uuid, PASSPHRASE)
+        api.start({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "FAILED_OPEN_LIMIT": 0})
+        dashboard = Dashboard(api.base_url)
+        dashboard.timeout = 600  # an open under this load, under emulation, is slow; a hang still ends
+        warmup_errors = []
+        for _ in range(4):  # every worker past its first request; failures here are reported too
+            try:
+                dashboard.status()
+            except requests.RequestException as exc:
+                warmup_errors.append(f"{exc.__class__.__name__}: {exc}"[:300])
+
+        pids_before = gunicorn_pids(api.pid)
+        rss_before = rss_kib((pids_before[0], *pids_before[1]))
+        sampler = RssSampler(api.pid)
+        sampler.start()
+        argv = ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--timeout", WRK_TIMEOUT, "--latency",
+                f"{api.base_url}/luksctl_api/v1.0/status"]
+        print(f"soak: {' '.join(argv)}; open/close cycle at {SECONDS * CYCLE_AT:.0f} s", flush=True)
+        started = time.monotonic()
+        wrk = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        time.sleep(SECONDS * CYCLE_AT)
+        cycle: dict = {"started_s": round(time.monotonic() - started, 1)}
+        t = time.monotonic()
+        opened = dashboard.open(bao.open_payload(secret_path))
+        cycle["open_ms"] = round((time.monotonic() - t) * 1000)
+        cycle["open_http_status"] = opened.response.status_code
+        cycle["open_state"] = opened.state
+        cycle["status_while_open"] = dashboard.status().state
+        t = time.monotonic()
+        closed = run(LUKSCTL, "close", check=False)
+        cycle["close_ms"] = round((time.monotonic() - t) * 1000)
+        cycle["close_exit"] = closed.returncode
+        cycle["status_after_close"] = dashboard.status().state
+        cycle["ended_s"] = round(time.monotonic() - started, 1)
+        cycle["inside_load"] = cycle["ended_s"] <= SECONDS
+        cycle["ok"] = (opened.state == "mounted" and cycle["status_while_open"] == "mounted"
+                       and closed.returncode == 0 and cycle["status_after_close"] == "unmounted")
+        print(f"soak: cycle {cycle}", flush=True)
+
+        out, err = wrk.communicate(timeout=SECONDS + 300)
+        sampler.done.set()
+        sampler.join()
+        pids_after = gunicorn_pids(api.pid)
+        rss_after = rss_kib((pids_after[0], *pids_after[1]))
+        status_after = dashboard.status()
+
+        load = parse_wrk(out)
+        results = {
+            "seconds": SECONDS,
+            "connections": CONNECTIONS,
+            "threads": THREADS,
+            "wrk_timeout": WRK_TIMEOUT,
+            "wrk_exit": wrk.returncode,
+            "status_load": load,
+            "cycle": cycle,
+            "gunicorn": {
+                "pids_before": [pids_before[0], *pids_before[1]],
+                "pids_after": [pids_after[0], *pids_after[1]],
+                "same_processes": pids_before == pids_after,
+                "rss_kib_before": rss_before,
+                "rss_kib_peak": max(sampler.peak, rss_before, rss_after),
+                "rss_kib_after": rss_after,
+                "rss_growth_kib": rss_after - rss_before,
+            },
+            "status_after": status_after.state,
+            "warmup_errors": warmup_errors,
+        }
+        results["ok"] = (wrk.returncode == 0 and load["requests"] > 0 and load["failed_requests"] == 0
+                         and cycle["ok"] and results["gunicorn"]["same_processes"])
+        (OUT / "bench_soak.json").write_text(json.dumps(results, indent=2))
+        print(out, err, sep="\n", flush=True)
+        print(json.dumps(results, indent=2))
+        print(f"soak: {'OK' if results['ok'] else 'FAILED'}: {load['requests']} requests, "
+              f"{load['failed_requests']} failed, p99 {load.get('p99_ms', float('nan')):.1f} ms, "
+              f"gunicorn RSS {rss_before} -> {rss_after} KiB (peak {results['gunicorn']['rss_kib_peak']})", flush=True)
+        return 0 if results["ok"] else 1
+    finally:
+        api.stop()
+        bao.stop()
+        volumes.cleanup()
+
+
+def launch_vm() -> int:
+    """Host side: one VM boot, the guest set-up of scripts/vm/guest.sh, then soak() as root.
+
+    guest.sh has no soak mode, so its test mode does the set-up with a selection that matches
+    no test (pytest exits 5), and the soak runs after it in the same guest.
+    """
+    prefix = os.environ.get("VM_PREFIX", "/opt/luksctl-test")
+    out = Path(os.environ.get("VM_OUT", REPO / "vm-out-soak"))
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out.mkdir(parents=True)
+    kernel = subprocess.run("ls -v /boot/vmlinuz-* | tail -n 1", shell=True, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    settings = " ".join(f"{name}={shlex.quote(os.environ[name])}" for name in SETTINGS if name in os.environ)
+    guest = (
+        f"{shlex.quote(str(REPO / 'scripts/vm/guest.sh'))} test {shlex.quote(str(out))} {shlex.quote(prefix)} "
+        f"-q -k no_test_is_selected_here >/dev/null 2>&1; "
+        f"cd {shlex.quote(str(REPO))} && "
+        f"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE=1 "
+        f"LUKSCTL_VM_OUT={shlex.quote(str(out))} {settings} "
+        f"{shlex.quote(prefix)}/venv/bin/python scripts/bench_soak.py"
+    )
+    env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
+    started = time.monotonic()
+    vng = subprocess.Popen(
+        ["vng", "--disable-kvm", "--force-9p", "-r", kernel, "--memory", "2G", "--cpus", "2", "--rwdir", str(out),
+         "--exec", f"bash -c {shlex.quote(guest)}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env)
+    for line in vng.stdout:  # a pipe, not a file: see vm-run.sh on qemu and stdout offsets
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+    rc = vng.wait()
+    print(f"bench_soak: VM exited {rc} after {time.monotonic() - started:.0f} s; results in {out}/bench_soak.json")
+    return rc
+
+
+if __name__ == "__main__":
+    in_vm = os.geteuid() == 0 and "LUKSCTL_VM_OUT" in os.environ
+    sys.exit(soak() if in_vm else launch_vm())
