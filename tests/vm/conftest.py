@@ -72,11 +72,7 @@ def api(api_server):
     A test that needs another config calls api.restart(config); the next test that asks for
     `api` gets the default back. Restarts cost seconds, so only a changed config restarts.
     """
-    default = {"INFRASTRUCTURE_CONFIGURATION": "single_vm"}
-    if api_server.proc is None or api_server.proc.poll() is not None:
-        api_server.start(default)
-    elif api_server.config != default:
-        api_server.restart(default)
+    api_server.ensure({"INFRASTRUCTURE_CONFIGURATION": "single_vm"})
     return api_server
 
 

@@ -133,10 +133,16 @@ class Bao:
                      json={"data": {"storage_encryption_key": passphrase}})
         return secret_path
 
-    def wrap_token(self, ttl: str = "300s") -> str:
-        """A single-use wrapping token around a read-only token, as the dashboard makes it."""
-        response = self.request("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": ttl},
-                                json={"policies": [READ_POLICY]})
+    def wrap_token(self, ttl: str = "300s", token_id: str | None = None) -> str:
+        """A single-use wrapping token around a read-only token, as the dashboard makes it.
+
+        token_id: the wrapped (unwrapped-to-be) token's own id, chosen by the test (root may),
+        e.g. to look for it in logs later.
+        """
+        body: dict = {"policies": [READ_POLICY]}
+        if token_id is not None:
+            body["id"] = token_id
+        response = self.request("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": ttl}, json=body)
         return response.json()["wrap_info"]["token"]
 
     def lookup_wrapping(self, token: str) -> bool:
@@ -196,13 +202,15 @@ class VolumeFactory:
         """Formats with exactly these bytes on stdin (no newline added) and makes it current."""
         secret = passphrase.encode() if isinstance(passphrase, str) else passphrase
         self.workdir.mkdir(parents=True, exist_ok=True)
-        image = self.workdir / f"volume{len(self.volumes)}.img"
-        with image.open("wb") as f:
+        cryptdev = "".join(secrets.choice(string.ascii_lowercase) for _ in range(8))  # fast-luks style name
+        # Named after the cryptdev: two factories alive at once (a module's and a test's) must
+        # never truncate each other's attached image.
+        image = self.workdir / f"volume{len(self.volumes)}-{cryptdev}.img"
+        with image.open("xb") as f:
             f.truncate(64 * 1024 * 1024)
         loop = run("losetup", "--find", "--show", str(image)).stdout.decode().strip()
         # Register before formatting so cleanup() detaches the loop device even if a step fails.
-        volume = Volume(secret, image, loop, uuid="", cryptdev="".join(
-            secrets.choice(string.ascii_lowercase) for _ in range(8)))  # fast-luks style name
+        volume = Volume(secret, image, loop, uuid="", cryptdev=cryptdev)
         self.volumes.append(volume)
         # Fast PBKDF for tests only; production keeps cryptsetup's defaults (argon2id).
         run(CRYPTSETUP, "luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2",
@@ -350,6 +358,15 @@ class Api:
     def restart(self, config: dict | None = None) -> None:
         self.stop()
         self.start(config)
+
+    def ensure(self, config: dict) -> None:
+        """Running with exactly this config: starts, or restarts, only when needed (restarts
+        cost seconds). A master that died (e.g. SIGKILLed by a test) counts as not running."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.stop()  # a dead master's workers may still hold the port for a moment
+            self.start(config)
+        elif self.config != config:
+            self.restart(config)
 
 
 class Reply(NamedTuple):
