@@ -347,8 +347,9 @@ class Api:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        # Workers outlive a SIGKILLed master for a moment; the next start needs the port.
-        wait_until(self._port_free, 30, f"port {API_PORT} to be released")
+        # Workers outlive a SIGKILLed master: each finishes its in-flight requests for up to
+        # gunicorn's graceful_timeout (30 s) before it lets go of the port the next start needs.
+        wait_until(self._port_free, 90, f"port {API_PORT} to be released")
 
     @staticmethod
     def _port_free() -> bool:
