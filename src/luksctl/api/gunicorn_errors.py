@@ -11,8 +11,13 @@ from gunicorn import util
 
 
 def answer_malformed_requests_in_json(app: Flask) -> None:
-    """Called from gunicorn's post_worker_init hook, once per worker process."""
-    current_state = app.extensions["luksctl_state_body"]
+    """Called from gunicorn's post_worker_init hook, once per worker process.
+
+    Leaves gunicorn as it is for an app that is not ours (make bench serves one).
+    """
+    current_state = getattr(app, "extensions", {}).get("luksctl_state_body")
+    if current_state is None:
+        return
 
     def write_error(sock, status_int: int, reason: str, mesg: str) -> None:
         # `mesg` echoes the client's bytes back; gunicorn's log has it, the answer does not.
