@@ -21,21 +21,26 @@ guest_cmd=$(printf '%q ' "$repo/scripts/vm/guest.sh" "$mode" "$out" "$prefix" "$
 start=$SECONDS
 # --disable-kvm: /dev/kvm exists on these hosts, but the stock kernel hangs under it.
 # </dev/null: vng must not wait on, or steal, a CI job's stdin.
-# | cat: qemu reopens our stdout; redirected to a file it would write from offset 0 and
-# clobber (or be clobbered by) our own lines. A pipe has no offset.
+# 2>&1 | cat: qemu reopens its stdout and stderr; were they a file, it would write from
+# offset 0 and clobber (or be clobbered by) the lines before it. A pipe has no offset.
 set +e
 vng --disable-kvm --force-9p -r "$kernel" --memory 2G --cpus 2 --rwdir "$out" \
-    --exec "$guest_cmd" </dev/null | cat
+    --exec "$guest_cmd" </dev/null 2>&1 | cat
 rc=${PIPESTATUS[0]}
 set -e
 echo "vm-run: $mode exited $rc after $((SECONDS - start)) s (kernel $kernel)"
 
-if ((rc != 0)); then
-    # The console interleaves kernel messages; repeat what tells which test failed and why.
-    if [[ -f $out/pytest.log ]]; then
-        echo "===== pytest summary ($out/pytest.log) ====="
+# The console interleaves kernel messages: repeat pytest's outcome, and on failure
+# which test failed and why, so they are the last lines a CI log shows.
+if [[ -f $out/pytest.log ]]; then
+    echo "===== pytest summary ($out/pytest.log) ====="
+    if ((rc != 0)); then
         sed -n '/short test summary info/,$p' "$out/pytest.log"
+    else
+        tail -n 1 "$out/pytest.log"
     fi
+fi
+if ((rc != 0)); then
     for log in "$out"/*.log; do
         [[ -f $log && $log != "$out/pytest.log" ]] || continue
         echo "===== tail of $log ====="
