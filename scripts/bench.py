@@ -8,6 +8,7 @@ run and reported as a ratio too. Results: stdout (Markdown) and vm-out/bench.jso
 from __future__ import annotations
 
 import json
+import math
 import os
 import pwd
 import re
@@ -53,13 +54,13 @@ def _ms(text: str) -> float:
 def wrk(url: str, connections: int, seconds: int) -> dict:
     """Requests/s and latency percentiles from wrk (C, so the client costs little CPU)."""
     out = run("wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{seconds}s", "--timeout", "120s", "--latency", url).stdout.decode()
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))  # absent when nothing completed
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)$", out, re.M)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50_ms": _ms(latency["50"]),
-        "p99_ms": _ms(latency["99"]),
+        "p50_ms": _ms(latency["50"]) if latency else math.nan,
+        "p99_ms": _ms(latency["99"]) if latency else math.nan,
         "errors": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(1) if socket_errors else "",
     }
@@ -88,8 +89,8 @@ def status_benchmark(api: Api) -> dict:
         results: dict = {"ours": {}, "legacy": {}}
         for level in LEVELS:
             # One legacy poll takes seconds under emulation: give it a window that completes several.
-            for name, port, seconds in (("ours", 5000, SECONDS), ("legacy", LEGACY_PORT, max(SECONDS, LEGACY_SECONDS))):
-                runs = [wrk(f"https://127.0.0.1:{port}/luksctl_api/v1.0/status", level, seconds) for _ in range(RUNS)]
+            for name, port, seconds, repeats in (("ours", 5000, SECONDS, RUNS), ("legacy", LEGACY_PORT, max(SECONDS, LEGACY_SECONDS), 1)):
+                runs = [wrk(f"https://127.0.0.1:{port}/luksctl_api/v1.0/status", level, seconds) for _ in range(repeats)]
                 results[name][level] = {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms", "errors")}
                 print(f"status {name:6} c={level:2}: {results[name][level]}", flush=True)
         return results
