@@ -66,7 +66,7 @@ def main() -> int:
         reply = dashboard.status()
         show("GET", status_url, None, reply)
 
-        step("7. the same wrapping token again: single use, so Vault refuses it")
+        step("7. the same request again: the volume is mounted, so the API answers at once and contacts no Vault")
         show("POST", open_url, payload, dashboard.open(payload))
 
         step("8. the volume as the kernel sees it")
