@@ -54,7 +54,8 @@ def _ms(text: str) -> float:
 def wrk(url: str, connections: int, seconds: int) -> dict:
     """Requests/s and latency percentiles from wrk (C, so the client costs little CPU)."""
     out = run("wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{seconds}s", "--timeout", "120s", "--latency", url).stdout.decode()
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))  # absent when nothing completed
+    # wrk pads values in seconds with a trailing space ("1.50s "); absent when nothing completed.
+    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)$", out, re.M)
     return {
