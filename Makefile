@@ -7,6 +7,7 @@ VENV := .venv
 # The VM's services run as unprivileged users, who cannot enter /root: this venv lives outside it.
 VM_PREFIX ?= /opt/luksctl-test
 PYTEST_ARGS ?=
+BENCH ?=
 
 .PHONY: test test-host test-vm demo bench deps vm-prefix clean
 
@@ -28,14 +29,16 @@ test-host: $(VENV)/.stamp
 vm-prefix: $(VENV)/.stamp
 	scripts/build-vm-prefix.sh $(VM_PREFIX) $(PYTHON)
 
+# Two boots: virtme's init (most tests), then systemd as PID 1 (the unit files, docker and NFS restarts).
 test-vm: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh test $(PYTEST_ARGS)
+	VM_PREFIX=$(VM_PREFIX) VM_OUT=$(CURDIR)/vm-out-systemd scripts/vm-run.sh test-systemd
 
 demo: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh demo
 
 bench: vm-prefix
-	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh bench
+	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh bench $(BENCH)
 
 clean:
-	rm -rf $(VENV) vm-out build src/*.egg-info
+	rm -rf $(VENV) vm-out vm-out-systemd build src/*.egg-info

@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
 # Boots one virtme-ng VM (a real kernel: dm-crypt, loop, NFS) over the host's filesystem and
 # runs MODE inside it via scripts/vm/guest.sh. The guest's exit status becomes ours.
-# usage: VM_PREFIX=/opt/luksctl-test scripts/vm-run.sh test|demo|bench [args...]
+# test-systemd boots with systemd as PID 1 instead of virtme's own init.
+# usage: VM_PREFIX=/opt/luksctl-test scripts/vm-run.sh test|test-systemd|demo|bench [args...]
 set -euo pipefail
-mode=${1:?usage: $0 test|demo|bench [args...]}
+mode=${1:?usage: $0 test|test-systemd|demo|bench [args...]}
 shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
+
+# The guest's root is this host's /. In a Docker container /.dockerenv is in it, and systemd
+# then takes the VM for a container: it ignores the kernel command line and starts no serial
+# console, so virtme's init (which runs our script) never starts. So systemd boots from a view
+# of / without that file: an overlay in a mount namespace of our own, gone when we exit.
+if [[ $mode == test-systemd && -e /.dockerenv && -z ${VM_RUN_ROOT_VIEW:-} ]]; then
+    VM_RUN_ROOT_VIEW=$(mktemp -d /tmp/vm-root-view.XXXXXX)
+    export VM_RUN_ROOT_VIEW
+    trap 'rmdir "$VM_RUN_ROOT_VIEW"' EXIT
+    set +e
+    unshare --mount --propagation private "$0" "$mode" "$@"
+    exit
+fi
 prefix=${VM_PREFIX:-/opt/luksctl-test}
 out=${VM_OUT:-$repo/vm-out} # the only directory the guest can write back to (--rwdir)
 rm -rf "$out"
@@ -18,14 +32,28 @@ export PATH=$repo/.venv/bin:$PATH
 # vng hands --exec to the guest's shell: quote every argument for it.
 guest_cmd=$(printf '%q ' "$repo/scripts/vm/guest.sh" "$mode" "$out" "$prefix" "$@")
 
+root_args=() rwdir=$out systemd_args=()
+if [[ $mode == test-systemd ]]; then
+    systemd_args=(--systemd)
+    if [[ -n ${VM_RUN_ROOT_VIEW:-} ]]; then
+        view=$VM_RUN_ROOT_VIEW
+        mount -t tmpfs vm-root-view "$view"
+        mkdir "$view/upper" "$view/work" "$view/root"
+        mount -t overlay vm-root-view -o "lowerdir=/,upperdir=$view/upper,workdir=$view/work" "$view/root"
+        rm "$view/root/.dockerenv"
+        root_args=(--root "$view/root")
+        rwdir="$out=$out" # guest=host: a bare path would be taken relative to --root
+    fi
+fi
+
 start=$SECONDS
 # --disable-kvm: /dev/kvm exists on these hosts, but the stock kernel hangs under it.
 # </dev/null: vng must not wait on, or steal, a CI job's stdin.
 # 2>&1 | cat: qemu reopens its stdout and stderr; were they a file, it would write from
 # offset 0 and clobber (or be clobbered by) the lines before it. A pipe has no offset.
 set +e
-vng --disable-kvm --force-9p -r "$kernel" --memory 2G --cpus 2 --rwdir "$out" \
-    --exec "$guest_cmd" </dev/null 2>&1 | cat
+vng "${root_args[@]}" --disable-kvm --force-9p -r "$kernel" --memory 2G --cpus 2 --rwdir "$rwdir" \
+    "${systemd_args[@]}" --exec "$guest_cmd" </dev/null 2>&1 | cat
 rc=${PIPESTATUS[0]}
 set -e
 echo "vm-run: $mode exited $rc after $((SECONDS - start)) s (kernel $kernel)"

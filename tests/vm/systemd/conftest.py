@@ -1,0 +1,62 @@
+"""Fixtures for the boot where systemd is PID 1 (scripts/vm-run.sh test-systemd).
+
+The services run exactly as an operator's machine runs them: deploy/'s unit files, started
+and restarted by systemd itself, logging to the journal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers_vm import OUT, REPO, run
+
+UNIT_DIR = Path("/etc/systemd/system")  # a throw-away overlay in the guest
+
+
+class Systemd:
+    """The guest's PID 1, through systemctl and journalctl."""
+
+    def __init__(self) -> None:
+        self.installed: list[Path] = []
+
+    def install(self, name: str, text: str) -> None:
+        path = UNIT_DIR / name
+        path.write_text(text)
+        self.installed.append(path)
+        run("systemctl", "daemon-reload")
+
+    def systemctl(self, *args: str, check: bool = True) -> str:
+        return run("systemctl", *args, check=check).stdout.decode().strip()
+
+    def show(self, unit: str, prop: str) -> str:
+        return self.systemctl("show", "--value", "--property", prop, unit)
+
+    def save_journal(self, unit: str) -> None:
+        journal = run("journalctl", "--no-pager", "--unit", unit, check=False).stdout
+        (OUT / f"journal.{unit}.log").write_bytes(journal)
+
+    def remove_installed(self) -> None:
+        for path in self.installed:
+            self.systemctl("stop", path.name, check=False)
+            path.unlink(missing_ok=True)
+        self.installed.clear()
+        run("systemctl", "daemon-reload")
+
+
+@pytest.fixture(scope="session")
+def systemd():
+    # Without this check every test below could pass on a boot where systemctl talks to no one.
+    comm = Path("/proc/1/comm").read_text().strip()
+    assert comm == "systemd", f"PID 1 is {comm!r}: run these tests with `scripts/vm-run.sh test-systemd`"
+    manager = Systemd()
+    yield manager
+    manager.remove_installed()
+
+
+@pytest.fixture(scope="session")
+def api_unit(systemd):
+    """deploy/luksctl-api.service, installed unchanged; tests write config.json and restart it."""
+    systemd.install("luksctl-api.service", (REPO / "deploy" / "luksctl-api.service").read_text())
+    yield "luksctl-api.service"
+    systemd.save_journal("luksctl-api.service")
