@@ -8,7 +8,6 @@ run and reported as a ratio too. Results: stdout (Markdown) and vm-out/bench.jso
 from __future__ import annotations
 
 import json
-import math
 import os
 import pwd
 import re
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
 
 from helpers_vm import OUT, SERVICE_PATH, Api, Bao, Dashboard, VolumeFactory, run, wait_until  # noqa: E402
 
+import wrk_output  # noqa: E402  (scripts/, this script's own directory)
 from luksctl import vault  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -43,28 +43,12 @@ def status():
     return {"volume_state": json.loads(done.stdout)["volume_state"]}
 '''
 
-_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
-
-
-def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
-    return float(value) * _UNIT[unit]
-
-
 def wrk(url: str, connections: int, seconds: int) -> dict:
     """Requests/s and latency percentiles from wrk (C, so the client costs little CPU)."""
     out = run("wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{seconds}s", "--timeout", "120s", "--latency", url).stdout.decode()
-    # wrk pads values in seconds with a trailing space ("1.50s "); absent when nothing completed.
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: (.*)$", out, re.M)
-    return {
-        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-        "p50_ms": _ms(latency["50"]) if latency else math.nan,
-        "p99_ms": _ms(latency["99"]) if latency else math.nan,
-        "errors": int(errors.group(1)) if errors else 0,
-        "socket_errors": socket_errors.group(1) if socket_errors else "",
-    }
+    figures = wrk_output.parse(out)
+    return {"rps": figures["rps"], "p50_ms": figures["p50_ms"], "p99_ms": figures["p99_ms"],
+            "errors": figures["failed_requests"]}
 
 
 def start_legacy_server(api: Api) -> subprocess.Popen:
