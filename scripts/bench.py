@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
 
-from helpers_vm import OUT, SERVICE_PATH, Api, Bao, Dashboard, VolumeFactory, run, wait_until  # noqa: E402
+from helpers_vm import OUT, SERVICE_PATH, Api, Bao, Dashboard, run, single_vm_stack, wait_until  # noqa: E402
 
 import wrk_output  # noqa: E402  (scripts/, this script's own directory)
 from luksctl import vault  # noqa: E402
@@ -122,9 +122,7 @@ def pbkdf_of(volume) -> str:
 
 
 def main() -> int:
-    OUT.mkdir(parents=True, exist_ok=True)
-    volumes, bao, api = VolumeFactory(), Bao(OUT / "bao.log"), Api()
-    try:
+    with single_vm_stack() as (volumes, bao, api):
         volume = volumes(PASSPHRASE)
         bao.start()
         secret_path = bao.store_passphrase("bench", "deployment", PASSPHRASE)
@@ -139,10 +137,6 @@ def main() -> int:
         (OUT / "bench.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))
         return 0
-    finally:
-        api.stop()
-        bao.stop()
-        volumes.cleanup()
 
 
 if __name__ == "__main__":

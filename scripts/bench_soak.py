@@ -57,11 +57,9 @@ class RssSampler(threading.Thread):
 def soak() -> int:
     import requests
     from faults_lab import gunicorn_pids, rss_kib
-    from helpers_vm import OUT, Api, Bao, Dashboard, VolumeFactory, run
+    from helpers_vm import OUT, Dashboard, run, single_vm_stack
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    volumes, bao, api = VolumeFactory(), Bao(OUT / "bao.log"), Api()
-    try:
+    with single_vm_stack() as (volumes, bao, api):
         volume = volumes(PASSPHRASE)
         bao.start()
         secret_path = bao.store_passphrase("soak", volume.uuid, PASSPHRASE)
@@ -147,10 +145,6 @@ def soak() -> int:
               f"gunicorn RSS {rss_before} -> {rss_after_cycle} (after the cycle) -> {rss_after} KiB "
               f"(peak {results['gunicorn']['rss_kib_peak']})", flush=True)
         return 0 if results["ok"] else 1
-    finally:
-        api.stop()
-        bao.stop()
-        volumes.cleanup()
 
 
 if __name__ == "__main__":

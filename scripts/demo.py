@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
 
-from helpers_vm import MOUNTPOINT, OUT, Api, Bao, Dashboard, VolumeFactory, run  # noqa: E402
+from helpers_vm import MOUNTPOINT, Dashboard, run, single_vm_stack  # noqa: E402
 
 PASSPHRASE = "demo: correct horse battery staple"
 SUB, DEPLOYMENT = "demo-user-sub", "6f1c2a9e-demo-deployment"
@@ -33,9 +33,7 @@ def show(method: str, url: str, body: dict | None, reply) -> None:
 
 
 def main() -> int:
-    OUT.mkdir(parents=True, exist_ok=True)
-    volumes, bao, api = VolumeFactory(), Bao(OUT / "bao.log"), Api()
-    try:
+    with single_vm_stack() as (volumes, bao, api):
         step("1. a file-backed LUKS2 volume on a loop device, described in /etc/luks/luks-cryptdev.ini")
         volumes(PASSPHRASE)
         print(Path("/etc/luks/luks-cryptdev.ini").read_text())
@@ -76,10 +74,6 @@ def main() -> int:
         step("9. the service's audit trail (its stdout, which journald keeps)")
         print(api.stdout_log.read_text().strip())
         return 0 if reply.state == "mounted" else 1
-    finally:
-        api.stop()
-        bao.stop()
-        volumes.cleanup()
 
 
 if __name__ == "__main__":

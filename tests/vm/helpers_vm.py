@@ -7,6 +7,7 @@ spawning CLIs, and start long-lived processes once.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -18,6 +19,7 @@ import socket
 import string
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -368,6 +370,20 @@ class Api:
             self.start(config)
         elif self.config != config:
             self.restart(config)
+
+
+@contextlib.contextmanager
+def single_vm_stack() -> Iterator[tuple[VolumeFactory, Bao, Api]]:
+    """For scripts (demo, benchmarks): volumes, OpenBao and the API, all stopped and cleaned
+    up on the way out, whatever happened."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    volumes, bao, api = VolumeFactory(), Bao(OUT / "bao.log"), Api()
+    try:
+        yield volumes, bao, api
+    finally:
+        api.stop()
+        bao.stop()
+        volumes.cleanup()
 
 
 class Reply(NamedTuple):
