@@ -72,6 +72,16 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.5) -> N
         time.sleep(interval)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within timeout seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -342,12 +352,7 @@ class Api:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 60)
         self.proc = None
         # Workers outlive a SIGKILLed master: each finishes its in-flight requests for up to
         # gunicorn's graceful_timeout (30 s) before it lets go of the port the next start needs.

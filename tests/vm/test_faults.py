@@ -45,6 +45,7 @@ from helpers_vm import (
     VOLUME_INI,
     free_port,
     run,
+    stop_process,
     tail,
     wait_until,
 )
@@ -625,9 +626,4 @@ def test_gunicorn_without_certfile_refuses_plain_http(api_server):
         wait_until(answers, 120, "gunicorn with ALLOW_PLAIN_HTTP")
         assert "volume_state" in requests.get(f"http://127.0.0.1:{port}{STATUS}", timeout=10).json()
     finally:
-        allowed.terminate()
-        try:
-            allowed.wait(60)
-        except subprocess.TimeoutExpired:
-            allowed.kill()
-            allowed.wait()
+        stop_process(allowed, 60)

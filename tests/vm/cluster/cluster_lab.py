@@ -40,6 +40,7 @@ from helpers_vm import (
     SERVICE_PATH,
     ServiceUnit,
     run,
+    stop_process,
     tail,
     wait_until,
 )
@@ -169,12 +170,7 @@ class NfsServer:
     def teardown(self) -> None:
         self.stop()
         for daemon in reversed(self.daemons):
-            daemon.terminate()
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            stop_process(daemon, 30)
         self.daemons.clear()
         EXPORTS_FILE.unlink(missing_ok=True)
 
