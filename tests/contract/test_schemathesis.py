@@ -250,7 +250,7 @@ def test_open_body_too_large_and_wrong_media_type_conform(frontend_app, host: Ho
 def test_failed_open_limit_answers_429_with_retry_after(frontend_config, host: Host):
     from luksctl.api import create_frontend_app
 
-    app = create_frontend_app(frontend_config.model_copy(update={"FAILED_OPEN_LIMIT": 1}), host)
+    app = create_frontend_app(frontend_config.replace(FAILED_OPEN_LIMIT=1), host)
     schema = load_served(app, FRONTEND_PREFIX)
     operation = schema[f"{FRONTEND_PREFIX}/open"]["POST"]
     bad = {**VALID_OPEN, "vault_url": "https://elsewhere.example"}

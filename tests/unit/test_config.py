@@ -307,3 +307,112 @@ def test_api_config_named_by_environment_is_used(tmp_path, monkeypatch):
     monkeypatch.setenv(config.API_CONFIG_ENV, str(write(tmp_path, "wn.json", '{"NFS_MOUNTPOINT_LIST": ["/home"]}')))
 
     assert load_api_config(WorkerConfig).NFS_MOUNTPOINT_LIST == ["/home"]
+
+
+# --- the keys agreed for open's deadline, fan-out, mount options and the allowlist opt-out ----
+
+
+def test_agreed_frontend_keys_defaults():
+    frontend = FrontendConfig()
+
+    assert frontend.ALLOW_ANY_VAULT_URL is False
+    assert frontend.VAULT_DEADLINE == 30
+    assert frontend.FANOUT_MIN_INTERVAL == 10
+    assert frontend.MOUNT_OPTIONS == "nosuid,nodev"
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("VAULT_DEADLINE", 600), ("VAULT_DEADLINE", 0.5), ("FANOUT_MIN_INTERVAL", 0), ("MOUNT_OPTIONS", "defaults"),
+     ("MOUNT_OPTIONS", "noexec,uid=1000,context=x_y.z-1"), ("MOUNT_OPTIONS", "a" * 256), ("ALLOW_ANY_VAULT_URL", True)],
+)
+def test_agreed_frontend_keys_accept(tmp_path, key, value):
+    path = write(tmp_path, "config.json", json.dumps({key: value}))
+
+    assert getattr(load_json_config(FrontendConfig, path), key) == value
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("VAULT_DEADLINE", 0), ("VAULT_DEADLINE", 600.5), ("VAULT_DEADLINE", "30"), ("FANOUT_MIN_INTERVAL", -1),
+     ("MOUNT_OPTIONS", ""), ("MOUNT_OPTIONS", "a" * 257), ("MOUNT_OPTIONS", "ro exec"), ("MOUNT_OPTIONS", "ro;reboot"),
+     ("MOUNT_OPTIONS", "ro\n"), ("ALLOW_ANY_VAULT_URL", "true"), ("ALLOW_ANY_VAULT_URL", 1)],
+)
+def test_agreed_frontend_keys_refuse(tmp_path, key, value):
+    path = write(tmp_path, "config.json", json.dumps({key: value}))
+
+    with pytest.raises(ConfigError) as caught:
+        load_json_config(FrontendConfig, path)
+
+    assert str(path) in caught.value.message and repr(key) in caught.value.message
+
+
+# --- JSON types, several problems, frozen settings ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("VAULT_TLS_VERIFY", "false", "true or false"),  # a non-empty string would be truthy: never coerced
+        ("WN_PORT", True, "whole number"),
+        ("WN_PORT", 5000.5, "whole number"),
+        ("FAILED_OPEN_LIMIT", "5", "whole number"),
+        ("VAULT_TIMEOUT", float("nan"), "number > 0 and <= 120"),
+        ("FAILED_OPEN_WINDOW", float("inf"), "number > 0"),
+        ("WN_IPS", "10.0.0.2", "list"),
+        ("VIRTUALIZATION_TYPE", "podman", "'docker', 'none'"),
+    ],
+)
+def test_json_values_must_have_the_right_type(tmp_path, key, value, allowed):
+    path = write(tmp_path, "config.json", json.dumps({key: value}))
+
+    with pytest.raises(ConfigError) as caught:
+        load_json_config(FrontendConfig, path)
+
+    assert f"{path}: key {key!r}: must be" in caught.value.message and allowed in caught.value.message
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = write(tmp_path, "config.json", json.dumps({"WN_PORT": 0, "VAULT_TIMEOUT": -1, "TYPO": 1}))
+
+    with pytest.raises(ConfigError) as caught:
+        load_json_config(FrontendConfig, path)
+
+    assert all(repr(key) in caught.value.message for key in ("WN_PORT", "VAULT_TIMEOUT", "TYPO"))
+
+
+def test_allowed_clients_are_networks(tmp_path):
+    frontend = FrontendConfig(ALLOWED_CLIENTS=["192.0.2.0/24", "192.0.2.10", "fd00::/64"])
+
+    assert [str(network) for network in frontend.ALLOWED_CLIENTS] == ["192.0.2.0/24", "192.0.2.10/32", "fd00::/64"]
+    with pytest.raises(ConfigError, match="ALLOWED_CLIENTS.0"):
+        load_json_config(FrontendConfig, write(tmp_path, "config.json", '{"ALLOWED_CLIENTS": ["192.0.2.10/24"]}'))
+
+
+def test_settings_are_frozen_and_replace_validates_again():
+    frontend = FrontendConfig()
+
+    with pytest.raises(AttributeError):
+        frontend.WN_PORT = 1
+    assert frontend.replace(FAILED_OPEN_LIMIT=1).FAILED_OPEN_LIMIT == 1
+    assert frontend.replace(FAILED_OPEN_LIMIT=1) != frontend
+    with pytest.raises(config.InvalidSettings, match="FAILED_OPEN_LIMIT"):
+        frontend.replace(FAILED_OPEN_LIMIT=-1)
+
+
+def test_list_defaults_are_not_shared():
+    assert FrontendConfig().WRAPPING_CREATION_PATHS is not FrontendConfig().WRAPPING_CREATION_PATHS
+
+
+def test_check_config_prints_the_validated_settings(tmp_path, monkeypatch, capsys):
+    from luksctl.api.admin import main_frontend
+
+    path = write(tmp_path, "config.json", json.dumps({"WN_PORT": 5001, "ALLOWED_CLIENTS": ["192.0.2.0/24"]}))
+    monkeypatch.setenv(config.API_CONFIG_ENV, str(path))
+
+    assert main_frontend(["check-config"]) == 0
+
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{path}: OK {{")
+    settings = json.loads(printed.split(" OK ", 1)[1])
+    assert settings["WN_PORT"] == 5001 and settings["ALLOWED_CLIENTS"] == ["192.0.2.0/24"] and settings["MOUNT_OPTIONS"] == "nosuid,nodev"

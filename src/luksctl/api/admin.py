@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def _main(argv: list[str] | None, prog: str, model: type, default_owner: str) ->
         except LuksctlError as exc:
             print(f"{prog}: {exc.message}", file=sys.stderr)
             return EXIT_CONFIG
-        print(f"{path}: OK {config.model_dump_json()}")
+        print(f"{path}: OK {json.dumps(config.as_dict(), default=str)}")
         return 0
 
     if args.cert.exists() and not args.force:
