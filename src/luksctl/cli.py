@@ -117,7 +117,7 @@ def cmd_open(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
     with exclusive_lock(paths.lock_file, timeout=LOCK_WAIT, what="luksctl open or close"):
         if volume.current_status(vol).mounted:
             return _status_report(paths)  # nothing to do, and no passphrase needed
-        outcome = volume.open_volume(vol, read_passphrase(stdin, stdin_is_tty))
+        outcome = volume.open_volume(vol, read_passphrase(stdin, stdin_is_tty), config.MOUNT_OPTIONS)
         results = services.run_post_open_actions(config)
     status = outcome.status
     return Report(status.state.value, status.mapper_open, status.mounted, outcome.changed, [asdict(r) for r in results])

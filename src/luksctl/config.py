@@ -142,6 +142,8 @@ class FrontendConfig(_JsonConfig):
     WN_CONNECT_TIMEOUT: Annotated[float, Field(gt=0, le=60)] = 5
     WN_READ_TIMEOUT: Annotated[float, Field(gt=0, le=600)] = 60
     CLUSTER_TOKEN_FILE: AbsolutePath = CLUSTER_TOKEN
+    # `luksctl open` mounts with `mount -o <this>`: no setuid programs or device nodes from the volume.
+    MOUNT_OPTIONS: Annotated[str, Field(pattern=r"^[A-Za-z0-9_=,.-]{1,256}$")] = "nosuid,nodev"
 
     @model_validator(mode="after")
     def _cluster_needs_workers(self) -> "FrontendConfig":
