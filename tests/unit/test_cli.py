@@ -122,6 +122,80 @@ def test_empty_passphrase_runs_nothing(host, paths, capsys):
     assert last_line(capsys) == "Encrypted volume: [ FAIL ]"
 
 
+# --- stdin that never closes ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def never_closed_pipe(data: bytes = b""):
+    """A pipe whose writer sent `data` and keeps its end open: a caller that never closes stdin."""
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, data)
+    reader = open(read_fd, "rb")  # buffered, like sys.stdin.buffer
+    try:
+        yield reader
+    finally:
+        os.close(write_fd)  # unblocks a reader that has no deadline, so no test can hang here
+        reader.close()
+
+
+def in_thread(function, *args) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def call():
+        box["result"] = function(*args)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread, box
+
+
+@pytest.mark.parametrize("sent", [b"", b"passphrase but no end of file\n"])
+def test_a_stdin_that_never_closes_is_an_error_after_the_deadline(monkeypatch, sent):
+    monkeypatch.setattr(cli, "STDIN_DEADLINE", 0.3)
+    errors = []
+
+    def read(stream):
+        try:
+            read_passphrase(stream, is_tty=False)
+        except LuksctlError as exc:
+            errors.append(exc)
+
+    with never_closed_pipe(sent) as stream:
+        thread, _ = in_thread(read, stream)
+        thread.join(5)
+        assert not thread.is_alive(), "the read is still waiting for end of file"
+    assert len(errors) == 1 and "not closed within 0.3 s" in errors[0].message
+
+
+def test_open_with_a_stdin_that_never_closes_exits_64_and_runs_nothing(host, paths, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "STDIN_DEADLINE", 0.3)
+
+    with never_closed_pipe(b"secret\n") as stream:
+        opening, box = in_thread(lambda: run_cli(paths, "--json", "open", stdin=stream))
+        opening.join(5)
+        assert not opening.is_alive(), "open is still waiting for end of file"
+
+    assert box["result"] == 64
+    assert host.calls == []
+    assert "not closed" in json_output(capsys)["error"]
+
+
+def test_close_proceeds_while_an_open_waits_for_stdin(host, paths, monkeypatch):
+    host.mapper_open = True  # half-open, so open goes on to read a passphrase
+    monkeypatch.setattr(cli, "STDIN_DEADLINE", 60)
+    monkeypatch.setattr(cli, "LOCK_WAIT", 2)  # a close blocked behind the open fails fast
+
+    with never_closed_pipe() as stream:
+        opening, _ = in_thread(lambda: run_cli(paths, "open", stdin=stream))
+        time.sleep(0.3)  # the open is now waiting on stdin
+        assert opening.is_alive()
+
+        assert run_cli(paths, "close") == 0
+
+        assert host.argvs == [["cryptsetup", "close", "xkqzbmwe"]]
+    opening.join(5)
+
+
 # --- status ------------------------------------------------------------------
 
 
