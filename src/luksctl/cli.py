@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import os
+import select
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +22,7 @@ from typing import BinaryIO, TextIO
 
 from . import audit, services, volume
 from .config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
-from .errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError
+from .errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError, StdinNotClosed
 from .locking import exclusive_lock
 from .status import VolumeState, nfs_mount_states
 
@@ -30,6 +31,7 @@ log = logging.getLogger("luksctl")
 LOCK_FILE = Path("/run/luksctl.lock")
 LOCK_WAIT = 200  # longer than one open takes, even on a slow VM
 MAX_PASSPHRASE_BYTES = 64 * 1024
+STDIN_DEADLINE = 30  # the API writes the passphrase and closes at once; a person pipes it in
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def read_passphrase(stream: BinaryIO, is_tty: bool) -> bytes:
     """The passphrase as the old tools piped it: everything before one trailing newline."""
     if is_tty:
         return getpass.getpass("Passphrase: ").encode()
-    data = stream.read(MAX_PASSPHRASE_BYTES + 1)
+    data = _read_until_eof(stream.fileno(), MAX_PASSPHRASE_BYTES + 1, STDIN_DEADLINE)
     if len(data) > MAX_PASSPHRASE_BYTES:
         raise LuksctlError(f"the passphrase on stdin is longer than {MAX_PASSPHRASE_BYTES} bytes")
     if data.endswith(b"\n"):
@@ -93,6 +95,27 @@ def read_passphrase(stream: BinaryIO, is_tty: bool) -> bytes:
     if not data:
         raise LuksctlError("no passphrase on stdin (pipe it in: printf '%s\\n' \"$PASS\" | luksctl open)")
     return data
+
+
+def _read_until_eof(fd: int, limit: int, timeout: float) -> bytes:
+    """Up to `limit` bytes, until end of file; a writer that never closes its end gets an
+    error after `timeout` seconds instead of holding this process forever."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise StdinNotClosed(
+                f"stdin was not closed within {timeout:g} s; end the passphrase with end of file "
+                "(printf '%s\\n' \"$PASS\" | luksctl open)"
+            )
+        chunk = os.read(fd, limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _require_root() -> None:
@@ -114,10 +137,14 @@ def cmd_open(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
     _require_root()
     vol = load_volume_config(paths.volume_ini, root_owned=paths.root_owned)
     config = load_json_config(FrontendConfig, paths.api_config, root_owned=paths.root_owned, missing_ok=True)
+    if volume.current_status(vol).mounted:
+        return _status_report(paths)  # nothing to do, and no passphrase needed
+    # Read before locking: a caller slow to send (or close) stdin must not hold up a close.
+    passphrase = read_passphrase(stdin, stdin_is_tty)
     with exclusive_lock(paths.lock_file, timeout=LOCK_WAIT, what="luksctl open or close"):
         if volume.current_status(vol).mounted:
-            return _status_report(paths)  # nothing to do, and no passphrase needed
-        outcome = volume.open_volume(vol, read_passphrase(stdin, stdin_is_tty))
+            return _status_report(paths)  # another open finished while we read
+        outcome = volume.open_volume(vol, passphrase, config.MOUNT_OPTIONS)
         results = services.run_post_open_actions(config)
     status = outcome.status
     return Report(status.state.value, status.mapper_open, status.mounted, outcome.changed, [asdict(r) for r in results])

@@ -10,12 +10,13 @@ from __future__ import annotations
 import concurrent.futures
 import ipaddress
 import logging
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-from .config import FrontendConfig
+from .config import FrontendConfig, ensure_root_owned
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,16 @@ class WorkerClient:
 
 
 def read_token(path: Path, *, missing_ok: bool = False) -> str | None:
-    """The shared secret that proves to workers that a call comes from their front end."""
+    """The shared secret that proves to workers that a call comes from their front end.
+
+    Held to the rule of the other /etc/luks files (root-owned, written by root only), and
+    being a secret, unreadable by others: the service reads it through its group.
+    """
     try:
+        ensure_root_owned(path)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & stat.S_IROTH:
+            raise ConfigError(f"the cluster token {path} is readable by others (mode {mode:o}): chmod 0640 it, group the service's")
         token = path.read_text().strip()
     except FileNotFoundError:
         if missing_ok:

@@ -49,6 +49,12 @@ class CommandFailed(LuksctlError):
         return f"{self.message} (argv={self.argv}, exit={self.returncode}, stderr={self.stderr.strip()!r})"
 
 
+class StdinNotClosed(LuksctlError):
+    """`luksctl open` got no end of file on stdin in time: a caller's mistake, like bad arguments."""
+
+    exit_code = EXIT_USAGE
+
+
 class DeviceNotFound(LuksctlError):
     """The LUKS device named by the ini's uuid is not attached."""
 

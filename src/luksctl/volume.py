@@ -38,15 +38,18 @@ def current_status(volume: VolumeConfig) -> VolumeStatus:
     return volume_status(volume.cryptdev, volume.mountpoint)
 
 
-def open_volume(volume: VolumeConfig, passphrase: bytes) -> Outcome:
-    """Map and mount the volume; a volume mapped but not mounted is only mounted."""
+def open_volume(volume: VolumeConfig, passphrase: bytes, mount_options: str) -> Outcome:
+    """Map and mount the volume; a volume mapped but not mounted is only mounted, and only
+    for a passphrase that opens its header: the mapping proves nothing about the caller."""
     before = current_status(volume)
     if before.mounted:
         return Outcome(before, changed=False)
     try:
-        if not before.mapper_open:
+        if before.mapper_open:
+            check_passphrase(volume, passphrase)
+        else:
             luks_open(volume, passphrase)
-        mount(volume)
+        mount(volume, mount_options)
     except LuksctlError:
         # Leave nothing half-open that we opened, even when cryptsetup died after mapping.
         if not before.mapper_open and current_status(volume).mapper_open:
@@ -65,24 +68,37 @@ def close_volume(volume: VolumeConfig) -> Outcome:
 
 
 def luks_open(volume: VolumeConfig, passphrase: bytes) -> None:
+    _cryptsetup_with_key(
+        volume, ["open", volume.device_path, volume.cryptdev], passphrase, "the volume stays closed"
+    )
+
+
+def check_passphrase(volume: VolumeConfig, passphrase: bytes) -> None:
+    """Raises WrongPassphrase unless `passphrase` unlocks a key slot of the header; maps nothing."""
+    _cryptsetup_with_key(
+        volume, ["open", "--test-passphrase", volume.device_path], passphrase,
+        f"{volume.mapper_path} stays mapped and not mounted",
+    )
+
+
+def _cryptsetup_with_key(volume: VolumeConfig, args: list[str], passphrase: bytes, on_wrong_key: str) -> None:
     if not os.path.exists(volume.device_path):
         raise DeviceNotFound(f"LUKS device {volume.device_path} (uuid from the ini file) is not attached")
-    argv = ["cryptsetup", "open", volume.device_path, volume.cryptdev, "--key-file=-"]
-    result = runner.run(argv, stdin=passphrase, timeout=CRYPTSETUP_TIMEOUT, check=False)
+    result = runner.run(["cryptsetup", *args, "--key-file=-"], stdin=passphrase, timeout=CRYPTSETUP_TIMEOUT, check=False)
     if result.returncode == CRYPTSETUP_NO_KEY:
-        raise WrongPassphrase(f"the passphrase does not open {volume.device_path}; the volume stays closed")
+        raise WrongPassphrase(f"the passphrase does not open {volume.device_path}; {on_wrong_key}")
     if result.returncode != 0:
         raise CommandFailed(f"cryptsetup could not open {volume.device_path}", result.argv, result.returncode, result.stderr)
 
 
-def mount(volume: VolumeConfig) -> None:
+def mount(volume: VolumeConfig, options: str) -> None:
     if os.path.lexists(volume.mountpoint) and not os.path.isdir(volume.mountpoint):
         raise LuksctlError(f"the mountpoint {volume.mountpoint} exists but is not a directory")
     try:
         os.makedirs(volume.mountpoint, mode=0o755, exist_ok=True)
     except OSError as exc:
         raise LuksctlError(f"the mountpoint {volume.mountpoint} cannot be created: {exc.strerror}") from None
-    runner.run(["mount", "-t", volume.filesystem, volume.mapper_path, volume.mountpoint], timeout=MOUNT_TIMEOUT)
+    runner.run(["mount", "-t", volume.filesystem, "-o", options, volume.mapper_path, volume.mountpoint], timeout=MOUNT_TIMEOUT)
 
 
 def umount(volume: VolumeConfig) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from luksctl.api import create_worker_app, worker
 from luksctl.config import WorkerConfig
-from luksctl.errors import PrivilegedCallFailed
+from luksctl.errors import ConfigError, PrivilegedCallFailed
 
 STATUS = "/luksctl_api_wn/v1.0/status"
 NFS_MOUNT = "/luksctl_api_wn/v1.0/nfs-mount"
@@ -77,6 +77,7 @@ def bridge(nfs) -> FakeBridge:
 def token_file(tmp_path):
     path = tmp_path / "cluster-token"
     path.write_text(CLUSTER_TOKEN + "\n")
+    path.chmod(0o640)  # as install.sh leaves it
     return path
 
 
@@ -163,6 +164,16 @@ def test_nfs_mount_without_a_token_file_is_refused(tmp_path, bridge):
 
     assert str(tmp_path / "absent") in body["error"]
     assert bridge.calls == 0
+
+
+def test_a_token_file_readable_by_others_stops_the_worker_app(token_file, bridge):
+    token_file.chmod(0o644)
+    config = WorkerConfig(NFS_MOUNTPOINT_LIST=MOUNTPOINTS, CLUSTER_TOKEN_FILE=str(token_file))
+
+    with pytest.raises(ConfigError, match="readable by others") as caught:
+        create_worker_app(config, bridge=bridge)
+
+    assert str(token_file) in caught.value.message
 
 
 def test_unauthenticated_nfs_mount_can_be_allowed_for_old_front_ends(tmp_path, bridge):

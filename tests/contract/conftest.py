@@ -41,6 +41,7 @@ def frontend_config(tmp_path: Path) -> FrontendConfig:
 def worker_config(tmp_path: Path) -> WorkerConfig:
     token = tmp_path / "cluster-token"
     token.write_text(CLUSTER_TOKEN + "\n")
+    token.chmod(0o640)  # as install.sh leaves it
     return WorkerConfig(NFS_MOUNTPOINT_LIST=NFS_MOUNTPOINTS, CLUSTER_TOKEN_FILE=str(token))
 
 

@@ -59,7 +59,7 @@ class FakeHost:
         return runner.Result(list(argv), returncode, "", stderr)
 
     def _apply(self, argv: list[str]) -> None:
-        if argv[:2] == ["cryptsetup", "open"]:
+        if argv[:2] == ["cryptsetup", "open"] and "--test-passphrase" not in argv:
             self.mapper_open = True
         elif argv[:2] == ["cryptsetup", "close"]:
             self.mapper_open = False

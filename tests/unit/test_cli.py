@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import threading
+import time
 
 import pytest
 
@@ -21,6 +25,21 @@ class UnreadableStdin(io.RawIOBase):
     def read(self, *args):
         raise AssertionError("stdin was read")
 
+    def fileno(self):
+        raise AssertionError("stdin was read")
+
+
+def piped(data: bytes) -> io.BufferedReader:
+    """The read end of a pipe holding `data`, closed by its writer: what sudo gives luksctl."""
+    read_fd, write_fd = os.pipe()
+
+    def write():
+        with contextlib.suppress(BrokenPipeError), open(write_fd, "wb") as writer:  # the CLI may not read
+            writer.write(data)
+
+    threading.Thread(target=write, daemon=True).start()  # a thread: data may exceed the pipe buffer
+    return open(read_fd, "rb")  # buffered, like sys.stdin.buffer
+
 
 @pytest.fixture
 def paths(tmp_path) -> Paths:
@@ -33,8 +52,11 @@ def paths(tmp_path) -> Paths:
 
 
 def run_cli(paths: Paths, *argv: str, stdin: bytes | io.RawIOBase = b"") -> int:
-    stream = io.BytesIO(stdin) if isinstance(stdin, bytes) else stdin
-    return main(list(argv), paths=paths, stdin=stream, stdin_is_tty=False)
+    stream = piped(stdin) if isinstance(stdin, bytes) else stdin
+    try:
+        return main(list(argv), paths=paths, stdin=stream, stdin_is_tty=False)
+    finally:
+        stream.close()
 
 
 def mountpoint(paths: Paths) -> str:
@@ -44,7 +66,7 @@ def mountpoint(paths: Paths) -> str:
 def open_argvs(paths: Paths) -> list[list[str]]:
     return [
         ["cryptsetup", "open", DEVICE, "xkqzbmwe", "--key-file=-"],
-        ["mount", "-t", "ext4", "/dev/mapper/xkqzbmwe", mountpoint(paths)],
+        ["mount", "-t", "ext4", "-o", "nosuid,nodev", "/dev/mapper/xkqzbmwe", mountpoint(paths)],
     ]
 
 
@@ -62,7 +84,7 @@ def json_output(capsys) -> dict:
 
 
 @pytest.mark.parametrize(
-    "piped, passphrase",
+    "sent, passphrase",
     [
         (b"pass\n", b"pass"),
         (b"pass\n\n", b"pass\n"),
@@ -71,19 +93,20 @@ def json_output(capsys) -> dict:
         (b" leading and trailing spaces \n", b" leading and trailing spaces "),
     ],
 )
-def test_read_passphrase_strips_exactly_one_trailing_newline(piped, passphrase):
-    assert read_passphrase(io.BytesIO(piped), is_tty=False) == passphrase
+def test_read_passphrase_strips_exactly_one_trailing_newline(sent, passphrase):
+    with piped(sent) as stream:
+        assert read_passphrase(stream, is_tty=False) == passphrase
 
 
-@pytest.mark.parametrize("piped", [b"", b"\n"])
-def test_read_passphrase_rejects_an_empty_passphrase(piped):
-    with pytest.raises(LuksctlError, match="no passphrase"):
-        read_passphrase(io.BytesIO(piped), is_tty=False)
+@pytest.mark.parametrize("sent", [b"", b"\n"])
+def test_read_passphrase_rejects_an_empty_passphrase(sent):
+    with piped(sent) as stream, pytest.raises(LuksctlError, match="no passphrase"):
+        read_passphrase(stream, is_tty=False)
 
 
 def test_read_passphrase_rejects_an_oversized_stream():
-    with pytest.raises(LuksctlError, match="longer than"):
-        read_passphrase(io.BytesIO(b"x" * (cli.MAX_PASSPHRASE_BYTES + 1)), is_tty=False)
+    with piped(b"x" * (cli.MAX_PASSPHRASE_BYTES + 1)) as stream, pytest.raises(LuksctlError, match="longer than"):
+        read_passphrase(stream, is_tty=False)
 
 
 def test_piped_passphrase_reaches_cryptsetup_byte_for_byte(host, paths):
@@ -97,6 +120,80 @@ def test_empty_passphrase_runs_nothing(host, paths, capsys):
 
     assert host.calls == []
     assert last_line(capsys) == "Encrypted volume: [ FAIL ]"
+
+
+# --- stdin that never closes ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def never_closed_pipe(data: bytes = b""):
+    """A pipe whose writer sent `data` and keeps its end open: a caller that never closes stdin."""
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, data)
+    reader = open(read_fd, "rb")  # buffered, like sys.stdin.buffer
+    try:
+        yield reader
+    finally:
+        os.close(write_fd)  # unblocks a reader that has no deadline, so no test can hang here
+        reader.close()
+
+
+def in_thread(function, *args) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def call():
+        box["result"] = function(*args)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread, box
+
+
+@pytest.mark.parametrize("sent", [b"", b"passphrase but no end of file\n"])
+def test_a_stdin_that_never_closes_is_an_error_after_the_deadline(monkeypatch, sent):
+    monkeypatch.setattr(cli, "STDIN_DEADLINE", 0.3)
+    errors = []
+
+    def read(stream):
+        try:
+            read_passphrase(stream, is_tty=False)
+        except LuksctlError as exc:
+            errors.append(exc)
+
+    with never_closed_pipe(sent) as stream:
+        thread, _ = in_thread(read, stream)
+        thread.join(5)
+        assert not thread.is_alive(), "the read is still waiting for end of file"
+    assert len(errors) == 1 and "not closed within 0.3 s" in errors[0].message
+
+
+def test_open_with_a_stdin_that_never_closes_exits_64_and_runs_nothing(host, paths, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "STDIN_DEADLINE", 0.3)
+
+    with never_closed_pipe(b"secret\n") as stream:
+        opening, box = in_thread(lambda: run_cli(paths, "--json", "open", stdin=stream))
+        opening.join(5)
+        assert not opening.is_alive(), "open is still waiting for end of file"
+
+    assert box["result"] == 64
+    assert host.calls == []
+    assert "not closed" in json_output(capsys)["error"]
+
+
+def test_close_proceeds_while_an_open_waits_for_stdin(host, paths, monkeypatch):
+    host.mapper_open = True  # half-open, so open goes on to read a passphrase
+    monkeypatch.setattr(cli, "STDIN_DEADLINE", 60)
+    monkeypatch.setattr(cli, "LOCK_WAIT", 2)  # a close blocked behind the open fails fast
+
+    with never_closed_pipe() as stream:
+        opening, _ = in_thread(lambda: run_cli(paths, "open", stdin=stream))
+        time.sleep(0.3)  # the open is now waiting on stdin
+        assert opening.is_alive()
+
+        assert run_cli(paths, "close") == 0
+
+        assert host.argvs == [["cryptsetup", "close", "xkqzbmwe"]]
+    opening.join(5)
 
 
 # --- status ------------------------------------------------------------------
@@ -195,6 +292,26 @@ def test_wrong_passphrase_exits_2_without_mounting(host, paths, capsys):
     report = json_output(capsys)
     assert report["volume_state"] == "unmounted" and report["error"]
     assert "wrong" not in report["error"]
+
+
+def test_mapped_but_not_mounted_with_a_wrong_passphrase_exits_2_and_stays_mapped(host, paths, capsys):
+    host.mapper_open = True
+    host.fail("cryptsetup", "open", "--test-passphrase", returncode=2, stderr="No key available with this passphrase.\n")
+
+    assert run_cli(paths, "--json", "open", stdin=b"wrong\n") == 2
+
+    assert host.argvs == [["cryptsetup", "open", "--test-passphrase", DEVICE, "--key-file=-"]]
+    assert host.stdin_of("cryptsetup") == b"wrong"
+    report = json_output(capsys)
+    assert (report["volume_state"], report["mapper_open"], report["mounted"]) == ("unmounted", True, False)
+
+
+def test_mount_options_come_from_config_json(host, paths):
+    paths.api_config.write_text(json.dumps({"MOUNT_OPTIONS": "defaults"}))
+
+    assert run_cli(paths, "open", stdin=b"secret\n") == 0
+
+    assert host.argvs[-1] == ["mount", "-t", "ext4", "-o", "defaults", "/dev/mapper/xkqzbmwe", mountpoint(paths)]
 
 
 def test_wrong_passphrase_text_output(host, paths, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import socket
 import threading
 import time
@@ -130,9 +131,17 @@ def test_ipv6_workers_get_a_bracketed_url():
     assert client(5000).url("wn1.example", "nfs-mount") == "http://wn1.example:5000/luksctl_api_wn/v1.0/nfs-mount"
 
 
+def token_file_at(path, mode: int = 0o640, owner: int = 0):
+    """A cluster token as install.sh leaves it (root, 0640) unless told otherwise."""
+    path.write_text(TOKEN + "\n")
+    path.chmod(mode)
+    if os.geteuid() == 0:  # as root the file is root's; as anyone else it already is not
+        os.chown(path, owner, -1)
+    return path
+
+
 def test_client_from_config_reads_the_token_and_ca_bundle(tmp_path):
-    token_file = tmp_path / "cluster-token"
-    token_file.write_text(TOKEN + "\n")
+    token_file = token_file_at(tmp_path / "cluster-token")
     config = FrontendConfig(
         INFRASTRUCTURE_CONFIGURATION="cluster", WN_IPS=["10.0.0.2"], CLUSTER_TOKEN_FILE=str(token_file), WN_CA_BUNDLE="/etc/luks/wn-ca.pem"
     )
@@ -145,5 +154,42 @@ def test_client_from_config_reads_the_token_and_ca_bundle(tmp_path):
 def test_a_missing_token_file_means_no_header_but_an_empty_one_is_an_error(tmp_path):
     assert cluster.read_token(tmp_path / "absent", missing_ok=True) is None
     (tmp_path / "empty").write_text("\n")
+    (tmp_path / "empty").chmod(0o640)
     with pytest.raises(ConfigError, match="empty"):
         cluster.read_token(tmp_path / "empty")
+
+
+def test_a_token_readable_by_others_is_refused(tmp_path):
+    path = token_file_at(tmp_path / "cluster-token", mode=0o644)
+
+    with pytest.raises(ConfigError, match="readable by others") as caught:
+        cluster.read_token(path, missing_ok=True)
+
+    assert str(path) in caught.value.message and TOKEN not in caught.value.message
+
+
+def test_a_token_writable_by_its_group_is_refused(tmp_path):
+    path = token_file_at(tmp_path / "cluster-token", mode=0o660)
+
+    with pytest.raises(ConfigError, match="not writable by group or others") as caught:
+        cluster.read_token(path, missing_ok=True)
+
+    assert str(path) in caught.value.message
+
+
+def test_a_token_not_owned_by_root_is_refused(tmp_path):
+    path = token_file_at(tmp_path / "cluster-token", owner=65534)
+    assert path.stat().st_uid != 0
+
+    with pytest.raises(ConfigError, match="must be owned by root") as caught:
+        cluster.read_token(path, missing_ok=True)
+
+    assert str(path) in caught.value.message
+
+
+def test_the_front_end_refuses_an_unsafe_token_file(tmp_path):
+    token_file = token_file_at(tmp_path / "cluster-token", mode=0o644)
+    config = FrontendConfig(INFRASTRUCTURE_CONFIGURATION="cluster", WN_IPS=["10.0.0.2"], CLUSTER_TOKEN_FILE=str(token_file))
+
+    with pytest.raises(ConfigError, match="readable by others"):
+        cluster.WorkerClient.from_config(config)
