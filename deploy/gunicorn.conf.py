@@ -6,9 +6,16 @@ The units' ExecStart keeps the historic flags (--workers 2, --bind, -m 007,
 
 import ssl
 
-# Threads keep status polls answering while one open waits minutes on cryptsetup.
-worker_class = "gthread"
+# gthread, except that the event loop does the TLS handshake and reads each request whole
+# (within 10 s) before a thread takes it, and refuses clients outside ALLOWED_CLIENTS at
+# accept: slow clients cost no thread (issue 10). Threads keep status polls answering
+# while one open waits minutes on cryptsetup.
+worker_class = "luksctl.api.gunicorn_worker.ReadFirstThreadWorker"
 threads = 8
+# Requests are buffered whole before a thread sees them (64 KiB at most, MAX_BUFFERED):
+# these keep the largest head (4 KiB line + 32 x 1 KiB fields) plus the 16 KiB body under it.
+limit_request_fields = 32
+limit_request_field_size = 1024
 # Longer than an open may take (config PRIVILEGED_TIMEOUT, 180 s by default) so no worker is killed mid-open.
 timeout = 240
 graceful_timeout = 30

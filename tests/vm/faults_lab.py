@@ -384,3 +384,115 @@ class CryptsetupFault:
     def remove(self) -> None:
         self.wrapper.unlink(missing_ok=True)
         self.pidfile.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Slow clients (slowloris): connections that send one byte every few seconds
+# --------------------------------------------------------------------------------------------
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client, to be trickled to the server byte by byte."""
+    tls = insecure_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO())
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@dataclass
+class SlowConnection:
+    source: str
+    stage: str  # "handshake": trickles a ClientHello; "headers": trickles a request over TLS
+    sock: socket.socket | ssl.SSLSocket
+    payload: bytes
+    opened: float
+    sent: int = 0
+    closed: float | None = None
+
+
+class SlowClients:
+    """Holds `count` connections per (source, stage) open, each sending one byte every
+    `interval` seconds, from one thread. A connection the server closes is replaced at once,
+    so the load stays the same; `lifetimes()` says how long the server let each one live."""
+
+    REQUEST = b"GET /luksctl_api/v1.0/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
+
+    def __init__(self, groups: list[tuple[str, str, int]], interval: float = 2.0) -> None:
+        self.groups = groups
+        self.interval = interval
+        self.live: list[SlowConnection] = []
+        self.ended: list[SlowConnection] = []
+        self.connect_failures = 0
+        self._stop = threading.Event()
+        self.all_connected = threading.Event()  # every first connection made (or failed)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _connect(self, source: str, stage: str) -> None:
+        try:
+            raw = socket.create_connection(("127.0.0.1", API_PORT), timeout=10, source_address=(source, 0))
+        except OSError:
+            self.connect_failures += 1
+            return
+        if stage == "handshake":
+            sock, payload = raw, client_hello()
+        else:
+            try:
+                sock, payload = insecure_context().wrap_socket(raw), self.REQUEST
+            except OSError:  # the handshake did not finish in 10 s
+                raw.close()
+                self.connect_failures += 1
+                return
+        self.live.append(SlowConnection(source, stage, sock, payload, time.monotonic()))
+
+    def _closed_by_server(self, conn: SlowConnection) -> bool:
+        try:
+            conn.sock.setblocking(False)
+            try:
+                return conn.sock.recv(1) == b""  # EOF; an answer would mean the request was whole
+            finally:
+                conn.sock.setblocking(True)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return False
+        except OSError:
+            return True
+
+    def _run(self) -> None:
+        for source, stage, count in self.groups:
+            for _ in range(count):
+                if not self._stop.is_set():
+                    self._connect(source, stage)
+        self.all_connected.set()
+        while not self._stop.wait(self.interval):
+            for conn in list(self.live):
+                try:
+                    if not self._closed_by_server(conn) and conn.sent < len(conn.payload) - 1:
+                        conn.sock.send(conn.payload[conn.sent:conn.sent + 1])  # never the last byte
+                        conn.sent += 1
+                        continue
+                except OSError:
+                    pass
+                conn.closed = time.monotonic()
+                conn.sock.close()
+                self.live.remove(conn)
+                self.ended.append(conn)
+                self._connect(conn.source, conn.stage)
+
+    def __enter__(self) -> "SlowClients":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        for conn in self.live:
+            conn.sock.close()
+
+    def open_count(self) -> int:
+        return len(self.live)
+
+    def oldest_open_age(self) -> float:
+        now = time.monotonic()
+        return max((now - conn.opened for conn in self.live), default=0.0)
+
+    def lifetimes(self) -> list[float]:
+        return [conn.closed - conn.opened for conn in self.ended]

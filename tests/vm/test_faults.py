@@ -18,6 +18,7 @@ import pwd
 import signal
 import sqlite3
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ import pytest
 import requests
 from faults_lab import (
     Answer,
+    SlowClients,
     CryptsetupFault,
     VaultProxy,
     expect_json_error,
@@ -545,6 +547,47 @@ def test_tls_1_1_is_refused_and_tls_1_2_works(lab_api):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     assert b'"volume_state"' in reply
+
+
+# 64 slow clients of ours plus 16 refused ones; the deadline the worker gives a request
+# (luksctl.api.gunicorn_worker.REQUEST_READ_DEADLINE, 10 s), plus slack for emulation.
+SLOW_WINDOW = 20
+SLOW_DEADLINE_BOUND = 10 + 6
+
+
+def test_slow_clients_do_not_block_status(lab_api, paper_volume):
+    """Issue 10 item 6: connections sending one byte every 2 s, half still in the TLS handshake,
+    half in the request head, and 16 from a refused address. Status, polled the dashboard's
+    way (a new connection per poll), must keep answering: p99 under 2 s. gthread gave each
+    slow connection a thread for as long as it trickled, and status stopped answering."""
+    groups = [("127.0.0.1", "handshake", 32), ("127.0.0.1", "headers", 32), ("127.0.0.2", "headers", 16)]
+    latencies, failures, held = [], [], []
+    with same_gunicorn(lab_api.pid), SlowClients(groups) as slow:
+        slow.all_connected.wait(60)  # on a blocked server the TLS connects time out: poll anyway
+        started = time.monotonic()
+        while time.monotonic() - started < SLOW_WINDOW:
+            held.append(slow.open_count())
+            try:
+                answer = https("GET", STATUS, timeout=10)
+                expect_json_error(answer, 200, "unmounted")
+                latencies.append(answer.elapsed)
+            except (OSError, AssertionError) as exc:
+                failures.append(repr(exc)[:200])
+        oldest = slow.oldest_open_age()
+        lifetimes = slow.lifetimes()
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else float("inf")
+    figures = {"window_s": SLOW_WINDOW, "polls": len(latencies), "failed_polls": len(failures),
+               "p50_s": latencies[len(latencies) // 2] if latencies else None, "p99_s": p99,
+               "max_s": latencies[-1] if latencies else None, "slow_connections_held_min": min(held),
+               "slow_connections_held_max": max(held), "connect_failures": slow.connect_failures,
+               "closed_by_server": len(lifetimes), "longest_lifetime_s": max(lifetimes, default=None)}
+    (OUT / "slow_clients.json").write_text(json.dumps(figures, indent=2))
+    assert not failures, f"status failed under slow clients: {failures[:3]} {figures}"
+    assert p99 < 2.0, figures
+    assert min(held) >= 64 and slow.connect_failures == 0, figures
+    # Trickling buys a connection REQUEST_READ_DEADLINE seconds, then the server closes it.
+    assert lifetimes and max(lifetimes) < SLOW_DEADLINE_BOUND and oldest < SLOW_DEADLINE_BOUND, figures
 
 
 def test_repeated_failed_opens_get_429_with_retry_after(api_server, bao_up, paper_volume):

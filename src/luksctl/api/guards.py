@@ -9,15 +9,28 @@ from flask import Flask, request
 from ..errors import CallerRefused
 
 
+def client_allowed(networks: list | None, address: str | None) -> bool:
+    if networks is None:
+        return True
+    try:
+        parsed = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(parsed in network for network in networks)
+
+
+def refusal_message(address: str | None) -> str:
+    return f"client address {address} is not in ALLOWED_CLIENTS"
+
+
 def install_client_allowlist(app: Flask, networks: list | None) -> None:
+    # gunicorn's worker (gunicorn_worker.py) refuses at accept time, before a thread is spent;
+    # this hook is the same rule for any other server the app runs under.
+    app.extensions["luksctl_allowed_clients"] = networks
     if networks is None:
         return
 
     @app.before_request
     def refuse_unknown_clients():
-        try:
-            address = ipaddress.ip_address(request.remote_addr or "")
-        except ValueError:
-            address = None
-        if address is None or not any(address in network for network in networks):
-            raise CallerRefused(f"client address {request.remote_addr} is not in ALLOWED_CLIENTS")
+        if not client_allowed(networks, request.remote_addr):
+            raise CallerRefused(refusal_message(request.remote_addr))

@@ -5,9 +5,25 @@ too, as the dashboard parses every body (PROTOCOL §3)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from flask import Flask
 from gunicorn import util
+
+
+def state_body_of(app: Flask) -> Callable[[], dict] | None:
+    """The app's `current_state()` (errors.register_json_errors); None for an app not ours."""
+    return getattr(app, "extensions", {}).get("luksctl_state_body")
+
+
+def json_answer(current_state: Callable[[], dict], status: int, reason: str, error: str) -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection, for writing to a raw socket."""
+    body = json.dumps({**current_state(), "error": error}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
 
 
 def answer_malformed_requests_in_json(app: Flask) -> None:
@@ -15,17 +31,12 @@ def answer_malformed_requests_in_json(app: Flask) -> None:
 
     Leaves gunicorn as it is for an app that is not ours (make bench serves one).
     """
-    current_state = getattr(app, "extensions", {}).get("luksctl_state_body")
+    current_state = state_body_of(app)
     if current_state is None:
         return
 
     def write_error(sock, status_int: int, reason: str, mesg: str) -> None:
         # `mesg` echoes the client's bytes back; gunicorn's log has it, the answer does not.
-        body = json.dumps({**current_state(), "error": f"malformed HTTP request: {reason}"}).encode()
-        head = (
-            f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        util.write_nonblock(sock, head.encode("latin-1") + body)
+        util.write_nonblock(sock, json_answer(current_state, status_int, reason, f"malformed HTTP request: {reason}"))
 
     util.write_error = write_error
