@@ -30,8 +30,10 @@ vm-prefix: $(VENV)/.stamp
 	scripts/build-vm-prefix.sh $(VM_PREFIX) $(PYTHON)
 
 # Two boots: virtme's init (most tests), then systemd as PID 1 (the unit files, docker and NFS restarts).
+# The systemd boot installs with deploy/install.sh from a wheelhouse (the guest has no network).
 test-vm: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh test $(PYTEST_ARGS)
+	scripts/build-wheelhouse.sh $(VM_PREFIX)/wheelhouse $(PYTHON)
 	VM_PREFIX=$(VM_PREFIX) VM_OUT=$(CURDIR)/vm-out-systemd scripts/vm-run.sh test-systemd
 
 demo: vm-prefix

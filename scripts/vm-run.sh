@@ -62,8 +62,10 @@ echo "vm-run: $mode exited $rc after $((SECONDS - start)) s (kernel $kernel)"
 # which test failed and why, so they are the last lines a CI log shows.
 if [[ -f $out/pytest.log ]]; then
     echo "===== pytest summary ($out/pytest.log) ====="
-    if ((rc != 0)); then
+    if ((rc != 0)) && grep -q 'short test summary info' "$out/pytest.log"; then
         sed -n '/short test summary info/,$p' "$out/pytest.log"
+    elif ((rc != 0)); then
+        tail -n 5 "$out/pytest.log"
     else
         tail -n 1 "$out/pytest.log"
     fi

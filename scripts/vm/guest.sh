@@ -53,8 +53,14 @@ test | test-systemd)
     # tee hides pytest's status; PIPESTATUS brings it back. The log lets vm-run.sh
     # print the summary again after the console noise.
     set +e
+    rm -f "$out/selected-tests.txt"
     "$prefix/venv/bin/pytest" "${tests[@]}" -p no:cacheprovider --junitxml="$out/junit.xml" "$@" 2>&1 |
         tee "$out/pytest.log"
+    rc=${PIPESTATUS[0]}
+    ((rc != 0)) && exit "$rc"
+    # Exit 0 is not enough: a skip counts as a pass there, and nothing run is no failure.
+    "$prefix/venv/bin/python" scripts/vm/check-junit.py "$out/junit.xml" "$out/selected-tests.txt" 2>&1 |
+        tee -a "$out/pytest.log"
     exit "${PIPESTATUS[0]}"
     ;;
 demo) exec "$prefix/venv/bin/python" scripts/demo.py "$@" ;;

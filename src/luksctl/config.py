@@ -367,6 +367,8 @@ class WorkerConfig(JsonConfig):
 
 def ensure_root_owned(path: Path) -> None:
     """Refuse a file that a non-root user could have written: root acts on what it says."""
+    if path.is_symlink():  # its target's directory, not /etc/luks, decides who may replace it
+        raise ConfigError(f"{path} is a symbolic link; it must be a regular file owned by root")
     for checked in (path, path.parent):
         info = checked.stat()
         if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):

@@ -206,4 +206,7 @@ def test_unreadable_state_answers_unavailable(client, nfs, monkeypatch):
 
     monkeypatch.setattr(worker, "nfs_mount_states", broken)
 
+    body = answer(client.get("/luksctl_api_wn/v1.0/status"), 200)
+    assert body["nfs_state"] == "unavailable"
+    assert body["error"] == "the mount table cannot be read"
     assert answer(client.get("/luksctl_api_wn/v1.0/nope"), 404)["nfs_state"] == "unavailable"

@@ -6,17 +6,19 @@ import contextlib
 import io
 import json
 import os
+import subprocess
 import threading
 import time
 
 import pytest
 
-from luksctl import audit, cli, services
+from luksctl import audit, cli, runner, services
 from luksctl.cli import Paths, main, read_passphrase
 from luksctl.config import FrontendConfig
 from luksctl.errors import LuksctlError
 
 DEVICE = "/dev/disk/by-uuid/0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"
+REAL_RUN = runner.run  # before the `host` fixture fakes it
 
 
 class UnreadableStdin(io.RawIOBase):
@@ -115,11 +117,15 @@ def test_piped_passphrase_reaches_cryptsetup_byte_for_byte(host, paths):
     assert host.stdin_of("cryptsetup", "open") == "a b \\ ü\n".encode()
 
 
-def test_empty_passphrase_runs_nothing(host, paths, capsys):
+def test_empty_passphrase_runs_nothing(host, paths, capsys, monkeypatch):
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)  # root: "not root" must not be why it fails
     assert run_cli(paths, "open", stdin=b"\n") == 4
-
     assert host.calls == []
     assert last_line(capsys) == "Encrypted volume: [ FAIL ]"
+
+    assert run_cli(paths, "--json", "open", stdin=b"\n") == 4
+    assert host.calls == []
+    assert json_output(capsys)["error"].startswith("no passphrase on stdin")
 
 
 # --- stdin that never closes ---------------------------------------------------
@@ -357,9 +363,19 @@ def test_cluster_restarts_the_configured_nfs_service(host, paths):
     assert host.argvs == open_argvs(paths) + [["systemctl", "restart", "nfs-ganesha"]]
 
 
-def test_failed_post_open_action_exits_5_with_the_volume_mounted(host, paths, capsys):
+def test_failed_post_open_action_exits_5_with_the_volume_mounted(host, paths, capsys, monkeypatch):
     paths.api_config.write_text(json.dumps({"VIRTUALIZATION_TYPE": "docker"}))
-    host.fail("systemctl", "restart", "docker", returncode=1, stderr="Unit docker.service not found.\n")
+    # systemctl goes through the real runner.run with only its process faked, so the message
+    # checked below is the one runner builds.
+    started: list[list[str]] = []
+
+    def systemctl_fails(argv, **kwargs):
+        started.append(argv)
+        return subprocess.CompletedProcess(argv, 1, b"", b"Unit docker.service not found.\n")
+
+    fake_run = runner.run
+    monkeypatch.setattr(runner.subprocess, "run", systemctl_fails)
+    monkeypatch.setattr(runner, "run", lambda argv, **kw: (REAL_RUN if argv[0] == "systemctl" else fake_run)(argv, **kw))
 
     assert run_cli(paths, "--json", "open", stdin=b"secret\n") == 5
 
@@ -367,6 +383,7 @@ def test_failed_post_open_action_exits_5_with_the_volume_mounted(host, paths, ca
     assert report["volume_state"] == "mounted"
     assert "restart docker" in report["error"]
     assert report["actions"] == [{"name": "restart docker", "ok": False, "error": "systemctl failed with exit code 1"}]
+    assert started == [[runner.resolve("systemctl"), "restart", "docker"]]
 
 
 def test_bad_api_config_stops_open_before_anything_runs(host, paths):

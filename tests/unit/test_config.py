@@ -249,6 +249,9 @@ def test_group_or_other_writable_file_is_refused(safe_dir, mode):
         load_volume_config(path, root_owned=True)
 
     assert str(path) in caught.value.message
+    # Refused for its mode, not its owner (the file is root's: these tests run as root).
+    assert path.stat().st_uid == 0, "run as root: a file of another owner is refused whatever its mode"
+    assert f"owner uid 0, mode {mode:o}" in caught.value.message, caught.value.message
 
 
 def test_file_owned_by_another_user_is_refused(safe_dir):
@@ -256,8 +259,11 @@ def test_file_owned_by_another_user_is_refused(safe_dir):
     path.chmod(0o644)
     os.chown(path, NOBODY, NOBODY)
 
-    with pytest.raises(ConfigError, match="owned by root"):
+    with pytest.raises(ConfigError, match="owned by root") as caught:
         load_json_config(FrontendConfig, path, root_owned=True)
+
+    # Refused for its owner, not its mode (0644 is what a root-owned file may have).
+    assert f"owner uid {NOBODY}, mode 644" in caught.value.message, caught.value.message
 
 
 def test_writable_parent_directory_is_refused(safe_dir):

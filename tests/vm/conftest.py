@@ -8,6 +8,7 @@ and tests put it back the way they found it.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -20,13 +21,24 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    # Anywhere but the guest these tests would format loop devices on the host: refuse.
-    if os.geteuid() != 0 or "LUKSCTL_VM_OUT" not in os.environ:
-        skip = pytest.mark.skip(reason="VM test: run with `make test-vm`")
-        for item in items:
-            item.add_marker(skip)
-    for item in items:
+    # Anywhere but the guest these tests would format loop devices on the host: refuse. Loudly,
+    # not by skipping: a guest whose export broke would otherwise "pass" with nothing tested.
+    here = Path(__file__).parent
+    ours = [item for item in items if here in Path(item.fspath).parents]
+    if ours and (os.geteuid() != 0 or "LUKSCTL_VM_OUT" not in os.environ):
+        raise pytest.UsageError(
+            f"{len(ours)} VM tests collected outside the guest (euid {os.geteuid()}, LUKSCTL_VM_OUT "
+            f"{'set' if 'LUKSCTL_VM_OUT' in os.environ else 'unset'}): run them with `make test-vm`")
+    for item in ours:
         item.add_marker(pytest.mark.vm)
+
+
+def pytest_collection_finish(session):
+    # scripts/vm/check-junit.py compares this with what passed: a test that was selected but
+    # skipped, or never ran, fails the VM run.
+    if "LUKSCTL_VM_OUT" in os.environ:
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "selected-tests.txt").write_text(f"{len(session.items)}\n")
 
 
 @pytest.fixture(scope="session")

@@ -93,14 +93,14 @@ def test_a_dead_and_a_hung_worker_cost_at_most_the_deadline(cluster):
         assert body["volume_state"] == "mounted"
         assert body["nodes"][healthy.ip] == "mounted"
         assert body["nodes"][dead.ip] == "unreachable"
-        assert body["nodes"][hung.ip] in ("unreachable", "timeout")
+        assert body["nodes"][hung.ip] == "timeout"  # connected, then silent (README: per-node outcomes)
         # The fan-out starts when `luksctl open` returns, just after the NFS restart.
         restarted = cluster.lab.systemctl.calls()[-1]["end"]
         fan_out = answered - restarted
         record_timing("fan_out_one_dead_one_hung_s", fan_out)
-        # Observed: the hung node is given up after WN_CONNECT_TIMEOUT already (urllib3 runs the
-        # TLS handshake under the connect timeout and reports ReadTimeout -> "unreachable"), so
-        # the fan-out lasts as long as the healthy node's real remount, never past the deadline.
+        # The hung node is given up after WN_CONNECT_TIMEOUT already (urllib3 runs the TLS
+        # handshake under the connect timeout and reports ReadTimeout: "timeout"), so the
+        # fan-out lasts as long as the healthy node's real remount, never past the deadline.
         assert fan_out <= deadline + MARGIN, fan_out
         assert healthy.nfs_mounted() and not dead.running
 
@@ -112,7 +112,7 @@ def test_a_dead_and_a_hung_worker_cost_at_most_the_deadline(cluster):
         states = nodes.json()["nodes"]
         assert states[healthy.ip] == "mounted"
         assert states[dead.ip] == "unreachable"
-        assert states[hung.ip] in ("unreachable", "timeout")
+        assert states[hung.ip] == "timeout"
     finally:
         hung.kill()  # thawed it would run the queued nfs-mount after our teardown; the next test restarts both
 

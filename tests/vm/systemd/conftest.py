@@ -6,12 +6,14 @@ and restarted by systemd itself, logging to the journal.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from helpers_vm import OUT, REPO, run
+from helpers_vm import API_CONFIG, LUKS_DIR, OUT, REPO, VENV_BIN, Dashboard, run, wait_until
 
 UNIT_DIR = Path("/etc/systemd/system")  # a throw-away overlay in the guest
+BASE_URL = "https://127.0.0.1:5000"
 
 
 class Systemd:
@@ -60,3 +62,27 @@ def api_unit(systemd):
     systemd.install("luksctl-api.service", (REPO / "deploy" / "luksctl-api.service").read_text())
     yield "luksctl-api.service"
     systemd.save_journal("luksctl-api.service")
+
+
+@pytest.fixture
+def frontend(api_unit, systemd):
+    """configure(config) writes config.json, restarts the unit and waits until it answers."""
+
+    def configure(config: dict) -> Dashboard:
+        if not (LUKS_DIR / "gunicorn-key.pem").exists():
+            run(str(VENV_BIN / "luksctl-api"), "gen-cert", "--owner", systemd.show(api_unit, "User"))
+        API_CONFIG.write_text(json.dumps(config))
+        API_CONFIG.chmod(0o644)
+        systemd.systemctl("restart", api_unit)
+        dashboard = Dashboard(BASE_URL)
+
+        def answers() -> bool:
+            try:
+                return dashboard.status().response.status_code == 200
+            except (OSError, ValueError):  # refused, or not yet the API's JSON
+                return False
+
+        wait_until(answers, 120, f"{api_unit} on {BASE_URL}")
+        return dashboard
+
+    return configure

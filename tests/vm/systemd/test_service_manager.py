@@ -7,22 +7,11 @@ dockerd that records, each time it starts, what backs the mountpoint Docker keep
 
 from __future__ import annotations
 
-import json
 import pwd
 from pathlib import Path
 
 import pytest
-from helpers_vm import (
-    API_CONFIG,
-    LUKS_DIR,
-    MOUNTPOINT,
-    VENV_BIN,
-    Dashboard,
-    run,
-    wait_until,
-)
-
-BASE_URL = "https://127.0.0.1:5000"
+from helpers_vm import MOUNTPOINT
 DOCKER_STARTS = Path("/run/docker-starts")
 NOT_MOUNTED = "not-mounted"
 
@@ -41,30 +30,6 @@ def docker_unit(start_check: str) -> str:
 
 def docker_starts() -> list[str]:
     return DOCKER_STARTS.read_text().split()
-
-
-@pytest.fixture
-def frontend(api_unit, systemd):
-    """configure(config) writes config.json, restarts the unit and waits until it answers."""
-
-    def configure(config: dict) -> Dashboard:
-        if not (LUKS_DIR / "gunicorn-key.pem").exists():
-            run(str(VENV_BIN / "luksctl-api"), "gen-cert", "--owner", systemd.show(api_unit, "User"))
-        API_CONFIG.write_text(json.dumps(config))
-        API_CONFIG.chmod(0o644)
-        systemd.systemctl("restart", api_unit)
-        dashboard = Dashboard(BASE_URL)
-
-        def answers() -> bool:
-            try:
-                return dashboard.status().response.status_code == 200
-            except (OSError, ValueError):  # refused, or not yet the API's JSON
-                return False
-
-        wait_until(answers, 120, f"{api_unit} on {BASE_URL}")
-        return dashboard
-
-    return configure
 
 
 @pytest.fixture

@@ -1,0 +1,65 @@
+"""README, per-node outcomes: `tls-error` for a worker whose certificate is not in WN_CA_BUNDLE,
+against a real TLS server on loopback with certificates made as `gen-cert` makes them."""
+
+from __future__ import annotations
+
+import http.server
+import ipaddress
+import socket
+import ssl
+import threading
+
+import pytest
+from test_cluster import Worker
+
+from luksctl import cluster
+from luksctl.certs import build_certificate
+
+WORKER_IP = "127.0.0.2"
+
+
+def certificate(directory, name: str) -> tuple:
+    """gen-cert's kind of certificate, named after the host (as each worker's own is)."""
+    cert, key = build_certificate([name], {ipaddress.ip_address(WORKER_IP)}, 1)
+    (directory / f"{name}-cert.pem").write_bytes(cert)
+    (directory / f"{name}-key.pem").write_bytes(key)
+    return directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
+
+
+@pytest.fixture
+def tls_worker(tmp_path):
+    """A worker answering {"nfs_state": "mounted"} over TLS with its own self-signed certificate."""
+    cert, key = certificate(tmp_path, "worker")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = http.server.ThreadingHTTPServer((WORKER_IP, port), Worker)
+    server.behaviour, server.delay, server.tokens = "ok", 0.0, []
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield port, cert
+    server.shutdown()
+    server.server_close()
+
+
+def https_client(port: int, verify) -> cluster.WorkerClient:
+    return cluster.WorkerClient(scheme="https", port=port, verify=verify, connect_timeout=2, read_timeout=5, token="t")
+
+
+def test_a_worker_whose_certificate_is_not_in_the_bundle_is_a_tls_error(tls_worker, tmp_path):
+    port, _ = tls_worker
+    other_cert, _ = certificate(tmp_path, "another-worker")  # same address, another key
+
+    assert cluster.remount_workers(https_client(port, str(other_cert)), [WORKER_IP]) == {WORKER_IP: "tls-error"}
+    assert cluster.worker_states(https_client(port, True), [WORKER_IP]) == {WORKER_IP: "tls-error"}  # system CAs
+
+
+def test_the_same_worker_with_its_certificate_in_the_bundle_is_mounted(tls_worker, tmp_path):
+    port, cert = tls_worker
+    other_cert, _ = certificate(tmp_path, "another-worker")
+    bundle = tmp_path / "wn-ca-bundle.pem"  # README: the workers' certificates concatenated
+    bundle.write_bytes(other_cert.read_bytes() + cert.read_bytes())
+
+    assert cluster.remount_workers(https_client(port, str(bundle)), [WORKER_IP]) == {WORKER_IP: "mounted"}
