@@ -9,7 +9,7 @@ VM_PREFIX ?= /opt/luksctl-test
 PYTEST_ARGS ?=
 BENCH ?=
 
-.PHONY: test test-host test-vm demo bench deps vm-prefix clean
+.PHONY: test test-host test-vm demo bench lock deps vm-prefix clean
 
 test: test-host test-vm
 
@@ -40,10 +40,19 @@ demo: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh demo
 
 # BENCH picks the VM benchmarks and their knobs, e.g. BENCH="SOAK_SECONDS=20 bench_soak".
-# The host fan-out benchmark runs last: vm-run.sh starts by emptying vm-out/.
+# The host benchmarks run last: vm-run.sh starts by emptying vm-out/. The CLI's start-up is
+# timed natively on the venv the VM runs (installed, as install.sh does, not linked).
 bench: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh bench $(BENCH)
 	$(VENV)/bin/python scripts/bench_fanout.py
+	scripts/bench_startup.sh $(VM_PREFIX)/venv/bin/luksctl
+
+# requirements.lock: pyproject.toml's runtime dependencies pinned with hashes, for Debian's python3
+# (what install.sh uses). pip-tools runs in a throwaway venv, so it is no dependency of the project.
+lock:
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(PYTHON) -m venv "$$tmp" && \
+	"$$tmp/bin/pip" install -q pip-tools && \
+	"$$tmp/bin/pip-compile" --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) vm-out vm-out-systemd build src/*.egg-info

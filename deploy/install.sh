@@ -27,7 +27,9 @@ step() { printf '==> %s\n' "$*"; }
 step "venv $prefix/venv (from $python) with luksctl from $repo"
 install -d -m 0755 -o root -g root "$prefix"
 [[ -x $prefix/venv/bin/python ]] || "$python" -m venv "$prefix/venv"
-"$prefix/venv/bin/pip" install --quiet --upgrade "$repo"
+# The dependencies exactly as pinned, hashes checked (every node runs the same bytes); then luksctl alone.
+"$prefix/venv/bin/pip" install --quiet --require-hashes -r "$repo/requirements.lock"
+"$prefix/venv/bin/pip" install --quiet --upgrade --no-deps "$repo"
 install -m 0644 -o root -g root "$repo/deploy/gunicorn.conf.py" "$repo/README.md" "$prefix/"
 ln -sfn "$prefix/venv/bin/luksctl" /usr/local/sbin/luksctl
 

@@ -7,6 +7,7 @@ packages=(
     nfs-kernel-server nfs-common rpcbind
     qemu-system-x86 linux-image-amd64 busybox-static
     wrk                             # make bench: HTTP load from inside the VM
+    hyperfine                       # make bench: the root CLI's start-up against a bare interpreter, natively
 )
 missing=()
 for p in "${packages[@]}"; do

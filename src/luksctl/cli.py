@@ -9,7 +9,7 @@ nfs-mount of the configured volume.
 from __future__ import annotations
 
 import argparse
-import getpass
+import io
 import json
 import logging
 import os
@@ -18,12 +18,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
 
-from . import audit, services, volume
+from . import volume
 from .config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
 from .errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError, StdinNotClosed
-from .locking import exclusive_lock
 from .status import VolumeState, nfs_mount_states
 
 log = logging.getLogger("luksctl")
@@ -83,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_passphrase(stream: BinaryIO, is_tty: bool) -> bytes:
+def read_passphrase(stream: io.BufferedIOBase, is_tty: bool) -> bytes:
     """The passphrase as the old tools piped it: everything before one trailing newline."""
     if is_tty:
+        import getpass
+
         return getpass.getpass("Passphrase: ").encode()
     data = _read_until_eof(stream.fileno(), MAX_PASSPHRASE_BYTES + 1, STDIN_DEADLINE)
     if len(data) > MAX_PASSPHRASE_BYTES:
@@ -129,11 +129,18 @@ def _status_report(paths: Paths) -> Report:
     return Report(status.state.value, status.mapper_open, status.mounted)
 
 
-def cmd_status(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
+def cmd_status(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
     return _status_report(paths)
 
 
-def cmd_open(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
+# The commands that change something import what they run when they run: `status`, which
+# the API runs on every open, then starts without subprocess, syslog or the post-open actions.
+
+
+def cmd_open(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+    from . import services
+    from .locking import exclusive_lock
+
     _require_root()
     vol = load_volume_config(paths.volume_ini, root_owned=paths.root_owned)
     config = load_json_config(FrontendConfig, paths.api_config, root_owned=paths.root_owned, missing_ok=True)
@@ -150,7 +157,9 @@ def cmd_open(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
     return Report(status.state.value, status.mapper_open, status.mounted, outcome.changed, [asdict(r) for r in results])
 
 
-def cmd_close(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
+def cmd_close(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+    from .locking import exclusive_lock
+
     _require_root()
     vol = load_volume_config(paths.volume_ini, root_owned=paths.root_owned)
     with exclusive_lock(paths.lock_file, timeout=LOCK_WAIT, what="luksctl open or close"):
@@ -158,7 +167,9 @@ def cmd_close(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
     return Report(outcome.status.state.value, outcome.status.mapper_open, outcome.status.mounted, outcome.changed)
 
 
-def cmd_nfs_mount(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
+def cmd_nfs_mount(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+    from . import services
+
     _require_root()
     config = load_json_config(WorkerConfig, paths.api_config, root_owned=paths.root_owned)
     changed = False
@@ -176,7 +187,7 @@ def cmd_nfs_mount(paths: Paths, stdin: BinaryIO, stdin_is_tty: bool) -> Report:
 COMMANDS = {"status": cmd_status, "open": cmd_open, "close": cmd_close, "nfs-mount": cmd_nfs_mount}
 
 
-def print_text(command: str, report: Report, out: TextIO) -> None:
+def print_text(command: str, report: Report, out: io.TextIOBase) -> None:
     if command == "close":
         print(f"Encrypted volume umount: [ {'OK' if report.mapper_open is False else 'FAIL'} ]", file=out)
         return
@@ -200,7 +211,7 @@ def _state_after_error(paths: Paths) -> Report:
         return Report(VolumeState.UNAVAILABLE.value)
 
 
-def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: BinaryIO | None = None, stdin_is_tty: bool | None = None) -> int:
+def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: io.BufferedIOBase | None = None, stdin_is_tty: bool | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="luksctl: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     started = time.monotonic()
@@ -227,6 +238,8 @@ def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: Binary
         exit_code = EXIT_COMMAND_FAILED
         error_class = exc.__class__.__name__
     if args.command != "status":
+        from . import audit
+
         audit.use_syslog()
         audit.record(
             action=args.command,

@@ -8,8 +8,6 @@ only on stdin. Logged argv never holds a secret because argv never does.
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 from dataclasses import dataclass
 
 from .errors import CommandFailed
@@ -32,6 +30,8 @@ def resolve(binary: str) -> str:
     """Absolute path of `binary` on SAFE_PATH; the caller's PATH is never trusted."""
     if binary.startswith("/"):
         return binary
+    import shutil  # here and in run(): `luksctl status` imports this module but starts no process
+
     found = shutil.which(binary, path=SAFE_PATH)
     if found is None:
         raise CommandFailed(f"{binary} is not installed (looked in {SAFE_PATH})", [binary], None, "")
@@ -44,6 +44,8 @@ def run(argv: list[str], *, timeout: float, stdin: bytes | None = None, check: b
     With check=True a non-zero exit raises CommandFailed carrying argv, exit
     code and stderr; with check=False the caller decides what the code means.
     """
+    import subprocess
+
     full_argv = [resolve(argv[0]), *argv[1:]]
     log.debug("running %s", full_argv)
     try:

@@ -210,8 +210,10 @@ class VolumeFactory:
     workdir: Path = Path("/srv/luks-test")
     volumes: list[Volume] = field(default_factory=list)
 
-    def __call__(self, passphrase: str | bytes = "correct horse battery staple") -> Volume:
-        """Formats with exactly these bytes on stdin (no newline added) and makes it current."""
+    def __call__(self, passphrase: str | bytes = "correct horse battery staple", *, test_kdf: bool = True) -> Volume:
+        """Formats with exactly these bytes on stdin (no newline added) and makes it current.
+
+        test_kdf=False keeps cryptsetup's default PBKDF (argon2id, ~2 s), as production volumes do."""
         secret = passphrase.encode() if isinstance(passphrase, str) else passphrase
         self.workdir.mkdir(parents=True, exist_ok=True)
         cryptdev = "".join(secrets.choice(string.ascii_lowercase) for _ in range(8))  # fast-luks style name
@@ -225,8 +227,8 @@ class VolumeFactory:
         volume = Volume(secret, image, loop, uuid="", cryptdev=cryptdev)
         self.volumes.append(volume)
         # Fast PBKDF for tests only; production keeps cryptsetup's defaults (argon2id).
-        run(CRYPTSETUP, "luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2",
-            "--pbkdf-force-iterations", "1000", "--batch-mode", "--key-file=-", loop, input=secret)
+        kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"] if test_kdf else []
+        run(CRYPTSETUP, "luksFormat", "--type", "luks2", *kdf, "--batch-mode", "--key-file=-", loop, input=secret)
         volume.uuid = run(CRYPTSETUP, "luksUUID", loop).stdout.decode().strip()
         run(CRYPTSETUP, "open", "--key-file=-", loop, volume.cryptdev, input=secret)
         run("mkfs.ext4", "-q", volume.mapper)
