@@ -126,8 +126,12 @@ class FrontendConfig(_JsonConfig):
     VAULT_TLS_VERIFY: bool = True
     VAULT_CA_BUNDLE: AbsolutePath | None = None
     VAULT_TIMEOUT: Annotated[float, Field(gt=0, le=120)] = 10
-    # The Vault servers a caller may name; None keeps the old "any URL" behaviour (and warns).
+    # One hard limit for the whole Vault exchange of an open (lookup, unwrap, read, revoke).
+    VAULT_DEADLINE: Annotated[float, Field(gt=0, le=600)] = 30
+    # The Vault servers a caller may name. Unset refuses every open, unless the operator
+    # opts out in writing with ALLOW_ANY_VAULT_URL: true (any URL: a request forgery risk).
     VAULT_URL_ALLOWLIST: list[VaultUrl] | None = None
+    ALLOW_ANY_VAULT_URL: bool = False
     # Where a wrapping token must have been created; [] skips the check.
     WRAPPING_CREATION_PATHS: list[str] = ["auth/token/create"]
     # Failed opens per client address before 429 (0 disables), and the window in seconds.
@@ -142,6 +146,8 @@ class FrontendConfig(_JsonConfig):
     WN_CONNECT_TIMEOUT: Annotated[float, Field(gt=0, le=60)] = 5
     WN_READ_TIMEOUT: Annotated[float, Field(gt=0, le=600)] = 60
     CLUSTER_TOKEN_FILE: AbsolutePath = CLUSTER_TOKEN
+    # Cluster: at most one worker fan-out per this many seconds; requests in between share its result.
+    FANOUT_MIN_INTERVAL: Annotated[float, Field(ge=0)] = 10
 
     @model_validator(mode="after")
     def _cluster_needs_workers(self) -> "FrontendConfig":
