@@ -182,8 +182,10 @@ def _no_vault_url_policy() -> str:
 
 
 def _log_vault_url_policy(config: FrontendConfig) -> None:
-    if config.VAULT_URL_ALLOWLIST is not None:
-        log.info("open contacts only the Vault URLs in VAULT_URL_ALLOWLIST: %s", ", ".join(config.VAULT_URL_ALLOWLIST) or "(none)")
+    if config.VAULT_URL_ALLOWLIST:
+        log.info("open contacts only the Vault URLs in VAULT_URL_ALLOWLIST: %s", ", ".join(config.VAULT_URL_ALLOWLIST))
+    elif config.VAULT_URL_ALLOWLIST == []:
+        log.error("VAULT_URL_ALLOWLIST in %s is empty: every open is refused until it names the Vault URLs", api_config_path())
     elif config.ALLOW_ANY_VAULT_URL:
         log.warning("ALLOW_ANY_VAULT_URL is true: callers may make this server contact any host and port as a Vault URL")
     else:
