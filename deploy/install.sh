@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
 # Install luksctl on a front-end node or a worker node, as root:
 #
-#   sudo deploy/install.sh frontend [single_vm|docker|cluster]
+#   sudo deploy/install.sh frontend [single_vm|docker|cluster] --vault-url https://vault.example:8200 [--vault-url URL]...
 #   sudo deploy/install.sh worker
 #
+# --vault-url: the Vault(s) that open may contact (VAULT_URL_ALLOWLIST of a freshly
+# written config.json); without it, open is refused until the allowlist is set.
 # Idempotent: re-running upgrades the package and keeps existing config,
 # certificate and cluster token. See README.md, "Install on a VM".
 set -euo pipefail
 
+usage="usage: $0 frontend [single_vm|docker|cluster] [--vault-url URL]... | worker"
 role=${1:-}
-profile=${2:-single_vm}
+shift || true
+profile=single_vm
+if [[ $# -gt 0 && $1 != --* ]]; then profile=$1; shift; fi
+vault_urls=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --vault-url) [[ $# -ge 2 ]] || { echo "$usage" >&2; exit 64; }; vault_urls+=(--vault-url "$2"); shift 2 ;;
+        *) echo "$usage" >&2; exit 64 ;;
+    esac
+done
 repo=$(cd "$(dirname "$0")/.." && pwd)
 prefix=/opt/luksctl
 python=${PYTHON:-/usr/bin/python3}
@@ -17,7 +29,7 @@ python=${PYTHON:-/usr/bin/python3}
 case "$role" in
     frontend) user=luksctl_api; unit=luksctl-api; sample="$repo/deploy/config/$profile.json" ;;
     worker) user=luksctl_api_wn; unit=luksctl-api-wn; sample="$repo/deploy/config/worker.json" ;;
-    *) echo "usage: $0 frontend [single_vm|docker|cluster] | worker" >&2; exit 64 ;;
+    *) echo "$usage" >&2; exit 64 ;;
 esac
 [[ $(id -u) == 0 ]] || { echo "$0: run as root" >&2; exit 1; }
 [[ -f $sample ]] || { echo "$0: no sample config $sample" >&2; exit 64; }
@@ -51,8 +63,16 @@ fi
 step "config /etc/luks"
 install -d -m 0755 -o root -g root /etc/luks
 if [[ ! -e /etc/luks/config.json ]]; then
-    install -m 0644 -o root -g root "$sample" /etc/luks/config.json
+    if [[ $role == frontend ]]; then
+        "$prefix/venv/bin/$unit" write-config --sample "$sample" ${vault_urls[@]+"${vault_urls[@]}"} > /etc/luks/.config.json.new
+        install -m 0644 -o root -g root /etc/luks/.config.json.new /etc/luks/config.json
+        rm -f /etc/luks/.config.json.new
+    else
+        install -m 0644 -o root -g root "$sample" /etc/luks/config.json
+    fi
     echo "    wrote /etc/luks/config.json from $(basename "$sample"): edit it (README, Configuration)"
+elif [[ ${#vault_urls[@]} -gt 0 ]]; then
+    echo "    kept the existing /etc/luks/config.json: --vault-url was not applied (set VAULT_URL_ALLOWLIST there)"
 fi
 if [[ $role == frontend && ! -e /etc/luks/luks-cryptdev.ini ]]; then
     echo "    note: /etc/luks/luks-cryptdev.ini is missing; the encryption step (fast-luks) writes it"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
 
-from helpers_vm import OUT, SERVICE_PATH, Api, Bao, Dashboard, run, single_vm_stack, wait_until  # noqa: E402
+from helpers_vm import OUT, SERVICE_PATH, Api, Bao, Dashboard, run, single_vm_config, single_vm_stack, wait_until  # noqa: E402
 
 import wrk_output  # noqa: E402  (scripts/, this script's own directory)
 from luksctl import vault  # noqa: E402
@@ -131,7 +131,7 @@ def main() -> int:
         volume = volumes(PASSPHRASE)
         bao.start()
         secret_path = bao.store_passphrase("bench", "deployment", PASSPHRASE)
-        api.start({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "FAILED_OPEN_LIMIT": 0})
+        api.start(single_vm_config(bao, FAILED_OPEN_LIMIT=0))
         results: dict = {"runs": RUNS, "seconds_per_run": SECONDS, "parts": PARTS}
         if "open" in PARTS:
             results["open"] = {"test_kdf": open_breakdown(api, bao, volume, secret_path)}

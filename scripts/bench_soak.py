@@ -57,13 +57,13 @@ class RssSampler(threading.Thread):
 def soak() -> int:
     import requests
     from faults_lab import gunicorn_pids, rss_kib
-    from helpers_vm import OUT, Dashboard, run, single_vm_stack
+    from helpers_vm import OUT, Dashboard, run, single_vm_config, single_vm_stack
 
     with single_vm_stack() as (volumes, bao, api):
         volume = volumes(PASSPHRASE)
         bao.start()
         secret_path = bao.store_passphrase("soak", volume.uuid, PASSPHRASE)
-        api.start({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "FAILED_OPEN_LIMIT": 0})
+        api.start(single_vm_config(bao, FAILED_OPEN_LIMIT=0))
         dashboard = Dashboard(api.base_url)
         dashboard.timeout = 600  # an open under this load, under emulation, is slow; a hang still ends
         warmup_errors = []

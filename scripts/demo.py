@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
 
-from helpers_vm import MOUNTPOINT, Dashboard, run, single_vm_stack  # noqa: E402
+from helpers_vm import MOUNTPOINT, Dashboard, run, single_vm_config, single_vm_stack  # noqa: E402
 
 PASSPHRASE = "demo: correct horse battery staple"
 SUB, DEPLOYMENT = "demo-user-sub", "6f1c2a9e-demo-deployment"
@@ -44,7 +44,7 @@ def main() -> int:
         print(f"KV v2 at secrets/, path {secret_path}, key storage_encryption_key ({bao.url})")
 
         step("3. luksctl-api over HTTPS, as deploy/luksctl-api.service starts it (user luksctl_api)")
-        api.start()
+        api.start(single_vm_config(bao))
         print(" ".join(api.unit.exec_start))
         dashboard = Dashboard(api.base_url)
         status_url = f"{api.base_url}/luksctl_api/v1.0/status"

@@ -54,6 +54,7 @@ def record(
     volume: str | None = None,
     vault_path: str | None = None,
     nodes: dict[str, str] | None = None,
+    fanout: str | None = None,
     alert: str | None = None,
 ) -> None:
     entry = {
@@ -68,6 +69,7 @@ def record(
         "volume": volume,
         "vault_path": vault_path,
         "nodes": nodes,
+        "fanout": fanout,
         "alert": alert,
     }
     logger.info(json.dumps({key: value for key, value in entry.items() if value is not None}, sort_keys=False))

@@ -173,12 +173,13 @@ def cmd_nfs_mount(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) ->
     _require_root()
     config = load_json_config(WorkerConfig, paths.api_config, root_owned=paths.root_owned)
     changed = False
-    if not all(nfs_mount_states(config.NFS_MOUNTPOINT_LIST).values()):
-        changed = True
-        try:
-            services.mount_nfs_shares()
-        except CommandFailed as exc:  # some entries may have mounted: report each one below
-            log.error("%s", exc.detail())
+    with exclusive_lock(paths.lock_file, timeout=LOCK_WAIT, what="luksctl open, close or nfs-mount"):
+        if not all(nfs_mount_states(config.NFS_MOUNTPOINT_LIST).values()):
+            changed = True
+            try:
+                services.mount_nfs_shares()
+            except CommandFailed as exc:  # some entries may have mounted: report each one below
+                log.error("%s", exc.detail())
     states = nfs_mount_states(config.NFS_MOUNTPOINT_LIST)
     state = VolumeState.MOUNTED if all(states.values()) else VolumeState.UNMOUNTED
     return Report(changed=changed, nfs_state=state.value, mountpoints=states)

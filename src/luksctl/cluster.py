@@ -16,6 +16,7 @@ from pathlib import Path
 
 import requests
 
+from . import outbound
 from .config import FrontendConfig, ensure_root_owned
 from .errors import ConfigError
 
@@ -60,14 +61,18 @@ class WorkerClient:
     def call(self, host: str, method: str, endpoint: str) -> str:
         """The worker's nfs_state, or why there is none; never raises."""
         headers = {TOKEN_HEADER: self.token} if self.token else {}
+        # The deadline ends the call even against a worker that trickles its answer, so a
+        # stuck call does not keep its pool thread; no redirect takes the token elsewhere.
         try:
-            response = requests.request(
-                method, self.url(host, endpoint), headers=headers, verify=self.verify, timeout=(self.connect_timeout, self.read_timeout)
-            )
+            with outbound.Deadline(self.deadline) as deadline, outbound.OutboundSession(verify=self.verify, deadline=deadline) as session:
+                response = session.request(method, self.url(host, endpoint), headers=headers, timeout=(self.connect_timeout, self.read_timeout))
+        except outbound.RedirectRefused:
+            log.warning("worker %s answered %s with a redirect; not followed", host, endpoint)
+            return "error"
         except requests.exceptions.SSLError:
             log.warning("worker %s: TLS verification failed (check WN_CA_BUNDLE)", host)
             return "tls-error"
-        except requests.exceptions.ReadTimeout:
+        except (requests.exceptions.ReadTimeout, outbound.DeadlineExceeded):
             log.warning("worker %s: no answer within %g s; it may still finish", host, self.read_timeout)
             return "timeout"
         except requests.exceptions.RequestException as exc:

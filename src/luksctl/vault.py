@@ -17,6 +17,7 @@ import hvac
 import hvac.exceptions
 import requests
 
+from . import outbound
 from .errors import SecretNotFound, VaultDenied, VaultError, VaultUnreachable, WrappingTokenInvalid
 
 log = logging.getLogger(__name__)
@@ -36,23 +37,44 @@ class SecretLocation:
 @dataclass(frozen=True)
 class VaultSettings:
     verify: bool | str = True  # True, False, or a CA bundle path
-    timeout: float = 10
+    timeout: float = 10  # per request (connect, and each read)
     creation_paths: tuple[str, ...] = ("auth/token/create",)  # () skips the wrapping lookup
+    deadline: float = 30  # the whole exchange, revoke included
+
+
+# After the exchange's deadline struck, a revoke still gets this long; then the token expires with its TTL.
+REVOKE_GRACE = 2.0
+
+
+def _client(location: SecretLocation, settings: VaultSettings, deadline: outbound.Deadline, token: str) -> hvac.Client:
+    """A client that sends `token` ("" for none) and nothing from the environment
+    (VAULT_TOKEN, ~/.vault-token, VAULT_CLIENT_CERT, proxies, .netrc), and follows no redirect."""
+    session = outbound.OutboundSession(verify=settings.verify, deadline=deadline)
+    return hvac.Client(
+        url=location.vault_url,
+        token=token,
+        cert=False,
+        verify=settings.verify,
+        timeout=settings.timeout,
+        allow_redirects=False,
+        session=session,
+    )
 
 
 @contextlib.contextmanager
 def _translated_errors(location: SecretLocation, settings: VaultSettings, step: str) -> Iterator[None]:
     try:
         yield
-    except requests.exceptions.Timeout:
-        raise VaultUnreachable(f"Vault at {location.vault_url} did not answer within {settings.timeout:g} s ({step})") from None
-    except requests.exceptions.SSLError:
-        raise VaultUnreachable(
-            f"the TLS certificate of {location.vault_url} could not be verified ({step}); "
-            "set VAULT_CA_BUNDLE in config.json"
-        ) from None
+    except outbound.RedirectRefused:
+        log.warning("Vault at %s answered %s with a redirect; not followed", location.vault_url, step)
+        raise VaultError(f"Vault at {location.vault_url} answered with a redirect; redirects are not followed") from None
     except requests.exceptions.RequestException as exc:
-        raise VaultUnreachable(f"Vault at {location.vault_url} cannot be reached ({step}): {exc.__class__.__name__}") from None
+        # The caller learns "unreachable", nothing more: refused, timeout and TLS details
+        # would let anyone map the network through us. The log keeps them.
+        log.warning("Vault at %s unreachable during %s: %s: %s", location.vault_url, step, exc.__class__.__name__, exc)
+        raise VaultUnreachable(
+            f"Vault at {location.vault_url} is unreachable or too slow; the service log has the details"
+        ) from None
     except (hvac.exceptions.VaultDown, hvac.exceptions.VaultNotInitialized):
         raise VaultUnreachable(f"Vault at {location.vault_url} is sealed or not initialised ({step})") from None
     except (hvac.exceptions.InternalServerError, hvac.exceptions.BadGateway, hvac.exceptions.UnexpectedError) as exc:
@@ -62,17 +84,26 @@ def _translated_errors(location: SecretLocation, settings: VaultSettings, step: 
         raise VaultUnreachable(f"Vault at {location.vault_url} is rate limiting us ({step}); try again later") from None
 
 
+def _json_object(response, location: SecretLocation, step: str) -> dict:
+    """hvac hands back a dict for a JSON 200 and the raw response otherwise (HTML, text, a list)."""
+    if isinstance(response, dict):
+        return response
+    log.warning("Vault at %s answered %s with no JSON object (HTTP %s)", location.vault_url, step, getattr(response, "status_code", "?"))
+    raise VaultError(f"Vault at {location.vault_url} gave an answer that is not Vault's JSON ({step})")
+
+
 def fetch_passphrase(location: SecretLocation, wrapping_token: str, settings: VaultSettings) -> str:
-    client = hvac.Client(url=location.vault_url, verify=settings.verify, timeout=settings.timeout)
-    if settings.creation_paths:
-        _check_wrapping_token(client, location, settings, wrapping_token)
-    client.token = wrapping_token
-    client_token = _unwrap(client, location, settings)
-    client.token = client_token
-    try:
-        return _read_secret(client, location, settings)
-    finally:
-        _revoke(client, location, settings)
+    with outbound.Deadline(settings.deadline) as deadline:
+        # No token for the lookup: sent as X-Vault-Token it would spend the wrapping token's one use.
+        client = _client(location, settings, deadline, token="")
+        if settings.creation_paths:
+            _check_wrapping_token(client, location, settings, wrapping_token)
+        client.token = wrapping_token
+        client.token = _unwrap(client, location, settings)
+        try:
+            return _read_secret(client, location, settings)
+        finally:
+            _revoke(client, location, settings, deadline)
 
 
 def _check_wrapping_token(client: hvac.Client, location: SecretLocation, settings: VaultSettings, wrapping_token: str) -> None:
@@ -83,14 +114,14 @@ def _check_wrapping_token(client: hvac.Client, location: SecretLocation, setting
     """
     try:
         with _translated_errors(location, settings, "wrapping lookup"):
-            response = client.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token})
+            response = _json_object(client.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token}), location, "wrapping lookup")
     except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden, hvac.exceptions.InvalidPath):
         raise WrappingTokenInvalid(
             "the wrapping token is expired or was already used (if not by you, it may have been intercepted); "
             "request a new one from the dashboard",
             possible_interception=True,
         ) from None
-    creation_path = ((response or {}).get("data") or {}).get("creation_path")
+    creation_path = (response.get("data") or {}).get("creation_path")
     if creation_path not in settings.creation_paths:
         raise WrappingTokenInvalid(
             f"the wrapping token was created at {creation_path!r}, not at {' or '.join(settings.creation_paths)}; "
@@ -101,12 +132,12 @@ def _check_wrapping_token(client: hvac.Client, location: SecretLocation, setting
 def _unwrap(client: hvac.Client, location: SecretLocation, settings: VaultSettings) -> str:
     try:
         with _translated_errors(location, settings, "unwrap"):
-            response = client.sys.unwrap()
+            response = _json_object(client.sys.unwrap(), location, "unwrap")
     except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized, hvac.exceptions.InvalidPath):
         raise WrappingTokenInvalid(
             "the wrapping token is invalid, expired or already used; request a new one from the dashboard"
         ) from None
-    token = ((response or {}).get("auth") or {}).get("client_token")
+    token = (response.get("auth") or {}).get("client_token")
     if not isinstance(token, str) or not token:
         raise WrappingTokenInvalid("the wrapping token does not wrap a Vault token (expected auth.client_token)")
     return token
@@ -119,7 +150,7 @@ def _kv_version(client: hvac.Client, location: SecretLocation, settings: VaultSe
             mount = client.adapter.get(f"/v1/sys/internal/ui/mounts/{location.secret_root}")
     except hvac.exceptions.VaultError:
         return "2"  # the dashboard's layout
-    options = ((mount or {}).get("data") or {}).get("options") or {}
+    options = (_json_object(mount, location, "mount lookup").get("data") or {}).get("options") or {}
     # `secrets enable kv` makes a v1 mount with no version option at all.
     return "2" if options.get("version") == "2" else "1"
 
@@ -132,10 +163,10 @@ def _read_secret(client: hvac.Client, location: SecretLocation, settings: VaultS
                 response = client.secrets.kv.v2.read_secret_version(
                     path=location.secret_path, mount_point=location.secret_root, raise_on_deleted_version=True
                 )
-                data = ((response or {}).get("data") or {}).get("data") or {}
+                data = (_json_object(response, location, "read secret").get("data") or {}).get("data") or {}
             else:
                 response = client.secrets.kv.v1.read_secret(path=location.secret_path, mount_point=location.secret_root)
-                data = (response or {}).get("data") or {}
+                data = _json_object(response, location, "read secret").get("data") or {}
     except hvac.exceptions.InvalidPath:
         raise SecretNotFound(f"no secret at {location.secret_root}/{location.secret_path} (KV v{version}) at {location.vault_url}") from None
     except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
@@ -149,8 +180,19 @@ def _read_secret(client: hvac.Client, location: SecretLocation, settings: VaultS
     return value
 
 
-def _revoke(client: hvac.Client, location: SecretLocation, settings: VaultSettings) -> None:
-    """Best effort: a failed revoke is logged, and the token still expires with its TTL."""
+def _revoke(client: hvac.Client, location: SecretLocation, settings: VaultSettings, deadline: outbound.Deadline) -> None:
+    """Best effort: a failed revoke is logged, and the token still expires with its TTL.
+
+    If the exchange's deadline has struck, the revoke gets REVOKE_GRACE seconds of its own.
+    """
+    if not deadline.expired:
+        _try_revoke(client, location, settings)
+        return
+    with outbound.Deadline(REVOKE_GRACE) as grace:
+        _try_revoke(_client(location, settings, grace, client.token), location, settings)
+
+
+def _try_revoke(client: hvac.Client, location: SecretLocation, settings: VaultSettings) -> None:
     try:
         with _translated_errors(location, settings, "revoke"):
             client.auth.token.revoke_self()

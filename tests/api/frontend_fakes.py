@@ -82,11 +82,13 @@ class FakeVault:
     def __init__(self):
         self.calls: list[tuple] = []
         self.error: Exception | None = None
+        self.delay = 0.0
         self._lock = threading.Lock()
 
     def fetch_passphrase(self, location, wrapping_token, settings):
         with self._lock:
             self.calls.append((location, wrapping_token, settings))
+        time.sleep(self.delay)
         if self.error:
             raise self.error
         return PASSPHRASE

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -194,7 +196,7 @@ def test_vault_url_is_normalized(client, fake_vault, url, normalized):
 
 
 def make_client(tmp_path, ini, bridge, **settings):
-    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock"), **settings)
+    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock"), **{"ALLOW_ANY_VAULT_URL": True, **settings})
     return create_frontend_app(config, bridge=bridge).test_client()
 
 
@@ -245,7 +247,7 @@ def test_clients_outside_allowed_clients_get_json_403(tmp_path, ini, bridge, fak
 
 
 def test_open_uses_the_configured_ca_bundle_for_vault(tmp_path, ini, bridge, fake_vault):
-    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "l"), VAULT_CA_BUNDLE="/etc/luks/vault-ca.pem", VAULT_TIMEOUT=3)
+    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "l"), VAULT_CA_BUNDLE="/etc/luks/vault-ca.pem", VAULT_TIMEOUT=3, ALLOW_ANY_VAULT_URL=True)
     client = create_frontend_app(config, bridge=bridge).test_client()
 
     answer(client.post(OPEN, json=payload()), 200)
@@ -349,3 +351,69 @@ def test_concurrent_opens_reach_vault_and_the_bridge_once(app, bridge, fake_vaul
     assert [answer(response, 200) for response in responses] == [{"volume_state": "mounted"}] * 2
     assert bridge.passphrases == [PASSPHRASE]
     assert len(fake_vault.calls) == 1
+
+
+# --- Vault URL policy (issue 10, item 3) ------------------------------------------------------
+
+
+def test_open_is_refused_when_no_vault_url_policy_is_set(tmp_path, ini, bridge, fake_vault, monkeypatch):
+    """No VAULT_URL_ALLOWLIST and no written opt-out: nothing is contacted, and the message
+    tells the operator which file and which keys."""
+    config_file = tmp_path / "config.json"
+    monkeypatch.setenv("LUKSCTL_API_CONFIG", str(config_file))
+    client = create_frontend_app(FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock")), bridge=bridge).test_client()
+
+    body = answer(client.post(OPEN, json=payload()), 500)
+
+    assert body["error"].startswith(f"open is refused: {config_file} sets no VAULT_URL_ALLOWLIST")
+    assert "ALLOW_ANY_VAULT_URL: true" in body["error"]
+    assert fake_vault.calls == [] and bridge.passphrases == []
+
+
+@pytest.mark.parametrize(
+    "settings, level, message",
+    [
+        ({}, logging.ERROR, "open is refused: "),
+        ({"ALLOW_ANY_VAULT_URL": True}, logging.WARNING, "ALLOW_ANY_VAULT_URL is true: callers may make this server contact any host"),
+        ({"VAULT_URL_ALLOWLIST": ["https://vault.example:8200"]}, logging.INFO, "only the Vault URLs in VAULT_URL_ALLOWLIST: https://vault.example:8200"),
+    ],
+    ids=["unset", "opt-out", "allowlist"],
+)
+def test_start_up_logs_the_vault_url_policy(tmp_path, ini, bridge, caplog, settings, level, message):
+    caplog.set_level(logging.INFO, logger="luksctl")
+
+    create_frontend_app(FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock"), **settings), bridge=bridge)
+
+    [record] = [r for r in caplog.records if "VAULT_URL" in r.getMessage()]
+    assert (record.levelno, message in record.getMessage()) == (level, True), record.getMessage()
+
+
+# --- Failed-open limit under concurrency (issue 10, item 8) -----------------------------------
+
+
+def test_concurrent_failing_opens_from_one_address_pass_only_up_to_the_limit(tmp_path, ini, bridge, fake_vault):
+    """16 requests at once, each failing slowly: the check and the record are one step, so
+    exactly FAILED_OPEN_LIMIT of them reach Vault (a real sqlite file, the real app)."""
+    app = create_frontend_app(
+        FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock"), ALLOW_ANY_VAULT_URL=True, FAILED_OPEN_LIMIT=5),
+        bridge=bridge,
+    )
+    fake_vault.error = WrappingTokenInvalid("the wrapping token is invalid, expired or already used")
+    fake_vault.delay = 0.1
+    start = threading.Barrier(16)
+
+    def failing_open(_):
+        start.wait()
+        return app.test_client().post(OPEN, json=payload()).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = sorted(pool.map(failing_open, range(16)))
+
+    assert statuses == [403] * 5 + [429] * 11
+    assert len(fake_vault.calls) == 5
+
+
+def test_successful_opens_do_not_count_against_the_limit(tmp_path, ini, bridge, fake_vault):
+    client = make_client(tmp_path, ini, bridge, FAILED_OPEN_LIMIT=1)
+
+    assert [client.post(OPEN, json=payload()).status_code for _ in range(3)] == [200, 200, 200]

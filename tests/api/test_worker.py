@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -48,9 +51,11 @@ class FakeBridge:
         self.calls = 0
         self.mounts_after: list[str] = list(MOUNTPOINTS)
         self.error: Exception | None = None
+        self.delay = 0.0
 
     def nfs_mount(self) -> dict:
         self.calls += 1
+        time.sleep(self.delay)
         if self.error:
             raise self.error
         for mountpoint in self.mounts_after:
@@ -82,9 +87,9 @@ def token_file(tmp_path):
 
 
 @pytest.fixture
-def client(token_file, bridge):
+def client(tmp_path, token_file, bridge):
     config = WorkerConfig(NFS_MOUNTPOINT_LIST=MOUNTPOINTS, CLUSTER_TOKEN_FILE=str(token_file))
-    return create_worker_app(config, bridge=bridge).test_client()
+    return create_worker_app(config, bridge=bridge, runtime_dir=tmp_path).test_client()
 
 
 def post_nfs_mount(client, token: str | None = CLUSTER_TOKEN):
@@ -149,6 +154,22 @@ def test_unexpected_crash_is_json_500_without_details(client, bridge):
     assert "internal-detail" not in response.text
 
 
+def test_concurrent_nfs_mounts_share_one_remount(client, nfs, bridge):
+    """Any number of requests at once cost one `mount -a`; every one answers its outcome."""
+    bridge.delay = 0.3
+    start = threading.Barrier(8)
+
+    def request(_):
+        start.wait()
+        return post_nfs_mount(client)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(request, range(8)))
+
+    assert bridge.calls == 1
+    assert [answer(response, 200)["nfs_state"] for response in responses] == ["mounted"] * 8
+
+
 @pytest.mark.parametrize("token", [None, "", "wrong-token", CLUSTER_TOKEN + "x"])
 def test_nfs_mount_needs_the_cluster_token(client, bridge, token):
     answer(post_nfs_mount(client, token), 403)
@@ -158,7 +179,7 @@ def test_nfs_mount_needs_the_cluster_token(client, bridge, token):
 
 def test_nfs_mount_without_a_token_file_is_refused(tmp_path, bridge):
     config = WorkerConfig(NFS_MOUNTPOINT_LIST=MOUNTPOINTS, CLUSTER_TOKEN_FILE=str(tmp_path / "absent"))
-    client = create_worker_app(config, bridge=bridge).test_client()
+    client = create_worker_app(config, bridge=bridge, runtime_dir=tmp_path).test_client()
 
     body = answer(post_nfs_mount(client), 403)
 
@@ -178,7 +199,7 @@ def test_a_token_file_readable_by_others_stops_the_worker_app(token_file, bridge
 
 def test_unauthenticated_nfs_mount_can_be_allowed_for_old_front_ends(tmp_path, bridge):
     config = WorkerConfig(NFS_MOUNTPOINT_LIST=MOUNTPOINTS, CLUSTER_TOKEN_FILE=str(tmp_path / "absent"), ALLOW_UNAUTHENTICATED_NFS_MOUNT=True)
-    client = create_worker_app(config, bridge=bridge).test_client()
+    client = create_worker_app(config, bridge=bridge, runtime_dir=tmp_path).test_client()
 
     assert answer(post_nfs_mount(client, None), 200)["nfs_state"] == "mounted"
     assert bridge.calls == 1

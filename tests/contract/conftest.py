@@ -51,5 +51,5 @@ def frontend_app(host: Host, frontend_config: FrontendConfig):
 
 
 @pytest.fixture
-def worker_app(host: Host, worker_config: WorkerConfig):
-    return create_worker_app(worker_config, host)
+def worker_app(tmp_path: Path, host: Host, worker_config: WorkerConfig):
+    return create_worker_app(worker_config, host, tmp_path)

@@ -496,6 +496,22 @@ def test_nfs_mount_when_everything_is_mounted_runs_nothing(host, paths, monkeypa
     assert host.calls == []
 
 
+def test_nfs_mount_waits_for_the_open_and_close_lock(host, paths, monkeypatch, capsys):
+    """One root-side operation at a time: a remount never races an open, close or another remount."""
+    import fcntl
+
+    paths.api_config.write_text(json.dumps({"NFS_MOUNTPOINT_LIST": ["/home"]}))
+    monkeypatch.setattr(cli, "nfs_mount_states", lambda mountpoints: {m: False for m in mountpoints})
+    monkeypatch.setattr(cli, "LOCK_WAIT", 0.3)
+    with open(paths.lock_file, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+
+        assert run_cli(paths, "--json", "nfs-mount") == 6
+
+    assert host.calls == []
+    assert "still running" in json_output(capsys)["error"]
+
+
 # --- audit -------------------------------------------------------------------
 
 

@@ -26,8 +26,27 @@ class Worker(http.server.BaseHTTPRequestHandler):
         server.tokens.append(self.headers.get(cluster.TOKEN_HEADER))
         if server.behaviour == "slow":
             time.sleep(server.delay)
+        if server.behaviour == "trickle":
+            data = b'{"nfs_state": "mounted", "padding": "' + b"x" * 100 + b'"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for byte in data:
+                    time.sleep(server.delay)
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+            except OSError:
+                pass  # the front end gave up, as it should
+            return None
         if server.behaviour == "refuse":
             return self._send(403, {"nfs_state": "unmounted", "error": "wrong token"})
+        if server.behaviour == "redirect":
+            self.send_response(307)
+            self.send_header("Location", server.delay)  # the other server's URL
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         if server.behaviour == "html":
             self.send_response(502)
             self.end_headers()
@@ -124,6 +143,29 @@ def test_workers_are_called_in_parallel(workers):
 
     assert set(nodes.values()) == {"mounted"}
     assert elapsed < 3, f"8 workers of 1 s each took {elapsed:.1f} s"
+
+
+def test_a_redirecting_worker_is_an_error_and_is_not_followed(workers):
+    elsewhere_host, elsewhere = workers("ok")
+    redirecting, _ = workers("redirect", delay=f"http://{elsewhere_host}:{workers.port}/luksctl_api_wn/v1.0/nfs-mount")
+
+    nodes = cluster.remount_workers(client(workers.port), [redirecting])
+
+    assert nodes == {redirecting: "error"}
+    assert elsewhere.tokens == [], "the redirect was followed, with the cluster token"
+
+
+def test_a_worker_that_trickles_its_answer_is_a_timeout_at_the_deadline(workers):
+    """One byte at a time: no read timeout fires; the call's own deadline does, so the call
+    ends there and its pool thread is free again (fan_out alone stops waiting, not the call)."""
+    trickling, _ = workers("trickle", delay=0.2)
+    worker_client = client(workers.port, read_timeout=1)
+
+    started = time.monotonic()
+    outcome = worker_client.call(trickling, "GET", "status")
+
+    assert outcome == "timeout"
+    assert time.monotonic() - started < worker_client.deadline + 0.5
 
 
 def test_ipv6_workers_get_a_bracketed_url():

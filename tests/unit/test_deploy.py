@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import runpy
 import shlex
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from luksctl.config import LUKSCTL_BINARY
+from luksctl.config import LUKSCTL_BINARY, FrontendConfig
 from luksctl.privileged import SUDO
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -118,3 +119,66 @@ def test_gunicorn_conf_timeout_outlasts_a_privileged_call():
     conf = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
 
     assert conf["timeout"] > FrontendConfig().PRIVILEGED_TIMEOUT
+
+
+# --- Vault URL policy in the samples and install.sh (issue 10, item 3) -------------------------
+
+FRONTEND_SAMPLES = ["single_vm", "docker", "cluster"]
+
+
+@pytest.mark.parametrize("profile", FRONTEND_SAMPLES)
+def test_install_writes_the_vault_urls_it_is_given_into_a_fresh_config(profile, capsys):
+    from luksctl.api.admin import main_frontend
+
+    sample = DEPLOY / "config" / f"{profile}.json"
+
+    assert main_frontend(["write-config", "--sample", str(sample), "--vault-url", "https://vault.one:8200", "--vault-url", "https://vault.two"]) == 0
+
+    written = json.loads(capsys.readouterr().out)
+    config = FrontendConfig.model_validate(written)
+    assert config.VAULT_URL_ALLOWLIST == ["https://vault.one:8200", "https://vault.two:443"]
+    assert not config.ALLOW_ANY_VAULT_URL
+    assert {key: value for key, value in written.items() if key != "VAULT_URL_ALLOWLIST"} == {
+        key: value for key, value in json.loads(sample.read_text()).items() if key != "VAULT_URL_ALLOWLIST"
+    }
+
+
+@pytest.mark.parametrize("profile", FRONTEND_SAMPLES)
+def test_install_without_a_vault_url_writes_a_config_that_refuses_open_and_says_so(profile, capsys):
+    """The sample's allowlist is an example (vault.example): it is not kept as if it were real."""
+    from luksctl.api.admin import main_frontend
+
+    assert main_frontend(["write-config", "--sample", str(DEPLOY / "config" / f"{profile}.json")]) == 0
+
+    captured = capsys.readouterr()
+    config = FrontendConfig.model_validate(json.loads(captured.out))
+    assert config.VAULT_URL_ALLOWLIST is None and not config.ALLOW_ANY_VAULT_URL
+    assert "open is refused until VAULT_URL_ALLOWLIST is set" in captured.err
+
+
+@pytest.mark.parametrize("profile", FRONTEND_SAMPLES)
+def test_samples_show_the_allowlist_key_with_an_example_url(profile):
+    config = FrontendConfig.model_validate(json.loads((DEPLOY / "config" / f"{profile}.json").read_text()))
+
+    assert config.VAULT_URL_ALLOWLIST == ["https://vault.example:8200"]
+
+
+def test_write_config_refuses_a_vault_url_that_is_not_one(capsys):
+    from luksctl.api.admin import main_frontend
+
+    assert main_frontend(["write-config", "--sample", str(DEPLOY / "config" / "single_vm.json"), "--vault-url", "vault:8200/path"]) == 3
+    assert "VAULT_URL_ALLOWLIST" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["frontend", "single_vm", "--vault-url"], ["frontend", "--vault"], ["frontend", "single_vm", "extra"]])
+def test_install_sh_rejects_bad_arguments_before_doing_anything(argv):
+    result = subprocess.run(["bash", str(DEPLOY / "install.sh"), *argv], capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 64, result.stdout + result.stderr
+    assert "--vault-url URL" in result.stderr and result.stdout == ""
+
+
+def test_install_sh_hands_its_vault_urls_to_write_config():
+    script = (DEPLOY / "install.sh").read_text()
+
+    assert 'write-config --sample "$sample" ${vault_urls[@]+"${vault_urls[@]}"}' in script

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import ipaddress
+import json
 import os
 import socket
 import ssl
@@ -320,6 +321,7 @@ def make_frontend_app(tmp_path, fake_bridge, monkeypatch):
 
     ini = tmp_path / "luks-cryptdev.ini"
     ini.write_text(f"[luks]\nuuid = 0123abcd-4567-89ab-cdef-0123456789ab\ncryptdev = {CRYPTDEV}\nmountpoint = {MOUNTPOINT}\n")
+    # Tests name many local servers: any URL is allowed here, as the operator may opt to.
 
     def fake_volume_status(cryptdev: str, mountpoint: str) -> VolumeStatus:
         assert (cryptdev, mountpoint) == (CRYPTDEV, MOUNTPOINT)
@@ -328,7 +330,7 @@ def make_frontend_app(tmp_path, fake_bridge, monkeypatch):
     monkeypatch.setattr(frontend, "volume_status", fake_volume_status)
 
     def make(**settings):
-        config = FrontendConfig(**{"CRYPTDEV_INI": str(ini), "LOCK_FILE": str(tmp_path / "open.lock"), "VAULT_TIMEOUT": 3, **settings})
+        config = FrontendConfig(**{"CRYPTDEV_INI": str(ini), "LOCK_FILE": str(tmp_path / "open.lock"), "VAULT_TIMEOUT": 3, "ALLOW_ANY_VAULT_URL": True, **settings})
         app = frontend.create_frontend_app(config, fake_bridge)
         app.testing = False  # answer the way production does: errors become JSON, never propagate
         return app
@@ -344,3 +346,101 @@ def frontend_app(make_frontend_app):
 def open_body(vault_url: str, token: str, secret_path: str, *, root: str = KV2_ROOT, key: str = SECRET_KEY) -> dict:
     """The dashboard's POST /open body (PROTOCOL §3)."""
     return {"vault_url": vault_url, "vault_token": token, "secret_root": root, "secret_path": secret_path, "secret_key": key}
+
+
+# --- Hostile or misbehaving servers on loopback ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]  # names lower-cased
+
+
+class LocalServer(http.server.ThreadingHTTPServer):
+    """Records every request; `respond(seen, body)` gives (status, headers, body) to answer with.
+
+    With `trickle` set, an answer goes out one byte per `trickle` seconds: every socket read
+    gets its byte in time, so no per-read timeout ever fires.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, respond: Callable[[Seen, bytes], tuple[int, dict, bytes]]):
+        super().__init__(("127.0.0.1", 0), _LocalHandler)
+        self.respond = respond
+        self.seen: list[Seen] = []
+        self.trickle: Callable[[Seen], float] = lambda seen: 0.0
+        self.closing = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _LocalHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        server: LocalServer = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        seen = Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+        server.seen.append(seen)
+        status, headers, payload = server.respond(seen, body)
+        head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        raw = (head + f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
+        interval = server.trickle(seen)
+        try:
+            if not interval:
+                self.wfile.write(raw)
+            for byte in raw if interval else b"":
+                if server.closing.wait(interval):
+                    break
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        except OSError:
+            pass  # the client gave up: that is what the trickle tests expect
+        self.close_connection = True
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def local_server() -> Iterator[Callable[..., LocalServer]]:
+    """local_server(respond) -> a started LocalServer; all are stopped after the test."""
+    started: list[LocalServer] = []
+
+    def start(respond: Callable[[Seen, bytes], tuple[int, dict, bytes]]) -> LocalServer:
+        server = LocalServer(respond)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.closing.set()
+        server.shutdown()
+        server.server_close()
+
+
+def json_answer(body: dict, status: int = 200) -> tuple[int, dict, bytes]:
+    return status, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
+@pytest.fixture
+def vault_front(bao, local_server) -> LocalServer:
+    """A LocalServer that forwards every request to the real OpenBao, headers and body as
+    received: it shows what Vault would get, and can trickle chosen answers."""
+    session = requests.Session()
+    session.trust_env = False
+
+    def forward(seen: Seen, body: bytes) -> tuple[int, dict, bytes]:
+        headers = {k: v for k, v in seen.headers.items() if k not in ("host", "content-length", "connection")}
+        answer = session.request(seen.method, bao.url + seen.path, headers=headers, data=body, timeout=10)
+        return answer.status_code, {"Content-Type": answer.headers.get("Content-Type", "application/json")}, answer.content
+
+    return local_server(forward)

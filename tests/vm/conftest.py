@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_vm import OUT, Api, Bao, CryptsetupCounter, Dashboard, VolumeFactory
+from helpers_vm import OUT, Api, Bao, CryptsetupCounter, Dashboard, VolumeFactory, single_vm_config
 
 
 def pytest_configure(config):
@@ -78,13 +78,13 @@ def api_server():
 
 
 @pytest.fixture
-def api(api_server):
-    """The front-end API running with the default config.json.
+def api(api_server, bao):
+    """The front-end API running with the default config.json, plus OpenBao in VAULT_URL_ALLOWLIST.
 
     A test that needs another config calls api.restart(config); the next test that asks for
     `api` gets the default back. Restarts cost seconds, so only a changed config restarts.
     """
-    api_server.ensure({"INFRASTRUCTURE_CONFIGURATION": "single_vm"})
+    api_server.ensure(single_vm_config(bao))
     return api_server
 
 

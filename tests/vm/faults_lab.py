@@ -26,6 +26,7 @@ from helpers_vm import API_PORT, CRYPTSETUP, MOUNTPOINT, free_port
 # --------------------------------------------------------------------------------------------
 
 _REQUEST_LINE = re.compile(rb"(?m)^(GET|POST|PUT|DELETE|LIST|HEAD|PATCH) (\S+) HTTP/1\.[01]\r?$")
+_CREDENTIAL_HEADER = re.compile(rb"(?im)^(x-vault-token|authorization|proxy-authorization): *(\S+)\r?$")
 
 
 class VaultProxy:
@@ -33,7 +34,9 @@ class VaultProxy:
 
     hold(path): a request for that path (and everything after it on its connection) waits until
     release(); held() tells when one arrived. delay: seconds added before forwarding each
-    request. The port stays the same for the whole session, so it can sit in an allowlist.
+    request. trickle: Vault's answers go back one byte per `trickle` seconds. credentials:
+    every token or Authorization header the requests carried. The port stays the same for the
+    whole session, so it can sit in an allowlist.
     """
 
     def __init__(self, upstream_port: int, name: str) -> None:
@@ -42,7 +45,9 @@ class VaultProxy:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.delay = 0.0
+        self.trickle = 0.0
         self.requests: list[tuple[str, str]] = []  # (method, path), in arrival order
+        self.credentials: list[tuple[str, str]] = []  # (lower-cased header name, value)
         self.connections = 0
         self._hold_path: str | None = None
         self._held = threading.Event()
@@ -79,10 +84,12 @@ class VaultProxy:
         """Forward everything at once again and forget what was seen."""
         self._release.set()
         self.delay = 0.0
+        self.trickle = 0.0
         self._hold_path = None
         self._held.clear()
         with self._lock:
             self.requests.clear()
+            self.credentials.clear()
             self.connections = 0
 
     def hold(self, path: str) -> None:
@@ -134,6 +141,8 @@ class VaultProxy:
                 if not chunk:
                     break
                 if from_client:
+                    with self._lock:
+                        self.credentials += [(name.decode().lower(), value.decode()) for name, value in _CREDENTIAL_HEADER.findall(chunk)]
                     for method, path in _REQUEST_LINE.findall(chunk):
                         with self._lock:
                             self.requests.append((method.decode(), path.decode(errors="replace")))
@@ -144,6 +153,11 @@ class VaultProxy:
                         self._release.wait(600)
                     if self.delay:
                         time.sleep(self.delay)
+                elif self.trickle:
+                    for byte in chunk:  # every read gets a byte in time; the answer never ends
+                        time.sleep(self.trickle)
+                        sink.sendall(bytes([byte]))
+                    continue
                 sink.sendall(chunk)
         except OSError:
             pass

@@ -300,6 +300,7 @@ class Api:
         self.unit = ServiceUnit(REPO / "deploy" / "luksctl-api.service")
         self.proc: subprocess.Popen | None = None
         self.config: dict | None = None
+        self.env: dict[str, str] = {}
         self.starts = 0
         self.stdout_log = self.stderr_log = Path()
 
@@ -307,8 +308,10 @@ class Api:
     def pid(self) -> int:
         return self.proc.pid
 
-    def start(self, config: dict | None = None) -> None:
+    def start(self, config: dict | None = None, env: dict[str, str] | None = None) -> None:
+        """env: added to what systemd would give the service (e.g. a hostile VAULT_TOKEN)."""
         self.config = config or {"INFRASTRUCTURE_CONFIGURATION": "single_vm"}
+        self.env = env or {}
         API_CONFIG.write_text(json.dumps(self.config))
         API_CONFIG.chmod(0o644)
         user = pwd.getpwnam(self.unit.one("User"))
@@ -329,7 +332,7 @@ class Api:
         argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={group.gr_gid}", "--init-groups", "--",
                 *self.unit.exec_start]
         env = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": user.pw_dir, "USER": user.pw_name,
-               "LOGNAME": user.pw_name, "SHELL": user.pw_shell, **self.unit.environment}
+               "LOGNAME": user.pw_name, "SHELL": user.pw_shell, **self.unit.environment, **self.env}
         with self.stdout_log.open("wb") as out, self.stderr_log.open("wb") as err:
             self.proc = subprocess.Popen(argv, env=env, cwd="/", stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL)
@@ -365,18 +368,23 @@ class Api:
         with socket.socket() as sock:
             return sock.connect_ex(("127.0.0.1", API_PORT)) != 0
 
-    def restart(self, config: dict | None = None) -> None:
+    def restart(self, config: dict | None = None, env: dict[str, str] | None = None) -> None:
         self.stop()
-        self.start(config)
+        self.start(config, env)
 
-    def ensure(self, config: dict) -> None:
-        """Running with exactly this config: starts, or restarts, only when needed (restarts
-        cost seconds). A master that died (e.g. SIGKILLed by a test) counts as not running."""
+    def ensure(self, config: dict, env: dict[str, str] | None = None) -> None:
+        """Running with exactly this config and env: starts, or restarts, only when needed
+        (restarts cost seconds). A master that died (e.g. SIGKILLed by a test) counts as not running."""
         if self.proc is None or self.proc.poll() is not None:
             self.stop()  # a dead master's workers may still hold the port for a moment
-            self.start(config)
-        elif self.config != config:
-            self.restart(config)
+            self.start(config, env)
+        elif (self.config, self.env) != (config, env or {}):
+            self.restart(config, env)
+
+
+def single_vm_config(bao: Bao, **settings) -> dict:
+    """The front end's config.json for a single VM whose open may contact this OpenBao."""
+    return {"INFRASTRUCTURE_CONFIGURATION": "single_vm", "VAULT_URL_ALLOWLIST": [bao.url], **settings}
 
 
 @contextlib.contextmanager

@@ -6,8 +6,11 @@ volume is whole (fully open and mounted, or fully closed, per /sys/block/dm-*/dm
 healthy) succeeds.
 
 Most tests share one service config (LAB_CONFIG): no failed-open limit (they fail on purpose),
-a short VAULT_TIMEOUT, a Vault allowlist holding OpenBao and two proxies in front of it, and
-ALLOWED_CLIENTS = 127.0.0.1 only, so 127.0.0.2 is a refused client without a restart.
+a short VAULT_TIMEOUT and VAULT_DEADLINE, a Vault allowlist holding OpenBao and two proxies in
+front of it, and ALLOWED_CLIENTS = 127.0.0.1 only, so 127.0.0.2 is a refused client without a
+restart. The service runs in a hostile environment (AMBIENT_ENV): Vault's root token in
+VAULT_TOKEN, and a HOME it cannot read holding ~/.vault-token and ~/.netrc, as when started
+from a root shell; every fault test then also shows that none of it gets in the way.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ from helpers_vm import (
 STATUS = "/luksctl_api/v1.0/status"
 OPEN = "/luksctl_api/v1.0/open"
 VAULT_TIMEOUT = 5
+VAULT_DEADLINE = 8
+AMBIENT_HOME = Path("/srv/luksctl-root-home")  # root's, mode 0700: the service user cannot read it
+AMBIENT_ENV = {"HOME": str(AMBIENT_HOME), "VAULT_TOKEN": "root"}  # "root": the dev server's root token
 # What the API may add to VAULT_TIMEOUT before answering 502 (request parsing, state, lock),
 # generous for software emulation on a shared 2-core host.
 TIMEOUT_MARGIN = 10
@@ -84,25 +90,27 @@ def lab_config(bao, proxies) -> dict:
         "INFRASTRUCTURE_CONFIGURATION": "single_vm",
         "FAILED_OPEN_LIMIT": 0,
         "VAULT_TIMEOUT": VAULT_TIMEOUT,
+        "VAULT_DEADLINE": VAULT_DEADLINE,
         "VAULT_URL_ALLOWLIST": [bao.url, proxies.main.url, proxies.allowed.url],
         "ALLOWED_CLIENTS": ["127.0.0.1/32"],
     }
 
 
-def ensure_config(api_server, config: dict):
-    if api_server.proc is None or api_server.proc.poll() is not None:
-        api_server.start(config)
-    elif api_server.config != config:
-        api_server.restart(config)
-    return api_server
+def ambient_home() -> None:
+    """A root HOME with Vault's root token in ~/.vault-token and a .netrc for the Vault host."""
+    AMBIENT_HOME.mkdir(mode=0o700, exist_ok=True)
+    AMBIENT_HOME.chmod(0o700)
+    (AMBIENT_HOME / ".vault-token").write_text("root")
+    (AMBIENT_HOME / ".netrc").write_text("machine 127.0.0.1 login root password netrc-password\n")
 
 
 @pytest.fixture
 def lab_api(api_server, bao_up, proxies):
-    server = ensure_config(api_server, lab_config(bao_up, proxies))
+    ambient_home()
+    api_server.ensure(lab_config(bao_up, proxies), AMBIENT_ENV)
     for proxy in vars(proxies).values():
         proxy.reset()
-    yield server
+    yield api_server
     for proxy in vars(proxies).values():
         proxy.reset()
 
@@ -184,7 +192,7 @@ def test_vault_slower_than_vault_timeout_gives_502_in_time(lab_api, bao_up, prox
     with same_gunicorn(lab_api.pid):
         answer = post_json(OPEN, payload, timeout=VAULT_TIMEOUT + 120)
     body = expect_json_error(answer, 502, "unmounted")
-    assert f"did not answer within {VAULT_TIMEOUT:g} s" in body["error"], body
+    assert "unreachable or too slow" in body["error"], body
     assert VAULT_TIMEOUT - 0.5 <= answer.elapsed <= VAULT_TIMEOUT + TIMEOUT_MARGIN, answer.elapsed
     assert volume_shape(volume.cryptdev) == "closed"
     # The lookup never reached Vault: the wrapping token was not used.
@@ -196,6 +204,46 @@ def test_vault_slower_than_vault_timeout_gives_502_in_time(lab_api, bao_up, prox
     answer = next_open_succeeds(bao_up, volume, proxies.main.url)
     seen = proxies.main.paths()
     assert seen[0].startswith("/v1/sys/wrapping/lookup") and any(p.startswith("/v1/secrets/data/") for p in seen), seen
+
+
+def test_a_vault_that_trickles_is_cut_at_vault_deadline(lab_api, bao_up, proxies, luks_volume):
+    """Vault answers one byte per second: every read is well inside VAULT_TIMEOUT, so only the
+    exchange's deadline ends it. The lock is then free: a real open that was waiting succeeds."""
+    volume = luks_volume("trickling vault")
+    stuck_payload = open_payload(bao_up, volume, proxies.main.url)
+    proxies.main.trickle = 1.0
+    with same_gunicorn(lab_api.pid), ThreadPoolExecutor(2) as pool:
+        stuck = pool.submit(post_json, OPEN, stuck_payload, timeout=VAULT_DEADLINE + 120)
+        wait_until(proxies.main.paths, 60, "the open to reach the trickling Vault", interval=0.2)
+        waiting = pool.submit(post_json, OPEN, open_payload(bao_up, volume), timeout=300)
+        stuck_answer = stuck.result(timeout=VAULT_DEADLINE + 130)
+        real_answer = waiting.result(timeout=310)
+    body = expect_json_error(stuck_answer, 502)
+    assert "unreachable or too slow" in body["error"], body
+    assert stuck_answer.elapsed <= VAULT_DEADLINE + TIMEOUT_MARGIN, stuck_answer.elapsed
+    expect_json_error(real_answer, 200, "mounted")
+    assert volume_shape(volume.cryptdev) == "open"
+
+
+def test_ambient_vault_credentials_are_never_sent(lab_api, bao_up, proxies, luks_volume):
+    """The service runs with VAULT_TOKEN=<root token> and a root HOME holding ~/.vault-token
+    and ~/.netrc (AMBIENT_ENV). Open still works, and Vault receives only the wrapping token
+    and the token it wraps: no root token, no .netrc password."""
+    environ = Path(f"/proc/{lab_api.pid}/environ").read_bytes().split(b"\0")
+    assert b"VAULT_TOKEN=root" in environ and f"HOME={AMBIENT_HOME}".encode() in environ
+    volume = luks_volume("ambient credentials")
+    unwrapped = f"ambient-{os.urandom(8).hex()}"
+    secret_path = bao_up.store_passphrase("faults", volume.uuid, volume.passphrase.decode())
+    payload = bao_up.open_payload(secret_path, bao_up.wrap_token(token_id=unwrapped))
+    payload["vault_url"] = proxies.main.url
+
+    answer = post_json(OPEN, payload, timeout=300)
+
+    expect_json_error(answer, 200, "mounted")
+    assert volume_shape(volume.cryptdev) == "open"
+    assert proxies.main.credentials, "the proxy saw no token at all"
+    assert {value for _, value in proxies.main.credentials} == {payload["vault_token"], unwrapped}, proxies.main.credentials
+    assert {name for name, _ in proxies.main.credentials} == {"x-vault-token"}
 
 
 @pytest.mark.parametrize("mode", ["hang", "kill-after"])
@@ -591,8 +639,8 @@ def test_slow_clients_do_not_block_status(lab_api, paper_volume):
 def test_repeated_failed_opens_get_429_with_retry_after(api_server, bao_up, paper_volume):
     """The limit counts per client address: 127.0.0.7 is used only here."""
     client, other = "127.0.0.7", "127.0.0.1"
-    ensure_config(api_server, {"INFRASTRUCTURE_CONFIGURATION": "single_vm", "FAILED_OPEN_LIMIT": 3,
-                               "FAILED_OPEN_WINDOW": 300, "VAULT_URL_ALLOWLIST": [bao_up.url]})
+    api_server.ensure({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "FAILED_OPEN_LIMIT": 3,
+                        "FAILED_OPEN_WINDOW": 300, "VAULT_URL_ALLOWLIST": [bao_up.url]})
     bad = {"vault_url": bao_up.url}  # fields missing: 400, counted
     try:
         with same_gunicorn(api_server.pid):

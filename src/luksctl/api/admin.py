@@ -7,8 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .. import certs
-from ..config import FrontendConfig, WorkerConfig, api_config_path, load_json_config
+from ..config import FrontendConfig, WorkerConfig, api_config_path, describe_validation_error, load_json_config
 from ..errors import EXIT_CONFIG, EXIT_USAGE, LuksctlError
 
 
@@ -24,7 +26,14 @@ def _main(argv: list[str] | None, prog: str, model: type, default_owner: str) ->
     gen.add_argument("--days", type=int, default=3650, help="validity (default: %(default)s)")
     gen.add_argument("--force", action="store_true", help="replace an existing certificate")
     commands.add_parser("check-config", help=f"validate the config file ($LUKSCTL_API_CONFIG or {api_config_path()})")
+    if model is FrontendConfig:
+        write = commands.add_parser("write-config", help="print a new config.json: a sample with the Vault URLs that open may contact")
+        write.add_argument("--sample", type=Path, required=True, help="deploy/config/<profile>.json")
+        write.add_argument("--vault-url", action="append", default=[], help="a Vault URL callers may name (repeatable)")
     args = parser.parse_args(argv)
+
+    if args.command == "write-config":
+        return _write_config(prog, args.sample, args.vault_url)
 
     if args.command == "check-config":
         path = api_config_path()
@@ -47,6 +56,29 @@ def _main(argv: list[str] | None, prog: str, model: type, default_owner: str) ->
         print(f"{prog}: cannot write the certificate: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"wrote {args.cert} and {args.key} (owner {args.owner}, mode 0600)")
+    return 0
+
+
+def _write_config(prog: str, sample: Path, vault_urls: list[str]) -> int:
+    """install.sh's fresh config.json on stdout: the sample's VAULT_URL_ALLOWLIST (an example)
+    replaced by the URLs given, or dropped, so that open is refused until the operator sets it."""
+    try:
+        config = json.loads(sample.read_text())
+        config.pop("VAULT_URL_ALLOWLIST", None)
+        if vault_urls:
+            config["VAULT_URL_ALLOWLIST"] = vault_urls
+        FrontendConfig.model_validate(config)
+    except (OSError, ValueError) as exc:
+        message = describe_validation_error(sample, exc) if isinstance(exc, ValidationError) else f"{sample}: {exc}"
+        print(f"{prog}: {message}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not vault_urls:
+        print(
+            f"{prog}: note: no --vault-url given: open is refused until VAULT_URL_ALLOWLIST is set in config.json "
+            "(or ALLOW_ANY_VAULT_URL: true, which lets callers name any URL)",
+            file=sys.stderr,
+        )
+    print(json.dumps(config, indent=2))
     return 0
 
 

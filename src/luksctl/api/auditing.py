@@ -25,8 +25,8 @@ def install_audit(app: Flask, actions: dict[str, str]) -> None:
     @app.after_request
     def write_audit_line(response):
         status = response.status_code
-        if request.method == "GET" and status < 400:
-            return response  # status polls are constant; only refusals are worth a line
+        if request.method == "GET" and status < 400 and "nodes" not in g.get("audit", {}):
+            return response  # status polls are constant; only refusals and fan-outs are worth a line
         audit.record(
             action=actions.get(request.endpoint or "", "unknown"),
             client=request.remote_addr,

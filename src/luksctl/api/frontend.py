@@ -13,12 +13,13 @@ from flask import Blueprint, Flask, current_app, request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from .. import cluster, vault
-from ..config import FrontendConfig, VolumeConfig, load_api_config, load_volume_config, normalize_vault_url
+from ..config import FrontendConfig, VolumeConfig, api_config_path, load_api_config, load_volume_config, normalize_vault_url
 from ..errors import BadRequest, BodyTooLarge, ConfigError, LuksctlError, UnsupportedMediaType, WrappingTokenInvalid
 from ..locking import exclusive_lock
 from ..privileged import PrivilegedBridge, SudoBridge
 from ..status import VolumeState, volume_status
 from .auditing import install_audit, note
+from .coalesce import CoalescedCall, Outcome
 from .errors import openapi_document, register_json_errors
 from .guards import install_client_allowlist
 from .ratelimit import FailedOpenLimiter
@@ -102,12 +103,18 @@ class Frontend:
         self.bridge = bridge
         self.volumes = VolumeConfigCache(Path(config.CRYPTDEV_INI))
         verify = config.VAULT_CA_BUNDLE or config.VAULT_TLS_VERIFY
-        self.vault_settings = vault.VaultSettings(verify, config.VAULT_TIMEOUT, tuple(config.WRAPPING_CREATION_PATHS))
+        self.vault_settings = vault.VaultSettings(
+            verify, config.VAULT_TIMEOUT, tuple(config.WRAPPING_CREATION_PATHS), config.VAULT_DEADLINE
+        )
         self.workers = cluster.WorkerClient.from_config(config) if config.is_cluster else None
-        database = Path(config.LOCK_FILE).with_name("failed-opens.sqlite")
-        self.limiter = FailedOpenLimiter(database, config.FAILED_OPEN_LIMIT, config.FAILED_OPEN_WINDOW)
-        if config.VAULT_URL_ALLOWLIST is None:
-            log.warning("VAULT_URL_ALLOWLIST is not set: callers may make this server contact any Vault URL")
+        runtime = Path(config.LOCK_FILE).parent
+        self.limiter = FailedOpenLimiter(runtime / "failed-opens.sqlite", config.FAILED_OPEN_LIMIT, config.FAILED_OPEN_WINDOW)
+        if self.workers is not None:
+            # Waiting for the fan-out in progress costs at most its own deadline.
+            wait = self.workers.deadline + 10
+            self.remounts = CoalescedCall(runtime, "fanout-nfs-mount", min_interval=config.FANOUT_MIN_INTERVAL, wait=wait)
+            self.worker_polls = CoalescedCall(runtime, "fanout-status", min_interval=config.FANOUT_MIN_INTERVAL, wait=wait)
+        _log_vault_url_policy(config)
 
     def state(self) -> VolumeState:
         volume = self.volumes.get()
@@ -124,18 +131,23 @@ class Frontend:
         volume = self.volumes.get()
         note(volume=volume.cryptdev, vault_path=str(unlock.location))
         allowed = self.config.VAULT_URL_ALLOWLIST
+        if allowed is None and not self.config.ALLOW_ANY_VAULT_URL:
+            raise ConfigError(_no_vault_url_policy())
         if allowed is not None and unlock.vault_url not in allowed:
             raise BadRequest(f"vault_url {unlock.vault_url} is not in VAULT_URL_ALLOWLIST; nothing was contacted")
+        unlocked_here = False
         if self.state() is not VolumeState.MOUNTED:
             # One open at a time across threads and gunicorn workers; whoever
             # waited finds the volume mounted and leaves its wrapping token unused.
             with exclusive_lock(Path(self.config.LOCK_FILE), timeout=self.config.PRIVILEGED_TIMEOUT + 30, what="open"):
                 if self.state() is not VolumeState.MOUNTED:
                     self._unlock(unlock)
+                    unlocked_here = True
         body = {"volume_state": self.state().value}
         if self.workers is not None and body["volume_state"] == VolumeState.MOUNTED.value:
-            body["nodes"] = cluster.remount_workers(self.workers, self.config.WN_IPS)
-            note(nodes=body["nodes"])
+            # After a new mount only a remount that starts now will do: earlier ones saw no export.
+            outcome = self.remounts.run(lambda: cluster.remount_workers(self.workers, self.config.WN_IPS), fresh=unlocked_here)
+            body["nodes"] = _noted_nodes(outcome)
         return body
 
     def _unlock(self, unlock: OpenRequest) -> None:
@@ -149,8 +161,35 @@ class Frontend:
 
     def nodes(self) -> dict:
         """The operator's view of every worker, fetched on demand (never on a status poll)."""
-        nodes = cluster.worker_states(self.workers, self.config.WN_IPS) if self.workers is not None else {}
-        return {**self.state_body(), "nodes": nodes}
+        if self.workers is None:
+            note(nodes={})
+            return {**self.state_body(), "nodes": {}}
+        outcome = self.worker_polls.run(lambda: cluster.worker_states(self.workers, self.config.WN_IPS))
+        return {**self.state_body(), "nodes": _noted_nodes(outcome)}
+
+
+def _noted_nodes(outcome: Outcome) -> dict[str, str]:
+    """Every fan-out answer is audited, and says whether it called the workers or reused a result."""
+    note(nodes=outcome.value, fanout="shared" if outcome.shared else "new")
+    return outcome.value
+
+
+def _no_vault_url_policy() -> str:
+    return (
+        f"open is refused: {api_config_path()} sets no VAULT_URL_ALLOWLIST (the Vault URLs callers may name, "
+        'e.g. ["https://vault.example:8200"]); set it, or set ALLOW_ANY_VAULT_URL: true to let callers name any URL'
+    )
+
+
+def _log_vault_url_policy(config: FrontendConfig) -> None:
+    if config.VAULT_URL_ALLOWLIST:
+        log.info("open contacts only the Vault URLs in VAULT_URL_ALLOWLIST: %s", ", ".join(config.VAULT_URL_ALLOWLIST))
+    elif config.VAULT_URL_ALLOWLIST == []:
+        log.error("VAULT_URL_ALLOWLIST in %s is empty: every open is refused until it names the Vault URLs", api_config_path())
+    elif config.ALLOW_ANY_VAULT_URL:
+        log.warning("ALLOW_ANY_VAULT_URL is true: callers may make this server contact any host and port as a Vault URL")
+    else:
+        log.error("%s", _no_vault_url_policy())
 
 
 bp = Blueprint("frontend", __name__, url_prefix=PREFIX)

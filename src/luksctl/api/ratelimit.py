@@ -42,22 +42,25 @@ class FailedOpenLimiter:
         finally:
             db.close()
 
-    def check(self, client: str) -> None:
-        """Refuse a client with `limit` failures inside the window, saying when to retry."""
+    def admit(self, client: str) -> int:
+        """Refuse a client with `limit` failures inside the window, saying when to retry;
+        otherwise count this request as a failure until it proves otherwise.
+
+        Check and record are one IMMEDIATE transaction, so concurrent requests from one
+        address cannot all pass the check before any of them is recorded.
+        """
         now = time.time()
         with self._connect() as db:
             db.execute("DELETE FROM failures WHERE at < ?", (now - self.window,))
             count, oldest = db.execute("SELECT COUNT(*), MIN(at) FROM failures WHERE client = ?", (client,)).fetchone()
-        if count >= self.limit:
-            retry_after = max(1, math.ceil(oldest + self.window - now))
-            raise TooManyFailures(
-                f"{count} failed opens from {client} in the last {self.window:g} s; try again in {retry_after} s",
-                retry_after,
-            )
+            if count < self.limit:
+                return db.execute("INSERT INTO failures (client, at) VALUES (?, ?)", (client, now)).lastrowid
+        retry_after = max(1, math.ceil(oldest + self.window - now))
+        raise TooManyFailures(f"{count} failed opens from {client} in the last {self.window:g} s; try again in {retry_after} s", retry_after)
 
-    def record_failure(self, client: str) -> None:
+    def forget(self, row: int) -> None:
         with self._connect() as db:
-            db.execute("INSERT INTO failures (client, at) VALUES (?, ?)", (client, time.time()))
+            db.execute("DELETE FROM failures WHERE rowid = ?", (row,))
 
     @contextlib.contextmanager
     def counting_failures(self, client: str) -> Iterator[None]:
@@ -66,10 +69,14 @@ class FailedOpenLimiter:
         if not self.limit:
             yield
             return
-        self.check(client)
+        row = self.admit(client)
         try:
             yield
         except LuksctlError as exc:
-            if 400 <= exc.http_status < 500:
-                self.record_failure(client)
+            if not 400 <= exc.http_status < 500:
+                self.forget(row)
             raise
+        except BaseException:
+            self.forget(row)  # a crash is ours, not the caller's
+            raise
+        self.forget(row)

@@ -8,22 +8,26 @@ from pathlib import Path
 from flask import Blueprint, Flask, current_app, request
 
 from ..cluster import TOKEN_HEADER, read_token
-
 from ..errors import CallerRefused, NfsMountIncomplete
 from ..config import WorkerConfig, load_api_config
 from ..privileged import PrivilegedBridge, SudoBridge
 from ..status import VolumeState, nfs_mount_states
 from .auditing import install_audit, note
+from .coalesce import CoalescedCall
 from .errors import openapi_document, register_json_errors
 from .guards import install_client_allowlist
 
 PREFIX = "/luksctl_api_wn/v1.0"
+RUNTIME_DIR = Path("/run/luksctl-api-wn")  # the unit's RuntimeDirectory=
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, bridge: PrivilegedBridge):
+    def __init__(self, config: WorkerConfig, bridge: PrivilegedBridge, runtime_dir: Path = RUNTIME_DIR):
         self.config = config
         self.bridge = bridge
+        # One `mount -a` at a time across threads and gunicorn workers; requests that arrive
+        # while it runs share it instead of starting their own.
+        self.remounts = CoalescedCall(runtime_dir, "nfs-mount", min_interval=0, wait=config.PRIVILEGED_TIMEOUT + 30)
         self.token = None if config.ALLOW_UNAUTHENTICATED_NFS_MOUNT else read_token(Path(config.CLUSTER_TOKEN_FILE), missing_ok=True)
 
     def check_caller(self, presented: str | None) -> None:
@@ -52,7 +56,7 @@ class Worker:
     def nfs_mount(self) -> dict:
         if all(self.mountpoints().values()):
             return self.body()
-        self.bridge.nfs_mount()
+        self.remounts.run(self.bridge.nfs_mount)
         body = self.body()
         missing = [mountpoint for mountpoint, mounted in body["mountpoints"].items() if not mounted]
         if missing:
@@ -88,10 +92,12 @@ def nfs_mount():
     return worker.nfs_mount()
 
 
-def create_worker_app(config: WorkerConfig | None = None, bridge: PrivilegedBridge | None = None) -> Flask:
+def create_worker_app(
+    config: WorkerConfig | None = None, bridge: PrivilegedBridge | None = None, runtime_dir: Path = RUNTIME_DIR
+) -> Flask:
     if config is None:
         config = load_api_config(WorkerConfig)
-    worker = Worker(config, bridge or SudoBridge(config.LUKSCTL_BINARY, config.PRIVILEGED_TIMEOUT))
+    worker = Worker(config, bridge or SudoBridge(config.LUKSCTL_BINARY, config.PRIVILEGED_TIMEOUT), runtime_dir)
     app = Flask(__name__)
     app.extensions["luksctl_worker"] = worker
     register_json_errors(app, worker.state_body)

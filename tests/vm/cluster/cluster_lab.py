@@ -68,6 +68,9 @@ WORKER_BOOT = r"""
 set -e
 hostname "$1"
 mount --bind "$2" /etc/luks
+# The unit's RuntimeDirectory= (the remount lock), private to this node.
+mkdir -p /run/luksctl-api-wn
+mount -t tmpfs -o mode=0750,uid="$(id -u luksctl_api_wn)",gid="$(id -g luksctl_api_wn)" tmpfs /run/luksctl-api-wn
 if [ ! -s /etc/luks/gunicorn-cert.pem ]; then
     /opt/luksctl/venv/bin/luksctl-api-wn gen-cert --hostname "$1"
 fi
