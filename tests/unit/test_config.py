@@ -143,6 +143,25 @@ def test_frontend_defaults():
     assert frontend.VAULT_TLS_VERIFY is True
 
 
+def test_mount_options_default_to_nosuid_nodev():
+    assert FrontendConfig().MOUNT_OPTIONS == "nosuid,nodev"
+    assert FrontendConfig(MOUNT_OPTIONS="nosuid,nodev,noexec,commit=30").MOUNT_OPTIONS == "nosuid,nodev,noexec,commit=30"
+
+
+@pytest.mark.parametrize("bad", ["", "nosuid nodev", "nosuid;reboot", "x" * 257, "ro\n", "data=/etc/../x"])
+def test_bad_mount_options_are_rejected_by_name(tmp_path, bad):
+    path = write(tmp_path, "config.json", json.dumps({"MOUNT_OPTIONS": bad}))
+
+    with pytest.raises(ConfigError, match="MOUNT_OPTIONS") as caught:
+        load_json_config(FrontendConfig, path)
+
+    assert str(path) in caught.value.message
+
+
+def test_the_docker_sample_mounts_with_defaults():
+    assert load_json_config(FrontendConfig, DEPLOY_CONFIG / "docker.json").MOUNT_OPTIONS == "defaults"
+
+
 def test_frontend_unknown_key_is_rejected_by_name(tmp_path):
     path = write(tmp_path, "config.json", json.dumps({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "VAULT_VERIFY": False}))
 

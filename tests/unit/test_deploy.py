@@ -105,6 +105,33 @@ def test_unit_execstart_keeps_the_historic_gunicorn_flags(name):
     assert settings["User"] == user
 
 
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_unit_keeps_secrets_out_of_core_dumps_and_swap(name):
+    settings = unit_settings(name)
+
+    assert settings.get("LimitCORE") == "0"
+    assert settings.get("MemorySwapMax") == "0"
+
+
+# Each gives the service a private mount namespace (the volume's mount would be invisible to
+# the host), sets no_new_privs for a service with User= (sudo stops working) or takes from the
+# process tree capabilities that mount and cryptsetup need as root.
+BREAKS_MOUNT_OR_SUDO = {
+    "NoNewPrivileges", "PrivateMounts", "PrivateTmp", "PrivateDevices", "PrivateUsers", "ProtectSystem",
+    "ProtectHome", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+    "ProtectClock", "ProtectHostname", "ProtectProc", "ProcSubset", "ReadOnlyPaths", "ReadWritePaths",
+    "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths", "RootDirectory", "RootImage",
+    "MountAPIVFS", "DynamicUser", "SystemCallFilter", "SystemCallArchitectures", "RestrictNamespaces",
+    "RestrictRealtime", "RestrictSUIDSGID", "LockPersonality", "MemoryDenyWriteExecute", "RestrictAddressFamilies",
+    "CapabilityBoundingSet",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_unit_sets_nothing_that_would_hide_the_mount_or_stop_sudo(name):
+    assert not BREAKS_MOUNT_OR_SUDO & set(unit_settings(name))
+
+
 def test_gunicorn_conf_sets_tls_1_2_minimum():
     conf = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
 
