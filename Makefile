@@ -38,10 +38,12 @@ demo: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh demo
 
 # BENCH picks the VM benchmarks and their knobs, e.g. BENCH="SOAK_SECONDS=20 bench_soak".
-# The host fan-out benchmark runs last: vm-run.sh starts by emptying vm-out/.
+# The host benchmarks run last: vm-run.sh starts by emptying vm-out/. bench_status.py runs
+# natively too: the same serving configurations without emulation, for comparison.
 bench: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh bench $(BENCH)
 	$(VENV)/bin/python scripts/bench_fanout.py
+	$(VENV)/bin/python scripts/bench_status.py
 
 clean:
 	rm -rf $(VENV) vm-out vm-out-systemd build src/*.egg-info

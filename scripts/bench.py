@@ -27,7 +27,7 @@ from luksctl import vault  # noqa: E402
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 LEGACY_SECONDS = int(os.environ.get("BENCH_LEGACY_SECONDS", "60"))
-LEVELS = (1, 8, 32)
+LEVELS = (1, 8, 32, 64)
 LEGACY_PORT = 5001
 PASSPHRASE = "bench passphrase"
 
