@@ -40,11 +40,13 @@ demo: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh demo
 
 # BENCH picks the VM benchmarks and their knobs, e.g. BENCH="SOAK_SECONDS=20 bench_soak".
-# The host benchmarks run last: vm-run.sh starts by emptying vm-out/. The CLI's start-up is
-# timed natively on the venv the VM runs (installed, as install.sh does, not linked).
+# The host benchmarks run last: vm-run.sh starts by emptying vm-out/. bench_status.py runs
+# natively too: the same serving configurations without emulation, for comparison. The CLI's
+# start-up is timed natively on the venv the VM runs (installed, as install.sh does, not linked).
 bench: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh bench $(BENCH)
 	$(VENV)/bin/python scripts/bench_fanout.py
+	$(VENV)/bin/python scripts/bench_status.py
 	scripts/bench_startup.sh $(VM_PREFIX)/venv/bin/luksctl
 
 # requirements.lock: pyproject.toml's runtime dependencies pinned with hashes, for Debian's python3

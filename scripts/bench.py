@@ -29,7 +29,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 LEGACY_SECONDS = int(os.environ.get("BENCH_LEGACY_SECONDS", "60"))
 # Which parts run: "open" (the breakdown, on a test-KDF and an argon2id volume), "status" (wrk).
 PARTS = os.environ.get("BENCH_PARTS", "open,status").split(",")
-LEVELS = (1, 8, 32)
+LEVELS = (1, 8, 32, 64)
 LEGACY_PORT = 5001
 PASSPHRASE = "bench passphrase"
 

@@ -504,9 +504,5 @@ class SlowClients:
     def open_count(self) -> int:
         return len(self.live)
 
-    def oldest_open_age(self) -> float:
-        now = time.monotonic()
-        return max((now - conn.opened for conn in self.live), default=0.0)
-
     def lifetimes(self) -> list[float]:
         return [conn.closed - conn.opened for conn in self.ended]

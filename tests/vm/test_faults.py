@@ -595,10 +595,12 @@ def test_tls_1_1_is_refused_and_tls_1_2_works(lab_api):
     assert b'"volume_state"' in reply
 
 
-# 64 slow clients of ours plus 16 refused ones; the deadline the worker gives a request
-# (luksctl.api.gunicorn_worker.REQUEST_READ_DEADLINE, 10 s), plus slack for emulation.
+# 64 slow clients of ours plus 16 refused ones, for the 20 s window; then the
+# deadline the worker gives a request (luksctl.api.gunicorn_worker.REQUEST_READ_DEADLINE,
+# 30 s) must have closed every one of them, with slack for emulation on a loaded host.
 SLOW_WINDOW = 20
-SLOW_DEADLINE_BOUND = 10 + 6
+SLOW_DEADLINE = 30
+SLOW_DEADLINE_SLACK = 10
 
 
 def test_slow_clients_do_not_block_status(lab_api, paper_volume):
@@ -619,7 +621,9 @@ def test_slow_clients_do_not_block_status(lab_api, paper_volume):
                 latencies.append(answer.elapsed)
             except (OSError, AssertionError) as exc:
                 failures.append(repr(exc)[:200])
-        oldest = slow.oldest_open_age()
+        if not failures:  # trickling on must not buy more than the deadline
+            wait_until(lambda: len(slow.lifetimes()) >= 80, SLOW_DEADLINE + SLOW_DEADLINE_SLACK,
+                       "the server to close the first 80 slow connections")
         lifetimes = slow.lifetimes()
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else float("inf")
@@ -627,13 +631,14 @@ def test_slow_clients_do_not_block_status(lab_api, paper_volume):
                "p50_s": latencies[len(latencies) // 2] if latencies else None, "p99_s": p99,
                "max_s": latencies[-1] if latencies else None, "slow_connections_held_min": min(held),
                "slow_connections_held_max": max(held), "connect_failures": slow.connect_failures,
-               "closed_by_server": len(lifetimes), "longest_lifetime_s": max(lifetimes, default=None)}
+               "closed_by_server": len(lifetimes), "shortest_lifetime_s": min(lifetimes, default=None),
+               "longest_lifetime_s": max(lifetimes, default=None)}
     (OUT / "slow_clients.json").write_text(json.dumps(figures, indent=2))
     assert not failures, f"status failed under slow clients: {failures[:3]} {figures}"
     assert p99 < 2.0, figures
     assert min(held) >= 64 and slow.connect_failures == 0, figures
-    # Trickling buys a connection REQUEST_READ_DEADLINE seconds, then the server closes it.
-    assert lifetimes and max(lifetimes) < SLOW_DEADLINE_BOUND and oldest < SLOW_DEADLINE_BOUND, figures
+    # Measured from the client's connect to its noticing (it looks every 2 s).
+    assert SLOW_DEADLINE / 2 < min(lifetimes) and max(lifetimes) < SLOW_DEADLINE + SLOW_DEADLINE_SLACK, figures
 
 
 def test_repeated_failed_opens_get_429_with_retry_after(api_server, bao_up, paper_volume):
