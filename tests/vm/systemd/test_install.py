@@ -24,7 +24,7 @@ WHEELHOUSE = PREFIX.resolve() / "wheelhouse"  # next to the test venv guest.sh l
 CERT, KEY, TOKEN = LUKS_DIR / "gunicorn-cert.pem", LUKS_DIR / "gunicorn-key.pem", LUKS_DIR / "cluster-token"
 OPERATOR_FILES = (API_CONFIG, CERT, KEY, TOKEN)  # what a reinstall must keep as it is
 SUDOERS = Path("/etc/sudoers.d/luksctl-api")
-INSTALL_TIMEOUT = 600  # a first install under software emulation took 3.5 min
+INSTALL_TIMEOUT = 1200  # a first install under software emulation took 3.5 min on an idle host
 
 
 def install(run_number: int) -> subprocess.CompletedProcess:
