@@ -169,6 +169,7 @@ def cmd_close(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Rep
 
 def cmd_nfs_mount(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
     from . import services
+    from .locking import exclusive_lock
 
     _require_root()
     config = load_json_config(WorkerConfig, paths.api_config, root_owned=paths.root_owned)

@@ -374,7 +374,7 @@ def test_failed_post_open_action_exits_5_with_the_volume_mounted(host, paths, ca
         return subprocess.CompletedProcess(argv, 1, b"", b"Unit docker.service not found.\n")
 
     fake_run = runner.run
-    monkeypatch.setattr(runner.subprocess, "run", systemctl_fails)
+    monkeypatch.setattr(subprocess, "run", systemctl_fails)  # runner imports subprocess when it runs
     monkeypatch.setattr(runner, "run", lambda argv, **kw: (REAL_RUN if argv[0] == "systemctl" else fake_run)(argv, **kw))
 
     assert run_cli(paths, "--json", "open", stdin=b"secret\n") == 5

@@ -162,7 +162,7 @@ def test_install_writes_the_vault_urls_it_is_given_into_a_fresh_config(profile, 
     assert main_frontend(["write-config", "--sample", str(sample), "--vault-url", "https://vault.one:8200", "--vault-url", "https://vault.two"]) == 0
 
     written = json.loads(capsys.readouterr().out)
-    config = FrontendConfig.model_validate(written)
+    config = FrontendConfig(**written)
     assert config.VAULT_URL_ALLOWLIST == ["https://vault.one:8200", "https://vault.two:443"]
     assert not config.ALLOW_ANY_VAULT_URL
     assert {key: value for key, value in written.items() if key != "VAULT_URL_ALLOWLIST"} == {
@@ -178,14 +178,14 @@ def test_install_without_a_vault_url_writes_a_config_that_refuses_open_and_says_
     assert main_frontend(["write-config", "--sample", str(DEPLOY / "config" / f"{profile}.json")]) == 0
 
     captured = capsys.readouterr()
-    config = FrontendConfig.model_validate(json.loads(captured.out))
+    config = FrontendConfig(**json.loads(captured.out))
     assert config.VAULT_URL_ALLOWLIST is None and not config.ALLOW_ANY_VAULT_URL
     assert "open is refused until VAULT_URL_ALLOWLIST is set" in captured.err
 
 
 @pytest.mark.parametrize("profile", FRONTEND_SAMPLES)
 def test_samples_show_the_allowlist_key_with_an_example_url(profile):
-    config = FrontendConfig.model_validate(json.loads((DEPLOY / "config" / f"{profile}.json").read_text()))
+    config = FrontendConfig(**json.loads((DEPLOY / "config" / f"{profile}.json").read_text()))
 
     assert config.VAULT_URL_ALLOWLIST == ["https://vault.example:8200"]
 

@@ -7,10 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from .. import certs
-from ..config import FrontendConfig, WorkerConfig, api_config_path, describe_validation_error, load_json_config
+from ..config import FrontendConfig, WorkerConfig, api_config_path, load_json_config
 from ..errors import EXIT_CONFIG, EXIT_USAGE, LuksctlError
 
 
@@ -67,10 +65,9 @@ def _write_config(prog: str, sample: Path, vault_urls: list[str]) -> int:
         config.pop("VAULT_URL_ALLOWLIST", None)
         if vault_urls:
             config["VAULT_URL_ALLOWLIST"] = vault_urls
-        FrontendConfig.model_validate(config)
-    except (OSError, ValueError) as exc:
-        message = describe_validation_error(sample, exc) if isinstance(exc, ValidationError) else f"{sample}: {exc}"
-        print(f"{prog}: {message}", file=sys.stderr)
+        FrontendConfig(**config)
+    except (OSError, ValueError, TypeError) as exc:  # InvalidSettings is a ValueError that names each key
+        print(f"{prog}: {sample}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if not vault_urls:
         print(
