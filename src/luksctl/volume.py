@@ -68,17 +68,13 @@ def close_volume(volume: VolumeConfig) -> Outcome:
 
 
 def luks_open(volume: VolumeConfig, passphrase: bytes) -> None:
-    _cryptsetup_with_key(
-        volume, ["open", volume.device_path, volume.cryptdev], passphrase, "the volume stays closed"
-    )
+    _cryptsetup_with_key(volume, ["open", volume.device_path, volume.cryptdev], passphrase, "the volume stays closed")
 
 
 def check_passphrase(volume: VolumeConfig, passphrase: bytes) -> None:
     """Raises WrongPassphrase unless `passphrase` unlocks a key slot of the header; maps nothing."""
-    _cryptsetup_with_key(
-        volume, ["open", "--test-passphrase", volume.device_path], passphrase,
-        f"{volume.mapper_path} stays mapped and not mounted",
-    )
+    unchanged = f"{volume.mapper_path} stays mapped and not mounted"
+    _cryptsetup_with_key(volume, ["open", "--test-passphrase", volume.device_path], passphrase, unchanged)
 
 
 def _cryptsetup_with_key(volume: VolumeConfig, args: list[str], passphrase: bytes, on_wrong_key: str) -> None:

@@ -245,6 +245,31 @@ def test_wrong_passphrase_in_vault_leaves_nothing_open(bao_up, volume, dashboard
     assert not os.path.ismount(MOUNTPOINT)
 
 
+def mount_options(mountpoint: Path) -> set[str]:
+    """The per-mount options of the topmost mount on `mountpoint`, from mountinfo."""
+    found = [line.split(" ")[5] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+             if line.split(" ")[4] == str(mountpoint)]
+    assert found, f"nothing mounted on {mountpoint}"
+    return set(found[-1].split(","))
+
+
+def test_mapped_but_unmounted_volume_needs_the_right_secret_and_mounts_nosuid_nodev(bao_up, volume, secret_path,
+                                                                                   dashboard):
+    # As an operator leaves it to fsck: mapped, not mounted. The mapping proves nothing about the caller.
+    run(CRYPTSETUP, "open", "--key-file=-", str(volume.by_uuid), volume.cryptdev, input=volume.passphrase)
+    assert kernel_state(volume) == ("unmounted", True)
+
+    wrong_path = bao_up.store_passphrase(SUB, volume.uuid + "-wrong", "not " + SHARED_PASSPHRASE)
+    reply = dashboard.open(bao_up.open_payload(wrong_path))
+    assert_json_error(reply, 422, "unmounted")
+    assert kernel_state(volume) == ("unmounted", True), "the mapping, not ours, must stay as it was"
+
+    reply = dashboard.open(bao_up.open_payload(secret_path))
+    assert (reply.response.status_code, reply.state) == (200, "mounted"), reply.response.text
+    assert kernel_state(volume) == ("mounted", True)
+    assert {"nosuid", "nodev"} <= mount_options(MOUNTPOINT)  # MOUNT_OPTIONS' default
+
+
 def test_used_and_expired_wrapping_tokens_are_refused(bao_up, volume, secret_path, dashboard):
     used = bao_up.wrap_token()
     bao_up.request("POST", "sys/wrapping/unwrap", token=used)  # someone else got there first
