@@ -35,4 +35,9 @@ def parse(out: str) -> dict:
         **{f"p{p}_ms": latency.get(p, math.nan) for p in ("50", "75", "90", "99")},
     }
     result["failed_requests"] = result["non_2xx"] + sum(sockets.values())
+    # Printed by scripts/wrk_steady.lua: responses after the warm-up, when every connection is open.
+    steady = re.search(r"Steady requests: (\d+) in ([\d.]+)s", out)
+    if steady:
+        count, seconds = int(steady.group(1)), float(steady.group(2))
+        result["steady_rps"] = count / seconds if seconds else 0.0
     return result

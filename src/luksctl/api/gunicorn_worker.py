@@ -1,8 +1,8 @@
 """gunicorn's gthread worker, made safe against slow clients (issue 10, item 6).
 
-gthread gives each connection a thread as soon as its first byte arrives, and the thread
-then blocks on the TLS handshake and the request with no time limit: eight clients sending
-a byte every 2 s held every thread of both workers, and status stopped answering.
+gthread gives each new connection a thread, which waits up to 5 s for a first byte and then
+blocks on the TLS handshake and the request with no time limit: clients sending a byte
+every 2 s held every thread of both workers, and status stopped answering.
 
 Here the worker's event loop (one thread, non-blocking sockets) does the TLS handshake and
 reads the whole request (head and body) into memory first. A thread is taken only for a
