@@ -15,6 +15,7 @@ What this client will not do, on purpose:
 from __future__ import annotations
 
 import hmac
+import http.client
 import json
 import logging
 import ssl
@@ -73,6 +74,14 @@ class SecretRef:
 class StoredSecret:
     value: str = field(repr=False)
     version: int | None  # None on KV v1, which keeps no versions
+
+
+def _read_body(answer) -> bytes:
+    """The whole body, at most MAX_RESPONSE_BYTES + 1; a body cut short raises IncompleteRead."""
+    declared = answer.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) <= MAX_RESPONSE_BYTES:
+        return answer.read()  # checks the declared length: a cut-off answer is not taken for a short one
+    return answer.read(MAX_RESPONSE_BYTES + 1)
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -226,13 +235,13 @@ class Keystore:
             request.add_header("Content-Type", "application/json")
         try:
             with self._opener.open(request, timeout=self.timeout) as answer:
-                status, raw = answer.status, answer.read(MAX_RESPONSE_BYTES + 1)
+                status, raw = answer.status, _read_body(answer)
         except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read(MAX_RESPONSE_BYTES + 1)
-            exc.close()
+            with exc:
+                status, raw = exc.code, _read_body(exc)
         except urllib.error.URLError as exc:
             raise self._unreachable(step, exc.reason) from None
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, http.client.HTTPException) as exc:  # refused, reset, cut off mid-answer
             raise self._unreachable(step, exc) from None
         if len(raw) > MAX_RESPONSE_BYTES:
             raise VaultError(f"Vault at {self.url} sent more than {MAX_RESPONSE_BYTES} bytes ({step})")

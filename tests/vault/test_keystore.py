@@ -258,3 +258,27 @@ def test_redirect_is_not_followed_and_the_token_goes_nowhere_else():
 def test_repr_hides_the_token(policies):
     keystore = Keystore(policies.url, token="hvs.very-secret", timeout=5)
     assert "very-secret" not in repr(keystore)
+
+
+def test_answer_cut_off_midway_is_unreachable_not_a_crash():
+    """A write whose answer is cut off may or may not have landed: setup must see 'unreachable'."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer_half():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\"")
+        conn.close()
+
+    thread = threading.Thread(target=answer_half, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(VaultUnreachable, match="cannot be reached"):
+            Keystore(f"http://127.0.0.1:{listener.getsockname()[1]}", token="hvs.t", timeout=5).write(new_ref(), "v", cas=0)
+    finally:
+        thread.join(5)
+        listener.close()
