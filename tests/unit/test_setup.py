@@ -352,25 +352,15 @@ def test_dry_run_prints_the_plan_and_changes_nothing(tmp_path, disk, vault):
 # --- crash safety: a kill anywhere, then the same command again ---------------------------
 
 
-def test_vault_down_keeps_the_passphrase_and_a_rerun_with_a_new_token_finishes(tmp_path, disk, vault):
-    vault.down = True
+@pytest.mark.parametrize("fault", ["down", "cut_write"])  # at the unwrap; on the write's way to Vault
+def test_vault_failure_keeps_the_passphrase_and_a_rerun_with_a_new_token_finishes(tmp_path, disk, vault, fault):
+    setattr(vault, fault, True)
     with pytest.raises(VaultUnreachable):
         run(make_options(tmp_path))
     assert disk.key is None and pending(tmp_path).exists()
     saved = pending(tmp_path).read_bytes()
 
     vault.down = False
-    report = run(make_options(tmp_path, token="wrapping-2"))
-
-    assert report.resumed and disk.key == saved and vault.secrets[str(REF)] == saved.decode()
-
-
-def test_write_cut_off_on_the_way_then_a_new_write_only_token_finishes(tmp_path, disk, vault):
-    vault.cut_write = True
-    with pytest.raises(VaultUnreachable):
-        run(make_options(tmp_path))
-    saved = pending(tmp_path).read_bytes()
-
     report = run(make_options(tmp_path, token="wrapping-2"))
 
     assert report.resumed and disk.key == saved and vault.secrets[str(REF)] == saved.decode()
@@ -499,3 +489,19 @@ def test_cli_refuses_passphrase_and_token_both_on_stdin(capsys):
                      "--passphrase-stdin", "--token-file", "-"], stdin=io.BytesIO(b"pw\n"), stdin_is_tty=False)
     assert code == 64
     assert "stdin cannot carry both" in capsys.readouterr().out
+
+
+def test_a_second_setup_is_refused_while_one_runs(tmp_path, disk, vault, capsys, monkeypatch):
+    import fcntl
+
+    from luksctl import setup_cli
+
+    monkeypatch.setattr(setup_cli.os, "geteuid", lambda: 0)
+    lock = tmp_path / "setup.lock"
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code = setup_cli.run(lambda: make_options(tmp_path), stdin=io.BytesIO(), json_output=True, lock_file=lock)
+
+    assert code == 6 and disk.calls == [] and vault.unwrapped == []
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["event"] == "result" and "another luksctl setup" in result["error"]
