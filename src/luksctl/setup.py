@@ -41,6 +41,7 @@ from .errors import (
     DeviceNotBlank,
     LuksctlError,
     SecretExists,
+    SecretNotFound,
     SetupConflict,
     VaultDenied,
     VaultWriteDenied,
@@ -299,6 +300,8 @@ def store_in_vault(target: VaultTarget, passphrase: bytes, record: Journal, stdi
             capabilities: set[str] | None = keystore.capabilities(target.ref)
         except VaultDenied:
             capabilities = None  # a policy without the default one: the write itself will tell
+        if target.ref.kv_version == 1 and capabilities and "read" in capabilities and not interrupted_before:
+            _refuse_existing_kv1_secret(keystore, target)
         if capabilities is None or capabilities & WRITING_CAPABILITIES:
             record.record(journal.VAULT_WRITE_STARTED)
             try:
@@ -320,6 +323,15 @@ def store_in_vault(target: VaultTarget, passphrase: bytes, record: Journal, stdi
         record.record(journal.VAULT_WRITTEN)
     finally:
         keystore.revoke_self()
+
+
+def _refuse_existing_kv1_secret(keystore: Keystore, target: VaultTarget) -> None:
+    """KV v1 has no check-and-set: a token that may update would overwrite silently, so look first."""
+    try:
+        keystore.read(target.ref)
+    except SecretNotFound:
+        return
+    raise SecretExists(f"{target.ref} already holds a secret; it was not overwritten")
 
 
 def _confirm_earlier_write(keystore: Keystore, target: VaultTarget, passphrase: bytes, record: Journal) -> None:

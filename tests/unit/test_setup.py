@@ -130,6 +130,9 @@ class _Client:
             vault.cut_write = False
             raise VaultUnreachable("down")
         if str(ref) in vault.secrets:
+            if ref.kv_version == 1 and "update" in vault.capabilities:
+                vault.secrets[str(ref)] = value  # KV v1: no check-and-set, the write replaces
+                return None
             if "update" in vault.capabilities:
                 raise SecretExists("exists")
             raise VaultWriteDenied("denied")
@@ -140,6 +143,13 @@ class _Client:
             vault.lose_answer = False
             raise VaultUnreachable("the answer was lost")
         return 1
+
+    def read(self, ref):
+        from luksctl.errors import SecretNotFound
+
+        if str(ref) not in self.vault.secrets:
+            raise SecretNotFound("none")
+        return self.vault.secrets[str(ref)]
 
     def holds(self, ref, value):
         from luksctl.errors import VaultDenied
@@ -505,3 +515,15 @@ def test_a_second_setup_is_refused_while_one_runs(tmp_path, disk, vault, capsys,
     assert code == 6 and disk.calls == [] and vault.unwrapped == []
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["event"] == "result" and "another luksctl setup" in result["error"]
+
+
+def test_kv_v1_secret_is_looked_for_first_when_the_token_may_read(tmp_path, disk, vault):
+    """KV v1 has no cas: a token that may update would overwrite what is there."""
+    ref = SecretRef("kv1", "sub/deploy-1/storage_encryption", "storage_encryption_key", 1)
+    vault.capabilities = {"create", "update", "read"}
+    vault.secrets[str(ref)] = "someone else's"
+    options = replace(make_options(tmp_path), vault=setup.VaultTarget("https://v:8200", ref, token="wrapping-1"))
+
+    with pytest.raises(SecretExists):
+        run(options)
+    assert vault.secrets[str(ref)] == "someone else's" and disk.key is None
