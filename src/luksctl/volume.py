@@ -68,23 +68,33 @@ def close_volume(volume: VolumeConfig) -> Outcome:
 
 
 def luks_open(volume: VolumeConfig, passphrase: bytes) -> None:
-    _cryptsetup_with_key(volume, ["open", volume.device_path, volume.cryptdev], passphrase, "the volume stays closed")
+    _require_device(volume)
+    open_mapper(volume.device_path, volume.cryptdev, passphrase)
+
+
+def open_mapper(device_path: str, cryptdev: str, passphrase: bytes) -> None:
+    """`cryptsetup open` with the passphrase on stdin; setup opens by device path, before udev's link exists."""
+    _cryptsetup_with_key(["open", device_path, cryptdev], device_path, passphrase, "the volume stays closed")
 
 
 def check_passphrase(volume: VolumeConfig, passphrase: bytes) -> None:
     """Raises WrongPassphrase unless `passphrase` unlocks a key slot of the header; maps nothing."""
+    _require_device(volume)
     unchanged = f"{volume.mapper_path} stays mapped and not mounted"
-    _cryptsetup_with_key(volume, ["open", "--test-passphrase", volume.device_path], passphrase, unchanged)
+    _cryptsetup_with_key(["open", "--test-passphrase", volume.device_path], volume.device_path, passphrase, unchanged)
 
 
-def _cryptsetup_with_key(volume: VolumeConfig, args: list[str], passphrase: bytes, on_wrong_key: str) -> None:
+def _require_device(volume: VolumeConfig) -> None:
     if not os.path.exists(volume.device_path):
         raise DeviceNotFound(f"LUKS device {volume.device_path} (uuid from the ini file) is not attached")
+
+
+def _cryptsetup_with_key(args: list[str], device_path: str, passphrase: bytes, on_wrong_key: str) -> None:
     result = runner.run(["cryptsetup", *args, "--key-file=-"], stdin=passphrase, timeout=CRYPTSETUP_TIMEOUT, check=False)
     if result.returncode == CRYPTSETUP_NO_KEY:
-        raise WrongPassphrase(f"the passphrase does not open {volume.device_path}; {on_wrong_key}")
+        raise WrongPassphrase(f"the passphrase does not open {device_path}; {on_wrong_key}")
     if result.returncode != 0:
-        raise CommandFailed(f"cryptsetup could not open {volume.device_path}", result.argv, result.returncode, result.stderr)
+        raise CommandFailed(f"cryptsetup could not open {device_path}", result.argv, result.returncode, result.stderr)
 
 
 def mount(volume: VolumeConfig, options: str) -> None:

@@ -32,6 +32,9 @@ import urllib3
 urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
 REPO = Path(__file__).resolve().parents[2]
+# Start-up bound for OpenBao and gunicorn: ~20 s on an idle host, but several VMs sharing
+# two cores under software emulation were measured past 90 s.
+START_TIMEOUT = 300
 PREFIX = Path("/opt/luksctl")  # guest.sh links it to the VM prefix
 VENV_BIN = PREFIX / "venv" / "bin"
 OUT = Path(os.environ.get("LUKSCTL_VM_OUT", "/tmp/vm-out"))
@@ -43,6 +46,7 @@ API_PORT = 5000
 # Not /export: the guest's root is the host's, read-only, so a new top-level directory is impossible.
 MOUNTPOINT = Path("/srv/export")
 READ_POLICY = "luksctl-read"
+WRITE_POLICY = "write_only"
 # The real binary: the harness's own calls must not show up in CryptsetupCounter's count.
 CRYPTSETUP = "/sbin/cryptsetup"
 # What a systemd service gets, so the service sees no trace of the test's environment.
@@ -107,7 +111,7 @@ class Bao:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_until(self._healthy, 90, f"OpenBao on {self.url} (log {self.log})")
+            wait_until(self._healthy, START_TIMEOUT, f"OpenBao on {self.url} (log {self.log})")
         except BaseException:
             self.stop()  # a session fixture that failed must not leave its server behind
             raise
@@ -115,6 +119,9 @@ class Bao:
         self.request("POST", "sys/mounts/secrets", json={"type": "kv", "options": {"version": "2"}})
         self.request("PUT", f"sys/policies/acl/{READ_POLICY}",
                      json={"policy": 'path "secrets/data/*" { capabilities = ["read"] }'})
+        # The dashboard's deployment-time policy (PROTOCOL §7): create only, no read, no update.
+        self.request("PUT", f"sys/policies/acl/{WRITE_POLICY}",
+                     json={"policy": 'path "secrets/data/*" { capabilities = ["create"] }'})
 
     def stop(self) -> None:
         """Vault down: connections to its URL are refused. Its stored secrets are lost."""
@@ -155,6 +162,17 @@ class Bao:
         if token_id is not None:
             body["id"] = token_id
         response = self.request("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": ttl}, json=body)
+        return response.json()["wrap_info"]["token"]
+
+    def write_only_wrapping_token(self, token_id: str | None = None) -> str:
+        """What the dashboard hands a VM at deployment time for `setup` (PROTOCOL §7).
+
+        token_id: as for wrap_token, to look for the unwrapped token afterwards.
+        """
+        body: dict = {"policies": [WRITE_POLICY], "ttl": "12h", "period": "12h"}
+        if token_id is not None:
+            body["id"] = token_id
+        response = self.request("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": "1h"}, json=body)
         return response.json()["wrap_info"]["token"]
 
     def lookup_wrapping(self, token: str) -> bool:
@@ -337,7 +355,7 @@ class Api:
             self.proc = subprocess.Popen(argv, env=env, cwd="/", stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL)
         try:
-            wait_until(self._answers, 90, f"luksctl-api at {self.base_url}")
+            wait_until(self._answers, START_TIMEOUT, f"luksctl-api at {self.base_url}")
         except BaseException:
             self.stop()
             raise
