@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import grp
 import hashlib
+import json
 import os
 import pwd
 import secrets
@@ -24,14 +25,13 @@ WHEELHOUSE = PREFIX.resolve() / "wheelhouse"  # next to the test venv guest.sh l
 CERT, KEY, TOKEN = LUKS_DIR / "gunicorn-cert.pem", LUKS_DIR / "gunicorn-key.pem", LUKS_DIR / "cluster-token"
 OPERATOR_FILES = (API_CONFIG, CERT, KEY, TOKEN)  # what a reinstall must keep as it is
 SUDOERS = Path("/etc/sudoers.d/luksctl-api")
+VAULT_URL = "https://vault.example:8200"  # what `--vault-url` puts in VAULT_URL_ALLOWLIST
 INSTALL_TIMEOUT = 1200  # a first install under software emulation took 3.5 min on an idle host
 
 
 def install(run_number: int) -> subprocess.CompletedProcess:
     """`sudo deploy/install.sh frontend single_vm` from the clone, offline."""
-    args = ["frontend", "single_vm"]
-    if "--vault-url" in (SOURCE / "deploy" / "install.sh").read_text():  # the option once it exists
-        args += ["--vault-url", "https://vault.example:8200"]
+    args = ["frontend", "single_vm", "--vault-url", VAULT_URL]
     home = Path("/tmp/install-home")
     home.mkdir(exist_ok=True)
     env = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": str(home), "PIP_NO_INDEX": "1",
@@ -124,7 +124,8 @@ def test_install_sh_installs_a_running_service_and_a_reinstall_keeps_config_cert
     assert pwd.getpwnam("luksctl_api").pw_shell == "/usr/sbin/nologin"
     assert SUDOERS.read_bytes() == (SOURCE / "deploy" / "sudoers.d" / "luksctl-api").read_bytes()
     assert owner_and_mode(SUDOERS) == ("root", "root", "0o440")
-    assert API_CONFIG.read_bytes() == (SOURCE / "deploy" / "config" / "single_vm.json").read_bytes()
+    sample = json.loads((SOURCE / "deploy" / "config" / "single_vm.json").read_text())
+    assert json.loads(API_CONFIG.read_text()) == {**sample, "VAULT_URL_ALLOWLIST": [VAULT_URL]}
     assert "wrote /etc/luks/config.json" in first.stdout
     assert owner_and_mode(API_CONFIG) == ("root", "root", "0o644")
     assert owner_and_mode(CERT)[::2] == ("root", "0o644")
