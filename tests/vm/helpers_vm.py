@@ -107,7 +107,8 @@ class Bao:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_until(self._healthy, 90, f"OpenBao on {self.url} (log {self.log})")
+            # 90 s was not enough with ~8 VMs sharing 2 cores (load average 30, 2026-11-27).
+            wait_until(self._healthy, 300, f"OpenBao on {self.url} (log {self.log})")
         except BaseException:
             self.stop()  # a session fixture that failed must not leave its server behind
             raise
