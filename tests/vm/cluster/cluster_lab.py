@@ -239,14 +239,18 @@ class WorkerNode:
             argv[position + 1] = str(self.gunicorn_workers)
         return argv
 
+    def enter_node(self) -> list[str]:
+        """The argv prefix that puts the service's process tree in this node (see WORKER_BOOT)."""
+        return ["ip", "netns", "exec", self.name, "unshare", "--uts", "sh", "-c", WORKER_BOOT, "wn-boot",
+                self.name, str(self.luks_dir)]
+
     def spawn(self) -> None:
         """Starts the process tree; wait_ready() waits for it to answer."""
         user = pwd.getpwnam(self.unit.one("User"))
         group = grp.getgrnam(self.unit.one("Group"))
         service = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={group.gr_gid}", "--init-groups", "--",
                    *self.exec_start()]
-        argv = ["ip", "netns", "exec", self.name, "unshare", "--uts", "sh", "-c", WORKER_BOOT, "wn-boot",
-                self.name, str(self.luks_dir), *service]
+        argv = [*self.enter_node(), *service]
         env = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": user.pw_dir, "USER": user.pw_name,
                "LOGNAME": user.pw_name, "SHELL": user.pw_shell, **self.unit.environment}
         self.starts += 1
