@@ -18,6 +18,14 @@ EXIT_BUSY = 6
 EXIT_REFUSED = 7
 EXIT_STALE_BACKUP = 8
 EXIT_USAGE = 64
+# `luksctl setup` refusals: each changes nothing on the device.
+EXIT_DEVICE_IN_USE = 10
+EXIT_NOT_BLOCK_DEVICE = 11
+EXIT_DEVICE_NOT_BLANK = 12
+EXIT_VAULT_WRITE_DENIED = 13
+EXIT_SECRET_EXISTS = 14
+EXIT_VAULT_UNREACHABLE = 15
+EXIT_SETUP_CONFLICT = 16
 
 
 class LuksctlError(Exception):
@@ -124,6 +132,7 @@ class VaultError(LuksctlError):
 
 
 class VaultUnreachable(VaultError):
+    exit_code = EXIT_VAULT_UNREACHABLE
     http_status = 502
 
 
@@ -141,6 +150,41 @@ class VaultDenied(VaultError):
 
 class SecretNotFound(VaultError):
     http_status = 404
+
+
+class VaultWriteDenied(VaultDenied):
+    """The token may not create the secret (or, create-only, the path already holds one)."""
+
+    exit_code = EXIT_VAULT_WRITE_DENIED
+
+
+class SecretExists(VaultError):
+    """A create-only (cas=0) write found a secret already there; nothing was overwritten."""
+
+    exit_code = EXIT_SECRET_EXISTS
+    http_status = 409
+
+
+class DeviceInUse(LuksctlError):
+    """The device (or a partition of it) is mounted, mapped or used as swap; --force never overrides this."""
+
+    exit_code = EXIT_DEVICE_IN_USE
+
+
+class NotBlockDevice(LuksctlError):
+    exit_code = EXIT_NOT_BLOCK_DEVICE
+
+
+class DeviceNotBlank(LuksctlError):
+    """A filesystem, partition table or LUKS signature is on the device; --force overrides only this."""
+
+    exit_code = EXIT_DEVICE_NOT_BLANK
+
+
+class SetupConflict(LuksctlError):
+    """Setup would overwrite or contradict something it did not make (a header backup, an unfinished setup)."""
+
+    exit_code = EXIT_SETUP_CONFLICT
 
 
 class PrivilegedCallFailed(LuksctlError):

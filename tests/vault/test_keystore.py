@@ -1,0 +1,260 @@
+"""keystore (the root side's stdlib Vault client) against a real OpenBao.
+
+Policies and tokens exactly as the dashboard makes them (PROTOCOL §7): `write_only`
+grants `create` only on secrets/data/<user>/*, and the token is created with
+`X-Vault-Wrap-TTL: 1h` and `{"policies":["write_only"],"ttl":"12h","period":"12h"}`.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+import uuid
+
+import pytest
+
+from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
+from luksctl.keystore import Keystore, SecretRef
+
+from .conftest import KV1_ROOT, KV2_ROOT, SECRET_KEY
+
+WRITE_ONLY = "write_only"
+READ_ONLY = "read_only"
+READ_WRITE = "luksctl-test-read-write"
+DELETE = "luksctl-test-delete"
+
+
+@pytest.fixture(scope="module")
+def policies(bao):
+    """The dashboard's two policies, plus two that only the tests use."""
+    rules = {
+        WRITE_ONLY: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["create"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["create"] }}',
+        READ_ONLY: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["read"] }}',
+        READ_WRITE: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["create", "read", "update"] }}',
+        DELETE: f'path "{KV2_ROOT}/metadata/*" {{ capabilities = ["delete"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["delete", "read"] }}',
+    }
+    for name, rule in rules.items():
+        bao.api("PUT", f"sys/policies/acl/{name}", json={"policy": rule})
+    return bao
+
+
+def dashboard_wrapping_token(bao, policy: str = WRITE_ONLY) -> str:
+    """`POST /v1/auth/token/create` as the dashboard sends it at deployment time."""
+    response = bao.api(
+        "POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": "1h"}, json={"policies": [policy], "ttl": "12h", "period": "12h"}
+    )
+    return response.json()["wrap_info"]["token"]
+
+
+def new_ref(*, kv_version: int = 2) -> SecretRef:
+    root = KV2_ROOT if kv_version == 2 else KV1_ROOT
+    return SecretRef(root, f"sub-{uuid.uuid4().hex[:10]}/{uuid.uuid4()}/storage_encryption", SECRET_KEY, kv_version)
+
+
+def root_read(bao, ref: SecretRef) -> dict:
+    return bao.api("GET", ref.data_path).json()["data"]
+
+
+def test_dashboard_flow_unwrap_create_version_1_then_revoke(policies):
+    bao = policies
+    ref = new_ref()
+    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5)
+    token = keystore._token
+
+    assert keystore.capabilities(ref) == {"create"}
+    assert keystore.write(ref, "the passphrase", cas=0) == 1
+    keystore.revoke_self()
+
+    assert root_read(bao, ref)["data"] == {SECRET_KEY: "the passphrase"}
+    assert not bao.token_alive(token)
+
+
+def test_second_create_only_write_is_refused_and_keeps_the_first(policies):
+    bao = policies
+    ref = new_ref()
+    Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5).write(ref, "first", cas=0)
+
+    second = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5)
+    with pytest.raises(VaultWriteDenied) as caught:
+        second.write(ref, "second", cas=0)
+
+    assert "already holds a secret" in caught.value.message
+    assert root_read(bao, ref)["data"] == {SECRET_KEY: "first"}
+
+
+def test_cas_conflict_with_a_token_that_may_update_is_secret_exists(policies):
+    bao = policies
+    ref = new_ref()
+    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_WRITE), timeout=5)
+    assert keystore.write(ref, "first", cas=0) == 1
+
+    with pytest.raises(SecretExists):
+        keystore.write(ref, "second", cas=0)
+    assert keystore.write(ref, "second", cas=1) == 2  # what rotate does: replace the version it read
+    assert keystore.read(ref).value == "second"
+
+
+def test_token_without_create_gets_a_clear_message(policies):
+    bao = policies
+    ref = new_ref()
+    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_ONLY), timeout=5)
+
+    assert "create" not in keystore.capabilities(ref)
+    with pytest.raises(VaultWriteDenied) as caught:
+        keystore.write(ref, "value", cas=0)
+    assert f"{ref.mount}/{ref.path}" in caught.value.message and "may not write" in caught.value.message
+    assert bao.api("GET", ref.data_path, ok=(404,)).status_code == 404
+
+
+def test_read_only_token_reads_what_was_written(policies):
+    bao = policies
+    ref = new_ref()
+    Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5).write(ref, "stored", cas=0)
+
+    reader = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_ONLY), timeout=5)
+    secret = reader.read(ref)
+
+    assert (secret.value, secret.version) == ("stored", 1)
+    assert reader.holds(ref, "stored") and not reader.holds(ref, "other")
+    assert "stored" not in repr(secret)
+
+
+def test_write_only_token_cannot_read_back(policies):
+    bao = policies
+    ref = new_ref()
+    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5)
+    keystore.write(ref, "value", cas=0)
+
+    with pytest.raises(VaultDenied):
+        keystore.read(ref)
+
+
+def test_kv_v1_when_asked(policies):
+    bao = policies
+    ref = new_ref(kv_version=1)
+    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5)
+
+    assert keystore.write(ref, "v1 value", cas=0) is None
+    assert root_read(bao, ref) == {SECRET_KEY: "v1 value"}
+
+
+def test_missing_secret_is_not_found(policies):
+    bao = policies
+    reader = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_ONLY), timeout=5)
+    with pytest.raises(SecretNotFound):
+        reader.read(new_ref())
+
+
+def test_delete_metadata_removes_every_version(policies):
+    bao = policies
+    ref = new_ref()
+    Keystore(bao.url, token="root", timeout=5).write(ref, "doomed", cas=0)
+
+    Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, DELETE), timeout=5).delete_metadata(ref)
+
+    assert bao.api("GET", ref.metadata_path, ok=(404,)).status_code == 404
+
+
+def test_used_wrapping_token_is_invalid_and_not_in_the_message(policies):
+    bao = policies
+    wrapping = dashboard_wrapping_token(bao)
+    Keystore.unwrap(bao.url, wrapping, timeout=5)
+
+    with pytest.raises(WrappingTokenInvalid) as caught:
+        Keystore.unwrap(bao.url, wrapping, timeout=5)
+    assert wrapping not in str(caught.value)
+
+
+def test_environment_proxy_and_vault_token_are_ignored(policies, monkeypatch, closed_port_url, tmp_path):
+    bao = policies
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, closed_port_url)
+    monkeypatch.setenv("VAULT_TOKEN", "root")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".vault-token").write_text("root")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5)  # reached bao: no proxy used
+    keystore.revoke_self()
+    with pytest.raises(VaultError, match="no Vault token"):
+        keystore.read(new_ref())  # neither VAULT_TOKEN nor ~/.vault-token stands in
+
+
+def test_vault_down_is_unreachable(closed_port_url):
+    started = time.monotonic()
+    with pytest.raises(VaultUnreachable, match="cannot be reached"):
+        Keystore.unwrap(closed_port_url, "hvs.wrapping", timeout=5)
+    assert time.monotonic() - started < 3
+
+
+def test_silent_server_times_out(silent_server_url):
+    started = time.monotonic()
+    with pytest.raises(VaultUnreachable, match="did not answer within 1 s"):
+        Keystore.unwrap(silent_server_url, "hvs.wrapping", timeout=1)
+    assert time.monotonic() - started < 4
+
+
+def test_self_signed_certificate_is_refused_by_default(self_signed_server):
+    with pytest.raises(VaultUnreachable, match="could not be verified"):
+        Keystore.unwrap(self_signed_server.url, "hvs.wrapping", timeout=5)
+
+
+def test_self_signed_certificate_is_accepted_with_its_ca_bundle(self_signed_server):
+    # The TLS handshake succeeds; the stand-in server's `{}` then holds no token.
+    with pytest.raises(WrappingTokenInvalid, match="does not wrap a Vault token"):
+        Keystore.unwrap(self_signed_server.url, "hvs.wrapping", ca_bundle=self_signed_server.ca_bundle, timeout=5)
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    seen: list[dict] = []
+    redirect_to = ""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).seen.append(dict(self.headers))
+        if self.redirect_to:
+            self.send_response(307)
+            self.send_header("Location", self.redirect_to + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_redirect_is_not_followed_and_the_token_goes_nowhere_else():
+    class Target(_Recorder):
+        seen = []
+
+    class Redirector(_Recorder):
+        seen = []
+
+    target = _serve(Target)
+    Redirector.redirect_to = f"http://127.0.0.1:{target.server_address[1]}"
+    redirector = _serve(Redirector)
+    try:
+        with pytest.raises(VaultError, match="redirect") as caught:
+            Keystore.unwrap(f"http://127.0.0.1:{redirector.server_address[1]}", "hvs.secret-wrapping", timeout=5)
+    finally:
+        redirector.shutdown()
+        target.shutdown()
+    assert len(Redirector.seen) == 1 and Target.seen == []
+    assert "hvs.secret-wrapping" not in str(caught.value)
+
+
+def test_repr_hides_the_token(policies):
+    keystore = Keystore(policies.url, token="hvs.very-secret", timeout=5)
+    assert "very-secret" not in repr(keystore)
