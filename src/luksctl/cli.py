@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from . import audit, lifecycle, services, volume
+from . import audit, lifecycle, services, setup_cli, volume
 from .config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
 from .errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError
 from .locking import exclusive_lock
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    setup_help = "encrypt a blank device, store its passphrase in Vault, make and mount the filesystem (resumable)"
+    sub = commands.add_parser("setup", help=setup_help, description=setup_help)
+    sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="progress and result as JSON lines")
+    setup_cli.add_setup_arguments(sub)
     lifecycle.add_commands(commands)
     return parser
 
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: Binary
     started = time.monotonic()
     stdin = stdin if stdin is not None else sys.stdin.buffer
     stdin_is_tty = stdin_is_tty if stdin_is_tty is not None else sys.stdin.isatty()
+    if args.command == "setup":
+        return setup_cli.run(lambda: setup_cli.options_from_args(args, stdin), stdin=stdin, json_output=args.json)
     error_class = None
     try:
         if lifecycle.is_lifecycle(args.command):

@@ -39,6 +39,12 @@ class LuksctlError(Exception):
         self.message = message
 
 
+class UsageError(LuksctlError):
+    """Options that contradict each other; argparse's own errors exit with the same code."""
+
+    exit_code = EXIT_USAGE
+
+
 class ConfigError(LuksctlError):
     """A config file is missing, unsafe or invalid; the message names the file and key."""
 

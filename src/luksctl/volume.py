@@ -67,12 +67,17 @@ def close_volume(volume: VolumeConfig) -> Outcome:
 def luks_open(volume: VolumeConfig, passphrase: bytes) -> None:
     if not os.path.exists(volume.device_path):
         raise DeviceNotFound(f"LUKS device {volume.device_path} (uuid from the ini file) is not attached")
-    argv = ["cryptsetup", "open", volume.device_path, volume.cryptdev, "--key-file=-"]
+    open_mapper(volume.device_path, volume.cryptdev, passphrase)
+
+
+def open_mapper(device_path: str, cryptdev: str, passphrase: bytes) -> None:
+    """`cryptsetup open` with the passphrase on stdin; setup opens by device path, before udev's link exists."""
+    argv = ["cryptsetup", "open", device_path, cryptdev, "--key-file=-"]
     result = runner.run(argv, stdin=passphrase, timeout=CRYPTSETUP_TIMEOUT, check=False)
     if result.returncode == CRYPTSETUP_NO_KEY:
-        raise WrongPassphrase(f"the passphrase does not open {volume.device_path}; the volume stays closed")
+        raise WrongPassphrase(f"the passphrase does not open {device_path}; the volume stays closed")
     if result.returncode != 0:
-        raise CommandFailed(f"cryptsetup could not open {volume.device_path}", result.argv, result.returncode, result.stderr)
+        raise CommandFailed(f"cryptsetup could not open {device_path}", result.argv, result.returncode, result.stderr)
 
 
 def mount(volume: VolumeConfig) -> None:

@@ -1,0 +1,497 @@
+"""`luksctl setup`: encrypt a blank volume, store its passphrase, make and mount the filesystem.
+
+The order is what makes it safe (README, "Encrypting a volume"):
+
+1. check everything, change nothing: the device is a blank, unused block device,
+   no header backup or ini of someone else is in the way, the token may write;
+2. save the passphrase to the journal (/etc/luks, root, 0600) before anything uses it;
+3. store it in Vault (create only, cas=0) *before* formatting, so "the path already
+   holds a secret" or "the token may not write" leaves the device untouched;
+4. luksFormat, check the passphrase opens it, back up the header, write the ini;
+5. open, (wipe), mkfs, mount, write the two success files;
+6. only then delete the journal's copy of the passphrase.
+
+Each step is recorded when done, and a step a kill may have left half done is
+recorded as started, so running the same command again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import configparser
+import io
+import json
+import logging
+import os
+import secrets
+import string
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from . import blockdev, journal, runner, volume
+from .config import VOLUME_INI, VolumeConfig, load_volume_config
+from .durable import fsync_directory, write_atomically
+from .errors import (
+    CommandFailed,
+    DeviceInUse,
+    DeviceNotBlank,
+    LuksctlError,
+    SecretExists,
+    SetupConflict,
+    VaultDenied,
+    VaultWriteDenied,
+    WrongPassphrase,
+)
+from .journal import Journal
+from .keystore import Keystore, SecretRef
+from .status import find_mapper_device, read_mounts, volume_status
+
+log = logging.getLogger("luksctl")
+Result = TypeVar("Result")
+
+HEADER_BACKUP = Path("/etc/luks/luks-header.bck")
+ENCRYPTION_SUCCESS = (Path("/var/run/fast-luks-encryption.success"), "LUKS encryption completed.")
+VOLUME_SUCCESS = (Path("/var/run/fast-luks-volume-setup.success"), "Volume setup completed.")
+PASSPHRASE_ALPHABET = string.ascii_letters + string.digits  # survives any shell, ini or JSON unquoted
+MAX_TOKEN_BYTES = 4096
+FORMAT_TIMEOUT = 900  # argon2id wants ~2 s and 1 GiB on a fast machine; slow VMs take many times that
+MKFS_TIMEOUT = 6 * 3600  # mkfs on a multi-terabyte volume
+WRITING_CAPABILITIES = frozenset({"create", "update", "root", "sudo"})
+
+
+@dataclass(frozen=True)
+class VaultTarget:
+    url: str
+    ref: SecretRef
+    token_source: str | None = None  # a file, or "-" for stdin
+    wrapped: bool = True  # a response-wrapping token (the dashboard's) rather than a plain one
+    ca_bundle: str | None = None
+    timeout: float = 10.0
+    token: str | None = field(default=None, repr=False)  # only the fastluks command line hands one over directly
+
+
+@dataclass(frozen=True)
+class SetupOptions:
+    device: str
+    cryptdev: str = "crypt"
+    mountpoint: str = "/export"
+    filesystem: str = "ext4"
+    cipher: str = "aes-xts-plain64"
+    key_size: int = 512
+    hash: str = "sha256"
+    pbkdf: str | None = "argon2id"
+    iter_time: int | None = None
+    pbkdf_force_iterations: int | None = None
+    passphrase_length: int = 64
+    passphrase: bytes | None = field(default=None, repr=False)  # the operator's own (stdin; fastluks -p)
+    vault: VaultTarget | None = None
+    wipe: bool = False
+    dry_run: bool = False
+    force: bool = False
+    save_passphrase_locally: bool = False
+    ini_path: Path = VOLUME_INI
+    header_path: Path = HEADER_BACKUP
+    state_dir: Path = journal.STATE_DIR
+
+    def luks_format_argv(self) -> list[str]:
+        argv = ["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", self.cipher,
+                "--key-size", str(self.key_size), "--hash", self.hash]
+        if self.pbkdf:
+            argv += ["--pbkdf", self.pbkdf]
+        if self.iter_time is not None:
+            argv += ["--iter-time", str(self.iter_time)]
+        if self.pbkdf_force_iterations is not None:
+            argv += ["--pbkdf-force-iterations", str(self.pbkdf_force_iterations)]
+        return [*argv, "--key-file=-", self.device]
+
+
+class Progress:
+    """Steps and wipe progress: JSON lines on stdout with --json, a percentage on a TTY's stderr."""
+
+    def __init__(self, *, json_lines: bool, out=None, err=None, tty: bool | None = None):
+        self.json_lines = json_lines
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.tty = self.err.isatty() if tty is None else tty
+        self.timings: dict[str, float] = {}
+        self._last_percent = -1
+
+    def step(self, name: str, message: str) -> None:
+        if self.json_lines:
+            print(json.dumps({"event": "step", "step": name, "message": message}), file=self.out, flush=True)
+        else:
+            log.info("%s", message)
+
+    def wiped(self, done: int, total: int) -> None:
+        percent = done * 100 // max(total, 1)
+        if percent == self._last_percent:
+            return
+        self._last_percent = percent
+        if self.json_lines:
+            print(json.dumps({"event": "wipe", "bytes_done": done, "bytes_total": total, "percent": percent}), file=self.out, flush=True)
+        elif self.tty:
+            print(f"\rwiping: {percent:3d}% of {total // 2**20} MiB", end="\n" if done >= total else "", file=self.err, flush=True)
+
+    def timed(self, name: str, action: Callable[[], Result]) -> Result:
+        started = time.monotonic()
+        try:
+            return action()
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0) + time.monotonic() - started, 3)
+
+
+@dataclass
+class SetupReport:
+    volume_state: str
+    device: str
+    uuid: str | None = None
+    changed: bool = False
+    resumed: bool = False
+    plan: list[str] | None = None
+    seconds: dict[str, float] | None = None
+    error: str | None = None
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def generate_passphrase(length: int) -> bytes:
+    return "".join(secrets.choice(PASSPHRASE_ALPHABET) for _ in range(length)).encode()
+
+
+def read_token(source: str, stdin: BinaryIO) -> str:
+    """A token from a file or stdin ("-"): never from argv, where every user can see it."""
+    try:
+        if source == "-":
+            data = stdin.read(MAX_TOKEN_BYTES + 1)
+        else:
+            with open(source, "rb") as stream:
+                data = stream.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise LuksctlError(f"the token file {source} cannot be read: {exc.strerror}") from None
+    token = data.strip()
+    if not token or len(data) > MAX_TOKEN_BYTES or not all(33 <= byte < 127 for byte in token):
+        raise LuksctlError(f"the token from {'stdin' if source == '-' else source} is empty, too long or not one printable word")
+    return token.decode()
+
+
+def ini_text(options: SetupOptions, uuid: str, passphrase: bytes | None = None) -> str:
+    """The [luks] section with exactly the keys `luksctl open` reads (PROTOCOL §1)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser["luks"] = {
+        "cipher_algorithm": options.cipher,
+        "hash_algorithm": options.hash,
+        "keysize": str(options.key_size),
+        "device": options.device,
+        "uuid": uuid,
+        "cryptdev": options.cryptdev,
+        "mapper": f"/dev/mapper/{options.cryptdev}",
+        "mountpoint": options.mountpoint,
+        "filesystem": options.filesystem,
+        "header_path": str(options.header_path),
+    }
+    if passphrase is not None:  # fastluks --save-passphrase-locally, as pyluks did
+        parser["luks"]["passphrase"] = passphrase.decode()
+    text = io.StringIO()
+    parser.write(text)
+    return text.getvalue()
+
+
+def validate_names(options: SetupOptions) -> None:
+    """Check cryptdev, mountpoint and filesystem with the very code `luksctl open` will read them with."""
+    with tempfile.TemporaryDirectory() as directory:
+        probe = Path(directory) / options.ini_path.name
+        probe.write_text(ini_text(options, "00000000-0000-4000-8000-000000000000"))
+        load_volume_config(probe)
+    if not 8 <= options.passphrase_length <= 512:
+        raise LuksctlError("the passphrase length must be between 8 and 512 characters")
+    if options.vault is None and not (options.passphrase or options.save_passphrase_locally):
+        raise LuksctlError(
+            "the passphrase would be stored nowhere: give the Vault location (--vault-url ...), "
+            "or supply the passphrase yourself on stdin (--passphrase-stdin)"
+        )
+
+
+# --- checks that change nothing -------------------------------------------------------------
+
+
+def already_set_up(options: SetupOptions, device: blockdev.BlockDevice) -> VolumeConfig | None:
+    """The volume this command would make exists already: a re-run of a finished setup does nothing."""
+    if not options.ini_path.exists() or not all(path.exists() for path, _ in (ENCRYPTION_SUCCESS, VOLUME_SUCCESS)):
+        return None
+    try:
+        existing = load_volume_config(options.ini_path)
+    except LuksctlError:
+        return None
+    if existing.device != options.device or existing.cryptdev != options.cryptdev or not blockdev.is_luks(device):
+        return None
+    uuid = runner.run(["cryptsetup", "luksUUID", options.device], timeout=60).stdout.strip()
+    return existing if uuid == existing.uuid else None
+
+
+def check_device(options: SetupOptions, device: blockdev.BlockDevice, resuming: Journal | None) -> None:
+    """Refuse a device that is in use or, on a first run, not blank; --force overrides only "not blank"."""
+    ours = options.cryptdev if resuming else None
+    busy = blockdev.users(device, allowed_holder=ours)
+    if busy:
+        raise DeviceInUse(f"{options.device} is in use: {'; '.join(busy)}. setup changed nothing")
+    mapper = find_mapper_device(options.cryptdev)
+    if mapper is not None and options.cryptdev not in blockdev.holders(device).values():
+        raise SetupConflict(f"the mapper name {options.cryptdev} is already used by another device; choose another --cryptdev")
+    status = volume_status(options.cryptdev, options.mountpoint)
+    if not status.mounted and any(m.mountpoint == options.mountpoint for m in read_mounts()):
+        raise SetupConflict(f"something else is mounted on {options.mountpoint}; setup never unmounts what it did not mount")
+    if resuming is None:
+        found = blockdev.signatures(device)
+        if found and not options.force:
+            raise DeviceNotBlank(
+                f"{options.device} is not blank ({', '.join(found)}); setup changed nothing. "
+                "If its content may be destroyed, run again with --force"
+            )
+        for path, what in ((options.header_path, "header backup"), (options.ini_path, "volume description")):
+            if path.exists():
+                raise SetupConflict(f"a {what} already exists at {path}; setup never overwrites it. Move it away first")
+
+
+def check_resume(options: SetupOptions, state: dict, device: blockdev.BlockDevice, description: dict) -> None:
+    mismatched = [key for key, value in description.items() if state.get(key) != value]
+    if mismatched:
+        raise SetupConflict(
+            f"an unfinished setup is recorded in {options.state_dir / journal.STATE_FILE} with other settings "
+            f"({', '.join(f'{k}={state.get(k)!r}' for k in mismatched)}); run that same command again to finish it"
+        )
+
+
+# --- the steps ------------------------------------------------------------------------------
+
+
+def _describe(options: SetupOptions, device: blockdev.BlockDevice) -> dict:
+    return {
+        "device": options.device,
+        "dev": device.dev,
+        "cryptdev": options.cryptdev,
+        "vault": str(options.vault.ref) if options.vault else None,
+    }
+
+
+def _keystore(target: VaultTarget, stdin: BinaryIO) -> Keystore:
+    if target.token is not None:
+        token = target.token
+    elif target.token_source is not None:
+        token = read_token(target.token_source, stdin)
+    else:
+        raise LuksctlError("a Vault token is needed to store the passphrase: --wrapping-token-file FILE or --token-file FILE ('-' for stdin)")
+    if target.wrapped:
+        return Keystore.unwrap(target.url, token, ca_bundle=target.ca_bundle, timeout=target.timeout)
+    return Keystore(target.url, token=token, ca_bundle=target.ca_bundle, timeout=target.timeout)
+
+
+def store_in_vault(target: VaultTarget, passphrase: bytes, record: Journal, stdin: BinaryIO) -> None:
+    """Create the secret (cas=0). A refusal after an interrupted earlier write is checked by reading back."""
+    interrupted_before = record.done(journal.VAULT_WRITE_STARTED)
+    keystore = _keystore(target, stdin)
+    try:
+        try:
+            capabilities: set[str] | None = keystore.capabilities(target.ref)
+        except VaultDenied:
+            capabilities = None  # a policy without the default one: the write itself will tell
+        if capabilities is None or capabilities & WRITING_CAPABILITIES:
+            record.record(journal.VAULT_WRITE_STARTED)
+            try:
+                version = keystore.write(target.ref, passphrase.decode(), cas=0)
+            except (VaultWriteDenied, SecretExists):
+                if not interrupted_before:
+                    raise
+                _confirm_earlier_write(keystore, target, passphrase, record)
+            else:
+                if version not in (None, 1):
+                    log.warning("Vault stored the passphrase as version %s of %s, not version 1", version, target.ref)
+        elif interrupted_before:
+            _confirm_earlier_write(keystore, target, passphrase, record)
+        else:
+            raise VaultWriteDenied(
+                f"the token may not write {target.ref} (its capabilities there: {', '.join(sorted(capabilities)) or 'none'}); "
+                "setup changed nothing on the device"
+            )
+        record.record(journal.VAULT_WRITTEN)
+    finally:
+        keystore.revoke_self()
+
+
+def _confirm_earlier_write(keystore: Keystore, target: VaultTarget, passphrase: bytes, record: Journal) -> None:
+    """An earlier run was cut off mid-write and the path now refuses a create: whose secret is it?"""
+    try:
+        ours = keystore.holds(target.ref, passphrase.decode())
+    except VaultDenied:
+        raise SetupConflict(
+            f"an earlier run was interrupted while writing the passphrase to {target.ref}, and the path now holds a secret "
+            "that this token may not read. If the earlier write landed, it is ours. Run the same command again with a token "
+            f"that may read the path (e.g. the dashboard's read-only wrapping token) to check. The passphrase stays in "
+            f"{record.passphrase_path}; the device is untouched"
+        ) from None
+    if not ours:
+        raise SecretExists(f"{target.ref} holds another secret, not the one setup tried to store; it was not overwritten")
+
+
+def format_device(options: SetupOptions, passphrase: bytes, record: Journal) -> str:
+    """luksFormat (unless a kill came after it: then the journal's passphrase opens the device), verify, UUID."""
+    device = blockdev.block_device(options.device)
+    if not (record.done(journal.FORMAT_STARTED) and blockdev.is_luks(device) and _opens(options.device, passphrase)):
+        record.record(journal.FORMAT_STARTED)
+        runner.run(options.luks_format_argv(), stdin=passphrase, timeout=FORMAT_TIMEOUT)
+        if not _opens(options.device, passphrase):
+            raise WrongPassphrase(f"the new LUKS header on {options.device} does not accept the passphrase just set")
+    uuid = runner.run(["cryptsetup", "luksUUID", options.device], timeout=60).stdout.strip()
+    record.record(journal.FORMATTED, uuid=uuid)
+    return uuid
+
+
+def _opens(device: str, passphrase: bytes) -> bool:
+    result = runner.run(["cryptsetup", "open", "--test-passphrase", "--key-file=-", device],
+                        stdin=passphrase, timeout=volume.CRYPTSETUP_TIMEOUT, check=False)
+    if result.returncode not in (0, volume.CRYPTSETUP_NO_KEY):
+        raise CommandFailed(f"cryptsetup could not test the passphrase on {device}", result.argv, result.returncode, result.stderr)
+    return result.returncode == 0
+
+
+def back_up_header(options: SetupOptions, record: Journal) -> None:
+    """Back the header up without ever replacing an existing file: link(2) fails if the name is taken."""
+    target = options.header_path
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    old_umask = os.umask(0o077)
+    try:
+        runner.run(["cryptsetup", "luksHeaderBackup", options.device, "--header-backup-file", str(temporary)], timeout=120)
+    finally:
+        os.umask(old_umask)
+    try:
+        os.chmod(temporary, 0o600)
+        with open(temporary, "rb") as stream:
+            os.fsync(stream.fileno())
+            fresh = stream.read()
+        try:
+            os.link(temporary, target)
+        except FileExistsError:
+            if target.read_bytes() != fresh:  # not ours from an interrupted run: keep it, stop
+                raise SetupConflict(f"a different header backup appeared at {target}; it was left alone") from None
+        fsync_directory(target.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+    record.record(journal.HEADER_SAVED)
+
+
+def write_ini(options: SetupOptions, uuid: str, passphrase: bytes, record: Journal) -> VolumeConfig:
+    saved = passphrase if options.save_passphrase_locally else None
+    options.ini_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    write_atomically(options.ini_path, ini_text(options, uuid, saved).encode(), mode=0o600 if saved else 0o644)
+    described = load_volume_config(options.ini_path)  # what `luksctl open` will read, read the same way
+    record.record(journal.INI_WRITTEN)
+    return described
+
+
+def open_mapper(options: SetupOptions, described: VolumeConfig, passphrase: bytes) -> None:
+    if find_mapper_device(options.cryptdev) is None:
+        volume.open_mapper(options.device, options.cryptdev, passphrase)
+
+
+def make_filesystem(options: SetupOptions, described: VolumeConfig, record: Journal) -> None:
+    if record.done(journal.MKFS_STARTED):  # a kill mid-mkfs left part of one: start from a clean device
+        runner.run(["wipefs", "--all", described.mapper_path], timeout=120)
+    record.record(journal.MKFS_STARTED)
+    runner.run([f"mkfs.{options.filesystem}", described.mapper_path], timeout=MKFS_TIMEOUT)
+    record.record(journal.MKFS_DONE)
+
+
+def write_success(success: tuple[Path, str]) -> None:
+    path, text = success
+    write_atomically(path, text.encode(), mode=0o644)
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def plan(options: SetupOptions, resumed_steps: list[str]) -> list[str]:
+    vault = f"store the passphrase at {options.vault.ref} on {options.vault.url} (create only)" if options.vault else None
+    steps = [
+        f"save the passphrase to {options.state_dir / journal.PASSPHRASE_FILE} (root, 0600) until the end",
+        vault,
+        f"format {options.device}: " + " ".join(options.luks_format_argv()[1:]),
+        f"back up the LUKS header to {options.header_path} (0600)",
+        f"describe the volume in {options.ini_path}",
+        f"open it as /dev/mapper/{options.cryptdev}",
+        f"zero /dev/mapper/{options.cryptdev}" if options.wipe else None,
+        f"make a {options.filesystem} filesystem",
+        f"mount it on {options.mountpoint}",
+        f"write {ENCRYPTION_SUCCESS[0]} and {VOLUME_SUCCESS[0]}",
+        "delete the saved passphrase",
+    ]
+    plan = [step for step in steps if step]
+    if resumed_steps:
+        plan.insert(0, f"resume the unfinished setup (done: {', '.join(resumed_steps)})")
+    return plan
+
+
+def run_setup(options: SetupOptions, stdin: BinaryIO, progress: Progress) -> SetupReport:
+    """Called with the setup lock held, as root."""
+    validate_names(options)
+    device = blockdev.block_device(options.device)
+    record = Journal(options.state_dir)
+    state = record.load()
+    if state is None:
+        existing = already_set_up(options, device)
+        if existing is not None:
+            mounted = volume_status(existing.cryptdev, existing.mountpoint).mounted
+            return SetupReport("mounted" if mounted else "unmounted", options.device, existing.uuid, changed=False)
+    else:
+        check_resume(options, state, device, _describe(options, device))
+    check_device(options, device, record if state else None)
+    if options.dry_run:
+        return SetupReport("unavailable", options.device, plan=plan(options, state["steps"] if state else []))
+
+    if state is None:
+        passphrase = options.passphrase or generate_passphrase(options.passphrase_length)
+        record.begin(passphrase, _describe(options, device))
+        progress.step("passphrase", f"passphrase saved to {record.passphrase_path} until setup completes")
+    else:
+        passphrase = record.passphrase()
+        if options.passphrase is not None and options.passphrase != passphrase:
+            raise SetupConflict(f"the unfinished setup uses the passphrase saved in {record.passphrase_path}, not the one given now")
+        progress.step("resume", f"resuming the unfinished setup of {options.device} (done: {', '.join(state['steps']) or 'nothing'})")
+
+    if options.vault is not None and not record.done(journal.VAULT_WRITTEN):
+        progress.step("vault", f"storing the passphrase at {options.vault.ref}")
+        try:
+            progress.timed("vault", lambda: store_in_vault(options.vault, passphrase, record, stdin))
+        except (VaultWriteDenied, SecretExists):
+            if not record.done(journal.FORMAT_STARTED):  # Vault said no and the device is untouched: forget it all
+                record.finish()
+            raise
+
+    uuid = record.state.get("uuid")
+    if not record.done(journal.FORMATTED):
+        progress.step("format", f"formatting {options.device} (LUKS2, {options.cipher}, {options.key_size}-bit key)")
+        uuid = progress.timed("format", lambda: format_device(options, passphrase, record))
+    if not record.done(journal.HEADER_SAVED):
+        back_up_header(options, record)
+    described = write_ini(options, uuid, passphrase, record) if not record.done(journal.INI_WRITTEN) else load_volume_config(options.ini_path)
+    write_success(ENCRYPTION_SUCCESS)
+    progress.step("encrypted", "LUKS encryption completed")
+
+    open_mapper(options, described, passphrase)
+    if options.wipe and not record.done(journal.WIPED):
+        progress.step("wipe", f"zeroing {described.mapper_path}")
+        progress.timed("wipe", lambda: blockdev.zero_device(described.mapper_path, progress.wiped))
+        record.record(journal.WIPED)
+    if not record.done(journal.MKFS_DONE):
+        progress.step("mkfs", f"making a {options.filesystem} filesystem on {described.mapper_path}")
+        progress.timed("mkfs", lambda: make_filesystem(options, described, record))
+    if not volume.current_status(described).mounted:
+        volume.mount(described)
+    write_success(VOLUME_SUCCESS)
+    record.finish()
+    progress.step("done", "Volume setup completed")
+    return SetupReport("mounted", options.device, uuid, changed=True, resumed=state is not None, seconds=progress.timings)

@@ -1,0 +1,501 @@
+"""setup.py: the order of the steps, the exact argv and stdin of each command, and resuming.
+
+The seams: runner.run (a fake disk that reacts like cryptsetup, blkid and mkfs), the sysfs
+and /proc reads of blockdev/status, and the Vault client (keystore has its own real-OpenBao
+tests). A kill is a BaseException raised by the fake at the step where the signal would land.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from luksctl import blockdev, journal, runner, setup, volume
+from luksctl.errors import (
+    CommandFailed,
+    DeviceInUse,
+    DeviceNotBlank,
+    NotBlockDevice,
+    SecretExists,
+    SetupConflict,
+    VaultUnreachable,
+    VaultWriteDenied,
+    WrappingTokenInvalid,
+)
+from luksctl.keystore import SecretRef
+from luksctl.status import VolumeStatus
+
+DEVICE = "/dev/vdb"
+UUID = "5a0c2f1e-8d7b-4c3a-9e6f-1b2d3c4e5f60"
+REF = SecretRef("secrets", "sub/deploy-1/storage_encryption", "storage_encryption_key")
+MAPPER = "/dev/mapper/crypt"
+
+
+class Killed(BaseException):
+    """SIGKILL: nothing after it runs, no handler sees it."""
+
+
+@dataclass
+class Disk:
+    """A block device and what cryptsetup, blkid, mkfs and mount do to it."""
+
+    key: bytes | None = None  # set by luksFormat
+    signature: str | None = None
+    mapper_open: bool = False
+    filesystem: bool = False
+    mounted: bool = False
+    calls: list[tuple[list[str], bytes | None]] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    kill_at: tuple[str, ...] | None = None  # argv prefix whose start kills setup
+
+    def run(self, argv, *, timeout, stdin=None, check=True):
+        assert timeout > 0
+        if self.kill_at and tuple(argv[: len(self.kill_at)]) == self.kill_at:
+            self.kill_at = None
+            raise Killed()
+        self.calls.append((list(argv), stdin))
+        self.events.append(" ".join(argv[:2]))
+        code, out = 0, ""
+        match argv[:2]:
+            case ["blkid", "-p"]:
+                code, out = (0, f"TYPE={self.signature}\n") if self.signature else (2, "")
+            case ["cryptsetup", "isLuks"]:
+                code = 0 if self.key is not None else 1
+            case ["cryptsetup", "luksFormat"]:
+                self.key, self.signature = stdin, "crypto_LUKS"
+            case ["cryptsetup", "open"] if argv[2] == "--test-passphrase":
+                code = 0 if stdin == self.key else 2
+            case ["cryptsetup", "open"]:
+                assert stdin == self.key
+                self.mapper_open = True
+            case ["cryptsetup", "luksUUID"]:
+                out = UUID + "\n"
+            case ["cryptsetup", "luksHeaderBackup"]:
+                Path(argv[-1]).write_bytes(b"LUKS header of " + UUID.encode())
+            case ["mkfs.ext4", _]:
+                self.filesystem = True
+            case ["wipefs", "--all"]:
+                self.filesystem = False
+        if check and code:
+            raise CommandFailed(f"{argv[0]} failed", list(argv), code, "")
+        return runner.Result(list(argv), code, out, "")
+
+    def argv_of(self, *prefix):
+        return [argv for argv, _ in self.calls if tuple(argv[: len(prefix)]) == prefix]
+
+    def stdin_of(self, *prefix):
+        (stdin,) = [stdin for argv, stdin in self.calls if tuple(argv[: len(prefix)]) == prefix]
+        return stdin
+
+
+class FakeVault:
+    """The Vault as seen through keystore: one secret store, tokens with capabilities."""
+
+    def __init__(self, disk: Disk):
+        self.disk = disk
+        self.secrets: dict[str, str] = {}
+        self.capabilities = {"create"}
+        self.readable = False
+        self.down = False
+        self.cut_write = False  # the connection drops before the write reaches Vault
+        self.lose_answer = False  # the write lands, the answer does not come back
+        self.unwrapped: list[str] = []
+        self.revoked = 0
+
+    def unwrap(self, url, token, *, ca_bundle=None, timeout=10):
+        if self.down:
+            raise VaultUnreachable("Vault at url cannot be reached (unwrap)")
+        if token in self.unwrapped:
+            raise WrappingTokenInvalid("used")
+        self.unwrapped.append(token)
+        return _Client(self)
+
+
+class _Client:
+    def __init__(self, vault: FakeVault):
+        self.vault = vault
+
+    def capabilities(self, ref):
+        return set(self.vault.capabilities)
+
+    def write(self, ref, value, *, cas):
+        vault = self.vault
+        vault.disk.events.append("vault write")
+        if vault.down or vault.cut_write:
+            vault.cut_write = False
+            raise VaultUnreachable("down")
+        if str(ref) in vault.secrets:
+            if "update" in vault.capabilities:
+                raise SecretExists("exists")
+            raise VaultWriteDenied("denied")
+        if not vault.capabilities & {"create", "update"}:
+            raise VaultWriteDenied("denied")
+        vault.secrets[str(ref)] = value
+        if vault.lose_answer:
+            vault.lose_answer = False
+            raise VaultUnreachable("the answer was lost")
+        return 1
+
+    def holds(self, ref, value):
+        from luksctl.errors import VaultDenied
+
+        if not self.vault.readable:
+            raise VaultDenied("may not read")
+        return self.vault.secrets.get(str(ref)) == value
+
+    def revoke_self(self):
+        self.vault.revoked += 1
+
+
+@pytest.fixture
+def disk(monkeypatch, tmp_path) -> Disk:
+    fake = Disk()
+    monkeypatch.setattr(runner, "run", fake.run)
+    monkeypatch.setattr(blockdev, "block_device", lambda path: blockdev.BlockDevice(path, "254:16"))
+    monkeypatch.setattr(blockdev, "users", lambda device, allowed_holder=None: [])
+    monkeypatch.setattr(blockdev, "holders", lambda device: {"dm-0": "crypt"} if fake.mapper_open else {})
+    monkeypatch.setattr(setup, "find_mapper_device", lambda name: "253:0" if fake.mapper_open else None)
+    monkeypatch.setattr(setup, "read_mounts", lambda: [])
+    status = lambda *args: VolumeStatus("253:0" if fake.mapper_open else None, fake.mounted)  # noqa: E731
+    monkeypatch.setattr(setup, "volume_status", status)
+    monkeypatch.setattr(volume, "current_status", status)
+
+    def mount(described):
+        fake.events.append("mount")
+        fake.mounted = True
+
+    monkeypatch.setattr(volume, "mount", mount)
+    monkeypatch.setattr(setup, "ENCRYPTION_SUCCESS", (tmp_path / "run" / "fast-luks-encryption.success", "LUKS encryption completed."))
+    monkeypatch.setattr(setup, "VOLUME_SUCCESS", (tmp_path / "run" / "fast-luks-volume-setup.success", "Volume setup completed."))
+    (tmp_path / "run").mkdir()
+    return fake
+
+
+@pytest.fixture
+def vault(disk, monkeypatch) -> FakeVault:
+    fake = FakeVault(disk)
+    monkeypatch.setattr(setup.Keystore, "unwrap", fake.unwrap)
+    return fake
+
+
+def make_options(tmp_path, *, token: str | None = "wrapping-1", **overrides) -> setup.SetupOptions:
+    target = setup.VaultTarget("https://vault.example:8200", REF, token=token) if token != "none" else None
+    base = setup.SetupOptions(
+        device=DEVICE, mountpoint="/export", vault=target,
+        ini_path=tmp_path / "luks" / "luks-cryptdev.ini", header_path=tmp_path / "luks" / "luks-header.bck",
+        state_dir=tmp_path / "luks",
+    )
+    return replace(base, **overrides)
+
+
+def run(options, **kwargs) -> setup.SetupReport:
+    return setup.run_setup(options, io.BytesIO(), setup.Progress(json_lines=False, err=io.StringIO(), tty=False), **kwargs)
+
+
+def pending(tmp_path) -> Path:
+    return tmp_path / "luks" / journal.PASSPHRASE_FILE
+
+
+def test_fresh_setup_runs_every_command_in_order_with_the_passphrase_only_on_stdin(tmp_path, disk, vault):
+    report = run(make_options(tmp_path))
+
+    passphrase = disk.key
+    assert len(passphrase) == 64 and passphrase.isalnum()
+    assert vault.secrets == {str(REF): passphrase.decode()}
+    assert disk.events == [
+        "blkid -p", "vault write", "cryptsetup luksFormat", "cryptsetup open", "cryptsetup luksUUID",
+        "cryptsetup luksHeaderBackup", "cryptsetup open", "mkfs.ext4 /dev/mapper/crypt", "mount",
+    ]
+    assert disk.argv_of("cryptsetup", "luksFormat") == [[
+        "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", "aes-xts-plain64",
+        "--key-size", "512", "--hash", "sha256", "--pbkdf", "argon2id", "--key-file=-", DEVICE,
+    ]]
+    assert disk.stdin_of("cryptsetup", "luksFormat") == passphrase
+    assert disk.argv_of("cryptsetup", "open") == [
+        ["cryptsetup", "open", "--test-passphrase", "--key-file=-", DEVICE],
+        ["cryptsetup", "open", DEVICE, "crypt", "--key-file=-"],
+    ]
+    assert disk.argv_of("blkid") == [["blkid", "-p", "-o", "export", DEVICE]]
+    assert disk.argv_of("mkfs.ext4") == [["mkfs.ext4", MAPPER]]
+    assert all(passphrase.decode() not in arg for argv, _ in disk.calls for arg in argv)
+    assert (report.volume_state, report.uuid, report.changed, report.resumed) == ("mounted", UUID, True, False)
+    assert vault.revoked == 1
+
+
+def test_fresh_setup_writes_the_ini_header_and_success_files_then_forgets_the_passphrase(tmp_path, disk, vault):
+    options = make_options(tmp_path)
+    run(options)
+
+    assert options.ini_path.read_text() == (
+        "[luks]\ncipher_algorithm = aes-xts-plain64\nhash_algorithm = sha256\nkeysize = 512\n"
+        f"device = {DEVICE}\nuuid = {UUID}\ncryptdev = crypt\nmapper = {MAPPER}\nmountpoint = /export\n"
+        f"filesystem = ext4\nheader_path = {options.header_path}\n\n"
+    )
+    assert stat.S_IMODE(options.header_path.stat().st_mode) == 0o600
+    assert setup.ENCRYPTION_SUCCESS[0].read_text() == "LUKS encryption completed."
+    assert setup.VOLUME_SUCCESS[0].read_text() == "Volume setup completed."
+    assert not pending(tmp_path).exists() and not (tmp_path / "luks" / journal.STATE_FILE).exists()
+
+
+def test_the_passphrase_is_saved_privately_before_vault_or_the_device_sees_it(tmp_path, disk, vault, monkeypatch):
+    seen = []
+
+    def write(ref, value, *, cas):
+        path = pending(tmp_path)
+        seen.append((path.read_bytes().decode(), stat.S_IMODE(path.stat().st_mode), cas, disk.key))
+        return 1
+
+    monkeypatch.setattr(_Client, "write", lambda self, ref, value, *, cas: write(ref, value, cas=cas))
+    run(make_options(tmp_path))
+
+    assert seen == [(disk.key.decode(), 0o600, 0, None)]  # saved, private, create-only, device not yet formatted
+
+
+def test_operator_passphrase_and_fastluks_defaults(tmp_path, disk, vault):
+    from luksctl import fastluks
+
+    args = fastluks.build_parser().parse_args([
+        "--device", DEVICE, "--cryptdev", "crypt", "-m", "/export", "--vault", "--vault-url", "https://v:8200",
+        "--wrapping-token", "hvs.argv-token", "--secret-path", "sub/deploy-1/storage_encryption", "--user-key", "storage_encryption_key",
+        "--cryptdev-file", str(tmp_path / "luks" / "luks-cryptdev.ini"), "--header-backup-file", str(tmp_path / "luks" / "luks-header.bck"),
+        "-p", "Own-Pass-phrase",
+    ])
+    options = replace(fastluks.options_from_args(args), state_dir=tmp_path / "luks")
+    assert "argv-token" not in repr(options) and "Own-Pass" not in repr(options)
+    run(options)
+
+    assert disk.argv_of("cryptsetup", "luksFormat") == [[
+        "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", "aes-xts-plain64",
+        "--key-size", "256", "--hash", "sha256", "--iter-time", "2000", "--key-file=-", DEVICE,
+    ]]
+    assert disk.key == b"Own-Pass-phrase" and vault.secrets == {str(REF): "Own-Pass-phrase"}
+    assert vault.unwrapped == ["hvs.argv-token"]
+
+
+def test_save_passphrase_locally_puts_it_in_a_private_ini(tmp_path, disk, vault):
+    options = make_options(tmp_path, save_passphrase_locally=True)
+    run(options)
+
+    assert f"passphrase = {disk.key.decode()}" in options.ini_path.read_text()
+    assert stat.S_IMODE(options.ini_path.stat().st_mode) == 0o600
+
+
+# --- refusals: nothing changes --------------------------------------------------------------
+
+
+def test_signature_is_refused_and_nothing_changes(tmp_path, disk, vault):
+    disk.signature = "ext4"
+    with pytest.raises(DeviceNotBlank, match="ext4"):
+        run(make_options(tmp_path))
+
+    assert disk.events == ["blkid -p"] and vault.unwrapped == [] and not (tmp_path / "luks").exists()
+
+
+def test_force_overrides_the_signature_check_only(tmp_path, disk, vault, monkeypatch):
+    disk.signature = "ext4"
+    run(make_options(tmp_path, force=True))
+    assert disk.key is not None
+
+    monkeypatch.setattr(blockdev, "users", lambda device, allowed_holder=None: ["/dev/vdb is mounted on /mnt"])
+    with pytest.raises(DeviceInUse, match="mounted on /mnt"):
+        run(make_options(tmp_path, force=True, device="/dev/vdc"))
+
+
+def test_not_a_block_device_is_refused(tmp_path):
+    regular = tmp_path / "file"
+    regular.write_bytes(b"x" * 4096)
+    with pytest.raises(NotBlockDevice, match="not a block device"):
+        run(make_options(tmp_path, device=str(regular)))
+    assert regular.read_bytes() == b"x" * 4096
+
+
+def test_existing_header_backup_is_never_overwritten(tmp_path, disk, vault):
+    options = make_options(tmp_path)
+    options.header_path.parent.mkdir()
+    options.header_path.write_bytes(b"someone's header")
+
+    with pytest.raises(SetupConflict, match="header backup already exists"):
+        run(options)
+    assert options.header_path.read_bytes() == b"someone's header" and disk.key is None
+
+
+def test_token_that_may_not_create_is_refused_before_the_device_is_touched(tmp_path, disk, vault):
+    vault.capabilities = {"read"}
+    with pytest.raises(VaultWriteDenied, match="may not write"):
+        run(make_options(tmp_path))
+
+    assert disk.key is None and vault.secrets == {}
+    assert not pending(tmp_path).exists()  # stored nowhere and used nowhere: nothing to keep
+
+
+def test_path_that_holds_a_secret_is_refused_before_the_device_is_touched(tmp_path, disk, vault):
+    vault.secrets[str(REF)] = "someone else's"
+    with pytest.raises(VaultWriteDenied):
+        run(make_options(tmp_path))
+
+    assert disk.key is None and vault.secrets[str(REF)] == "someone else's" and not pending(tmp_path).exists()
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(tmp_path, disk, vault):
+    report = run(make_options(tmp_path, dry_run=True, wipe=True))
+
+    assert disk.events == ["blkid -p"] and vault.unwrapped == [] and not (tmp_path / "luks").exists()
+    assert any("zero /dev/mapper/crypt" in step for step in report.plan)
+    assert any("--pbkdf argon2id" in step for step in report.plan)
+
+
+# --- crash safety: a kill anywhere, then the same command again ---------------------------
+
+
+def test_vault_down_keeps_the_passphrase_and_a_rerun_with_a_new_token_finishes(tmp_path, disk, vault):
+    vault.down = True
+    with pytest.raises(VaultUnreachable):
+        run(make_options(tmp_path))
+    assert disk.key is None and pending(tmp_path).exists()
+    saved = pending(tmp_path).read_bytes()
+
+    vault.down = False
+    report = run(make_options(tmp_path, token="wrapping-2"))
+
+    assert report.resumed and disk.key == saved and vault.secrets[str(REF)] == saved.decode()
+
+
+def test_write_cut_off_on_the_way_then_a_new_write_only_token_finishes(tmp_path, disk, vault):
+    vault.cut_write = True
+    with pytest.raises(VaultUnreachable):
+        run(make_options(tmp_path))
+    saved = pending(tmp_path).read_bytes()
+
+    report = run(make_options(tmp_path, token="wrapping-2"))
+
+    assert report.resumed and disk.key == saved and vault.secrets[str(REF)] == saved.decode()
+
+
+def test_lost_write_answer_with_a_write_only_token_is_refused_then_a_read_token_confirms(tmp_path, disk, vault):
+    vault.lose_answer = True
+    with pytest.raises(VaultUnreachable):
+        run(make_options(tmp_path))
+    saved = pending(tmp_path).read_bytes()
+
+    with pytest.raises(SetupConflict, match="may not read"):
+        run(make_options(tmp_path, token="wrapping-2"))  # create-only: cannot tell whose secret it is
+    assert pending(tmp_path).read_bytes() == saved and disk.key is None
+
+    vault.capabilities, vault.readable = {"read"}, True  # the dashboard's read-only token
+    report = run(make_options(tmp_path, token="wrapping-3"))
+    assert report.resumed and disk.key == saved
+
+
+def test_interrupted_write_then_someone_elses_secret_is_refused_and_forgotten(tmp_path, disk, vault):
+    vault.cut_write = True
+    with pytest.raises(VaultUnreachable):
+        run(make_options(tmp_path))
+    vault.readable = True
+    vault.secrets[str(REF)] = "someone else's"
+
+    with pytest.raises(SecretExists, match="another secret"):
+        run(make_options(tmp_path, token="wrapping-2"))
+    assert disk.key is None and not pending(tmp_path).exists()
+
+
+def test_kill_right_after_luks_format_resumes_without_formatting_again(tmp_path, disk, vault):
+    disk.kill_at = ("cryptsetup", "open", "--test-passphrase")
+    with pytest.raises(Killed):
+        run(make_options(tmp_path))
+    key = disk.key
+    assert key == pending(tmp_path).read_bytes()
+    disk.calls.clear()
+
+    report = run(make_options(tmp_path, token=None))  # Vault has it: no token needed any more
+
+    assert disk.argv_of("cryptsetup", "luksFormat") == [] and disk.key == key
+    assert report.resumed and report.volume_state == "mounted" and vault.unwrapped == ["wrapping-1"]
+
+
+def test_kill_during_luks_format_formats_again(tmp_path, disk, vault):
+    disk.kill_at = ("cryptsetup", "luksFormat")  # killed before cryptsetup wrote a usable header
+    with pytest.raises(Killed):
+        run(make_options(tmp_path))
+    assert journal.FORMAT_STARTED in json.loads((tmp_path / "luks" / journal.STATE_FILE).read_text())["steps"]
+
+    run(make_options(tmp_path, token=None))
+
+    assert len(disk.argv_of("cryptsetup", "luksFormat")) == 1 and disk.key == vault.secrets[str(REF)].encode()
+
+
+def test_kill_during_mkfs_wipes_the_partial_filesystem_and_makes_it_again(tmp_path, disk, vault):
+    disk.kill_at = ("mkfs.ext4",)
+    with pytest.raises(Killed):
+        run(make_options(tmp_path))
+    disk.events.clear()
+
+    run(make_options(tmp_path, token=None))
+
+    assert disk.events == ["wipefs --all", "mkfs.ext4 /dev/mapper/crypt", "mount"]
+    assert disk.argv_of("wipefs") == [["wipefs", "--all", MAPPER]]
+
+
+def test_a_finished_setup_run_again_changes_nothing(tmp_path, disk, vault):
+    run(make_options(tmp_path))
+    disk.calls.clear()
+
+    report = run(make_options(tmp_path, token="wrapping-2"))
+
+    assert not report.changed and vault.unwrapped == ["wrapping-1"]
+    assert [argv[:2] for argv, _ in disk.calls] == [["cryptsetup", "isLuks"], ["cryptsetup", "luksUUID"]]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, disk, vault):
+    vault.down = True
+    with pytest.raises(VaultUnreachable):
+        run(make_options(tmp_path))
+
+    with pytest.raises(SetupConflict, match="cryptdev"):
+        run(make_options(tmp_path, cryptdev="other"))
+
+
+# --- inputs and output ----------------------------------------------------------------------
+
+
+def test_token_comes_from_a_file_or_stdin_stripped(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("hvs.file-token\n")
+    assert setup.read_token(str(path), io.BytesIO()) == "hvs.file-token"
+    assert setup.read_token("-", io.BytesIO(b"hvs.stdin-token\n")) == "hvs.stdin-token"
+    with pytest.raises(Exception, match="empty"):
+        setup.read_token("-", io.BytesIO(b"\n"))
+
+
+def test_wipe_progress_is_json_lines_and_zeroes_everything(tmp_path, monkeypatch):
+    target = tmp_path / "mapper"
+    target.write_bytes(b"\xff" * (3 * blockdev.ZERO_CHUNK // 2))
+    out = io.StringIO()
+    progress = setup.Progress(json_lines=True, out=out, err=io.StringIO(), tty=False)
+
+    written = blockdev.zero_device(str(target), progress.wiped)
+
+    assert written == target.stat().st_size and target.read_bytes() == bytes(written)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["percent"] for line in lines] == [66, 100] and lines[-1]["bytes_done"] == written
+
+
+def test_wipe_progress_on_a_tty_is_a_percentage(tmp_path):
+    err = io.StringIO()
+    progress = setup.Progress(json_lines=False, out=io.StringIO(), err=err, tty=True)
+    progress.wiped(50, 100)
+    progress.wiped(100, 100)
+    assert err.getvalue() == "\rwiping:  50% of 0 MiB\rwiping: 100% of 0 MiB\n"
+
+
+def test_cli_refuses_passphrase_and_token_both_on_stdin(capsys):
+    from luksctl import cli
+
+    code = cli.main(["setup", "--device", DEVICE, "--vault-url", "https://v:8200", "--secret-path", "a/b",
+                     "--passphrase-stdin", "--token-file", "-"], stdin=io.BytesIO(b"pw\n"), stdin_is_tty=False)
+    assert code == 64
+    assert "stdin cannot carry both" in capsys.readouterr().out
