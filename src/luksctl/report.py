@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 from . import header, runner
 from .config import VolumeConfig
 from .errors import CommandFailed
 from .keys import opening_slot
+from .rotate import pending_operations
 from .volume import current_status
 
 JOURNAL_LINES = 2000  # how far back the last open is looked for
@@ -40,7 +42,7 @@ def last_open() -> str | None:
     return None
 
 
-def build_report(volume: VolumeConfig, passphrase: bytes | None) -> dict:
+def build_report(volume: VolumeConfig, passphrase: bytes | None, state_dir: Path) -> dict:
     status = current_status(volume)
     device = volume.device_path
     report: dict = {
@@ -50,6 +52,7 @@ def build_report(volume: VolumeConfig, passphrase: bytes | None) -> dict:
         "device": device,
         "device_present": os.path.exists(device),
         "last_open": last_open(),
+        "pending": pending_operations(state_dir),
     }
     backup = header.backup_path(volume.header_path)
     if not report["device_present"]:
@@ -80,6 +83,7 @@ def report_lines(report: dict) -> list[str]:
         lines.append(f"Given passphrase: {'opens keyslot ' + str(opened) if opened is not None else 'opens no keyslot'}")
     lines.append(f"Header backup:    {describe_backup(report['header_backup'])}")
     lines.append(f"Last open:        {report['last_open'] or 'unknown (no journal entry)'}")
+    lines.extend(f"UNFINISHED:       {pending}" for pending in report["pending"])
     return lines
 
 

@@ -1,71 +1,22 @@
-"""header, recovery-key and report through `luksctl`'s main(), on real LUKS headers.
-
-cryptsetup formats, dumps, adds and kills keyslots and backs up headers on plain image
-files without device-mapper, so these run the real binary on the host. Only the device
-path is redirected from /dev/disk/by-uuid/<uuid> to the image; nothing is opened.
-"""
+"""header, recovery-key and report through `luksctl`'s main(), on real LUKS headers
+in image files (tests/luks_lab.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import stat
 import subprocess
-from pathlib import Path
 
-import pytest
-
-from luksctl.cli import Paths, main
-from luksctl.config import VolumeConfig
+from luks_lab import LUKS_LAB_FAST as FAST
+from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
+from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
+from luks_lab import Lab
+from luksctl.cli import main
 from luksctl.errors import EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
 
-PASSPHRASE = b"stored \\ passphrase \xc3\xbc 'quoted' $HOME"
-FAST = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
-FAST_NEW_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
-
-
-def luks_format(image: Path, passphrase: bytes, luks_type: str = "luks2") -> str:
-    with image.open("xb") as f:
-        f.truncate(20 * 1024 * 1024)
-    subprocess.run(["cryptsetup", "luksFormat", "--type", luks_type, *FAST, "--batch-mode", "--key-file=-", str(image)],
-                   input=passphrase, check=True, capture_output=True)
-    return subprocess.run(["cryptsetup", "luksUUID", str(image)], check=True, capture_output=True, text=True).stdout.strip()
-
-
-def opens(image: Path, passphrase: bytes) -> bool:
-    return subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file=-", str(image)],
-                          input=passphrase, capture_output=True).returncode == 0
-
-
-class Lab:
-    """One LUKS2 image described by an ini, and `luksctl` run on it."""
-
-    def __init__(self, tmp_path: Path, monkeypatch, luks_type: str = "luks2") -> None:
-        self.dir = tmp_path
-        self.image = tmp_path / "disk.img"
-        self.uuid = luks_format(self.image, PASSPHRASE, luks_type)
-        self.backup = tmp_path / "luks-header.bck"
-        self.ini = tmp_path / "luks-cryptdev.ini"
-        self.describe(self.uuid)
-        self.paths = Paths(volume_ini=self.ini, api_config=tmp_path / "config.json", lock_file=tmp_path / "lock", root_owned=False)
-        image = str(self.image)
-        monkeypatch.setattr(VolumeConfig, "device_path", property(lambda self: image))
-
-    def describe(self, uuid: str) -> None:
-        self.ini.write_text(f"[luks]\nuuid = {uuid}\ncryptdev = labvol\nmountpoint = {self.dir / 'mnt'}\nheader_path = {self.backup}\n")
-
-    def run(self, capsys, *argv: str, stdin: bytes = b"") -> tuple[int, dict]:
-        capsys.readouterr()
-        code = main(["--json", *argv], paths=self.paths, stdin=io.BytesIO(stdin), stdin_is_tty=False)
-        out = capsys.readouterr().out
-        assert len(out.strip().splitlines()) == 1, out
-        return code, json.loads(out)
-
-
-@pytest.fixture
-def lab(tmp_path, monkeypatch) -> Lab:
-    return Lab(tmp_path, monkeypatch)
+opens = Lab.opens
+luks_format = Lab.format
 
 
 def test_header_backup_is_0600_with_its_checksum_recorded(lab, capsys):
