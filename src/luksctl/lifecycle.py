@@ -106,7 +106,7 @@ def add_pbkdf_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     def add(parent, name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = parent.add_parser(name, help=help_text, description=help_text)
+        sub = parent.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)  # "--token" must not mean --token-file
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sub
 

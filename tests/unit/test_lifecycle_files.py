@@ -8,6 +8,8 @@ import io
 import stat
 import subprocess
 
+import pytest
+
 from luks_lab import LUKS_LAB_FAST as FAST
 from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
@@ -252,3 +254,22 @@ def test_no_secret_in_any_argv_or_log_line(lab, capsys, monkeypatch, caplog):
     secrets = (PASSPHRASE.decode(), key)
     assert not [arg for argv in argvs for arg in argv if any(secret in arg for secret in secrets)]
     assert not [line for line in caplog.text.splitlines() if any(secret in line for secret in secrets)]
+
+
+def test_header_restore_on_a_terminal_needs_the_volume_name_typed(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    subprocess.run(["cryptsetup", "luksErase", "--batch-mode", str(lab.image)], check=True, capture_output=True)
+
+    wrong = main(["header", "restore"], paths=lab.paths, stdin=io.BytesIO(b"yes\n"), stdin_is_tty=True)
+    assert wrong == EXIT_REFUSED and not opens(lab.image, PASSPHRASE)
+    assert "Type the volume name 'labvol'" in capsys.readouterr().err
+
+    typed = main(["header", "restore"], paths=lab.paths, stdin=io.BytesIO(b"labvol\n"), stdin_is_tty=True)
+    assert typed == EXIT_OK and opens(lab.image, PASSPHRASE)
+
+
+def test_rotate_and_decommission_take_no_token_in_argv(lab, capsys):
+    for command in ("rotate", "decommission"):
+        with pytest.raises(SystemExit) as usage:
+            main([command, "--vault-url", "http://127.0.0.1:1", "--secret-path", "a/b", "--token", "s.secret"], paths=lab.paths)
+        assert usage.value.code == 64
