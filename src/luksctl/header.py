@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import runner
+from .durable import write_atomically
 from .errors import CommandFailed, DeviceNotFound, Refused
 
 DEFAULT_BACKUP = Path("/etc/luks/luks-header.bck")  # PROTOCOL §7: fast-luks' default header_path
@@ -132,7 +133,7 @@ def recorded_checksum(backup: Path) -> str | None:
 
 @contextmanager
 def _private_dir(near: Path) -> Iterator[Path]:
-    """A 0700 directory beside `near`, so files made there can be renamed over it atomically."""
+    """A 0700 scratch directory beside `near`, for header copies (they open the volume)."""
     near.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=".luksctl-", dir=near.parent))
     try:
@@ -152,34 +153,18 @@ def current_checksum(device: str, near: Path) -> str:
         return _copy_header(device, scratch / "header")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_backup(device: str, backup: Path) -> str:
     """Replace `backup` with the device's header (0600) and record its checksum beside it.
 
-    Both files are written in a private directory and renamed into place, so a crash
-    leaves either the old or the new file, never a partial one. (A crash between the two
-    renames leaves a checksum that no longer matches: `verify` says so, a re-run fixes it.)
+    Each file is replaced whole or not at all (durable.write_atomically). A crash between
+    the two leaves a checksum that no longer matches: `verify` says so, a re-run fixes it.
     """
     with _private_dir(backup) as scratch:
-        new_header = scratch / "header"
-        checksum = _copy_header(device, new_header)
-        os.chmod(new_header, 0o600)
-        new_sidecar = scratch / "sha256"
-        fd = os.open(new_sidecar, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as sidecar:
-            sidecar.write(f"{checksum}  {backup.name}\n")
-        _fsync(new_header)
-        _fsync(new_sidecar)
-        os.replace(new_header, backup)
-        os.replace(new_sidecar, checksum_path(backup))
-        _fsync(backup.parent)
+        copy = scratch / "header"
+        checksum = _copy_header(device, copy)
+        data = copy.read_bytes()
+    write_atomically(backup, data, mode=0o600)
+    write_atomically(checksum_path(backup), f"{checksum}  {backup.name}\n".encode(), mode=0o600)
     return checksum
 
 

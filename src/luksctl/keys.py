@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import runner
 from .errors import CommandFailed, Refused, WrongPassphrase
-from .header import RECOVERY_TOKEN, HEADER_TIMEOUT, LuksHeader, read_header
+from .header import HEADER_TIMEOUT, RECOVERY_TOKEN, read_header
 from .volume import CRYPTSETUP_NO_KEY, CRYPTSETUP_TIMEOUT
 
 # 48 characters from 31 unambiguous ones (no 0/o, 1/l/i): 237 bits, easy to read aloud.
@@ -157,7 +157,3 @@ def remove_recovery_key(device: str, stored: bytes) -> list[int] | None:
         remove_token(device, token_id)  # after the slot: a crash in between leaves a label a re-run finds
     return removed
 
-
-def stored_secret_slots(header: LuksHeader) -> list[int]:
-    """Keyslots that are not the recovery key's: where a stored (Vault) passphrase lives."""
-    return sorted(set(header.keyslots) - header.recovery_slots)

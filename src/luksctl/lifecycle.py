@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import header, keys, report
+from .config import VolumeConfig, load_volume_config
 from .decommission import decommission
+from .errors import EXIT_OK, EXIT_STALE_BACKUP, LuksctlError, Refused
 from .keystore import Keystore, SecretRef
+from .locking import exclusive_lock
 from .rotate import rotate
 from .setup import read_token
-from .config import VolumeConfig, load_volume_config
-from .errors import EXIT_OK, EXIT_STALE_BACKUP, LuksctlError, Refused
-from .locking import exclusive_lock
 
 LOCK_WAIT = 200  # as cli.LOCK_WAIT: longer than an open takes
 
