@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import setup_cli, volume
+from . import lifecycle, setup_cli, volume
 from .config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
 from .errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError, StdinNotClosed
 from .status import VolumeState, nfs_mount_states
@@ -52,6 +52,9 @@ class Report:
     nfs_state: str | None = None
     mountpoints: dict[str, bool] | None = None
     error: str | None = None
+    details: dict | None = None  # a lifecycle command's own fields, at the top level of --json
+    text: list[str] | None = None  # its text report
+    exit_code: int | None = None  # its exit code, when not "mounted or not"
 
     @property
     def ok(self) -> bool:
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("setup", help=setup_help, description=setup_help)
     sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="progress and result as JSON lines")
     setup_cli.add_setup_arguments(sub)
+    lifecycle.add_commands(commands)
     return parser
 
 
@@ -193,7 +197,19 @@ def cmd_nfs_mount(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) ->
 COMMANDS = {"status": cmd_status, "open": cmd_open, "close": cmd_close, "nfs-mount": cmd_nfs_mount}
 
 
+def run_lifecycle_command(args: argparse.Namespace, paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+    _require_root()
+    context = lifecycle.Context(paths.volume_ini, paths.lock_file, paths.root_owned, stdin, stdin_is_tty, lambda: read_passphrase(stdin, stdin_is_tty))
+    outcome = lifecycle.run(args, context)
+    report = _state_after_error(paths)  # the volume's state, or "unavailable" once it is gone
+    report.changed, report.details, report.text, report.exit_code = outcome.changed, outcome.details, outcome.text, outcome.exit_code
+    return report
+
+
 def print_text(command: str, report: Report, out: io.TextIOBase) -> None:
+    if report.text is not None:
+        print("\n".join(report.text), file=out)
+        return
     if command == "close":
         print(f"Encrypted volume umount: [ {'OK' if report.mapper_open is False else 'FAIL'} ]", file=out)
         return
@@ -227,8 +243,14 @@ def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: io.Buf
         return setup_cli.run(lambda: setup_cli.options_from_args(args, stdin), stdin=stdin, json_output=args.json)
     error_class = None
     try:
-        report = COMMANDS[args.command](paths, stdin, stdin_is_tty)
-        exit_code = EXIT_OK if report.ok or args.command == "close" else EXIT_NOT_OPEN
+        if lifecycle.is_lifecycle(args.command):
+            report = run_lifecycle_command(args, paths, stdin, stdin_is_tty)
+        else:
+            report = COMMANDS[args.command](paths, stdin, stdin_is_tty)
+        if report.exit_code is not None:
+            exit_code = report.exit_code
+        else:
+            exit_code = EXIT_OK if report.ok or args.command == "close" else EXIT_NOT_OPEN
         failed = [action["name"] for action in report.actions or [] if not action["ok"]]
         if failed:
             report.error = f"the volume is mounted, but these post-open actions failed: {', '.join(failed)}"
@@ -245,12 +267,12 @@ def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: io.Buf
         report.error = f"internal error ({exc.__class__.__name__}); see the log"
         exit_code = EXIT_COMMAND_FAILED
         error_class = exc.__class__.__name__
-    if args.command != "status":
+    if args.command not in ("status", "report"):
         from . import audit
 
         audit.use_syslog()
         audit.record(
-            action=args.command,
+            action=" ".join(filter(None, (args.command, getattr(args, "action", None)))),
             client=f"uid {os.environ.get('SUDO_UID', os.getuid())}",
             outcome="ok" if exit_code in (EXIT_OK,) else "error",
             status=exit_code,
@@ -258,7 +280,8 @@ def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: io.Buf
             error_class=error_class,
         )
     if args.json:
-        print(json.dumps({key: value for key, value in asdict(report).items() if value is not None}))
+        fields = {key: value for key, value in asdict(report).items() if value is not None and key not in ("details", "text", "exit_code")}
+        print(json.dumps({**fields, **(report.details or {})}))
     else:
         print_text(args.command, report, sys.stdout)
     return exit_code

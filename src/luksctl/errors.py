@@ -15,6 +15,8 @@ EXIT_CONFIG = 3
 EXIT_COMMAND_FAILED = 4
 EXIT_ACTION_FAILED = 5
 EXIT_BUSY = 6
+EXIT_REFUSED = 7
+EXIT_STALE_BACKUP = 8
 EXIT_USAGE = 64
 # `luksctl setup` refusals: each changes nothing on the device.
 EXIT_DEVICE_IN_USE = 10
@@ -97,6 +99,13 @@ class ActionFailed(LuksctlError):
 
     exit_code = EXIT_ACTION_FAILED
     http_status = 500
+
+
+class Refused(LuksctlError):
+    """A lifecycle command would be unsafe, or was not confirmed; nothing was changed."""
+
+    exit_code = EXIT_REFUSED
+    http_status = 409
 
 
 class NfsMountIncomplete(LuksctlError):

@@ -1,0 +1,254 @@
+"""The key lifecycle subcommands of `luksctl`: report, header, recovery-key, rotate, decommission.
+
+cli.py registers them (add_commands) and runs them like the others: errors, exit
+codes, --json and the audit line stay in one place there. Commands that change the
+header hold the same lock as open and close, so no open races a keyslot change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from . import header, keys, report
+from .config import VolumeConfig, load_volume_config
+from .decommission import decommission
+from .errors import EXIT_OK, EXIT_STALE_BACKUP, LuksctlError, Refused
+from .keystore import Keystore, SecretRef
+from .locking import exclusive_lock
+from .rotate import rotate
+from .setup import read_token
+
+LOCK_WAIT = 200  # as cli.LOCK_WAIT: longer than an open takes
+
+
+@dataclass
+class Outcome:
+    details: dict
+    text: list[str]
+    exit_code: int = EXIT_OK
+    changed: bool = False
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a lifecycle command gets from cli.main."""
+
+    volume_ini: Path
+    lock_file: Path
+    root_owned: bool
+    stdin: BinaryIO
+    stdin_is_tty: bool
+    read_passphrase: Callable[[], bytes]
+
+    @property
+    def state_dir(self) -> Path:
+        """Where unfinished setups and rotations keep their passphrase: beside the ini (/etc/luks)."""
+        return self.volume_ini.parent
+
+    def volume(self) -> VolumeConfig:
+        return load_volume_config(self.volume_ini, root_owned=self.root_owned)
+
+    def locked(self):
+        return exclusive_lock(self.lock_file, timeout=LOCK_WAIT, what="luksctl command on this volume")
+
+    def confirm(self, args: argparse.Namespace, volume: VolumeConfig, what: str) -> None:
+        """--yes, or the volume's name typed on a terminal; anything else refuses."""
+        if args.yes:
+            return
+        if not self.stdin_is_tty:
+            raise Refused(f"{what}: confirm with --yes (stdin is not a terminal to ask on); nothing was changed")
+        print(f"{what}. Type the volume name '{volume.cryptdev}' to go on: ", end="", file=sys.stderr, flush=True)
+        if self.stdin.readline().decode(errors="replace").strip() != volume.cryptdev:
+            raise Refused(f"{what}: not confirmed; nothing was changed")
+
+
+def add_vault_arguments(parser: argparse.ArgumentParser, needs: str) -> None:
+    """Where the secret is and the token to reach it: the same options as `luksctl setup`."""
+    vault = parser.add_argument_group(f"Vault (the token needs {needs})")
+    vault.add_argument("--vault-url", required=True, help="e.g. https://vault.example:8200")
+    vault.add_argument("--secret-root", default="secrets", help="KV mount (default: secrets)")
+    vault.add_argument("--secret-path", required=True, help="<user-sub>/<deployment-uuid>/storage_encryption")
+    vault.add_argument("--secret-key", default="storage_encryption_key", help="(default: storage_encryption_key)")
+    vault.add_argument("--kv-version", type=int, choices=(1, 2), default=2, help="the mount's KV version (default: 2)")
+    tokens = vault.add_mutually_exclusive_group(required=True)
+    tokens.add_argument("--wrapping-token-file", metavar="FILE", help="a response-wrapping token, from FILE or '-' (stdin)")
+    tokens.add_argument("--token-file", metavar="FILE", help="a plain Vault token, from FILE or '-' (stdin)")
+    vault.add_argument("--vault-ca-bundle", metavar="FILE", help="CA certificates to verify Vault's TLS certificate with")
+    vault.add_argument("--vault-timeout", type=float, default=10.0, help="seconds per Vault call (default: 10)")
+
+
+def secret_ref(args: argparse.Namespace) -> SecretRef:
+    try:
+        return SecretRef(args.secret_root, args.secret_path, args.secret_key, args.kv_version)
+    except ValueError as exc:
+        raise LuksctlError(str(exc)) from None
+
+
+def open_keystore(args: argparse.Namespace, stdin: BinaryIO) -> Keystore:
+    """A wrapping token is unwrapped here; a plain token is the operator's own, used as given."""
+    if args.wrapping_token_file:
+        token = read_token(args.wrapping_token_file, stdin)
+        return Keystore.unwrap(args.vault_url, token, ca_bundle=args.vault_ca_bundle, timeout=args.vault_timeout)
+    token = read_token(args.token_file, stdin)
+    return Keystore(args.vault_url, token=token, ca_bundle=args.vault_ca_bundle, timeout=args.vault_timeout)
+
+
+def add_pbkdf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pbkdf", choices=["argon2id", "argon2i", "pbkdf2"], help="of the new keyslot; default: cryptsetup's (argon2id)")
+    parser.add_argument("--iter-time", type=int, metavar="MS", help="PBKDF time in milliseconds; default: cryptsetup's")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    def add(parent, name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)  # "--token" must not mean --token-file
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return sub
+
+    report_parser = add(commands, "report", "the volume, its keyslots, header backup and last open at a glance")
+    report_parser.add_argument("--check-passphrase", action="store_true", help="read a passphrase on stdin and say which keyslot it opens")
+
+    header_actions = add(commands, "header", "back up, verify or restore the LUKS header").add_subparsers(dest="action", required=True, metavar="ACTION")
+    add(header_actions, "backup", "write the header to header_path (0600) and record its checksum")
+    add(header_actions, "verify", "does the backup match the device's header and its current keyslots? (exit 0 if so, 8 if not)")
+    restore = add(header_actions, "restore", "write the backup back over the device's header (same volume only)")
+    restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    recovery = add(commands, "recovery-key", "add or remove a recovery key (for the day Vault is lost)").add_subparsers(dest="action", required=True, metavar="ACTION")
+    add_key = add(recovery, "add", "add a recovery key in its own keyslot; the current passphrase comes on stdin")
+    add_key.add_argument("--output", type=Path, help="write the key to this new file (0600) instead of printing it")
+    add_pbkdf_arguments(add_key)
+    add(recovery, "remove", "remove the recovery key; the stored passphrase comes on stdin and must open another keyslot")
+
+    rotate_parser = add(commands, "rotate", "replace the passphrase with a new one, stored as a new version in Vault (works while mounted)")
+    add_vault_arguments(rotate_parser, "read and update on the secret")
+    add_pbkdf_arguments(rotate_parser)
+
+    decommission_parser = add(commands, "decommission", "close the volume, erase every keyslot, delete the secret in Vault, the header backup and the ini")
+    add_vault_arguments(decommission_parser, "delete on <root>/metadata/<path>: the dashboard's delete_only policy")
+    decommission_parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def is_lifecycle(command: str) -> bool:
+    return command in HANDLERS
+
+
+def run(args: argparse.Namespace, context: Context) -> Outcome:
+    handler = HANDLERS[args.command]
+    return handler[args.action](args, context) if isinstance(handler, dict) else handler(args, context)
+
+
+def cmd_report(args: argparse.Namespace, context: Context) -> Outcome:
+    passphrase = context.read_passphrase() if args.check_passphrase else None
+    details = report.build_report(context.volume(), passphrase, context.state_dir)
+    return Outcome(details, report.report_lines(details))
+
+
+def _refresh_backup(volume: VolumeConfig) -> dict:
+    path = header.backup_path(volume.header_path)
+    return {"header_backup": str(path), "header_checksum": header.write_backup(volume.device_path, path)}
+
+
+def cmd_header_backup(args: argparse.Namespace, context: Context) -> Outcome:
+    volume = context.volume()
+    header.require_device(volume.device_path)
+    with context.locked():
+        details = _refresh_backup(volume)
+    return Outcome(details, [f"Header backup:    {details['header_backup']} (sha256 {details['header_checksum']})"], changed=True)
+
+
+def cmd_header_verify(args: argparse.Namespace, context: Context) -> Outcome:
+    volume = context.volume()
+    header.require_device(volume.device_path)
+    check = header.check_backup(volume.device_path, header.backup_path(volume.header_path), time.time())
+    details = {key: value for key, value in vars(check).items() if value is not None}
+    return Outcome({"header_backup": details}, [f"Header backup:    {report.describe_backup(details)}"], EXIT_OK if check.ok else EXIT_STALE_BACKUP)
+
+
+def cmd_header_restore(args: argparse.Namespace, context: Context) -> Outcome:
+    volume = context.volume()
+    header.require_device(volume.device_path)
+    backup = header.backup_path(volume.header_path)
+    with context.locked():
+        header.check_restorable(volume.device_path, backup, volume.uuid)
+        context.confirm(args, volume, f"This overwrites the LUKS header of {volume.device_path} with {backup}")
+        header.restore_backup(volume.device_path, backup)
+    return Outcome({"restored_from": str(backup)}, [f"Header restored:  from {backup}"], changed=True)
+
+
+def cmd_recovery_add(args: argparse.Namespace, context: Context) -> Outcome:
+    volume = context.volume()
+    header.require_device(volume.device_path)
+    stored = context.read_passphrase()
+    with context.locked():
+        slot, key = keys.add_recovery_key(volume.device_path, stored, keys.Pbkdf(args.pbkdf, args.iter_time), args.output)
+        details = {"recovery_slot": slot, **_refresh_backup(volume)}
+    if args.output is not None:
+        details["written_to"] = str(args.output)
+        text = [f"Recovery key:     keyslot {slot}, written to {args.output}"]
+    else:  # printed once, on stdout only; it is never logged
+        details["recovery_key"] = key.decode()
+        text = [f"Recovery key:     keyslot {slot}", key.decode(), "Store it offline now: it is not shown again."]
+    return Outcome(details, text, changed=True)
+
+
+def cmd_recovery_remove(args: argparse.Namespace, context: Context) -> Outcome:
+    volume = context.volume()
+    header.require_device(volume.device_path)
+    stored = context.read_passphrase()
+    with context.locked():
+        removed = keys.remove_recovery_key(volume.device_path, stored)
+        details = {"removed_slots": removed, **(_refresh_backup(volume) if removed is not None else {})}
+    if removed is None:
+        return Outcome(details, ["Recovery key:     none to remove"])
+    return Outcome(details, [f"Recovery key:     removed (keyslots {removed or 'already gone'})"], changed=True)
+
+
+def cmd_rotate(args: argparse.Namespace, context: Context) -> Outcome:
+    volume = context.volume()
+    header.require_device(volume.device_path)
+    ref = secret_ref(args)
+    with context.locked():
+        keystore = open_keystore(args, context.stdin)
+        try:
+            rotation = rotate(volume.device_path, keystore, ref, context.state_dir, header.backup_path(volume.header_path), keys.Pbkdf(args.pbkdf, args.iter_time))
+        finally:
+            if args.wrapping_token_file:
+                keystore.revoke_self()
+    details = {"new_slot": rotation.new_slot, "removed_slot": rotation.removed_slot, "vault_version": rotation.vault_version,
+               "resumed": rotation.resumed, "steps": rotation.steps}
+    text = [f"Rotated:          keyslot {rotation.new_slot} holds the new passphrase, stored in Vault at {ref}"
+            + (f" (version {rotation.vault_version})" if rotation.vault_version else ""),
+            f"Old keyslot:      {'removed: ' + str(rotation.removed_slot) if rotation.removed_slot is not None else 'already gone'}",
+            f"Header backup:    rewritten ({header.backup_path(volume.header_path)})"]
+    return Outcome(details, text, changed=True)
+
+
+def cmd_decommission(args: argparse.Namespace, context: Context) -> Outcome:
+    volume = context.volume()
+    header.require_device(volume.device_path)
+    ref = secret_ref(args)
+    context.confirm(args, volume, f"This erases every keyslot of {volume.device_path} and deletes {ref} in Vault: the data is lost")
+    with context.locked():
+        keystore = open_keystore(args, context.stdin)
+        try:
+            done = decommission(volume, context.volume_ini, keystore, ref)
+        finally:
+            if args.wrapping_token_file:
+                keystore.revoke_self()
+    text = [f"Decommissioned:   {', '.join(done.steps) or 'nothing left to do'}", *(f"Removed:          {path}" for path in done.removed_files)]
+    return Outcome({"steps": done.steps, "removed_files": done.removed_files}, text, changed=bool(done.steps or done.removed_files))
+
+
+HANDLERS: dict = {
+    "report": cmd_report,
+    "header": {"backup": cmd_header_backup, "verify": cmd_header_verify, "restore": cmd_header_restore},
+    "recovery-key": {"add": cmd_recovery_add, "remove": cmd_recovery_remove},
+    "rotate": cmd_rotate,
+    "decommission": cmd_decommission,
+}

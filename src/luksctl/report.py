@@ -1,0 +1,103 @@
+"""`luksctl report`: what an operator needs at a glance about the volume and its keys.
+
+Everything here only reads: the kernel's state, the LUKS header, the header backup and
+the journal. Which keyslot a passphrase opens is shown only for a passphrase given on
+stdin, because there is no other way to check it without a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from . import header, runner
+from .config import VolumeConfig
+from .errors import CommandFailed
+from .keys import opening_slot
+from .rotate import pending_operations
+from .volume import current_status
+
+JOURNAL_LINES = 2000  # how far back the last open is looked for
+
+
+def last_open() -> str | None:
+    """Time of the last successful `luksctl open`, from the CLI's audit lines in the journal.
+
+    None when there is no journal (no journalctl) or no open in its last lines.
+    """
+    try:
+        argv = ["journalctl", "--no-pager", "--output=cat", "--reverse", f"--lines={JOURNAL_LINES}", "SYSLOG_IDENTIFIER=luksctl"]
+        result = runner.run(argv, timeout=30, check=False)
+    except CommandFailed:  # journalctl is not installed
+        return None
+    for line in result.stdout.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("action") == "open" and entry.get("outcome") == "ok":
+            return entry.get("time")
+    return None
+
+
+def build_report(volume: VolumeConfig, passphrase: bytes | None, state_dir: Path) -> dict:
+    status = current_status(volume)
+    device = volume.device_path
+    report: dict = {
+        "volume_state": status.state.value,
+        "mapper_open": status.mapper_open,
+        "mounted": status.mounted,
+        "device": device,
+        "device_present": os.path.exists(device),
+        "last_open": last_open(),
+        "pending": pending_operations(state_dir),
+    }
+    backup = header.backup_path(volume.header_path)
+    if not report["device_present"]:
+        report["header_backup"] = {"path": str(backup), "exists": backup.is_file()}
+        return report
+    luks = header.read_header(device)
+    report.update(header.describe(luks))
+    report["header_backup"] = {k: v for k, v in vars(header.check_backup(device, backup, time.time())).items() if v is not None}
+    if passphrase is not None:
+        report["passphrase_opens_slot"] = opening_slot(device, passphrase)
+    return report
+
+
+def report_lines(report: dict) -> list[str]:
+    lines = [
+        f"Device:           {report['device']}{'' if report['device_present'] else ' (not attached)'}",
+        f"Mapper device:    {'open' if report['mapper_open'] else 'closed'}",
+        f"Filesystem:       {'mounted' if report['mounted'] else 'not mounted'}",
+    ]
+    if "luks_version" in report:
+        lines.append(f"LUKS:             version {report['luks_version']}, {report['cipher']}, {report['key_size']}-bit key, uuid {report['uuid']}")
+        for slot in report["keyslots"]:
+            cost = ", ".join(f"{k} {v}" for k, v in slot.items() if k not in ("slot", "pbkdf", "recovery_key"))
+            role = " (recovery key)" if slot["recovery_key"] else ""
+            lines.append(f"Keyslot {slot['slot']}:{' ' * (9 - len(str(slot['slot'])))}{slot['pbkdf']} ({cost}){role}")
+    if "passphrase_opens_slot" in report:
+        opened = report["passphrase_opens_slot"]
+        lines.append(f"Given passphrase: {'opens keyslot ' + str(opened) if opened is not None else 'opens no keyslot'}")
+    lines.append(f"Header backup:    {describe_backup(report['header_backup'])}")
+    lines.append(f"Last open:        {report['last_open'] or 'unknown (no journal entry)'}")
+    lines.extend(f"UNFINISHED:       {pending}" for pending in report["pending"])
+    return lines
+
+
+def describe_backup(check: dict) -> str:
+    if not check["exists"]:
+        return f"{check['path']} MISSING"
+    if "matches" not in check:
+        return f"{check['path']} (device not attached: not compared)"
+    words = [check["path"], f"{check['age_seconds'] / 86400:.1f} days old"]
+    words.append("matches the device" if check["matches"] else "DOES NOT MATCH the device")
+    if not check["matches"]:
+        words.append("keyslots current" if check["keyslots_current"] else "OLD KEYSLOTS (opens with old keys)")
+    if not check["same_volume"]:
+        words.append("ANOTHER VOLUME")
+    if check.get("intact") is False:
+        words.append("DAMAGED (checksum differs from the one recorded)")
+    return ", ".join(words)

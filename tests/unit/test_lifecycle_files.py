@@ -1,0 +1,275 @@
+"""header, recovery-key and report through `luksctl`'s main(), on real LUKS headers
+in image files (tests/luks_lab.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import stat
+import subprocess
+
+import pytest
+
+from luks_lab import LUKS_LAB_FAST as FAST
+from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
+from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
+from luks_lab import Lab
+from luksctl.cli import main
+from luksctl.errors import EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
+
+opens = Lab.opens
+luks_format = Lab.format
+
+
+def test_header_backup_is_0600_with_its_checksum_recorded(lab, capsys):
+    code, answer = lab.run(capsys, "header", "backup")
+
+    assert code == EXIT_OK and answer["changed"] is True
+    assert stat.S_IMODE(lab.backup.stat().st_mode) == 0o600
+    digest = hashlib.sha256(lab.backup.read_bytes()).hexdigest()
+    assert answer["header_checksum"] == digest
+    assert (lab.dir / "luks-header.bck.sha256").read_text() == f"{digest}  luks-header.bck\n"
+
+
+def test_header_backup_leaves_no_scratch_files(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    lab.run(capsys, "header", "backup")  # over an existing backup (cryptsetup itself refuses to)
+
+    assert sorted(p.name for p in lab.dir.iterdir()) == ["disk.img", "lock", "luks-cryptdev.ini", "luks-header.bck", "luks-header.bck.sha256"]
+
+
+def test_header_verify_matches_a_fresh_backup(lab, capsys):
+    lab.run(capsys, "header", "backup")
+
+    code, answer = lab.run(capsys, "header", "verify")
+
+    assert code == EXIT_OK
+    check = answer["header_backup"]
+    assert check["matches"] is True and check["intact"] is True and check["keyslots_current"] is True and check["same_volume"] is True
+
+
+def test_header_verify_without_a_backup_exits_8(lab, capsys):
+    code, answer = lab.run(capsys, "header", "verify")
+
+    assert code == EXIT_STALE_BACKUP
+    assert answer["header_backup"]["exists"] is False
+
+
+def test_header_verify_sees_a_keyslot_change_and_a_damaged_backup(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(PASSPHRASE)}", *FAST_NEW_SLOT, str(lab.image)],
+                   input=PASSPHRASE + b"another\n", check=True, capture_output=True)
+
+    code, answer = lab.run(capsys, "header", "verify")
+    assert code == EXIT_STALE_BACKUP
+    assert answer["header_backup"]["matches"] is False and answer["header_backup"]["keyslots_current"] is False
+
+    lab.run(capsys, "header", "backup")
+    with lab.backup.open("r+b") as backup:  # one flipped byte deep in the keyslot area
+        backup.seek(1024 * 1024)
+        byte = backup.read(1)
+        backup.seek(1024 * 1024)
+        backup.write(bytes([byte[0] ^ 1]))
+    code, answer = lab.run(capsys, "header", "verify")
+    assert code == EXIT_STALE_BACKUP
+    assert answer["header_backup"]["intact"] is False
+
+
+def test_header_restore_brings_back_a_removed_keyslot(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    subprocess.run(["cryptsetup", "luksErase", "--batch-mode", str(lab.image)], check=True, capture_output=True)
+    assert not opens(lab.image, PASSPHRASE)
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_OK and answer["restored_from"] == str(lab.backup)
+    assert opens(lab.image, PASSPHRASE)
+
+
+def test_header_restore_without_yes_on_a_pipe_refuses(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    before = hashlib.sha256(lab.image.read_bytes()).hexdigest()
+
+    code, answer = lab.run(capsys, "header", "restore")
+
+    assert code == EXIT_REFUSED and "--yes" in answer["error"]
+    assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
+
+
+def test_header_restore_refuses_a_backup_of_another_volume(lab, tmp_path, capsys):
+    other = tmp_path / "other.img"
+    luks_format(other, b"other volume")
+    subprocess.run(["cryptsetup", "luksHeaderBackup", str(other), "--header-backup-file", str(lab.backup)], check=True)
+    before = hashlib.sha256(lab.image.read_bytes()).hexdigest()
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_REFUSED
+    assert "not of this volume" in answer["error"] and lab.uuid in answer["error"]
+    assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
+
+
+def test_header_restore_refuses_a_backup_that_changed_since_it_was_written(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    (lab.dir / "luks-header.bck.sha256").write_text("0" * 64 + "  luks-header.bck\n")
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_REFUSED and "damaged or was replaced" in answer["error"]
+
+
+def test_recovery_key_add_opens_its_own_slot_and_refreshes_the_backup(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE + b"\n")
+
+    assert code == EXIT_OK
+    key = answer["recovery_key"].encode()
+    assert len(key) == 8 * 6 + 7
+    assert answer["recovery_slot"] == 1
+    assert opens(lab.image, key) and opens(lab.image, PASSPHRASE)
+    assert opens(lab.backup, key), "the backup must hold the recovery keyslot too"
+
+    code, answer = lab.run(capsys, "report")
+    assert [slot["recovery_key"] for slot in answer["keyslots"]] == [False, True]
+
+
+def test_recovery_key_add_to_a_file_refuses_to_overwrite(lab, capsys):
+    target = lab.dir / "recovery.key"
+    code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, "--output", str(target), stdin=PASSPHRASE)
+
+    assert code == EXIT_OK and "recovery_key" not in answer
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert opens(lab.image, target.read_bytes().rstrip(b"\n"))
+
+    lab.run(capsys, "recovery-key", "remove", stdin=PASSPHRASE)
+    code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, "--output", str(target), stdin=PASSPHRASE)
+    assert code == EXIT_REFUSED and "already exists" in answer["error"]
+
+
+def test_recovery_key_add_with_a_wrong_passphrase_changes_nothing(lab, capsys):
+    before = hashlib.sha256(lab.image.read_bytes()).hexdigest()
+
+    code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=b"wrong")
+
+    assert code == EXIT_WRONG_PASSPHRASE
+    assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
+
+
+def test_a_second_recovery_key_is_refused(lab, capsys):
+    lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+
+    code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+
+    assert code == EXIT_REFUSED and "already has a recovery key" in answer["error"]
+
+
+def test_recovery_key_remove_kills_its_slot_and_the_backups_copy(lab, capsys):
+    _, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+    key = answer["recovery_key"].encode()
+
+    code, answer = lab.run(capsys, "recovery-key", "remove", stdin=PASSPHRASE)
+
+    assert code == EXIT_OK and answer["removed_slots"] == [1]
+    assert not opens(lab.image, key) and opens(lab.image, PASSPHRASE)
+    assert not opens(lab.backup, key), "a backup that still opens with the removed key must not survive"
+
+
+def test_recovery_key_remove_refuses_the_recovery_key_itself(lab, capsys):
+    """Given only the recovery key, removing it would leave no slot a stored secret opens."""
+    _, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+    key = answer["recovery_key"].encode()
+
+    code, answer = lab.run(capsys, "recovery-key", "remove", stdin=key)
+
+    assert code == EXIT_REFUSED and "recovery key itself" in answer["error"]
+    assert opens(lab.image, key)
+
+
+def test_recovery_key_remove_without_one_changes_nothing(lab, capsys):
+    code, answer = lab.run(capsys, "recovery-key", "remove", stdin=PASSPHRASE)
+
+    assert code == EXIT_OK and answer["changed"] is False
+
+
+def test_recovery_key_is_refused_on_luks1(tmp_path, monkeypatch, capsys):
+    lab = Lab(tmp_path, monkeypatch, "luks1")
+
+    code, answer = lab.run(capsys, "recovery-key", "add", stdin=PASSPHRASE)
+
+    assert code == EXIT_REFUSED and "LUKS1" in answer["error"]
+
+
+def test_report_describes_header_keyslots_and_backup(lab, capsys):
+    lab.run(capsys, "header", "backup")
+
+    code, answer = lab.run(capsys, "report", "--check-passphrase", stdin=PASSPHRASE)
+
+    assert code == EXIT_OK
+    assert answer["volume_state"] == "unmounted" and answer["mapper_open"] is False
+    assert answer["luks_version"] == 2 and answer["uuid"] == lab.uuid
+    assert answer["cipher"] == "aes-xts-plain64" and answer["key_size"] == 512
+    assert answer["keyslots"] == [{"slot": 0, "pbkdf": "pbkdf2", "iterations": 1000, "recovery_key": False}]
+    assert answer["header_backup"]["matches"] is True and answer["header_backup"]["age_seconds"] >= 0
+    assert answer["passphrase_opens_slot"] == 0
+    assert "last_open" in answer
+
+
+def test_report_on_luks1(tmp_path, monkeypatch, capsys):
+    lab = Lab(tmp_path, monkeypatch, "luks1")
+
+    code, answer = lab.run(capsys, "report")
+
+    assert code == EXIT_OK
+    assert answer["luks_version"] == 1 and answer["cipher"] == "aes-xts-plain64" and answer["key_size"] == 512
+    assert answer["keyslots"] == [{"slot": 0, "pbkdf": "pbkdf2", "iterations": 1000, "recovery_key": False}]
+
+
+def test_report_text(lab, capsys):
+    assert main(["report"], paths=lab.paths, stdin=io.BytesIO(b""), stdin_is_tty=False) == EXIT_OK
+    out = capsys.readouterr().out
+
+    assert "LUKS:             version 2, aes-xts-plain64, 512-bit key" in out
+    assert "Keyslot 0:        pbkdf2 (iterations 1000)" in out
+    assert f"Header backup:    {lab.backup} MISSING" in out
+
+
+def test_no_secret_in_any_argv_or_log_line(lab, capsys, monkeypatch, caplog):
+    from luksctl import runner
+
+    argvs = []
+    real_run = runner.run
+
+    def recording_run(argv, **kwargs):
+        argvs.append(list(argv))
+        return real_run(argv, **kwargs)
+
+    monkeypatch.setattr(runner, "run", recording_run)
+    caplog.set_level("DEBUG")
+    _, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+    key = answer["recovery_key"]
+    lab.run(capsys, "report", "--check-passphrase", stdin=key.encode())
+    lab.run(capsys, "recovery-key", "remove", stdin=PASSPHRASE)
+
+    assert len(argvs) > 10
+    secrets = (PASSPHRASE.decode(), key)
+    assert not [arg for argv in argvs for arg in argv if any(secret in arg for secret in secrets)]
+    assert not [line for line in caplog.text.splitlines() if any(secret in line for secret in secrets)]
+
+
+def test_header_restore_on_a_terminal_needs_the_volume_name_typed(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    subprocess.run(["cryptsetup", "luksErase", "--batch-mode", str(lab.image)], check=True, capture_output=True)
+
+    wrong = main(["header", "restore"], paths=lab.paths, stdin=io.BytesIO(b"yes\n"), stdin_is_tty=True)
+    assert wrong == EXIT_REFUSED and not opens(lab.image, PASSPHRASE)
+    assert "Type the volume name 'labvol'" in capsys.readouterr().err
+
+    typed = main(["header", "restore"], paths=lab.paths, stdin=io.BytesIO(b"labvol\n"), stdin_is_tty=True)
+    assert typed == EXIT_OK and opens(lab.image, PASSPHRASE)
+
+
+def test_rotate_and_decommission_take_no_token_in_argv(lab, capsys):
+    for command in ("rotate", "decommission"):
+        with pytest.raises(SystemExit) as usage:
+            main([command, "--vault-url", "http://127.0.0.1:1", "--secret-path", "a/b", "--token", "s.secret"], paths=lab.paths)
+        assert usage.value.code == 64

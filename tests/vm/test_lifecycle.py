@@ -1,0 +1,290 @@
+"""The key lifecycle on a real kernel: rotate (mounted, and SIGKILLed at each step),
+the recovery key, header backup verify/restore and decommission, each ending with what
+the dashboard's flow can (or, after decommission, cannot) open.
+
+Cheap by design: new keyslots use a fast PBKDF (`--pbkdf pbkdf2 --iter-time 1`), the
+kill tests share one volume, and the OpenBao and API of the session are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, OUT, VOLUME_INI, Volume, VolumeFactory, run, wait_until
+from test_e2e import SyslogCatcher, kernel_state, put_back_closed
+
+LUKSCTL = "/usr/local/sbin/luksctl"
+FAST_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
+ROTATE_POLICY = "luksctl-rotate"
+DELETE_POLICY = "delete_only"
+SUB = "lifecycle-user-sub"
+PENDING = Path("/etc/luks/rotate-pending-passphrase")
+CRYPTSETUP_WRAPPER = Path("/usr/local/sbin/cryptsetup")  # first on luksctl's fixed PATH
+
+
+def opens(volume: Volume, passphrase: str | bytes) -> bool:
+    secret = passphrase.encode() if isinstance(passphrase, str) else passphrase
+    return run(CRYPTSETUP, "open", "--test-passphrase", "--key-file=-", volume.loop, input=secret, check=False).returncode == 0
+
+
+def stored(bao, secret_path: str) -> str:
+    return bao.request("GET", f"secrets/data/{secret_path}").json()["data"]["data"]["storage_encryption_key"]
+
+
+def stored_or_none(bao, secret_path: str) -> str | None:
+    try:
+        return stored(bao, secret_path)
+    except requests.HTTPError:  # none yet, or OpenBao was restarted and forgot it
+        return None
+
+
+def token_file(bao, policy: str) -> str:
+    """A plain token with `policy`, in a root-only file: luksctl never takes one in argv."""
+    token = bao.request("POST", "auth/token/create", json={"policies": [policy], "ttl": "1h"}).json()["auth"]["client_token"]
+    path = Path("/run") / f"lifecycle-token-{policy}"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def vault_args(bao, secret_path: str, policy: str) -> list[str]:
+    return ["--vault-url", bao.url, "--secret-path", secret_path, "--token-file", token_file(bao, policy)]
+
+
+def luksctl(*argv: str, stdin: bytes = b"") -> tuple[int, dict, str]:
+    done = subprocess.run([LUKSCTL, "--json", *argv], input=stdin, capture_output=True, timeout=300)
+    return done.returncode, json.loads(done.stdout), done.stderr.decode(errors="replace")
+
+
+def rotate_args(bao, secret_path: str) -> list[str]:
+    return ["rotate", *FAST_SLOT, *vault_args(bao, secret_path, ROTATE_POLICY)]
+
+
+@pytest.fixture
+def vault(bao_up):
+    """The session's OpenBao with a rotation policy and the dashboard's delete_only (again after
+    a restart, which forgets everything)."""
+    rules = {ROTATE_POLICY: 'path "secrets/data/*" { capabilities = ["read", "update"] }',
+             DELETE_POLICY: 'path "secrets/metadata/*" { capabilities = ["delete"] }'}
+    for name, rule in rules.items():
+        bao_up.request("PUT", f"sys/policies/acl/{name}", json={"policy": rule})
+    return bao_up
+
+
+class Sampler(threading.Thread):
+    """Keeps every distinct /proc/*/cmdline and environ seen, to search once the secrets are known."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.seen: set[bytes] = set()
+        self.sweeps = 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    for name in ("cmdline", "environ"):
+                        try:
+                            self.seen.add(Path(f"/proc/{entry}/{name}").read_bytes())
+                        except OSError:
+                            continue
+            self.sweeps += 1
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(30)
+
+    def leaks(self, *secrets: str) -> list[bytes]:
+        return [blob[:120] for blob in self.seen for secret in secrets if secret.encode() in blob]
+
+
+def test_rotate_a_mounted_volume_then_the_dashboard_opens_with_the_new_secret(luks_volume, vault, dashboard):
+    old = "lifecycle old passphrase"
+    volume = luks_volume(old)
+    secret_path = vault.store_passphrase(SUB, volume.uuid, old)
+    assert dashboard.open(vault.open_payload(secret_path)).state == "mounted"
+    (MOUNTPOINT / "kept.txt").write_text("written before the rotation")
+    catcher = SyslogCatcher() if not os.path.exists("/dev/log") else None
+    if catcher:
+        catcher.start()
+    sampler = Sampler()
+    sampler.start()
+    try:
+        done = subprocess.run([LUKSCTL, "--json", *rotate_args(vault, secret_path)], capture_output=True, timeout=300)
+    finally:
+        sampler.stop()
+        if catcher:
+            catcher.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = stored(vault, secret_path)
+    assert new != old and kernel_state(volume) == ("mounted", True), "rotation must not unmount"
+    assert opens(volume, new) and not opens(volume, old)
+
+    token = Path(f"/run/lifecycle-token-{ROTATE_POLICY}").read_text().strip()
+    assert sampler.sweeps >= 3 and not sampler.leaks(old, new, token), sampler.leaks(old, new, token)
+    output = done.stdout + done.stderr + b"".join(catcher.messages if catcher else [])
+    assert not [s for s in (old, new, token) if s.encode() in output]
+    logs = [p for p in OUT.glob("*.log") if p.name != "pytest.log"]  # the API's and OpenBao's
+    assert not [p for p in logs if any(s.encode() in p.read_bytes() for s in (old, new, token))]
+
+    put_back_closed(volume)
+    assert dashboard.open(vault.open_payload(secret_path)).state == "mounted"
+    assert (MOUNTPOINT / "kept.txt").read_text() == "written before the rotation"
+
+
+# ---------------------------------------------------------------------------------------------
+# rotate SIGKILLed at each step, then run again
+
+
+@pytest.fixture(scope="module")
+def kill_volume():
+    factory = VolumeFactory()
+    yield factory("lifecycle kill-test first passphrase")
+    factory.cleanup()
+
+
+def pause_cryptsetup(subcommand: str, when: str) -> None:
+    """cryptsetup stops itself (SIGSTOP) just before, or just after, running `subcommand`,
+    so the test kills luksctl at exactly that step (a stand-in on the PATH, like CryptsetupCounter)."""
+    run_it = f'exec {CRYPTSETUP} "$@"' if when == "before" else f'{CRYPTSETUP} "$@"; status=$?'
+    pause_then = f"kill -STOP $$; {run_it}" if when == "before" else f"{run_it}; kill -STOP $$; exit $status"
+    CRYPTSETUP_WRAPPER.write_text(f'#!/bin/sh\ncase " $* " in *" {subcommand} "*) {pause_then} ;; esac\nexec {CRYPTSETUP} "$@"\n')
+    CRYPTSETUP_WRAPPER.chmod(0o755)
+
+
+def paused_cryptsetup(subcommand: str) -> int | None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if str(CRYPTSETUP_WRAPPER).encode() in argv and subcommand.encode() in argv and state == "T":
+                return int(entry)
+    return None
+
+
+@pytest.mark.parametrize(("subcommand", "when"), [("luksAddKey", "before"), ("luksAddKey", "after"),
+                                                  ("luksKillSlot", "before"), ("luksKillSlot", "after")],
+                         ids=["before-luksAddKey", "after-luksAddKey", "after-vault-write", "after-luksKillSlot"])
+def test_rotate_killed_at_a_step_then_run_again_opens_by_the_dashboards_flow(kill_volume, vault, dashboard, subcommand, when):
+    volume = kill_volume
+    volume.write_ini()
+    put_back_closed(volume)
+    secret_path = f"{SUB}/{volume.uuid}/storage_encryption"
+    if stored_or_none(vault, secret_path) != volume.passphrase.decode():
+        vault.store_passphrase(SUB, volume.uuid, volume.passphrase.decode())  # first run, or OpenBao restarted
+    before = stored(vault, secret_path)
+    pause_cryptsetup(subcommand, when)
+    try:
+        rotation = subprocess.Popen([LUKSCTL, "--json", *rotate_args(vault, secret_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_until(lambda: paused_cryptsetup(subcommand) is not None or rotation.poll() is not None, 200,
+                   f"rotate to reach {when} {subcommand}", interval=0.05)
+        assert rotation.poll() is None, rotation.communicate()
+        rotation.kill()
+        rotation.wait(30)
+        os.kill(paused_cryptsetup(subcommand), signal.SIGKILL)
+    finally:
+        CRYPTSETUP_WRAPPER.unlink(missing_ok=True)
+
+    # At the kill: what Vault holds opens the volume.
+    in_vault = stored(vault, secret_path)
+    assert opens(volume, in_vault), f"killed {when} {subcommand}: Vault's passphrase does not open the volume"
+    assert (in_vault == before) == (subcommand == "luksAddKey"), "Vault is written after luksAddKey, before luksKillSlot"
+    assert PENDING.exists()
+
+    code, answer, stderr = luksctl(*rotate_args(vault, secret_path))
+    assert code == 0, (answer, stderr)
+    assert answer["resumed"] is True
+    new = stored(vault, secret_path)
+    assert not PENDING.exists() and opens(volume, new) and not opens(volume, before)
+    volume.passphrase = new.encode()  # the next kill test starts from here
+    reply = dashboard.open(vault.open_payload(secret_path))
+    assert reply.state == "mounted", reply.response.text
+    put_back_closed(volume)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# the recovery key, header backups, decommission
+
+
+def test_recovery_key_add_open_with_it_remove(luks_volume, dashboard):
+    volume = luks_volume("lifecycle recovery test passphrase")
+    sampler = Sampler()
+    sampler.start()
+    try:
+        code, added, stderr = luksctl("recovery-key", "add", *FAST_SLOT, stdin=volume.passphrase + b"\n")
+    finally:
+        sampler.stop()
+    assert code == 0, (added, stderr)
+    key = added["recovery_key"]
+    assert not sampler.leaks(key, volume.passphrase.decode()) and key not in stderr
+
+    opened = subprocess.run([LUKSCTL, "open"], input=key.encode() + b"\n", capture_output=True, timeout=300)
+    assert opened.returncode == 0, opened.stdout + opened.stderr
+    assert kernel_state(volume) == ("mounted", True) and dashboard.status().state == "mounted"
+    put_back_closed(volume)
+
+    code, answer, stderr = luksctl("recovery-key", "remove", stdin=key.encode())
+    assert code == 7 and "recovery key itself" in answer["error"], (answer, stderr)
+    code, answer, stderr = luksctl("recovery-key", "remove", stdin=volume.passphrase)
+    assert code == 0 and answer["removed_slots"] == [added["recovery_slot"]], (answer, stderr)
+    assert not opens(volume, key) and opens(volume, volume.passphrase)
+
+
+def test_header_verify_after_a_rotation_and_restore_refuses_another_volume(luks_volume, vault):
+    other = luks_volume("another volume")
+    other_backup = Path("/run/lifecycle-other-header.bck")
+    other_backup.unlink(missing_ok=True)
+    run(CRYPTSETUP, "luksHeaderBackup", other.loop, "--header-backup-file", str(other_backup))
+    volume = luks_volume("lifecycle header test passphrase")  # the ini now names this one
+    assert luksctl("header", "backup")[0] == 0
+    before_rotation = HEADER_BACKUP.read_bytes()
+    secret_path = vault.store_passphrase(SUB, volume.uuid, volume.passphrase.decode())
+    assert luksctl(*rotate_args(vault, secret_path))[0] == 0
+
+    HEADER_BACKUP.write_bytes(before_rotation)  # the backup as it was: rotate itself wrote a fresh one
+    code, answer, _ = luksctl("header", "verify")
+    assert code == 8 and answer["header_backup"]["matches"] is False and answer["header_backup"]["keyslots_current"] is False
+    assert luksctl("header", "backup")[0] == 0
+    code, answer, _ = luksctl("header", "verify")
+    assert code == 0 and answer["header_backup"]["matches"] is True
+
+    HEADER_BACKUP.write_bytes(other_backup.read_bytes())  # as an older tool left it: no checksum recorded
+    Path(f"{HEADER_BACKUP}.sha256").unlink()
+    device_before = Path(volume.loop).read_bytes()[:16 << 20]
+    code, answer, _ = luksctl("header", "restore", "--yes")
+    assert code == 7 and "not of this volume" in answer["error"]
+    assert Path(volume.loop).read_bytes()[:16 << 20] == device_before
+    other_backup.unlink()
+
+
+def test_decommission_leaves_nothing_that_opens_the_volume(luks_volume, vault, dashboard):
+    volume = luks_volume("lifecycle decommission passphrase")
+    secret_path = vault.store_passphrase(SUB, volume.uuid, volume.passphrase.decode())
+    assert dashboard.open(vault.open_payload(secret_path)).state == "mounted"
+    backup = HEADER_BACKUP.read_bytes()
+    assert run(CRYPTSETUP, "open", "--test-passphrase", "--key-file=-", "--header", str(HEADER_BACKUP), volume.loop,
+               input=volume.passphrase, check=False).returncode == 0  # the backup opened it until now
+
+    code, answer, stderr = luksctl("decommission", "--yes", *vault_args(vault, secret_path, DELETE_POLICY))
+
+    assert code == 0, (answer, stderr)
+    assert kernel_state(volume) == ("unmounted", False) and dashboard.status().state == "unavailable"
+    assert not opens(volume, volume.passphrase)
+    assert not HEADER_BACKUP.exists() and not VOLUME_INI.exists()
+    assert backup  # it was there; now no file under /etc/luks holds a header of this volume
+    assert not [p for p in Path("/etc/luks").iterdir() if p.is_file() and volume.uuid.encode() in p.read_bytes()[:1 << 20]]
+    assert requests.get(f"{vault.url}/v1/secrets/metadata/{secret_path}", headers={"X-Vault-Token": "root"}, timeout=30).status_code == 404
