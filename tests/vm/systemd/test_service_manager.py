@@ -8,6 +8,7 @@ dockerd that records, each time it starts, what backs the mountpoint Docker keep
 from __future__ import annotations
 
 import pwd
+import re
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,8 @@ def docker(systemd):
     DOCKER_STARTS.unlink(missing_ok=True)
 
 
-def test_the_shipped_unit_runs_the_api_as_its_own_user(frontend, systemd, api_unit, luks_volume):
+def test_the_shipped_unit_runs_the_api_as_its_own_user_without_core_dumps_or_swap(frontend, systemd, api_unit,
+                                                                                   luks_volume):
     luks_volume()
     dashboard = frontend({"INFRASTRUCTURE_CONFIGURATION": "single_vm"})
 
@@ -59,6 +61,12 @@ def test_the_shipped_unit_runs_the_api_as_its_own_user(frontend, systemd, api_un
     # RuntimeDirectory= made by systemd itself, where the shared open lock lives.
     runtime = Path("/run/luksctl-api")
     assert runtime.is_dir() and pwd.getpwuid(runtime.stat().st_uid).pw_name == "luksctl_api"
+    # LimitCORE=0 and MemorySwapMax=0 as the kernel applies them (sudo luksctl inherits both).
+    limits = Path(f"/proc/{main_pid}/limits").read_text()
+    assert re.search(r"^Max core file size\s+0\s+0\s", limits, re.MULTILINE), limits
+    cgroup = Path(f"/proc/{main_pid}/cgroup").read_text().strip()
+    assert cgroup == f"0::/system.slice/{api_unit}", cgroup  # cgroup v2, the unit's own group
+    assert (Path("/sys/fs/cgroup/system.slice") / api_unit / "memory.swap.max").read_text().strip() == "0"
 
 
 def test_docker_mode_restarts_docker_after_the_volume_is_mounted(frontend, systemd, docker, bao_up,
