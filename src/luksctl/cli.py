@@ -95,7 +95,12 @@ def read_passphrase(stream: io.BufferedIOBase, is_tty: bool) -> bytes:
         import getpass
 
         return getpass.getpass("Passphrase: ").encode()
-    data = _read_until_eof(stream.fileno(), MAX_PASSPHRASE_BYTES + 1, STDIN_DEADLINE)
+    try:
+        fd = stream.fileno()
+    except io.UnsupportedOperation:  # an in-memory stream (tests, callers of main()): nothing to wait for
+        data = stream.read(MAX_PASSPHRASE_BYTES + 1)
+    else:
+        data = _read_until_eof(fd, MAX_PASSPHRASE_BYTES + 1, STDIN_DEADLINE)
     if len(data) > MAX_PASSPHRASE_BYTES:
         raise LuksctlError(f"the passphrase on stdin is longer than {MAX_PASSPHRASE_BYTES} bytes")
     if data.endswith(b"\n"):
