@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import lifecycle, setup_cli, volume
+from . import volume
 from .config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
 from .errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError, StdinNotClosed
 from .status import VolumeState, nfs_mount_states
@@ -69,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(core_only: bool = False) -> argparse.ArgumentParser:
     parser = _Parser(prog="luksctl", description="Open, close and report the LUKS volume of /etc/luks/luks-cryptdev.ini.")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    if core_only:  # what sudo lets the services run: no need for setup's and the lifecycle's code
+        return parser
+    from . import lifecycle, setup_cli  # the root Vault client and header code: tens of ms to import
+
     setup_help = "encrypt a blank device, store its passphrase in Vault, make and mount the filesystem (resumable)"
     sub = commands.add_parser("setup", help=setup_help, description=setup_help)
     sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="progress and result as JSON lines")
@@ -203,6 +207,8 @@ COMMANDS = {"status": cmd_status, "open": cmd_open, "close": cmd_close, "nfs-mou
 
 
 def run_lifecycle_command(args: argparse.Namespace, paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+    from . import lifecycle
+
     _require_root()
     context = lifecycle.Context(paths.volume_ini, paths.lock_file, paths.root_owned, stdin, stdin_is_tty, lambda: read_passphrase(stdin, stdin_is_tty))
     outcome = lifecycle.run(args, context)
@@ -240,18 +246,22 @@ def _state_after_error(paths: Paths) -> Report:
 
 def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: io.BufferedIOBase | None = None, stdin_is_tty: bool | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="luksctl: %(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = next((word for word in words if not word.startswith("-")), None)
+    args = build_parser(core_only=command in COMMANDS).parse_args(argv)
     started = time.monotonic()
     stdin = stdin if stdin is not None else sys.stdin.buffer
     stdin_is_tty = stdin_is_tty if stdin_is_tty is not None else sys.stdin.isatty()
     if args.command == "setup":
+        from . import setup_cli
+
         return setup_cli.run(lambda: setup_cli.options_from_args(args, stdin), stdin=stdin, json_output=args.json)
     error_class = None
     try:
-        if lifecycle.is_lifecycle(args.command):
-            report = run_lifecycle_command(args, paths, stdin, stdin_is_tty)
-        else:
+        if args.command in COMMANDS:
             report = COMMANDS[args.command](paths, stdin, stdin_is_tty)
+        else:
+            report = run_lifecycle_command(args, paths, stdin, stdin_is_tty)
         if report.exit_code is not None:
             exit_code = report.exit_code
         else:

@@ -134,10 +134,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     decommission_parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
-def is_lifecycle(command: str) -> bool:
-    return command in HANDLERS
-
-
 def run(args: argparse.Namespace, context: Context) -> Outcome:
     handler = HANDLERS[args.command]
     return handler[args.action](args, context) if isinstance(handler, dict) else handler(args, context)
