@@ -79,7 +79,9 @@ class Playbook:
                "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
                # One process per task instead of a copy, then a run: process start-ups are the
                # expensive part under software emulation.
-               "ANSIBLE_PIPELINING": "1", "ANSIBLE_LOCAL_TEMP": str(self.workdir / "tmp")}
+               "ANSIBLE_PIPELINING": "1", "ANSIBLE_LOCAL_TEMP": str(self.workdir / "tmp"),
+               # become resets HOME to root's, and the guest's /root is read-only (TESTING-REAL.md).
+               "ANSIBLE_REMOTE_TMP": str(self.workdir / "remote-tmp")}
         log = OUT / f"ansible.{self.runs}.log"
         started = time.monotonic()
         try:
