@@ -56,9 +56,10 @@ def systemd():
     manager.remove_installed()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def api_unit(systemd):
-    """deploy/luksctl-api.service, installed unchanged; tests write config.json and restart it."""
+    """deploy/luksctl-api.service, installed unchanged; tests write config.json and restart it.
+    Installed for each test: test_install.py's operator machine removes it when it is done."""
     systemd.install("luksctl-api.service", (REPO / "deploy" / "luksctl-api.service").read_text())
     yield "luksctl-api.service"
     systemd.save_journal("luksctl-api.service")
