@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from . import blockdev, journal, runner, volume
-from .config import VOLUME_INI, VolumeConfig, load_volume_config
+from .config import API_CONFIG, VOLUME_INI, FrontendConfig, VolumeConfig, load_json_config, load_volume_config
 from .durable import fsync_directory, write_atomically
 from .errors import (
     CommandFailed,
@@ -418,6 +418,11 @@ def make_filesystem(options: SetupOptions, described: VolumeConfig, record: Jour
     record.record(journal.MKFS_DONE)
 
 
+def mount_options() -> str:
+    """What `luksctl open` mounts with too: config.json's MOUNT_OPTIONS (default nosuid,nodev)."""
+    return load_json_config(FrontendConfig, API_CONFIG, root_owned=True, missing_ok=True).MOUNT_OPTIONS
+
+
 def write_success(success: tuple[Path, str]) -> None:
     path, text = success
     write_atomically(path, text.encode(), mode=0o644)
@@ -502,7 +507,7 @@ def run_setup(options: SetupOptions, stdin: BinaryIO, progress: Progress) -> Set
         progress.step("mkfs", f"making a {options.filesystem} filesystem on {described.mapper_path}")
         progress.timed("mkfs", lambda: make_filesystem(options, described, record))
     if not volume.current_status(described).mounted:
-        volume.mount(described)
+        volume.mount(described, mount_options())
     write_success(VOLUME_SUCCESS)
     record.finish()
     progress.step("done", "Volume setup completed")

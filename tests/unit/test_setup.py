@@ -175,8 +175,8 @@ def disk(monkeypatch, tmp_path) -> Disk:
     monkeypatch.setattr(setup, "volume_status", status)
     monkeypatch.setattr(volume, "current_status", status)
 
-    def mount(described):
-        fake.events.append("mount")
+    def mount(described, options):
+        fake.events.append(f"mount -o {options}")
         fake.mounted = True
 
     monkeypatch.setattr(volume, "mount", mount)
@@ -219,7 +219,7 @@ def test_fresh_setup_runs_every_command_in_order_with_the_passphrase_only_on_std
     assert vault.secrets == {str(REF): passphrase.decode()}
     assert disk.events == [
         "blkid -p", "vault write", "cryptsetup luksFormat", "cryptsetup open", "cryptsetup luksUUID",
-        "cryptsetup luksHeaderBackup", "cryptsetup open", "mkfs.ext4 /dev/mapper/crypt", "mount",
+        "cryptsetup luksHeaderBackup", "cryptsetup open", "mkfs.ext4 /dev/mapper/crypt", "mount -o nosuid,nodev",
     ]
     assert disk.argv_of("cryptsetup", "luksFormat") == [[
         "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", "aes-xts-plain64",
@@ -436,7 +436,7 @@ def test_kill_during_mkfs_wipes_the_partial_filesystem_and_makes_it_again(tmp_pa
 
     run(make_options(tmp_path, token=None))
 
-    assert disk.events == ["wipefs --all", "mkfs.ext4 /dev/mapper/crypt", "mount"]
+    assert disk.events == ["wipefs --all", "mkfs.ext4 /dev/mapper/crypt", "mount -o nosuid,nodev"]
     assert disk.argv_of("wipefs") == [["wipefs", "--all", MAPPER]]
 
 
