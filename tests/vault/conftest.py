@@ -89,6 +89,9 @@ class Bao:
             raise AssertionError(f"{method} /v1/{path}: {response.status_code} {response.text}")
         return response
 
+    def put_policy(self, name: str, rules: str) -> None:
+        self.api("PUT", f"sys/policies/acl/{name}", json={"policy": rules})
+
     def setup(self) -> None:
         self.api("POST", f"sys/mounts/{KV2_ROOT}", json={"type": "kv", "options": {"version": "2"}})
         self.api("POST", f"sys/mounts/{KV1_ROOT}", json={"type": "kv", "options": {"version": "1"}})
@@ -96,7 +99,7 @@ class Bao:
         policy = "\n".join(
             f'path "{path}" {{ capabilities = ["read"] }}' for path in (f"{KV2_ROOT}/data/*", f"{KV1_ROOT}/*", f"{KV1_PLAIN_ROOT}/*")
         )
-        self.api("PUT", f"sys/policies/acl/{READ_POLICY}", json={"policy": policy})
+        self.put_policy(READ_POLICY, policy)
         # KV v2 answers 'upgrading' for a moment after the mount is made.
         wait_until(lambda: self.api("GET", f"{KV2_ROOT}/config", ok=()).status_code == 200, 10, "the KV v2 mount")
 

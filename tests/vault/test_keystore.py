@@ -35,7 +35,7 @@ def policies(bao):
         DELETE: f'path "{KV2_ROOT}/metadata/*" {{ capabilities = ["delete"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["delete", "read"] }}',
     }
     for name, rule in rules.items():
-        bao.api("PUT", f"sys/policies/acl/{name}", json={"policy": rule})
+        bao.put_policy(name, rule)
     return bao
 
 

@@ -37,7 +37,7 @@ def policies(bao):
         DELETE_ONLY: f'path "{KV2_ROOT}/metadata/*" {{ capabilities = ["delete"] }}',
     }
     for name, rule in rules.items():
-        bao.api("PUT", f"sys/policies/acl/{name}", json={"policy": rule})
+        bao.put_policy(name, rule)
     return bao
 
 

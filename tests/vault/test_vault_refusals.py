@@ -10,8 +10,7 @@ OTHER_PATH_POLICY = "luksctl-other-path-only"
 
 
 def test_unwrapped_token_that_may_read_only_another_path_is_403(bao, frontend_app, fake_bridge):
-    bao.api("PUT", f"sys/policies/acl/{OTHER_PATH_POLICY}",
-            json={"policy": 'path "secrets/data/somebody-else/*" { capabilities = ["read"] }'})
+    bao.put_policy(OTHER_PATH_POLICY, 'path "secrets/data/somebody-else/*" { capabilities = ["read"] }')
     path = bao.store_secret("not readable with this token")
     wrapped = bao.wrap_token(policies=(OTHER_PATH_POLICY,))
 
