@@ -86,7 +86,7 @@ def build_parser(core_only: bool = False) -> argparse.ArgumentParser:
     from . import lifecycle, setup_cli  # the root Vault client and header code: tens of ms to import
 
     setup_help = "encrypt a blank device, store its passphrase in Vault, make and mount the filesystem (resumable)"
-    sub = commands.add_parser("setup", help=setup_help, description=setup_help)
+    sub = commands.add_parser("setup", help=setup_help, description=setup_help, allow_abbrev=False)  # "--token" must not mean --token-file
     sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="progress and result as JSON lines")
     setup_cli.add_setup_arguments(sub)
     lifecycle.add_commands(commands)
