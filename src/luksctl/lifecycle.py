@@ -18,11 +18,10 @@ from typing import BinaryIO
 from . import header, keys, report
 from .config import VolumeConfig, load_volume_config
 from .decommission import decommission
-from .errors import EXIT_OK, EXIT_STALE_BACKUP, LuksctlError, Refused
-from .keystore import Keystore, SecretRef
+from .errors import EXIT_OK, EXIT_STALE_BACKUP, Refused
 from .locking import exclusive_lock
 from .rotate import rotate
-from .setup import read_token
+from .keystore_options import add_vault_arguments, open_keystore, secret_ref
 
 LOCK_WAIT = 200  # as cli.LOCK_WAIT: longer than an open takes
 
@@ -68,37 +67,6 @@ class Context:
             raise Refused(f"{what}: not confirmed; nothing was changed")
 
 
-def add_vault_arguments(parser: argparse.ArgumentParser, needs: str) -> None:
-    """Where the secret is and the token to reach it: the same options as `luksctl setup`."""
-    vault = parser.add_argument_group(f"Vault (the token needs {needs})")
-    vault.add_argument("--vault-url", required=True, help="e.g. https://vault.example:8200")
-    vault.add_argument("--secret-root", default="secrets", help="KV mount (default: secrets)")
-    vault.add_argument("--secret-path", required=True, help="<user-sub>/<deployment-uuid>/storage_encryption")
-    vault.add_argument("--secret-key", default="storage_encryption_key", help="(default: storage_encryption_key)")
-    vault.add_argument("--kv-version", type=int, choices=(1, 2), default=2, help="the mount's KV version (default: 2)")
-    tokens = vault.add_mutually_exclusive_group(required=True)
-    tokens.add_argument("--wrapping-token-file", metavar="FILE", help="a response-wrapping token, from FILE or '-' (stdin)")
-    tokens.add_argument("--token-file", metavar="FILE", help="a plain Vault token, from FILE or '-' (stdin)")
-    vault.add_argument("--vault-ca-bundle", metavar="FILE", help="CA certificates to verify Vault's TLS certificate with")
-    vault.add_argument("--vault-timeout", type=float, default=10.0, help="seconds per Vault call (default: 10)")
-
-
-def secret_ref(args: argparse.Namespace) -> SecretRef:
-    try:
-        return SecretRef(args.secret_root, args.secret_path, args.secret_key, args.kv_version)
-    except ValueError as exc:
-        raise LuksctlError(str(exc)) from None
-
-
-def open_keystore(args: argparse.Namespace, stdin: BinaryIO) -> Keystore:
-    """A wrapping token is unwrapped here; a plain token is the operator's own, used as given."""
-    if args.wrapping_token_file:
-        token = read_token(args.wrapping_token_file, stdin)
-        return Keystore.unwrap(args.vault_url, token, ca_bundle=args.vault_ca_bundle, timeout=args.vault_timeout)
-    token = read_token(args.token_file, stdin)
-    return Keystore(args.vault_url, token=token, ca_bundle=args.vault_ca_bundle, timeout=args.vault_timeout)
-
-
 def add_pbkdf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pbkdf", choices=["argon2id", "argon2i", "pbkdf2"], help="of the new keyslot; default: cryptsetup's (argon2id)")
     parser.add_argument("--iter-time", type=int, metavar="MS", help="PBKDF time in milliseconds; default: cryptsetup's")
@@ -126,11 +94,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add(recovery, "remove", "remove the recovery key; the stored passphrase comes on stdin and must open another keyslot")
 
     rotate_parser = add(commands, "rotate", "replace the passphrase with a new one, stored as a new version in Vault (works while mounted)")
-    add_vault_arguments(rotate_parser, "read and update on the secret")
+    add_vault_arguments(rotate_parser, "Vault (the token needs read and update on the secret)", required=True)
     add_pbkdf_arguments(rotate_parser)
 
     decommission_parser = add(commands, "decommission", "close the volume, erase every keyslot, delete the secret in Vault, the header backup and the ini")
-    add_vault_arguments(decommission_parser, "delete on <root>/metadata/<path>: the dashboard's delete_only policy")
+    add_vault_arguments(decommission_parser, "Vault (the token needs delete on <root>/metadata/<path>: the dashboard's delete_only policy)", required=True)
     decommission_parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 

@@ -19,9 +19,9 @@ from typing import BinaryIO, TextIO
 from . import audit
 from .config import VOLUME_INI
 from .errors import EXIT_COMMAND_FAILED, EXIT_OK, CommandFailed, LuksctlError, UsageError
-from .keystore import SecretRef
 from .locking import exclusive_lock
 from .setup import HEADER_BACKUP, Progress, SetupOptions, SetupReport, VaultTarget, run_setup
+from .keystore_options import add_vault_arguments, secret_ref
 
 log = logging.getLogger("luksctl")
 
@@ -47,17 +47,7 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     secret = parser.add_argument_group("passphrase")
     secret.add_argument("-l", "--passphrase-length", type=int, default=64, help="generated passphrase length (default: 64)")
     secret.add_argument("--passphrase-stdin", action="store_true", help="use the passphrase piped on stdin instead of generating one")
-    vault = parser.add_argument_group("Vault (where the passphrase is stored)")
-    vault.add_argument("--vault-url", help="e.g. https://vault.example:8200")
-    vault.add_argument("--secret-root", default="secrets", help="KV mount (default: secrets)")
-    vault.add_argument("--secret-path", help="<user-sub>/<deployment-uuid>/storage_encryption")
-    vault.add_argument("--secret-key", default="storage_encryption_key", help="(default: storage_encryption_key)")
-    vault.add_argument("--kv-version", type=int, choices=(1, 2), default=2, help="the mount's KV version (default: 2)")
-    tokens = vault.add_mutually_exclusive_group()
-    tokens.add_argument("--wrapping-token-file", metavar="FILE", help="a response-wrapping token, from FILE or '-' (stdin)")
-    tokens.add_argument("--token-file", metavar="FILE", help="a plain Vault token, from FILE or '-' (stdin)")
-    vault.add_argument("--vault-ca-bundle", metavar="FILE", help="CA certificates to verify Vault's TLS certificate with")
-    vault.add_argument("--vault-timeout", type=float, default=10.0, help="seconds per Vault call (default: 10)")
+    add_vault_arguments(parser, "Vault (where the passphrase is stored)", required=False)
     run = parser.add_argument_group("run")
     run.add_argument("--wipe", action="store_true", help="zero the whole volume through the mapper (long on a large disk)")
     run.add_argument("--dry-run", action="store_true", help="check and print the plan; change nothing")
@@ -72,11 +62,7 @@ def options_from_args(args: argparse.Namespace, stdin: BinaryIO) -> SetupOptions
     if args.vault_url or args.secret_path:
         if not (args.vault_url and args.secret_path):
             raise UsageError("--vault-url and --secret-path go together")
-        try:
-            ref = SecretRef(args.secret_root, args.secret_path, args.secret_key, args.kv_version)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        vault = VaultTarget(args.vault_url, ref, token_source, args.wrapping_token_file is not None or token_source is None,
+        vault = VaultTarget(args.vault_url, secret_ref(args), token_source, args.wrapping_token_file is not None or token_source is None,
                             args.vault_ca_bundle, args.vault_timeout)
     elif token_source:
         raise UsageError("a token was given but no Vault location (--vault-url, --secret-path)")
