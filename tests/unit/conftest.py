@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from luksctl import runner, volume
+from luksctl import cli, runner, volume
 from luksctl.config import VolumeConfig
 from luksctl.errors import CommandFailed
 from luksctl.status import VolumeStatus
@@ -75,6 +75,7 @@ def host(monkeypatch) -> FakeHost:
     fake = FakeHost()
     monkeypatch.setattr(runner, "run", fake.run)
     monkeypatch.setattr(volume, "current_status", fake.status)
+    monkeypatch.setattr(cli, "volume_status", lambda cryptdev, mountpoint: fake.status())  # status reads it without volume.py
     real_exists = os.path.exists
     monkeypatch.setattr(os.path, "exists", lambda path: path == DEVICE or real_exists(path))
     return fake

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from luksctl import audit, cli, runner, services
+from luksctl import audit, cli, runner, services, volume
 from luksctl.cli import Paths, main, read_passphrase
 from luksctl.config import FrontendConfig
 from luksctl.errors import LuksctlError
@@ -538,7 +538,7 @@ def test_an_unexpected_exception_still_answers_json_with_exit_4(host, paths, cap
     def broken(*args):
         raise RuntimeError("something nobody planned for")
 
-    monkeypatch.setattr(cli.volume, "open_volume", broken)
+    monkeypatch.setattr(volume, "open_volume", broken)
 
     assert run_cli(paths, "--json", "open", stdin=b"pass\n") == 4
 

@@ -90,3 +90,15 @@ def test_the_probe_sees_third_party_imports():
     loaded = loaded_in_fresh_interpreter("luksctl.api.frontend")
 
     assert {"flask", "pydantic", "hvac"} <= {name.split(".")[0] for name in outside_stdlib(loaded)}
+
+
+# Each costs milliseconds on every `luksctl status` (BENCHMARKS.md, start-up); the commands
+# that change something import them when they run.
+NOT_FOR_STATUS = {"logging", "dataclasses", "inspect", "subprocess", "luksctl.volume", "luksctl.runner", "luksctl.lifecycle", "luksctl.setup"}
+
+
+def test_status_starts_without_logging_dataclasses_or_the_commands_that_change_something():
+    loaded = loaded_in_fresh_interpreter("luksctl.cli")
+
+    assert "luksctl.status" in loaded
+    assert NOT_FOR_STATUS & set(loaded) == set()
