@@ -42,7 +42,13 @@ def local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
 
 def build_certificate(hostnames: list[str], addresses: set, days: int) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
+    serial = x509.random_serial_number()
+    # A subject of its own: in WN_CA_BUNDLE, OpenSSL looks a self-signed certificate up by its
+    # subject, and of two workers with the same host name (say, `localhost`) only one verified.
+    name = x509.Name([
+        x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0]),
+        x509.NameAttribute(NameOID.SERIAL_NUMBER, format(serial, "x")),
+    ])
     now = datetime.datetime.now(datetime.timezone.utc)
     sans = [x509.DNSName(host) for host in dict.fromkeys(hostnames)] + [x509.IPAddress(ip) for ip in sorted(addresses, key=str)]
     certificate = (
@@ -50,7 +56,7 @@ def build_certificate(hostnames: list[str], addresses: set, days: int) -> tuple[
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial)
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)

@@ -28,6 +28,10 @@ from .status import VolumeState, nfs_mount_states, volume_status
 
 LOCK_FILE = Path("/run/luksctl.lock")
 LOCK_WAIT = 200  # longer than one open takes, even on a slow VM
+# open and nfs-mount, which the services run through sudo, wait for the lock at most this share
+# of config.json's PRIVILEGED_TIMEOUT and leave the rest to the work itself: the service then
+# hears exit 6 (its 503) before its own time limit kills the call (a 500 that says nothing).
+SERVICE_LOCK_SHARE = 0.5
 MAX_PASSPHRASE_BYTES = 64 * 1024
 STDIN_DEADLINE = 30  # the API writes the passphrase and closes at once; a person pipes it in
 
@@ -158,6 +162,10 @@ def cmd_status(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Re
     return _status_report(paths)
 
 
+def _service_lock_wait(config: FrontendConfig | WorkerConfig) -> float:
+    return min(LOCK_WAIT, config.PRIVILEGED_TIMEOUT * SERVICE_LOCK_SHARE)
+
+
 def cmd_open(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
     from dataclasses import asdict
 
@@ -171,7 +179,7 @@ def cmd_open(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Repo
         return _status_report(paths)  # nothing to do, and no passphrase needed
     # Read before locking: a caller slow to send (or close) stdin must not hold up a close.
     passphrase = read_passphrase(stdin, stdin_is_tty)
-    with exclusive_lock(paths.lock_file, timeout=LOCK_WAIT, what="luksctl open or close"):
+    with exclusive_lock(paths.lock_file, timeout=_service_lock_wait(config), what="luksctl open or close"):
         if volume.current_status(vol).mounted:
             return _status_report(paths)  # another open finished while we read
         outcome = volume.open_volume(vol, passphrase, config.MOUNT_OPTIONS)
@@ -198,7 +206,7 @@ def cmd_nfs_mount(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) ->
     _require_root()
     config = load_json_config(WorkerConfig, paths.api_config, root_owned=paths.root_owned)
     changed = False
-    with exclusive_lock(paths.lock_file, timeout=LOCK_WAIT, what="luksctl open, close or nfs-mount"):
+    with exclusive_lock(paths.lock_file, timeout=_service_lock_wait(config), what="luksctl open, close or nfs-mount"):
         if not all(nfs_mount_states(config.NFS_MOUNTPOINT_LIST).values()):
             changed = True
             try:

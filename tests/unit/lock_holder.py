@@ -27,3 +27,25 @@ def lock_held_elsewhere(path: Path) -> Iterator[subprocess.Popen]:
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def sudo_luksctl(directory: Path) -> tuple[Path, Path]:
+    """(sudo, luksctl) for SudoBridge: a `sudo` that only drops `-n`, and the real CLI in its own
+    process, reading its ini, config.json and lock file from `directory`. It runs unprivileged,
+    so it is told it is root; the lock wait and the exit code are what these tests are about."""
+    sudo = directory / "sudo"
+    sudo.write_text('#!/bin/sh\n[ "$1" = -n ] && shift\nexec "$@"\n')
+    luksctl = directory / "luksctl"
+    luksctl.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from luksctl import cli\n"
+        "os.geteuid = lambda: 0\n"
+        f"here = Path({str(directory)!r})\n"
+        "paths = cli.Paths(here / 'luks-cryptdev.ini', here / 'config.json', here / 'luksctl.lock', root_owned=False)\n"
+        "sys.exit(cli.main(paths=paths))\n"
+    )
+    for script in (sudo, luksctl):
+        script.chmod(0o755)
+    return sudo, luksctl

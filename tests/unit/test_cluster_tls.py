@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
-import socket
 import ssl
 import threading
 
@@ -18,30 +17,40 @@ from luksctl.certs import build_certificate
 WORKER_IP = "127.0.0.2"
 
 
-def certificate(directory, name: str) -> tuple:
+def certificate(directory, name: str, host: str | None = None, address: str = WORKER_IP) -> tuple:
     """gen-cert's kind of certificate, named after the host (as each worker's own is)."""
-    cert, key = build_certificate([name], {ipaddress.ip_address(WORKER_IP)}, 1)
+    cert, key = build_certificate([host or name], {ipaddress.ip_address(address)}, 1)
     (directory / f"{name}-cert.pem").write_bytes(cert)
     (directory / f"{name}-key.pem").write_bytes(key)
     return directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
 
 
 @pytest.fixture
-def tls_worker(tmp_path):
-    """A worker answering {"nfs_state": "mounted"} over TLS with its own self-signed certificate."""
+def start_worker():
+    """start(cert, key, address) -> port: a worker answering {"nfs_state": "mounted"} over TLS."""
+    servers = []
+
+    def start(cert, key, address: str = WORKER_IP) -> int:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server = http.server.ThreadingHTTPServer((address, 0), Worker)
+        server.behaviour, server.delay, server.tokens = "ok", 0.0, []
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server.server_address[1]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def tls_worker(tmp_path, start_worker):
+    """A worker with its own self-signed certificate."""
     cert, key = certificate(tmp_path, "worker")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = http.server.ThreadingHTTPServer((WORKER_IP, port), Worker)
-    server.behaviour, server.delay, server.tokens = "ok", 0.0, []
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield port, cert
-    server.shutdown()
-    server.server_close()
+    return start_worker(cert, key), cert
 
 
 def https_client(port: int, verify) -> cluster.WorkerClient:
@@ -63,3 +72,16 @@ def test_the_same_worker_with_its_certificate_in_the_bundle_is_mounted(tls_worke
     bundle.write_bytes(other_cert.read_bytes() + cert.read_bytes())
 
     assert cluster.remount_workers(https_client(port, str(bundle)), [WORKER_IP]) == {WORKER_IP: "mounted"}
+
+
+def test_two_workers_with_the_same_host_name_both_verify_against_the_bundle(tmp_path, start_worker):
+    """Both certificates named `localhost` (a host whose name resolves nowhere): OpenSSL finds a
+    self-signed certificate in the bundle by its subject, so equal subjects hid one of them."""
+    addresses = ["127.0.0.2", "127.0.0.3"]
+    pairs = [certificate(tmp_path, f"worker-{n}", "localhost", address) for n, address in enumerate(addresses)]
+    bundle = tmp_path / "wn-ca-bundle.pem"
+    bundle.write_bytes(b"".join(cert.read_bytes() for cert, _ in pairs))
+
+    for address, (cert, key) in zip(addresses, pairs, strict=True):
+        port = start_worker(cert, key, address)
+        assert cluster.remount_workers(https_client(port, str(bundle)), [address]) == {address: "mounted"}

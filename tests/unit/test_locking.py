@@ -3,14 +3,15 @@ killed holder frees it at once (the kernel drops flock locks with their owner)."
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
 import pytest
-from lock_holder import lock_held_elsewhere
+from lock_holder import lock_held_elsewhere, sudo_luksctl
 from test_cli import json_output, paths, run_cli  # noqa: F401 - paths is a fixture
 
-from luksctl import cli
+from luksctl import cli, privileged
 from luksctl.errors import EXIT_BUSY, LockTimeout
 from luksctl.locking import exclusive_lock
 
@@ -45,3 +46,24 @@ def test_cli_open_exits_6_while_another_process_holds_the_lock(host, paths, caps
     report = json_output(capsys)
     assert report["error"] == "another luksctl open or close is still running after 0.5 s; try again later"
     assert report["volume_state"] == "unmounted"
+
+
+@pytest.mark.parametrize("config", [{}, {"NFS_MOUNTPOINT_LIST": ["/nonexistent-nfs-share"]}], ids=["open", "nfs-mount"])
+def test_the_cli_gives_up_on_the_lock_before_the_service_gives_up_on_the_cli(paths, monkeypatch, config):  # noqa: F811
+    """The service's `sudo luksctl` call ends at PRIVILEGED_TIMEOUT: a CLI still waiting for the lock
+    then would be killed, and the service would answer 500 instead of the documented 503."""
+    timeout = 4.0
+    sudo, luksctl = sudo_luksctl(paths.volume_ini.parent)
+    paths.api_config.write_text(json.dumps({**config, "PRIVILEGED_TIMEOUT": timeout}))
+    monkeypatch.setattr(privileged, "SUDO", str(sudo))
+    bridge = privileged.SudoBridge(str(luksctl), timeout)
+    call = bridge.nfs_mount if config else lambda: bridge.open_volume("secret")
+
+    with lock_held_elsewhere(paths.lock_file):
+        started = time.monotonic()
+        with pytest.raises(LockTimeout, match=r"still running after 2 s; try again later$") as refused:
+            call()
+        waited = time.monotonic() - started
+
+    assert refused.value.http_status == 503 and refused.value.exit_code == EXIT_BUSY
+    assert timeout * cli.SERVICE_LOCK_SHARE <= waited < timeout

@@ -54,6 +54,7 @@ from helpers_vm import (
     tail,
     wait_until,
 )
+from leaks import watch_for_leaks
 
 STATUS = "/luksctl_api/v1.0/status"
 OPEN = "/luksctl_api/v1.0/open"
@@ -134,9 +135,9 @@ def cryptsetup_fault():
     fault.remove()
 
 
-def open_payload(bao, volume, vault_url: str | None = None) -> dict:
+def open_payload(bao, volume, vault_url: str | None = None, token: str | None = None) -> dict:
     secret_path = bao.store_passphrase("faults", volume.uuid, volume.passphrase.decode())
-    payload = bao.open_payload(secret_path)
+    payload = bao.open_payload(secret_path, token)
     if vault_url:
         payload["vault_url"] = vault_url
     return payload
@@ -166,16 +167,22 @@ def whole_and_reported(volume, body: dict) -> str:
 
 @pytest.mark.parametrize("step", ["/v1/sys/wrapping/unwrap", "/v1/secrets/data/"], ids=["before-unwrap", "before-read"])
 def test_vault_stopped_mid_request(lab_api, bao, proxies, luks_volume, step):
-    """OpenBao dies while the proxy holds the API's request (after the wrapping lookup)."""
-    volume = luks_volume("vault dies mid-request")
-    payload = open_payload(bao, volume, proxies.main.url)
+    """OpenBao dies while the proxy holds the API's request (after the wrapping lookup); the
+    tokens and the passphrase then appear in no process's argv or environment, and no log."""
+    volume = luks_volume(f"vault dies mid-request {os.urandom(8).hex()}")
+    unwrapped = f"midrequest-{os.urandom(8).hex()}"
+    payload = open_payload(bao, volume, proxies.main.url, bao.wrap_token(token_id=unwrapped))
+    needles = {"passphrase": volume.passphrase, "wrapping token": payload["vault_token"].encode(),
+               "unwrapped token": unwrapped.encode()}
     proxies.main.hold(step)
-    with same_gunicorn(lab_api.pid), ThreadPoolExecutor(1) as pool:
+    with watch_for_leaks(needles) as watch, same_gunicorn(lab_api.pid), ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post_json, OPEN, payload, timeout=120)
         proxies.main.wait_held(60)
         bao.stop()
         proxies.main.release()
         answer = pending.result(timeout=150)
+    watch.assert_nothing_leaked()
+    assert watch.cli_audit_lines() == [], "luksctl ran without a passphrase"
     body = expect_json_error(answer, 502, "unmounted")
     assert "Vault" in body["error"], body
     assert proxies.main.paths()[0].startswith("/v1/sys/wrapping/lookup"), proxies.main.paths()
@@ -250,10 +257,15 @@ def test_ambient_vault_credentials_are_never_sent(lab_api, bao_up, proxies, luks
 def test_cryptsetup_killed_during_open(lab_api, bao_up, luks_volume, cryptsetup_fault, mode):
     """hang: cryptsetup open hangs and is SIGKILLed by us; status answers meanwhile.
     kill-after: the kernel mapping is made, then cryptsetup is SIGKILLed before it returns."""
-    volume = luks_volume("cryptsetup killed")
+    # kill-after runs the real cryptsetup open: cryptsetup's own PBKDF (~2 s), so the /proc sampler sees it.
+    volume = luks_volume(f"cryptsetup killed {os.urandom(8).hex()}", test_kdf=mode == "hang")
+    unwrapped = f"cryptsetupkilled-{os.urandom(8).hex()}"
+    payload = open_payload(bao_up, volume, token=bao_up.wrap_token(token_id=unwrapped))
+    needles = {"passphrase": volume.passphrase, "wrapping token": payload["vault_token"].encode(),
+               "unwrapped token": unwrapped.encode()}
     cryptsetup_fault.install(mode)
-    with same_gunicorn(lab_api.pid), ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(post_json, OPEN, open_payload(bao_up, volume), timeout=300)
+    with watch_for_leaks(needles) as watch, same_gunicorn(lab_api.pid), ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post_json, OPEN, payload, timeout=300)
         pid = cryptsetup_fault.wait_pid(240)
         if mode == "hang":
             status = https("GET", STATUS, timeout=30)
@@ -263,6 +275,10 @@ def test_cryptsetup_killed_during_open(lab_api, bao_up, luks_volume, cryptsetup_
         answer = pending.result(timeout=300)
     body = expect_json_error(answer, 500)
     assert "cryptsetup" in body["error"], body
+    watch.assert_nothing_leaked()
+    assert mode == "hang" or watch.sampler.cryptsetup_seen, f"the sampler never saw cryptsetup ({watch.sampler.sweeps} sweeps)"
+    service_uid = pwd.getpwnam(lab_api.unit.one("User")).pw_uid
+    assert watch.cli_audit_lines() == [("open", f"uid {service_uid}", "error", 4)]  # exit 4: a command failed
     problem = whole_and_reported(volume, body)
     shape = volume_shape(volume.cryptdev)
 

@@ -19,7 +19,8 @@ import pytest
 import requests
 
 from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, OUT, VOLUME_INI, Volume, VolumeFactory, run, wait_until
-from test_e2e import SyslogCatcher, kernel_state, put_back_closed
+from leaks import SyslogCatcher
+from test_e2e import kernel_state, put_back_closed
 
 LUKSCTL = "/usr/local/sbin/luksctl"
 FAST_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]

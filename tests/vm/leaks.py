@@ -1,0 +1,165 @@
+"""Watching a request for secrets where they must never be: any process's argv or environment
+(/proc, sampled while it runs), the CLI's syslog lines, and every log file written meanwhile."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from helpers_vm import OUT
+
+# Every log the system writes: the API's stdout/stderr, /var/log, the service's runtime files.
+LOG_ROOTS = [OUT, Path("/var/log"), Path("/run/luksctl-api")]
+NOT_THE_PRODUCTS = {OUT / "pytest.log", OUT / "junit.xml", OUT / "bao.log"}  # ours, and Vault's own
+
+def is_privileged_open(argv: list[bytes]) -> bool:
+    """`sudo -n .../luksctl --json open` or the luksctl interpreter it runs."""
+    return b"open" in argv and any(arg.endswith(b"/luksctl") for arg in argv)
+
+
+class ProcSampler(threading.Thread):
+    """Reads every /proc/<pid>/cmdline and environ again and again, looking for the needles."""
+
+    def __init__(self, needles: dict[str, bytes]) -> None:
+        super().__init__(daemon=True)
+        self.needles = needles
+        self.stopping = threading.Event()
+        self.hits: set[tuple[str, int, str, bytes]] = set()
+        self.sweeps = 0
+        self.privileged_seen: set[int] = set()  # sudo/luksctl pids whose environ we read
+        self.cryptsetup_seen: set[int] = set()  # cryptsetup itself (argv[0]), not a wrapper script
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    environ = Path(f"/proc/{entry}/environ").read_bytes()
+                except (FileNotFoundError, ProcessLookupError, PermissionError):
+                    continue
+                for name, needle in self.needles.items():
+                    for where, data in (("cmdline", cmdline), ("environ", environ)):
+                        if needle in data:
+                            self.hits.add((name, int(entry), where, cmdline[:200]))
+                argv = [arg for arg in cmdline.split(b"\0") if arg]
+                if is_privileged_open(argv):
+                    self.privileged_seen.add(int(entry))
+                if argv and os.path.basename(argv[0]) == b"cryptsetup":
+                    self.cryptsetup_seen.add(int(entry))
+            self.sweeps += 1
+
+
+class SyslogCatcher(threading.Thread):
+    """Plays syslogd on /dev/log, so the CLI's audit line is kept and read. A real /dev/log
+    (journald's, say) is moved aside meanwhile: what the CLI sends there is checked too."""
+
+    saved = Path("/dev/log.before-syslog-catcher")
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.messages: list[bytes] = []
+        if os.path.lexists("/dev/log"):
+            os.rename("/dev/log", self.saved)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("/dev/log")
+        os.chmod("/dev/log", 0o666)
+        self.sock.settimeout(0.2)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.messages.append(self.sock.recv(65536))
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.join(5)
+        self.sock.close()
+        Path("/dev/log").unlink(missing_ok=True)
+        if os.path.lexists(self.saved):
+            os.rename(self.saved, "/dev/log")
+
+
+# README, "Audit": the CLI's line goes to syslog with facility authpriv, tag `luksctl`.
+SYSLOG_AUDIT_LINE = re.compile(rb"<(?P<pri>\d+)>luksctl: (?P<json>\{.*\})\x00?")
+SYSLOG_LUKSCTL_TAG = re.compile(rb"<\d+>luksctl: ")
+LOG_AUTHPRIV, LOG_INFO = 10, 6
+
+
+def parse_syslog_audit(message: bytes) -> dict:
+    """The CLI's audit entry from one syslog datagram, or an AssertionError saying what is off."""
+    match = SYSLOG_AUDIT_LINE.fullmatch(message)
+    assert match, f"not an audit line tagged luksctl: {message!r}"
+    assert int(match["pri"]) == LOG_AUTHPRIV * 8 + LOG_INFO, f"not authpriv.info: {message!r}"
+    entry = json.loads(match["json"])
+    assert entry["audit"] == "luksctl", entry
+    return entry
+
+
+def files_written_since(roots: list[Path], since: float, skip: set[Path]) -> list[Path]:
+    found = []
+    for root in roots:
+        if not root.exists():
+            continue
+        for path in [root] if root.is_file() else root.rglob("*"):
+            try:
+                info = path.lstat()
+            except OSError:
+                continue
+            if path.is_file() and not path.is_symlink() and info.st_mtime >= since and path not in skip:
+                found.append(path)
+    return found
+
+
+@dataclass
+class Watch:
+    needles: dict[str, bytes]
+    sampler: ProcSampler
+    catcher: SyslogCatcher
+    logs: list[Path] = field(default_factory=list)
+
+    def cli_audit_lines(self) -> list[tuple]:
+        """(action, client, outcome, status) of each line the CLI sent to syslog, parsed.
+        sudo logs each command it runs to syslog too (its own tag): those lines are scanned, not parsed."""
+        entries = [parse_syslog_audit(m) for m in self.catcher.messages if SYSLOG_LUKSCTL_TAG.match(m)]
+        return [(e["action"], e["client"], e["outcome"], e["status"]) for e in entries]
+
+    def assert_nothing_leaked(self) -> None:
+        assert any(path.name.startswith("api.") for path in self.logs), f"the API's logs were not read: {self.logs}"
+        assert self.sampler.sweeps >= 5, f"only {self.sampler.sweeps} sweeps of /proc"
+        leaks = [(name, str(path)) for path in self.logs for name, needle in self.needles.items() if needle in path.read_bytes()]
+        leaks += [(name, "syslog") for m in self.catcher.messages for name, needle in self.needles.items() if needle in m]
+        assert not leaks, f"secrets written to logs: {leaks}"
+        assert not self.sampler.hits, f"secrets in /proc: {sorted(self.sampler.hits)}"
+
+
+@contextmanager
+def watch_for_leaks(needles: dict[str, bytes]) -> Iterator[Watch]:
+    """Samples /proc and catches syslog while the block runs; then lists the logs written
+    meanwhile, and the API's (all its starts). The caller asserts on the Watch."""
+    started = time.time() - 2
+    catcher = SyslogCatcher()
+    catcher.start()
+    sampler = ProcSampler(needles)
+    sampler.start()
+    watch = Watch(needles, sampler, catcher)
+    try:
+        yield watch
+    finally:
+        sampler.stopping.set()
+        sampler.join(30)
+        catcher.close()
+    watch.logs = files_written_since(LOG_ROOTS, started, NOT_THE_PRODUCTS)
+    watch.logs += [path for path in OUT.glob("api.*.log") if path not in watch.logs]
