@@ -31,9 +31,11 @@ vm-prefix: $(VENV)/.stamp
 
 # Two boots: virtme's init (most tests), then systemd as PID 1 (the unit files, docker and NFS restarts).
 # The systemd boot installs with deploy/install.sh from a wheelhouse (the guest has no network).
+# The Ansible role installs from it too, plus the luksctl wheel it copies to nodes (PREFIX/dist).
 test-vm: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh test $(PYTEST_ARGS)
 	scripts/build-wheelhouse.sh $(VM_PREFIX)/wheelhouse $(PYTHON)
+	rm -rf $(VM_PREFIX)/dist && $(VENV)/bin/pip wheel --quiet --no-deps -w $(VM_PREFIX)/dist .
 	VM_PREFIX=$(VM_PREFIX) VM_OUT=$(CURDIR)/vm-out-systemd scripts/vm-run.sh test-systemd
 
 demo: vm-prefix

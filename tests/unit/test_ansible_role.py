@@ -5,6 +5,7 @@ Running it is tested for real in the systemd boot (tests/vm/systemd/test_ansible
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -43,3 +44,25 @@ def test_every_role_default_is_in_the_readme():
     defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
 
     assert set(defaults) - documented == set()
+
+
+def test_the_package_step_names_debian_packages_this_host_has(tmp_path):
+    """tasks/packages.yml in check mode on this host, which scripts/install-host-deps.sh gave the
+    same packages: every name resolves and nothing would be installed. (The systemd VM boot runs
+    the role without this step: there apt's check costs over a minute per host and run.)"""
+    plays = [{"name": f"packages of a {node}", "hosts": "localhost", "gather_facts": False,
+              "tasks": [{"name": "The role's package step", "ansible.builtin.include_role": {"name": "luksctl", "tasks_from": "packages"},
+                         "vars": {"luksctl_node_role": node, "luksctl_infrastructure": "cluster"}}]}
+             for node in ("frontend", "worker")]
+    playbook = tmp_path / "packages.yml"
+    playbook.write_text(yaml.safe_dump(plays))
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(ROLE.parent), "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+           "ANSIBLE_REMOTE_TMP": str(tmp_path / "remote-tmp"), "ANSIBLE_NOCOLOR": "1"}
+
+    result = subprocess.run([str(VENV_BIN / "ansible-playbook"), "--check", "-c", "local", "-i", "localhost,",
+                             "-e", "ansible_python_interpreter=/usr/bin/python3", str(playbook)],
+                            capture_output=True, text=True, timeout=300, env=env)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^localhost\s*:\s*ok=\d+\s+changed=0\s+unreachable=0\s+failed=0", result.stdout, re.M), result.stdout
+    assert result.stdout.count("TASK [luksctl : Install the packages this node needs]") == 2, result.stdout
