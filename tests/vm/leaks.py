@@ -26,13 +26,13 @@ def is_privileged_open(argv: list[bytes]) -> bool:
 
 
 class ProcSampler(threading.Thread):
-    """Reads every /proc/<pid>/cmdline and environ again and again, looking for the needles."""
+    """Reads every /proc/<pid>/cmdline and environ again and again and keeps each distinct one,
+    searched afterwards: a secret made during the run (rotate's new passphrase) is known only then."""
 
-    def __init__(self, needles: dict[str, bytes]) -> None:
+    def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.needles = needles
         self.stopping = threading.Event()
-        self.hits: set[tuple[str, int, str, bytes]] = set()
+        self.seen: set[tuple[int, bytes, bytes]] = set()  # (pid, cmdline, environ)
         self.sweeps = 0
         self.privileged_seen: set[int] = set()  # sudo/luksctl pids whose environ we read
         self.cryptsetup_seen: set[int] = set()  # cryptsetup itself (argv[0]), not a wrapper script
@@ -47,16 +47,19 @@ class ProcSampler(threading.Thread):
                     environ = Path(f"/proc/{entry}/environ").read_bytes()
                 except (FileNotFoundError, ProcessLookupError, PermissionError):
                     continue
-                for name, needle in self.needles.items():
-                    for where, data in (("cmdline", cmdline), ("environ", environ)):
-                        if needle in data:
-                            self.hits.add((name, int(entry), where, cmdline[:200]))
+                self.seen.add((int(entry), cmdline, environ))
                 argv = [arg for arg in cmdline.split(b"\0") if arg]
                 if is_privileged_open(argv):
                     self.privileged_seen.add(int(entry))
                 if argv and os.path.basename(argv[0]) == b"cryptsetup":
                     self.cryptsetup_seen.add(int(entry))
             self.sweeps += 1
+
+    def hits(self, needles: dict[str, bytes]) -> list[tuple[str, int, str, bytes]]:
+        """(secret's name, pid, "cmdline" or "environ", the process's cmdline) for each sighting."""
+        return sorted({(name, pid, where, cmdline[:200]) for pid, cmdline, environ in self.seen
+                       for where, data in (("cmdline", cmdline), ("environ", environ))
+                       for name, needle in needles.items() if needle in data})
 
 
 class SyslogCatcher(threading.Thread):
@@ -142,17 +145,19 @@ class Watch:
         leaks = [(name, str(path)) for path in self.logs for name, needle in self.needles.items() if needle in path.read_bytes()]
         leaks += [(name, "syslog") for m in self.catcher.messages for name, needle in self.needles.items() if needle in m]
         assert not leaks, f"secrets written to logs: {leaks}"
-        assert not self.sampler.hits, f"secrets in /proc: {sorted(self.sampler.hits)}"
+        hits = self.sampler.hits(self.needles)
+        assert not hits, f"secrets in /proc: {hits}"
 
 
 @contextmanager
 def watch_for_leaks(needles: dict[str, bytes]) -> Iterator[Watch]:
     """Samples /proc and catches syslog while the block runs; then lists the logs written
-    meanwhile, and the API's (all its starts). The caller asserts on the Watch."""
+    meanwhile, and the API's (all its starts). The caller asserts on the Watch, after adding
+    to its needles any secret made during the block."""
     started = time.time() - 2
     catcher = SyslogCatcher()
     catcher.start()
-    sampler = ProcSampler(needles)
+    sampler = ProcSampler()
     sampler.start()
     watch = Watch(needles, sampler, catcher)
     try:

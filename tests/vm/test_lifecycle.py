@@ -12,14 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 import requests
 
-from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, OUT, VOLUME_INI, Volume, VolumeFactory, run, wait_until
-from leaks import SyslogCatcher
+from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, VOLUME_INI, Volume, VolumeFactory, run, wait_until
+from leaks import watch_for_leaks
 from test_e2e import kernel_state, put_back_closed
 
 LUKSCTL = "/usr/local/sbin/luksctl"
@@ -80,62 +79,24 @@ def vault(bao_up):
     return bao_up
 
 
-class Sampler(threading.Thread):
-    """Keeps every distinct /proc/*/cmdline and environ seen, to search once the secrets are known."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.seen: set[bytes] = set()
-        self.sweeps = 0
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    for name in ("cmdline", "environ"):
-                        try:
-                            self.seen.add(Path(f"/proc/{entry}/{name}").read_bytes())
-                        except OSError:
-                            continue
-            self.sweeps += 1
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(30)
-
-    def leaks(self, *secrets: str) -> list[bytes]:
-        return [blob[:120] for blob in self.seen for secret in secrets if secret.encode() in blob]
-
-
 def test_rotate_a_mounted_volume_then_the_dashboard_opens_with_the_new_secret(luks_volume, vault, dashboard):
     old = "lifecycle old passphrase"
     volume = luks_volume(old)
     secret_path = vault.store_passphrase(SUB, volume.uuid, old)
     assert dashboard.open(vault.open_payload(secret_path)).state == "mounted"
     (MOUNTPOINT / "kept.txt").write_text("written before the rotation")
-    catcher = SyslogCatcher() if not os.path.exists("/dev/log") else None
-    if catcher:
-        catcher.start()
-    sampler = Sampler()
-    sampler.start()
-    try:
-        done = subprocess.run([LUKSCTL, "--json", *rotate_args(vault, secret_path)], capture_output=True, timeout=300)
-    finally:
-        sampler.stop()
-        if catcher:
-            catcher.close()
+    argv = [LUKSCTL, "--json", *rotate_args(vault, secret_path)]
+    token = Path(f"/run/lifecycle-token-{ROTATE_POLICY}").read_text().strip()
+    with watch_for_leaks({"old passphrase": old.encode(), "rotation token": token.encode()}) as watch:
+        done = subprocess.run(argv, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     new = stored(vault, secret_path)
     assert new != old and kernel_state(volume) == ("mounted", True), "rotation must not unmount"
     assert opens(volume, new) and not opens(volume, old)
 
-    token = Path(f"/run/lifecycle-token-{ROTATE_POLICY}").read_text().strip()
-    assert sampler.sweeps >= 3 and not sampler.leaks(old, new, token), sampler.leaks(old, new, token)
-    output = done.stdout + done.stderr + b"".join(catcher.messages if catcher else [])
-    assert not [s for s in (old, new, token) if s.encode() in output]
-    logs = [p for p in OUT.glob("*.log") if p.name != "pytest.log"]  # the API's and OpenBao's
-    assert not [p for p in logs if any(s.encode() in p.read_bytes() for s in (old, new, token))]
+    watch.needles["new passphrase"] = new.encode()
+    watch.assert_nothing_leaked()  # /proc, syslog and every log written meanwhile
+    assert not [s for s in (old, new, token) if s.encode() in done.stdout + done.stderr]
 
     put_back_closed(volume)
     assert dashboard.open(vault.open_payload(secret_path)).state == "mounted"
@@ -223,15 +184,13 @@ def test_rotate_killed_at_a_step_then_run_again_opens_by_the_dashboards_flow(kil
 
 def test_recovery_key_add_open_with_it_remove(luks_volume, dashboard):
     volume = luks_volume("lifecycle recovery test passphrase")
-    sampler = Sampler()
-    sampler.start()
-    try:
+    with watch_for_leaks({"passphrase": volume.passphrase}) as watch:
         code, added, stderr = luksctl("recovery-key", "add", *FAST_SLOT, stdin=volume.passphrase + b"\n")
-    finally:
-        sampler.stop()
     assert code == 0, (added, stderr)
     key = added["recovery_key"]
-    assert not sampler.leaks(key, volume.passphrase.decode()) and key not in stderr
+    watch.needles["recovery key"] = key.encode()
+    watch.assert_nothing_leaked()
+    assert key not in stderr
 
     opened = subprocess.run([LUKSCTL, "open"], input=key.encode() + b"\n", capture_output=True, timeout=300)
     assert opened.returncode == 0, opened.stdout + opened.stderr
