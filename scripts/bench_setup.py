@@ -51,7 +51,8 @@ def one_run(bao, number: int) -> dict:
         run("losetup", "--detach", loop, check=False)
         IMAGE.unlink(missing_ok=True)
         TOKEN.unlink(missing_ok=True)
-        for path in (VOLUME_INI, Path("/etc/luks/luks-header.bck"), Path("/var/run/fast-luks-encryption.success"),
+        for path in (VOLUME_INI, Path("/etc/luks/luks-header.bck"), Path("/etc/luks/luks-header.bck.sha256"),
+                     Path("/var/run/fast-luks-encryption.success"),
                      Path("/var/run/fast-luks-volume-setup.success")):
             path.unlink(missing_ok=True)
 

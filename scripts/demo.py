@@ -118,7 +118,7 @@ def main() -> int:
             if Path("/dev/mapper/demo").exists():
                 run("umount", str(MOUNTPOINT), check=False)
                 run(CRYPTSETUP, "close", "demo", check=False)
-            for path in (VOLUME_INI, Path("/etc/luks/luks-header.bck")):
+            for path in (VOLUME_INI, Path("/etc/luks/luks-header.bck"), Path("/etc/luks/luks-header.bck.sha256")):
                 path.unlink(missing_ok=True)
             if loop:
                 run("losetup", "--detach", loop, check=False)

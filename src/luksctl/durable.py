@@ -20,8 +20,11 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, *, mode: int) -> None:
-    """Replace `path` with `data`; the file is created with `mode` (never wider, whatever the umask)."""
+def write_atomically(path: Path, data: bytes, *, mode: int, replace: bool = True) -> None:
+    """Replace `path` with `data`; the file is created with `mode` (never wider, whatever the umask).
+
+    replace=False never replaces an existing `path`: link(2) raises FileExistsError instead.
+    """
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
@@ -35,7 +38,13 @@ def write_atomically(path: Path, data: bytes, *, mode: int) -> None:
         temporary.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(temporary, path)
+    try:
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     fsync_directory(path.parent)
 
 

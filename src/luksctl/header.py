@@ -153,17 +153,23 @@ def current_checksum(device: str, near: Path) -> str:
         return _copy_header(device, scratch / "header")
 
 
-def write_backup(device: str, backup: Path) -> str:
+def write_backup(device: str, backup: Path, *, replace: bool = True) -> str:
     """Replace `backup` with the device's header (0600) and record its checksum beside it.
 
     Each file is replaced whole or not at all (durable.write_atomically). A crash between
     the two leaves a checksum that no longer matches: `verify` says so, a re-run fixes it.
+    replace=False (setup) never replaces an existing backup: one identical to the header now
+    (an interrupted run's) is kept, any other raises FileExistsError.
     """
     with _private_dir(backup) as scratch:
         copy = scratch / "header"
         checksum = _copy_header(device, copy)
         data = copy.read_bytes()
-    write_atomically(backup, data, mode=0o600)
+    try:
+        write_atomically(backup, data, mode=0o600, replace=replace)
+    except FileExistsError:
+        if backup.read_bytes() != data:
+            raise
     write_atomically(checksum_path(backup), f"{checksum}  {backup.name}\n".encode(), mode=0o600)
     return checksum
 

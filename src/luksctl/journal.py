@@ -4,7 +4,8 @@
 deletes it only after the volume is formatted, its passphrase is stored
 (in Vault, or with the operator) and the volume is mounted. So there is no
 moment at which a kill or a power loss leaves a volume whose passphrase is
-nowhere. Both files are root's, mode 0600, in a root-only directory.
+nowhere. Both files are root's, mode 0600 (their directory, /etc/luks, is 0755 as install.sh
+makes it: the files' own mode is what keeps the passphrase private).
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ import configparser
 import io
 import json
 import logging
-import os
 import secrets
 import string
 import sys
@@ -32,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from . import blockdev, journal, runner, volume
+from . import blockdev, header, journal, runner, volume
 from .config import API_CONFIG, VOLUME_INI, FrontendConfig, VolumeConfig, load_json_config, load_volume_config
-from .durable import fsync_directory, write_atomically
+from .durable import write_atomically
 from .errors import (
     CommandFailed,
     DeviceInUse,
@@ -371,28 +370,11 @@ def _opens(device: str, passphrase: bytes) -> bool:
 
 
 def back_up_header(options: SetupOptions, record: Journal) -> None:
-    """Back the header up without ever replacing an existing file: link(2) fails if the name is taken."""
-    target = options.header_path
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    old_umask = os.umask(0o077)
+    """Back the header up as `luksctl header backup` does (checksum beside it), never replacing a backup."""
     try:
-        runner.run(["cryptsetup", "luksHeaderBackup", options.device, "--header-backup-file", str(temporary)], timeout=120)
-    finally:
-        os.umask(old_umask)
-    try:
-        os.chmod(temporary, 0o600)
-        with open(temporary, "rb") as stream:
-            os.fsync(stream.fileno())
-            fresh = stream.read()
-        try:
-            os.link(temporary, target)
-        except FileExistsError:
-            if target.read_bytes() != fresh:  # not ours from an interrupted run: keep it, stop
-                raise SetupConflict(f"a different header backup appeared at {target}; it was left alone") from None
-        fsync_directory(target.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
+        header.write_backup(options.device, options.header_path, replace=False)
+    except FileExistsError:  # not ours from an interrupted run: keep it, stop
+        raise SetupConflict(f"a different header backup appeared at {options.header_path}; it was left alone") from None
     record.record(journal.HEADER_SAVED)
 
 

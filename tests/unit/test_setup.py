@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from luksctl import blockdev, journal, runner, setup, volume
+from luksctl import blockdev, header, journal, runner, setup, volume
 from luksctl.errors import (
     CommandFailed,
     DeviceInUse,
@@ -247,6 +247,10 @@ def test_fresh_setup_writes_the_ini_header_and_success_files_then_forgets_the_pa
         f"filesystem = ext4\nheader_path = {options.header_path}\n\n"
     )
     assert stat.S_IMODE(options.header_path.stat().st_mode) == 0o600
+    # Its checksum beside it, as `luksctl header backup` records it: `header verify` can tell it intact.
+    sidecar = tmp_path / "luks" / "luks-header.bck.sha256"
+    assert sidecar.read_text() == f"{header.sha256_of(options.header_path)}  luks-header.bck\n"
+    assert stat.S_IMODE(sidecar.stat().st_mode) == 0o600
     assert setup.ENCRYPTION_SUCCESS[0].read_text() == "LUKS encryption completed."
     assert setup.VOLUME_SUCCESS[0].read_text() == "Volume setup completed."
     assert not pending(tmp_path).exists() and not (tmp_path / "luks" / journal.STATE_FILE).exists()
@@ -426,6 +430,41 @@ def test_kill_during_luks_format_formats_again(tmp_path, disk, vault):
     run(make_options(tmp_path, token=None))
 
     assert len(disk.argv_of("cryptsetup", "luksFormat")) == 1 and disk.key == vault.secrets[str(REF)].encode()
+
+
+def test_kill_right_after_the_header_backup_keeps_it_and_records_its_checksum(tmp_path, disk, vault, monkeypatch):
+    real_record = journal.Journal.record
+
+    def killed_before_recording(self, step, **extra):
+        if step == journal.HEADER_SAVED:
+            raise Killed()
+        real_record(self, step, **extra)
+
+    monkeypatch.setattr(journal.Journal, "record", killed_before_recording)
+    with pytest.raises(Killed):
+        run(make_options(tmp_path))
+    monkeypatch.setattr(journal.Journal, "record", real_record)
+    saved = (tmp_path / "luks" / "luks-header.bck").read_bytes()
+
+    run(make_options(tmp_path, token=None))  # the backup there is ours (identical): kept, no refusal
+
+    assert (tmp_path / "luks" / "luks-header.bck").read_bytes() == saved
+    assert header.recorded_checksum(tmp_path / "luks" / "luks-header.bck") == header.sha256_of(tmp_path / "luks" / "luks-header.bck")
+
+
+def test_a_different_header_backup_appearing_mid_run_is_left_alone(tmp_path, disk, vault, monkeypatch):
+    options = make_options(tmp_path)
+
+    def someone_writes_a_backup(argv, **kwargs):
+        if argv[:2] == ["cryptsetup", "luksHeaderBackup"]:
+            options.header_path.write_bytes(b"someone's header")
+        return disk.run(argv, **kwargs)
+
+    monkeypatch.setattr(runner, "run", someone_writes_a_backup)
+    with pytest.raises(SetupConflict, match="different header backup appeared"):
+        run(options)
+    assert options.header_path.read_bytes() == b"someone's header"
+    assert not list(options.header_path.parent.glob(".*.tmp")) and not list(options.header_path.parent.glob(".luksctl-*"))
 
 
 def test_kill_during_mkfs_wipes_the_partial_filesystem_and_makes_it_again(tmp_path, disk, vault):
