@@ -231,7 +231,9 @@ def test_luksctl_close_then_open_again(bao_up, volume, secret_path, dashboard):
 # 3. failures: wrong passphrase, used and expired tokens, Vault down or silent
 
 
-def test_wrong_passphrase_in_vault_leaves_nothing_open_and_no_secret_anywhere(bao_up, luks_volume, dashboard, api):
+def test_wrong_passphrase_in_vault_leaves_nothing_open_and_no_secret_anywhere(bao_up, shared_volumes, luks_volume, dashboard, api):
+    for earlier in shared_volumes.volumes:  # the test before may have left the module's volume mounted
+        put_back_closed(earlier)
     # cryptsetup's own PBKDF (argon2id, ~2 s a try), so the /proc sampler catches it at work.
     volume = luks_volume("e2e volume for the wrong passphrase " + secrets.token_hex(8), test_kdf=False)
     wrong = "not the passphrase " + secrets.token_hex(8)
