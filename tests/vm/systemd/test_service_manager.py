@@ -106,6 +106,7 @@ def test_a_docker_that_fails_to_start_is_reported_and_the_volume_stays_mounted(f
 def test_cluster_mode_restarts_the_real_nfs_server_after_the_mount(frontend, systemd, bao_up, luks_volume):
     volume = luks_volume()
     nfs = "nfs-server.service"  # Debian's nfs-kernel-server.service is an alias of it
+    systemd.systemctl("start", nfs)  # an earlier test of this boot may have left it stopped
     assert systemd.systemctl("is-active", nfs) == "active"
     started_before = int(systemd.show(nfs, "ActiveEnterTimestampMonotonic"))
     # 192.0.2.1 (TEST-NET-1) cannot be reached from the guest: the worker part fails fast and
