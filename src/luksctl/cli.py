@@ -225,7 +225,7 @@ def run_lifecycle_command(args: argparse.Namespace, paths: Paths, stdin: io.Buff
     from . import lifecycle
 
     _require_root()
-    context = lifecycle.Context(paths.volume_ini, paths.lock_file, paths.root_owned, stdin, stdin_is_tty, lambda: read_passphrase(stdin, stdin_is_tty))
+    context = lifecycle.Context(paths.volume_ini, paths.lock_file, LOCK_WAIT, paths.root_owned, stdin, stdin_is_tty, lambda: read_passphrase(stdin, stdin_is_tty))
     outcome = lifecycle.run(args, context)
     report = _state_after_error(paths)  # the volume's state, or "unavailable" once it is gone
     report.changed, report.details, report.text, report.exit_code = outcome.changed, outcome.details, outcome.text, outcome.exit_code

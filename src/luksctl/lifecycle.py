@@ -23,8 +23,6 @@ from .locking import exclusive_lock
 from .rotate import rotate
 from .keystore_options import add_vault_arguments, open_keystore, secret_ref
 
-LOCK_WAIT = 200  # as cli.LOCK_WAIT: longer than an open takes
-
 
 @dataclass
 class Outcome:
@@ -40,6 +38,7 @@ class Context:
 
     volume_ini: Path
     lock_file: Path
+    lock_wait: float  # cli.LOCK_WAIT: the lock open and close hold, waited on as they wait
     root_owned: bool
     stdin: BinaryIO
     stdin_is_tty: bool
@@ -54,7 +53,7 @@ class Context:
         return load_volume_config(self.volume_ini, root_owned=self.root_owned)
 
     def locked(self):
-        return exclusive_lock(self.lock_file, timeout=LOCK_WAIT, what="luksctl command on this volume")
+        return exclusive_lock(self.lock_file, timeout=self.lock_wait, what="luksctl command on this volume")
 
     def confirm(self, args: argparse.Namespace, volume: VolumeConfig, what: str) -> None:
         """--yes, or the volume's name typed on a terminal; anything else refuses."""
