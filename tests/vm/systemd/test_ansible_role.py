@@ -16,12 +16,16 @@ import secrets
 import shutil
 import string
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers_vm import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))  # the cluster lab's worker hosts
+
+from cluster_lab import CA_BUNDLE, FRONT_IP, FRONT_TOKEN, FSTAB, LAB_BRIDGE, NFS_MNT, WorkerNode  # noqa: E402
+from helpers_vm import (  # noqa: E402
     API_CONFIG,
     CRYPTSETUP,
     LUKS_DIR,
@@ -43,10 +47,12 @@ SUCCESS_FILES = {Path("/var/run/fast-luks-encryption.success"): "LUKS encryption
 # With what a failed setup leaves: its journal and the passphrase it keeps until it completes.
 SETUP_FILES = [VOLUME_INI, LUKS_DIR / "luks-header.bck", LUKS_DIR / "setup-state.json",
                LUKS_DIR / "setup-pending-passphrase", *SUCCESS_FILES]
-ROLE_FILES = [API_CONFIG, Path("/etc/systemd/system") / UNIT,
+ROLE_FILES = [API_CONFIG, Path("/etc/systemd/system") / UNIT, Path("/etc/systemd/system/luksctl-api-wn.service"),
               LUKS_DIR / "gunicorn-cert.pem", LUKS_DIR / "gunicorn-key.pem"]
 # guest.sh installs them for the other tests; the role must install them itself.
 SUDOERS = [Path("/etc/sudoers.d/luksctl-api"), Path("/etc/sudoers.d/luksctl-api-wn")]
+EXPORTS = Path("/etc/exports")
+LAB_ROOT = Path("/srv/ansible-lab")
 # Already root: no become (each sudo costs seconds under emulation).
 LOCAL_HOST = {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3", "ansible_become": False}
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
@@ -237,3 +243,187 @@ def answers(dashboard: Dashboard) -> bool:
         return dashboard.status().response.status_code == 200
     except (OSError, ValueError):
         return False
+
+
+# --- cluster: the front end here, two workers in network namespaces --------------------------
+
+# Runs as root in the node's new mount and UTS namespaces: $1 hostname, $2 its /etc/luks,
+# $3 and $4 the upper and work directories of its /etc, $5 and $6 the worker service's uid/gid.
+NODE_BOOT = r"""
+set -e
+hostname "$1"
+mount -t overlay node-etc -o lowerdir=/etc,upperdir="$3",workdir="$4" /etc
+printf '127.0.1.1 %s\n' "$1" >>/etc/hosts  # as a real host resolves its own name (sudo looks it up)
+mount --bind "$2" /etc/luks
+mkdir -p /run/luksctl-api-wn
+mount -t tmpfs -o mode=0750,uid="$5",gid="$6" node-run /run/luksctl-api-wn
+"""
+
+
+def copy_files_mounted_in_etc(upper: Path) -> None:
+    """Copies into the overlay's upper directory the files mounted over /etc's own: virtme
+    bind-mounts /etc/shadow and /etc/fstab, among others. An overlay sees the file beneath
+    such a mount, not the mount: without this the node's /etc/shadow was the host's original,
+    without the service user's line guest.sh added, and PAM refused the worker's sudo
+    ("account validation failure, is your account locked?")."""
+    etc = Path("/etc")
+    mounts = {Path(line.split()[4].replace("\\040", " ")) for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    for target in sorted(path for path in mounts if path.is_relative_to(etc) and path != etc and path.is_file()):
+        copy = upper / target.relative_to(etc)
+        for directory in reversed(target.relative_to(etc).parents[:-1]):  # as /etc has them
+            if not (upper / directory).exists():
+                (upper / directory).mkdir()
+                shutil.copystat(etc / directory, upper / directory)
+                os.chown(upper / directory, (etc / directory).stat().st_uid, (etc / directory).stat().st_gid)
+        shutil.copy2(target, copy)
+        os.chown(copy, target.stat().st_uid, target.stat().st_gid)
+
+
+class RoleWorker(WorkerNode):
+    """A worker host for the role: netns wnN, plus a mount and a UTS namespace kept open in
+    files. There /etc is an overlay whose changes (fstab, the sudoers rule, the unit) are the
+    node's own, /etc/luks is the node's own directory, and /run/luksctl-api-wn the unit's
+    RuntimeDirectory=. Every other file is the front end's, /opt/luksctl included. Ansible
+    reaches the node through `python`, a wrapper that runs the interpreter, so every module,
+    inside these namespaces; the worker's service starts in them too. systemd cannot run a
+    unit in them, so the role installs the unit (luksctl_manage_service: false) and the test
+    runs its ExecStart."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index, token="")
+        self.root = LAB_ROOT / self.name
+        self.luks_dir = self.root / "luks"
+        self.etc_changes = self.root / "etc"  # the overlay's upper directory
+        self.python = self.root / "python"
+        self.namespaces = {kind: LAB_ROOT / f"{self.name}.{kind}" for kind in ("mnt", "uts")}
+
+    @property
+    def fstab(self) -> Path:
+        return self.etc_changes / "fstab"
+
+    def create(self) -> None:
+        user = pwd.getpwnam(self.unit.one("User"))
+        self.add_to_network()
+        self.luks_dir.mkdir(parents=True)  # root-owned 0755: luksctl refuses anything else
+        self.luks_dir.chmod(0o755)
+        self.etc_changes.mkdir()
+        copy_files_mounted_in_etc(self.etc_changes)
+        (self.root / "etc-work").mkdir()
+        for path in self.namespaces.values():
+            path.touch()
+        run("unshare", f"--mount={self.namespaces['mnt']}", f"--uts={self.namespaces['uts']}", "--propagation",
+            "private", "sh", "-c", NODE_BOOT, "node-boot", self.name, str(self.luks_dir), str(self.etc_changes),
+            str(self.root / "etc-work"), str(user.pw_uid), str(user.pw_gid))
+        self.python.write_text(f'#!/bin/sh\nexec {" ".join(self.enter_node())} /usr/bin/python3 "$@"\n')
+        self.python.chmod(0o755)
+
+    def enter_node(self) -> list[str]:
+        return ["nsenter", f"--mount={self.namespaces['mnt']}", f"--uts={self.namespaces['uts']}",
+                f"--net=/run/netns/{self.name}", "--"]
+
+    def inventory_host(self) -> dict:
+        return {**LOCAL_HOST, "ansible_python_interpreter": str(self.python), "luksctl_address": self.ip,
+                "luksctl_manage_service": False}
+
+    def destroy(self) -> None:
+        self.kill()
+        run(*self.enter_node(), "umount", "--lazy", str(NFS_MNT), check=False)
+        for path in self.namespaces.values():  # the last reference: the namespace and its mounts go
+            run("umount", str(path), check=False)
+        self.remove_from_network()
+
+
+@pytest.fixture
+def cluster_network():
+    """Bridge LAB_BRIDGE with the front end's FRONT_IP, and two RoleWorkers on it, whose files
+    live in a tmpfs at LAB_ROOT (an overlay's upper directory cannot be on the guest's overlays)."""
+    run("modprobe", "bridge")
+    LAB_ROOT.mkdir()
+    run("mount", "-t", "tmpfs", "ansible-lab", str(LAB_ROOT))
+    # A namespace can be kept open in a file only on a mount that does not propagate.
+    run("mount", "--make-private", str(LAB_ROOT))
+    exports_before = EXPORTS.read_text() if EXPORTS.exists() else None
+    run("ip", "link", "add", LAB_BRIDGE, "type", "bridge")
+    workers = [RoleWorker(index) for index in (1, 2)]
+    try:
+        run("ip", "addr", "add", f"{FRONT_IP}/24", "dev", LAB_BRIDGE)
+        run("ip", "link", "set", LAB_BRIDGE, "up")
+        for worker in workers:
+            worker.create()
+        yield workers
+    finally:
+        for worker in workers:
+            worker.destroy()
+        run("ip", "link", "del", LAB_BRIDGE, check=False)
+        run("umount", "--lazy", str(LAB_ROOT), check=False)
+        LAB_ROOT.rmdir()
+        if exports_before is None:
+            EXPORTS.unlink(missing_ok=True)
+        else:
+            EXPORTS.write_text(exports_before)
+        # Without the role's export line, so that the volume can be unmounted.
+        run("systemctl", "restart", "nfs-server.service")
+        for path in (FRONT_TOKEN, CA_BUNDLE):
+            path.unlink(missing_ok=True)
+
+
+def test_cluster_token_certificates_exports_and_mounts_then_the_dashboards_unlock_reaches_every_worker(
+        operator_machine, systemd, bao_up, blank_device, cluster_network):
+    playbook = operator_machine
+    workers = cluster_network
+    secret_path = f"cluster-sub/{secrets.token_hex(8)}/storage_encryption"
+    inventory = {"all": {"children": {
+        # A front end's setting, so a front end's variable: a worker's check-config refuses it.
+        # Three remounts under software emulation take longer than the default minute.
+        "luksctl_frontend": {"hosts": {"fe": {**LOCAL_HOST, "luksctl_address": FRONT_IP,
+                                              "luksctl_api_extra_config": {"WN_READ_TIMEOUT": 180}}}},
+        "luksctl_workers": {"hosts": {worker.name: worker.inventory_host() for worker in workers}}}}}
+    extra_vars = {
+        **role_vars(playbook, blank_device, bao_up, secret_path),
+        "luksctl_infrastructure": "cluster",
+        # fsid=0: the guest's root is 9p, and a plain export of a directory on it is refused.
+        "luksctl_nfs_export_options": "rw,no_root_squash,fsid=0,no_subtree_check",
+        "luksctl_nfs_mounts": [{"src": f"{FRONT_IP}:/", "path": str(NFS_MNT)}],
+        "luksctl_nfs_mount_options": "rw,nofail,_netdev,soft,timeo=50",
+    }
+
+    first = playbook.run(inventory, extra_vars)
+
+    assert all(host["failed"] == 0 for host in first.values()), first
+    config = json.loads(API_CONFIG.read_text())
+    assert config == {"INFRASTRUCTURE_CONFIGURATION": "cluster", "VAULT_URL_ALLOWLIST": [bao_up.url],
+                      "WN_IPS": [worker.ip for worker in workers], "WN_CA_BUNDLE": str(CA_BUNDLE),
+                      "WN_READ_TIMEOUT": 180}
+    # One token, made on the front end, the same on every worker, readable by its service only.
+    token = FRONT_TOKEN.read_text()
+    assert len(token.strip()) == 64
+    assert CA_BUNDLE.read_text() == "".join(worker.cert.read_text() for worker in workers)
+    export_line = f"{MOUNTPOINT} " + " ".join(
+        f"{worker.ip}(rw,no_root_squash,fsid=0,no_subtree_check)" for worker in workers)
+    assert export_line in EXPORTS.read_text().splitlines()
+    for worker in workers:
+        path = worker.luks_dir / "cluster-token"
+        assert path.read_text() == token
+        assert (path.stat().st_uid, path.stat().st_mode & 0o777) == (0, 0o640)
+        assert json.loads((worker.luks_dir / "config.json").read_text()) == {"NFS_MOUNTPOINT_LIST": [str(NFS_MNT)]}
+        assert f"{FRONT_IP}:/ {NFS_MNT} nfs4 rw,nofail,_netdev,soft,timeo=50 0 0" in worker.fstab.read_text().splitlines()
+    assert f" {NFS_MNT} " not in FSTAB.read_text()  # the workers' fstab, not the front end's
+
+    # The dashboard's unlock on the front end reaches both workers, verified by the bundle and
+    # authenticated by the token, and each mounts the export from the fstab line the role wrote.
+    for worker in workers:
+        worker.spawn()
+    for worker in workers:
+        worker.wait_ready()
+    dashboard = Dashboard("https://127.0.0.1:5000")
+    wait_until(lambda: answers(dashboard), 120, UNIT)
+    systemd.systemctl("stop", "nfs-server.service")  # it holds the export: no close while it runs
+    reply = unlock(dashboard, bao_up, blank_device, secret_path)  # the open restarts it
+    assert reply == {"volume_state": "mounted", "nodes": {worker.ip: "mounted" for worker in workers}}
+    assert all(worker.nfs_mounted() for worker in workers)
+
+    second = playbook.run(inventory, extra_vars)
+
+    assert {name: host["changed"] for name, host in second.items()} == {"fe": 0, "wn1": 0, "wn2": 0}, \
+        f"second run changed something: see {OUT}/ansible.{playbook.runs}.log"
+    assert token not in playbook.output()
