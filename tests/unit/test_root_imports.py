@@ -102,3 +102,12 @@ def test_status_starts_without_logging_dataclasses_or_the_commands_that_change_s
 
     assert "luksctl.status" in loaded
     assert NOT_FOR_STATUS & set(loaded) == set()
+
+
+def test_building_the_parser_for_status_does_not_load_shutil():
+    """argparse's help formatter imports shutil (with bz2 and lzma) to ask the terminal's width
+    unless it is given one: cli._HelpFormatter gives it. 1.4 ms of every status."""
+    probe = "import sys, luksctl.cli as cli; cli.build_parser(core_only=True).parse_args(['--json', 'status']); print(sorted({'shutil', 'bz2', 'lzma'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+
+    assert done.stdout.strip() == "[]"
