@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
 from helpers_vm import OUT, SERVICE_PATH, Api, Bao, Dashboard, run, single_vm_config, single_vm_stack, wait_until  # noqa: E402
 
 import wrk_output  # noqa: E402  (scripts/, this script's own directory)
-from luksctl import vault  # noqa: E402
+from luksctl.api import vault  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))

@@ -2,7 +2,7 @@
 
 Runs inside the VM as root, like scripts/bench.py, on the lab of tests/vm/cluster/cluster_lab.py:
 real network namespaces, the real kernel NFS server, luksctl-api-wn started as its unit does.
-It times luksctl.cluster.remount_workers(), the call the front end makes after a mount:
+It times luksctl.api.cluster.remount_workers(), the call the front end makes after a mount:
 
 - "mounted": every worker already has its share; each answers at once. Pure fan-out cost
   (TLS + HTTP to N hosts in parallel).
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests" / "vm"))
 from cluster_lab import CA_BUNDLE, MOUNTPOINT, SYSTEMCTL, Lab  # noqa: E402
 from helpers_vm import CRYPTSETUP, OUT, VolumeFactory, run  # noqa: E402
 
-from luksctl import cluster  # noqa: E402
+from luksctl.api import cluster  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 MOUNTED_RUNS = max(RUNS, 5)

@@ -3,7 +3,7 @@
 The VM benchmark (scripts/bench_cluster.py) runs every worker in one 2-vCPU guest, so its
 16-worker figure is bounded by 16 gunicorns and 16 remounts sharing two emulated CPUs. On a
 real cluster each worker is its own machine. This isolates what the front end controls:
-luksctl.cluster.remount_workers() against N HTTPS servers on loopback (TLS verified against
+luksctl.api.cluster.remount_workers() against N HTTPS servers on loopback (TLS verified against
 their CA, the cluster token sent) whose answer takes WORKER_SECONDS, standing in for a
 worker's remount on its own CPU. Parallel fan-out keeps the time near WORKER_SECONDS at
 every N. Results: stdout and vm-out/bench_fanout.json.
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from luksctl import certs, cluster
+from luksctl.api import certs, cluster
 
 LEVELS = (1, 4, 16)
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))

@@ -12,8 +12,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from luksctl.cli import Paths, main
 from luksctl.config import VolumeConfig
+from luksctl.root.cli import Paths, main
 
 LUKS_LAB_PASSPHRASE = b"stored \\ passphrase \xc3\xbc 'quoted' $HOME"
 LUKS_LAB_FAST = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]  # tests only; production keeps argon2id

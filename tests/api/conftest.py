@@ -6,10 +6,10 @@ import json
 import logging
 
 import pytest
-
 from frontend_fakes import INI, PASSPHRASE, TOKEN, FakeBridge, FakeVault, Kernel
-from luksctl import audit, vault
-from luksctl.api import create_frontend_app, frontend
+
+from luksctl import audit
+from luksctl.api import create_frontend_app, frontend, vault
 from luksctl.config import FrontendConfig
 
 

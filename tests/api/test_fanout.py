@@ -8,10 +8,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from frontend_fakes import OPEN, answer, payload
-from luksctl import cluster
-from luksctl.api import create_frontend_app
+
+from luksctl.api import cluster, create_frontend_app
 from luksctl.config import FrontendConfig
 
 NODES = "/luksctl_api/v1.0/nodes"

@@ -13,11 +13,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from frontend_fakes import INI, OPEN, PASSPHRASE, STATUS, TOKEN, answer, payload
 
 from luksctl.api import create_frontend_app
 from luksctl.config import FrontendConfig
 from luksctl.errors import LockTimeout, SecretNotFound, VaultUnreachable, WrappingTokenInvalid, WrongPassphrase
-from frontend_fakes import INI, OPEN, PASSPHRASE, STATUS, TOKEN, answer, payload
 
 # --- status ------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from frontend_fakes import INI, OPEN, answer, payload
 
-from luksctl import locking, privileged
-from luksctl.api import create_frontend_app, frontend
+from luksctl import locking
+from luksctl.api import create_frontend_app, frontend, privileged
 from luksctl.config import FrontendConfig
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))  # shared with the CLI's lock test

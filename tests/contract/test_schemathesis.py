@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import schemathesis
+from contract_fakes import ALLOWED_VAULT, CLUSTER_TOKEN, NFS_MOUNTPOINTS, Host
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -37,8 +38,6 @@ from schemathesis.specs.openapi.checks import (
 from luksctl import errors
 from luksctl.api.frontend import PREFIX as FRONTEND_PREFIX
 from luksctl.api.worker import PREFIX as WORKER_PREFIX
-
-from contract_fakes import ALLOWED_VAULT, CLUSTER_TOKEN, NFS_MOUNTPOINTS, Host
 
 EXAMPLES_PER_SERVICE = 1200
 MIN_CASES_PER_SERVICE = 1000

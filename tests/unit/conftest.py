@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from luksctl import cli, runner, volume
+from luksctl import runner
 from luksctl.config import VolumeConfig
 from luksctl.errors import CommandFailed
+from luksctl.root import cli, volume
 from luksctl.status import VolumeStatus
 
 UUID = "0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"

@@ -40,7 +40,7 @@ def sudo_luksctl(directory: Path) -> tuple[Path, Path]:
         f"#!{sys.executable}\n"
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from luksctl import cli\n"
+        "from luksctl.root import cli\n"
         "os.geteuid = lambda: 0\n"
         f"here = Path({str(directory)!r})\n"
         "paths = cli.Paths(here / 'luks-cryptdev.ini', here / 'config.json', here / 'luksctl.lock', root_owned=False)\n"

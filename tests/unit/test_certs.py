@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from luksctl import certs
+from luksctl.api import certs
 from luksctl.api.admin import main_frontend
 
 NOBODY = 65534

@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from luksctl import audit, cli, runner, services, volume
-from luksctl.cli import Paths, main, read_passphrase
+from luksctl import audit, runner
 from luksctl.config import FrontendConfig
 from luksctl.errors import LuksctlError
+from luksctl.root import cli, services, volume
+from luksctl.root.cli import Paths, main, read_passphrase
 
 DEVICE = "/dev/disk/by-uuid/0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"
 REAL_RUN = runner.run  # before the `host` fixture fakes it

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from luksctl import cluster
+from luksctl.api import cluster
 from luksctl.config import FrontendConfig
 from luksctl.errors import ConfigError
 

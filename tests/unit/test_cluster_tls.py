@@ -11,8 +11,8 @@ import threading
 import pytest
 from test_cluster import Worker
 
-from luksctl import cluster
-from luksctl.certs import build_certificate
+from luksctl.api import cluster
+from luksctl.api.certs import build_certificate
 
 WORKER_IP = "127.0.0.2"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from luksctl.api.privileged import SUDO
 from luksctl.config import LUKSCTL_BINARY, FrontendConfig
-from luksctl.privileged import SUDO
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SUDOERS = {"luksctl-api": ("luksctl_api", {"open", "status"}), "luksctl-api-wn": ("luksctl_api_wn", {"nfs-mount"})}

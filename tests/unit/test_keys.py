@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from luksctl import keys, runner
+from luksctl import runner
 from luksctl.errors import CommandFailed, Refused, WrongPassphrase
+from luksctl.root import keys
 
 DEVICE = "/dev/disk/by-uuid/0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"
 STORED = b"stored\nwith a newline \xc3\xbc"

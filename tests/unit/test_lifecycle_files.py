@@ -9,13 +9,13 @@ import stat
 import subprocess
 
 import pytest
-
 from luks_lab import LUKS_LAB_FAST as FAST
 from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
 from luks_lab import Lab
-from luksctl.cli import main
+
 from luksctl.errors import EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
+from luksctl.root.cli import main
 
 opens = Lab.opens
 luks_format = Lab.format

@@ -11,9 +11,10 @@ import pytest
 from lock_holder import lock_held_elsewhere, sudo_luksctl
 from test_cli import json_output, paths, run_cli  # noqa: F401 - paths is a fixture
 
-from luksctl import cli, privileged
+from luksctl.api import privileged
 from luksctl.errors import EXIT_BUSY, LockTimeout
 from luksctl.locking import exclusive_lock
+from luksctl.root import cli
 
 
 def test_a_lock_another_process_holds_times_out(tmp_path):

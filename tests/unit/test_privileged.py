@@ -7,6 +7,7 @@ import json
 import pytest
 
 from luksctl import runner
+from luksctl.api.privileged import SudoBridge
 from luksctl.errors import (
     ActionFailed,
     CommandFailed,
@@ -17,7 +18,6 @@ from luksctl.errors import (
     VolumeBusy,
     WrongPassphrase,
 )
-from luksctl.privileged import SudoBridge
 
 PASSPHRASE = "pa ss \\ ü'\"$(reboot)"
 LUKSCTL = "/usr/local/sbin/luksctl"

@@ -17,7 +17,7 @@ import luksctl
 
 PACKAGE_DIR = Path(luksctl.__file__).parent
 # Service-side modules: each imports third-party code, and none has a job in the CLI.
-SERVICE_SIDE = ("luksctl.api", "luksctl.vault", "luksctl.cluster", "luksctl.privileged", "luksctl.certs")
+SERVICE_SIDE = ("luksctl.api", "luksctl.api.vault", "luksctl.api.cluster", "luksctl.api.privileged", "luksctl.api.certs")
 
 # Run in a fresh interpreter: the test process has already imported everything.
 PROBE = """
@@ -32,22 +32,25 @@ print(json.dumps(sorted(set(sys.modules) - before)))
 def imports_of(module: str) -> set[str]:
     """Every module named by an import statement in `module`'s source, top level or inside a function."""
     path = PACKAGE_DIR / (module.removeprefix("luksctl.").replace(".", "/") + ".py")
+    package = module.split(".")[:-1]
     named = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             named.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             named.add(node.module)
-        elif isinstance(node, ast.ImportFrom) and node.module:  # `from .config import X` (root modules sit in the package)
-            named.add(f"luksctl.{node.module}")
-        elif isinstance(node, ast.ImportFrom):  # `from . import audit, volume`
-            named.update(f"luksctl.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):  # `from ..config import X`, `from . import audit, volume`
+            base = ".".join(package[: len(package) - node.level + 1])
+            if node.module:
+                named.add(f"{base}.{node.module}")
+            else:
+                named.update(f"{base}.{alias.name}" for alias in node.names)
     return named
 
 
 def root_modules() -> set[str]:
-    """luksctl.cli and every luksctl module it reaches, however deep and however late the import."""
-    found, pending = set(), ["luksctl.cli"]
+    """luksctl.root.cli and every luksctl module it reaches, however deep and however late the import."""
+    found, pending = set(), ["luksctl.root.cli"]
     while pending:
         module = pending.pop()
         if module in found:
@@ -68,18 +71,18 @@ def loaded_in_fresh_interpreter(*modules: str) -> list[str]:
 
 
 def test_importing_the_cli_loads_only_the_standard_library_and_luksctl():
-    loaded = loaded_in_fresh_interpreter("luksctl.cli")
+    loaded = loaded_in_fresh_interpreter("luksctl.root.cli")
 
-    assert "luksctl.cli" in loaded  # the probe really imported it
+    assert "luksctl.root.cli" in loaded  # the probe really imported it
     assert outside_stdlib(loaded) == []
     assert [name for name in loaded if name.startswith(SERVICE_SIDE)] == []
 
 
 def test_every_module_the_cli_can_reach_imports_only_the_standard_library():
-    """Also imports made inside functions, which a single `import luksctl.cli` would not run."""
+    """Also imports made inside functions, which a single `import luksctl.root.cli` would not run."""
     modules = root_modules()
 
-    assert {"luksctl.cli", "luksctl.config", "luksctl.volume", "luksctl.runner"} <= modules
+    assert {"luksctl.root.cli", "luksctl.config", "luksctl.root.volume", "luksctl.runner"} <= modules
     assert [name for name in modules if name.startswith(SERVICE_SIDE)] == []
     assert {module: outside_stdlib(imports_of(module)) for module in sorted(modules)} == {module: [] for module in sorted(modules)}
     assert outside_stdlib(loaded_in_fresh_interpreter(*sorted(modules))) == []
@@ -94,11 +97,11 @@ def test_the_probe_sees_third_party_imports():
 
 # Each costs milliseconds on every `luksctl status` (BENCHMARKS.md, start-up); the commands
 # that change something import them when they run.
-NOT_FOR_STATUS = {"logging", "dataclasses", "inspect", "subprocess", "luksctl.volume", "luksctl.runner", "luksctl.lifecycle", "luksctl.setup"}
+NOT_FOR_STATUS = {"logging", "dataclasses", "inspect", "subprocess", "luksctl.root.volume", "luksctl.runner", "luksctl.root.lifecycle", "luksctl.root.setup"}
 
 
 def test_status_starts_without_logging_dataclasses_or_the_commands_that_change_something():
-    loaded = loaded_in_fresh_interpreter("luksctl.cli")
+    loaded = loaded_in_fresh_interpreter("luksctl.root.cli")
 
     assert "luksctl.status" in loaded
     assert NOT_FOR_STATUS & set(loaded) == set()
@@ -107,7 +110,7 @@ def test_status_starts_without_logging_dataclasses_or_the_commands_that_change_s
 def test_building_the_parser_for_status_does_not_load_shutil():
     """argparse's help formatter imports shutil (with bz2 and lzma) to ask the terminal's width
     unless it is given one: cli._HelpFormatter gives it. 1.4 ms of every status."""
-    probe = "import sys, luksctl.cli as cli; cli.build_parser(core_only=True).parse_args(['--json', 'status']); print(sorted({'shutil', 'bz2', 'lzma'} & set(sys.modules)))"
+    probe = "import sys, luksctl.root.cli as cli; cli.build_parser(core_only=True).parse_args(['--json', 'status']); print(sorted({'shutil', 'bz2', 'lzma'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=60, check=True)
 
     assert done.stdout.strip() == "[]"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from luksctl import blockdev, header, journal, runner, setup, volume
+from luksctl import runner
 from luksctl.errors import (
     CommandFailed,
     DeviceInUse,
@@ -28,6 +28,7 @@ from luksctl.errors import (
     WrappingTokenInvalid,
 )
 from luksctl.keystore import SecretRef
+from luksctl.root import blockdev, header, journal, setup, volume
 from luksctl.status import VolumeStatus
 
 DEVICE = "/dev/vdb"
@@ -271,7 +272,7 @@ def test_the_passphrase_is_saved_privately_before_vault_or_the_device_sees_it(tm
 
 
 def test_operator_passphrase_and_fastluks_defaults(tmp_path, disk, vault):
-    from luksctl import fastluks
+    from luksctl.root import fastluks
 
     args = fastluks.build_parser().parse_args([
         "--device", DEVICE, "--cryptdev", "crypt", "-m", "/export", "--vault", "--vault-url", "https://v:8200",
@@ -532,7 +533,7 @@ def test_wipe_progress_on_a_tty_is_a_percentage(tmp_path):
 
 
 def test_cli_refuses_passphrase_and_token_both_on_stdin(capsys):
-    from luksctl import cli
+    from luksctl.root import cli
 
     code = cli.main(["setup", "--device", DEVICE, "--vault-url", "https://v:8200", "--secret-path", "a/b",
                      "--passphrase-stdin", "--token-file", "-"], stdin=io.BytesIO(b"pw\n"), stdin_is_tty=False)
@@ -543,7 +544,7 @@ def test_cli_refuses_passphrase_and_token_both_on_stdin(capsys):
 def test_a_second_setup_is_refused_while_one_runs(tmp_path, disk, vault, capsys, monkeypatch):
     import fcntl
 
-    from luksctl import setup_cli
+    from luksctl.root import setup_cli
 
     monkeypatch.setattr(setup_cli.os, "geteuid", lambda: 0)
     lock = tmp_path / "setup.lock"

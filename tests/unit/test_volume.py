@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from luksctl import volume
 from luksctl.errors import CommandFailed, DeviceNotFound, LuksctlError, VolumeBusy, WrongPassphrase
+from luksctl.root import volume
 
 DEVICE = "/dev/disk/by-uuid/0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"
 PASSPHRASE = b"correct horse \\ battery \xc3\xbc"

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from luksctl.certs import build_certificate
+from luksctl.api.certs import build_certificate
 
 BAO = Path(sys.executable).parent / "bao"
 ROOT_TOKEN = "root"

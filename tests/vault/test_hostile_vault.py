@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from luksctl import vault
+from luksctl.api import vault
 from luksctl.errors import VaultUnreachable
 
 from .conftest import OPEN_URL, ROOT_TOKEN, json_answer, open_body, wait_until

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-
 from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE
-from luksctl import keys, keystore
+
+from luksctl import keystore
 from luksctl.errors import EXIT_OK, EXIT_REFUSED, VaultUnreachable
+from luksctl.root import keys
 
 from .conftest import KV1_ROOT, KV2_ROOT, SECRET_KEY
 
@@ -172,7 +173,7 @@ def test_rotate_cut_before_the_old_slot_is_killed_resumes_from_vault(lab, polici
         raise KeyboardInterrupt  # stands for the SIGKILL the VM test sends at this very step
 
     with monkeypatch.context() as patch:
-        patch.setattr("luksctl.rotate.kill_slot", killed)
+        patch.setattr("luksctl.root.rotate.kill_slot", killed)
         with pytest.raises(KeyboardInterrupt):
             lab.run(capsys, "rotate", *FAST_NEW_SLOT, *vault_args(bao, secret_path, token_file(bao, tmp_path, ROTATE)))
     new, version = vault_value(bao, secret_path)

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from luksctl import vault
+from luksctl.api import vault
 from luksctl.errors import SecretNotFound, VaultUnreachable, WrappingTokenInvalid
 
 from .conftest import KV1_PLAIN_ROOT, KV1_ROOT, KV2_ROOT, SECRET_KEY, wait_until

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from .. import certs
 from ..config import FrontendConfig, WorkerConfig, api_config_path, load_json_config
 from ..errors import EXIT_CONFIG, EXIT_USAGE, LuksctlError
+from . import certs
 
 
 def _main(argv: list[str] | None, prog: str, model: type, default_owner: str) -> int:

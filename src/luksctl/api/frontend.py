@@ -12,16 +12,16 @@ from typing import Annotated
 from flask import Blueprint, Flask, current_app, request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .. import cluster, vault
 from ..config import FrontendConfig, VolumeConfig, api_config_path, load_api_config, load_volume_config, normalize_vault_url
 from ..errors import BadRequest, BodyTooLarge, ConfigError, LuksctlError, UnsupportedMediaType, WrappingTokenInvalid
 from ..locking import exclusive_lock
-from ..privileged import PrivilegedBridge, SudoBridge
 from ..status import VolumeState, volume_status
+from . import cluster, vault
 from .auditing import install_audit, note
 from .coalesce import CoalescedCall, Outcome
 from .errors import openapi_document, register_json_errors
 from .guards import install_client_allowlist
+from .privileged import PrivilegedBridge, SudoBridge
 from .ratelimit import FailedOpenLimiter
 
 log = logging.getLogger(__name__)

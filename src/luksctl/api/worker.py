@@ -7,15 +7,15 @@ from pathlib import Path
 
 from flask import Blueprint, Flask, current_app, request
 
-from ..cluster import TOKEN_HEADER, read_token
-from ..errors import CallerRefused, NfsMountIncomplete
 from ..config import WorkerConfig, load_api_config
-from ..privileged import PrivilegedBridge, SudoBridge
+from ..errors import CallerRefused, NfsMountIncomplete
 from ..status import VolumeState, nfs_mount_states
 from .auditing import install_audit, note
+from .cluster import TOKEN_HEADER, read_token
 from .coalesce import CoalescedCall
 from .errors import openapi_document, register_json_errors
 from .guards import install_client_allowlist
+from .privileged import PrivilegedBridge, SudoBridge
 
 PREFIX = "/luksctl_api_wn/v1.0"
 RUNTIME_DIR = Path("/run/luksctl-api-wn")  # the unit's RuntimeDirectory=

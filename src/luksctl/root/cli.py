@@ -18,9 +18,9 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
-from .config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
-from .errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError, StdinNotClosed
-from .status import VolumeState, nfs_mount_states, volume_status
+from ..config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
+from ..errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError, StdinNotClosed
+from ..status import VolumeState, nfs_mount_states, volume_status
 
 # `status` runs on every open and every poll of a worker: it imports neither logging nor
 # dataclasses (4.5 and 3.7 ms of a 35 ms start, BENCHMARKS.md), nor the modules that change
@@ -106,7 +106,10 @@ def build_parser(core_only: bool = False) -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     if core_only:  # what sudo lets the services run: no need for setup's and the lifecycle's code
         return parser
-    from . import lifecycle, setup_cli  # the root Vault client and header code: tens of ms to import
+    from . import (
+        lifecycle,
+        setup_cli,  # the root Vault client and header code: tens of ms to import
+    )
 
     setup_help = "encrypt a blank device, store its passphrase in Vault, make and mount the filesystem (resumable)"
     sub = commands.add_parser("setup", help=setup_help, description=setup_help, allow_abbrev=False)  # "--token" must not mean --token-file
@@ -188,8 +191,8 @@ def _service_lock_wait(config: FrontendConfig | WorkerConfig) -> float:
 def cmd_open(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
     from dataclasses import asdict
 
+    from ..locking import exclusive_lock
     from . import services, volume
-    from .locking import exclusive_lock
 
     _require_root()
     vol = load_volume_config(paths.volume_ini, root_owned=paths.root_owned)
@@ -208,8 +211,8 @@ def cmd_open(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Repo
 
 
 def cmd_close(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+    from ..locking import exclusive_lock
     from . import volume
-    from .locking import exclusive_lock
 
     _require_root()
     vol = load_volume_config(paths.volume_ini, root_owned=paths.root_owned)
@@ -219,8 +222,8 @@ def cmd_close(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Rep
 
 
 def cmd_nfs_mount(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+    from ..locking import exclusive_lock
     from . import services
-    from .locking import exclusive_lock
 
     _require_root()
     config = load_json_config(WorkerConfig, paths.api_config, root_owned=paths.root_owned)
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: io.Buf
         exit_code = EXIT_COMMAND_FAILED
         error_class = exc.__class__.__name__
     if args.command not in ("status", "report"):
-        from . import audit
+        from .. import audit
 
         audit.use_syslog()
         audit.record(

@@ -15,8 +15,8 @@ import os
 import stat
 from pathlib import Path
 
-from .durable import remove_durably, write_atomically
-from .errors import SetupConflict
+from ..durable import remove_durably, write_atomically
+from ..errors import SetupConflict
 
 STATE_DIR = Path("/etc/luks")
 PASSPHRASE_FILE = "setup-pending-passphrase"

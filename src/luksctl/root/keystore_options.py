@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import BinaryIO
 
-from .errors import UsageError
-from .keystore import Keystore, SecretRef
+from ..errors import UsageError
+from ..keystore import Keystore, SecretRef
 from .setup import read_token
 
 

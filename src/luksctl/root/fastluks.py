@@ -15,12 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
+from ..config import VOLUME_INI
+from ..errors import UsageError
+from ..keystore import SecretRef
 from .cli import _Parser
-from .config import VOLUME_INI
-from .keystore import SecretRef
 from .setup import HEADER_BACKUP, SetupOptions, VaultTarget
 from .setup_cli import run
-from .errors import UsageError
 
 VERSION = "luksctl fastluks (pyluks 0.0.2 command line)"
 

@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import runner
-from .errors import ERROR_FOR_EXIT_CODE, EXIT_NOT_OPEN, EXIT_OK, CommandFailed, LuksctlError, PrivilegedCallFailed
+from .. import runner
+from ..errors import ERROR_FOR_EXIT_CODE, EXIT_NOT_OPEN, EXIT_OK, CommandFailed, LuksctlError, PrivilegedCallFailed
 
 log = logging.getLogger(__name__)
 

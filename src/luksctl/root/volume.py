@@ -10,10 +10,10 @@ import logging
 import os
 from dataclasses import dataclass
 
-from . import runner
-from .config import VolumeConfig
-from .errors import CommandFailed, DeviceNotFound, LuksctlError, VolumeBusy, WrongPassphrase
-from .status import VolumeStatus, volume_status
+from .. import runner
+from ..config import VolumeConfig
+from ..errors import CommandFailed, DeviceNotFound, LuksctlError, VolumeBusy, WrongPassphrase
+from ..status import VolumeStatus, volume_status
 
 log = logging.getLogger(__name__)
 

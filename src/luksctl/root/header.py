@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runner
-from .durable import write_atomically
-from .errors import CommandFailed, DeviceNotFound, Refused
+from .. import runner
+from ..durable import write_atomically
+from ..errors import CommandFailed, DeviceNotFound, Refused
 
 DEFAULT_BACKUP = Path("/etc/luks/luks-header.bck")  # PROTOCOL §7: fast-luks' default header_path
 HEADER_TIMEOUT = 60  # header commands run no PBKDF

@@ -16,8 +16,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runner
-from .errors import CommandFailed, Refused, WrongPassphrase
+from .. import runner
+from ..errors import CommandFailed, Refused, WrongPassphrase
 from .header import HEADER_TIMEOUT, RECOVERY_TOKEN, read_header
 from .volume import CRYPTSETUP_NO_KEY, CRYPTSETUP_TIMEOUT
 

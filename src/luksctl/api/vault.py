@@ -17,8 +17,8 @@ import hvac
 import hvac.exceptions
 import requests
 
+from ..errors import SecretNotFound, VaultDenied, VaultError, VaultUnreachable, WrappingTokenInvalid
 from . import outbound
-from .errors import SecretNotFound, VaultDenied, VaultError, VaultUnreachable, WrappingTokenInvalid
 
 log = logging.getLogger(__name__)
 

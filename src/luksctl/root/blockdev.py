@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runner
-from .errors import CommandFailed, NotBlockDevice
-from .status import read_mounts
+from .. import runner
+from ..errors import CommandFailed, NotBlockDevice
+from ..status import read_mounts
 
 SYS_DEV_BLOCK = Path("/sys/dev/block")
 PROC_SWAPS = Path("/proc/swaps")

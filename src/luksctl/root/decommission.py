@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import runner, volume
-from .config import VolumeConfig
-from .durable import remove_durably
+from .. import runner
+from ..config import VolumeConfig
+from ..durable import remove_durably
+from ..keystore import Keystore, SecretRef
+from . import volume
 from .header import HEADER_TIMEOUT, backup_path, checksum_path, read_header
-from .journal import PASSPHRASE_FILE as SETUP_PENDING, STATE_FILE as SETUP_STATE
-from .keystore import Keystore, SecretRef
+from .journal import PASSPHRASE_FILE as SETUP_PENDING
+from .journal import STATE_FILE as SETUP_STATE
 from .rotate import PENDING_PASSPHRASE, PENDING_STATE
 
 

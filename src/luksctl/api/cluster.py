@@ -16,9 +16,9 @@ from pathlib import Path
 
 import requests
 
+from ..config import FrontendConfig, ensure_root_owned
+from ..errors import ConfigError
 from . import outbound
-from .config import FrontendConfig, ensure_root_owned
-from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from . import audit
-from .config import VOLUME_INI
-from .errors import EXIT_COMMAND_FAILED, EXIT_OK, CommandFailed, LuksctlError, UsageError
-from .locking import exclusive_lock
-from .setup import HEADER_BACKUP, Progress, SetupOptions, SetupReport, VaultTarget, run_setup
+from .. import audit
+from ..config import VOLUME_INI
+from ..errors import EXIT_COMMAND_FAILED, EXIT_OK, CommandFailed, LuksctlError, UsageError
+from ..locking import exclusive_lock
 from .keystore_options import add_vault_arguments, secret_ref
+from .setup import HEADER_BACKUP, Progress, SetupOptions, SetupReport, VaultTarget, run_setup
 
 log = logging.getLogger("luksctl")
 

@@ -12,9 +12,10 @@ import os
 import time
 from pathlib import Path
 
-from . import header, runner
-from .config import VolumeConfig
-from .errors import CommandFailed
+from .. import runner
+from ..config import VolumeConfig
+from ..errors import CommandFailed
+from . import header
 from .keys import opening_slot
 from .rotate import pending_operations
 from .volume import current_status

@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runner
-from .config import FrontendConfig
-from .errors import CommandFailed
+from .. import runner
+from ..config import FrontendConfig
+from ..errors import CommandFailed
 
 log = logging.getLogger(__name__)
 

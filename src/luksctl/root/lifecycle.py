@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..config import VolumeConfig, load_volume_config
+from ..errors import EXIT_OK, EXIT_STALE_BACKUP, Refused
+from ..locking import exclusive_lock
 from . import header, keys, report
-from .config import VolumeConfig, load_volume_config
 from .decommission import decommission
-from .errors import EXIT_OK, EXIT_STALE_BACKUP, Refused
-from .locking import exclusive_lock
-from .rotate import rotate
 from .keystore_options import add_vault_arguments, open_keystore, secret_ref
+from .rotate import rotate
 
 
 @dataclass

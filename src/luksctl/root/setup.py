@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from . import blockdev, header, journal, runner, volume
-from .config import API_CONFIG, VOLUME_INI, FrontendConfig, VolumeConfig, load_json_config, load_volume_config
-from .durable import write_atomically
-from .errors import (
+from .. import runner
+from ..config import API_CONFIG, VOLUME_INI, FrontendConfig, VolumeConfig, load_json_config, load_volume_config
+from ..durable import write_atomically
+from ..errors import (
     CommandFailed,
     DeviceInUse,
     DeviceNotBlank,
@@ -46,9 +46,10 @@ from .errors import (
     VaultWriteDenied,
     WrongPassphrase,
 )
+from ..keystore import Keystore, SecretRef
+from ..status import find_mapper_device, read_mounts, volume_status
+from . import blockdev, header, journal, volume
 from .journal import Journal
-from .keystore import Keystore, SecretRef
-from .status import find_mapper_device, read_mounts, volume_status
 
 log = logging.getLogger("luksctl")
 Result = TypeVar("Result")
