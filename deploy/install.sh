@@ -44,6 +44,8 @@ install -d -m 0755 -o root -g root "$prefix"
 "$prefix/venv/bin/pip" install --quiet --upgrade --no-deps "$repo"
 install -m 0644 -o root -g root "$repo/deploy/gunicorn.conf.py" "$repo/README.md" "$prefix/"
 ln -sfn "$prefix/venv/bin/luksctl" /usr/local/sbin/luksctl
+# Deployments call fastluks by name, as they called pyluks' (on root's PATH, beside luksctl).
+ln -sfn "$prefix/venv/bin/fastluks" /usr/local/sbin/fastluks
 
 step "system user $user"
 if ! id -u "$user" >/dev/null 2>&1; then

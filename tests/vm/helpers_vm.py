@@ -470,3 +470,12 @@ class CryptsetupCounter:
     def remove(self) -> None:
         self.wrapper.unlink(missing_ok=True)
         self.counter.unlink(missing_ok=True)
+
+
+def assert_fastluks_on_roots_path(prefix: Path) -> None:
+    """Deployments call `fastluks` by name, as they called pyluks': root's plain PATH finds ours."""
+    assert os.readlink("/usr/local/sbin/fastluks") == str(prefix / "venv" / "bin" / "fastluks")
+    result = subprocess.run(["fastluks", "--help"], env={"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": "/root"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--device" in result.stdout and "--vault-url" in result.stdout

@@ -35,6 +35,7 @@ from helpers_vm import (  # noqa: E402
     SERVICE_PATH,
     VOLUME_INI,
     Dashboard,
+    assert_fastluks_on_roots_path,
     run,
     wait_until,
 )
@@ -210,6 +211,7 @@ def test_single_vm_from_a_blank_device_to_the_dashboards_unlock_then_a_rerun_cha
     # Installed as install.sh installs: a venv of our own, the sudoers path linked to it.
     assert PREFIX.is_dir() and not PREFIX.is_symlink()
     assert os.readlink("/usr/local/sbin/luksctl") == str(PREFIX / "venv" / "bin" / "luksctl")
+    assert_fastluks_on_roots_path(PREFIX)
     sudoers = Path("/etc/sudoers.d/luksctl-api")
     assert sudoers.read_bytes() == (REPO / "deploy" / "sudoers.d" / "luksctl-api").read_bytes()
     assert oct(sudoers.stat().st_mode & 0o777) == "0o440"

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers_vm import API_CONFIG, LUKS_DIR, OUT, PREFIX, REPO, SERVICE_PATH, Dashboard, wait_until
+from helpers_vm import API_CONFIG, LUKS_DIR, OUT, PREFIX, REPO, SERVICE_PATH, Dashboard, assert_fastluks_on_roots_path, wait_until
 
 UNIT = "luksctl-api.service"
 UNIT_DIR = Path("/etc/systemd/system")
@@ -121,6 +121,7 @@ def test_install_sh_installs_a_running_service_and_a_reinstall_keeps_config_cert
     assert PREFIX.is_dir() and not PREFIX.is_symlink()
     assert "home = /usr/bin" in (PREFIX / "venv" / "pyvenv.cfg").read_text()
     assert os.readlink("/usr/local/sbin/luksctl") == "/opt/luksctl/venv/bin/luksctl"
+    assert_fastluks_on_roots_path(PREFIX)
     assert pwd.getpwnam("luksctl_api").pw_shell == "/usr/sbin/nologin"
     assert SUDOERS.read_bytes() == (SOURCE / "deploy" / "sudoers.d" / "luksctl-api").read_bytes()
     assert owner_and_mode(SUDOERS) == ("root", "root", "0o440")
