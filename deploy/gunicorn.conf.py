@@ -7,9 +7,9 @@ The units' ExecStart keeps the historic flags (--workers 2, --bind, -m 007,
 import ssl
 
 # gthread, except that the event loop does the TLS handshake and reads each request whole
-# (within 30 s) before a thread takes it, and refuses clients outside ALLOWED_CLIENTS at
-# accept: slow clients cost no thread (issue 10). Threads keep status polls answering
-# while one open waits minutes on cryptsetup.
+# (within 30 s) before a thread takes it, and answers a client outside ALLOWED_CLIENTS 403
+# itself once that request is read: neither slow nor refused clients cost a thread (issue 10).
+# Threads keep status polls answering while one open waits minutes on cryptsetup.
 worker_class = "luksctl.api.gunicorn_worker.ReadFirstThreadWorker"
 threads = 8
 # Requests are buffered whole before a thread sees them (64 KiB at most, MAX_BUFFERED):

@@ -5,8 +5,9 @@ operator can fix it without reading code.
 
 Standard library only: `luksctl` runs as root and imports this module on every
 open, so each import here is code that runs as root and start-up time (issue 11).
-The services use the same classes. A key is one `Setting` line: its default and
-the check that validates (and normalises) a value.
+The services use the same classes, for config.json and for the body of open.
+A key is one `Setting` line: its default and the check that validates (and
+normalises) a value.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ LUKSCTL_BINARY = "/usr/local/sbin/luksctl"
 CLUSTER_TOKEN = "/etc/luks/cluster-token"
 
 _HOSTNAME = r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*"
+_VAULT_PATH = r"[A-Za-z0-9_@:+=.-]+(/[A-Za-z0-9_@:+=.-]+)*"
 
 # --- checks: take a value, return it (normalised) or raise ValueError("must ...") -----------
 
@@ -154,6 +156,36 @@ def network(value):
         raise ValueError("must be an IP network such as 192.0.2.0/24 or 192.0.2.10 (no host bits set)") from None
 
 
+def at_most(length: int, check):
+    """A string of at most `length` characters that `check` allows; the length is checked first."""
+
+    def check_length(value):
+        if isinstance(value, str) and len(value) > length:
+            raise ValueError(f"must be at most {length} characters")
+        return check(value)
+
+    return check_length
+
+
+def vault_path(length: int):
+    """A Vault path we can put in a URL as it is: no '..', '?', '#', '%', NUL or spaces."""
+
+    def check(value):
+        if (
+            not isinstance(value, str)
+            or len(value) > length
+            or not re.fullmatch(_VAULT_PATH, value)
+            or any(part in (".", "..") for part in value.split("/"))
+        ):
+            raise ValueError(
+                f"must be 1 to {length} characters: segments of A-Z a-z 0-9 _ @ : + = . - separated by single '/', "
+                "with no leading or trailing '/' and no '.' or '..' segment"
+            )
+        return value
+
+    return check
+
+
 def normalize_vault_url(value: str) -> str:
     """scheme://host:port with the default port made explicit, for exact comparison."""
     parsed = urllib.parse.urlsplit(string(value))
@@ -213,7 +245,7 @@ class Settings:
         for klass in reversed(cls.__mro__):
             cls.settings.update((name, value) for name, value in vars(klass).items() if isinstance(value, Setting))
 
-    def __init__(self, **values):
+    def __init__(self, /, **values):  # '/': a key named "self" is refused like any other unknown key
         problems = []
         for name, setting in self.settings.items():
             if name not in values:

@@ -1,7 +1,9 @@
 """One error hierarchy for the CLI and both APIs.
 
-Each class carries its CLI exit code and its HTTP status, so the translation
-to a process exit or a JSON body happens in exactly one place per surface.
+Each class carries its CLI exit code and its HTTP status; the surfaces only
+look them up: `luksctl`'s front door (root/cli.py) turns an error into an exit
+code and an audit line, api/errors.py into a JSON answer, and the sudo bridge
+(api/privileged.py) turns luksctl's exit code back into an error.
 Messages are written for a person and never contain a secret.
 """
 

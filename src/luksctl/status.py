@@ -25,7 +25,7 @@ class VolumeState(str, enum.Enum):
 
 
 # Named tuples, not dataclasses: every `luksctl status` imports this module, and importing
-# dataclasses (with inspect) is 3.7 ms of a 35 ms start (BENCHMARKS.md).
+# dataclasses (with inspect) costs milliseconds of each start (BENCHMARKS.md, start-up).
 Mount = namedtuple("Mount", "device mountpoint fstype source")  # device is "major:minor"
 
 

@@ -111,6 +111,32 @@ def test_open_rejects_a_bad_token_without_echoing_it(client, fake_vault, token):
     assert fake_vault.calls == []
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("vault_token", "has space", "vault_token': must be 1 to 512 of A-Z a-z 0-9 . _ -"),
+        ("secret_key", "", "secret_key': must be 1 to 256 of A-Z a-z 0-9 _ . -"),
+        ("secret_root", 7, "secret_root': must be 1 to 256 characters: segments of A-Z a-z 0-9 _ @ : + = . - separated by single '/'"),
+        ("secret_path", "a/../b", "secret_path': must be 1 to 1024 characters: segments of A-Z a-z 0-9"),
+        ("vault_url", "https://" + "v" * 2048, "vault_url': must be at most 2048 characters"),
+        ("vault_url", "vault.example:8200", "vault_url': must look like https://vault.example:8200"),
+        ("vault_url", None, "vault_url': is required"),
+    ],
+)
+def test_open_refusal_says_what_the_field_allows(client, fake_vault, field, value, allowed):
+    """The same words as a bad config.json key: config.py checks both."""
+    body = answer(client.post(OPEN, json=payload(**{field: value})), 400)
+
+    assert allowed in body["error"]
+    assert fake_vault.calls == []
+
+
+def test_open_ignores_extra_keys_even_one_named_self(client, fake_vault, bridge):
+    answer(client.post(OPEN, json=payload(self="x", values=[1], extra={"a": 1})), 200)
+
+    assert bridge.passphrases == [PASSPHRASE]
+
+
 def test_open_with_a_non_json_body_is_400(client, fake_vault):
     answer(client.post(OPEN, data="vault_url=https://vault", content_type="application/json"), 400)
     assert fake_vault.calls == []

@@ -171,6 +171,16 @@ def test_frontend_unknown_key_is_rejected_by_name(tmp_path):
     assert "VAULT_VERIFY" in caught.value.message and str(path) in caught.value.message
 
 
+def test_a_key_named_self_is_an_unknown_key_not_a_crash(tmp_path):
+    """Settings(**values) once took "self" as its own argument: a TypeError, not the operator's error."""
+    path = write(tmp_path, "config.json", json.dumps({"self": 1}))
+
+    with pytest.raises(ConfigError) as caught:
+        load_json_config(FrontendConfig, path)
+
+    assert "key 'self': is not a known key" in caught.value.message
+
+
 def test_cluster_without_worker_ips_is_rejected(tmp_path):
     path = write(tmp_path, "config.json", json.dumps({"INFRASTRUCTURE_CONFIGURATION": "cluster"}))
 

@@ -1,8 +1,8 @@
 """The root side imports only the standard library (issue 11).
 
 `luksctl` runs as root through sudo: every module it loads is code that runs as
-root, and start-up time on every open. The services keep Flask, hvac, pydantic
-and requests; none of that may reach the CLI.
+root, and start-up time on every open. The services keep Flask, hvac and
+requests; none of that may reach the CLI.
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ def test_every_module_the_cli_can_reach_imports_only_the_standard_library():
 
 
 def test_the_probe_sees_third_party_imports():
-    """The check above can fail: the service side does load pydantic and Flask."""
+    """The check above can fail: the service side does load Flask."""
     loaded = loaded_in_fresh_interpreter("luksctl.api.frontend")
 
-    assert {"flask", "pydantic", "hvac"} <= {name.split(".")[0] for name in outside_stdlib(loaded)}
+    assert {"flask", "hvac"} <= {name.split(".")[0] for name in outside_stdlib(loaded)}
 
 
 # Each costs milliseconds on every `luksctl status` (BENCHMARKS.md, start-up); the commands

@@ -5,14 +5,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
-from typing import Annotated
 
 from flask import Blueprint, Flask, current_app, request
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import FrontendConfig, VolumeConfig, api_config_path, load_api_config, load_volume_config, normalize_vault_url
+from ..config import (
+    REQUIRED,
+    FrontendConfig,
+    InvalidSettings,
+    Setting,
+    Settings,
+    VolumeConfig,
+    api_config_path,
+    at_most,
+    load_api_config,
+    load_volume_config,
+    normalize_vault_url,
+    text,
+    vault_path,
+)
 from ..errors import BadRequest, BodyTooLarge, ConfigError, LuksctlError, UnsupportedMediaType, WrappingTokenInvalid
 from ..locking import exclusive_lock
 from ..status import VolumeState, volume_status
@@ -28,27 +39,18 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/luksctl_api/v1.0"
 MAX_BODY_BYTES = 16 * 1024
-# Path segments Vault accepts and we can put in a URL as they are: no '..', '?', '#', '%', NUL or spaces.
-_VAULT_PATH = re.compile(r"^[A-Za-z0-9_@:+=.-]+(/[A-Za-z0-9_@:+=.-]+)*$")
 
 
-def _vault_path(value: str) -> str:
-    if not _VAULT_PATH.fullmatch(value) or any(part in (".", "..") for part in value.split("/")):
-        raise ValueError(
-            "may hold letters, digits and _ @ : + = . - in segments separated by single '/', "
-            "with no leading or trailing '/' and no '.' or '..' segment"
-        )
-    return value
+class OpenRequest(Settings):
+    """The body of open: checked like a config file, extra keys ignored (PROTOCOL §3)."""
 
+    unknown_keys_ignored = True
 
-class OpenRequest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    vault_url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(normalize_vault_url)]
-    vault_token: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9._-]+$")]
-    secret_root: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_vault_path)]
-    secret_path: Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_vault_path)]
-    secret_key: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.-]+$")]
+    vault_url = Setting(REQUIRED, at_most(2048, normalize_vault_url))
+    vault_token = Setting(REQUIRED, text(r"[A-Za-z0-9._-]{1,512}", "1 to 512 of A-Z a-z 0-9 . _ -"))
+    secret_root = Setting(REQUIRED, vault_path(256))
+    secret_path = Setting(REQUIRED, vault_path(1024))
+    secret_key = Setting(REQUIRED, text(r"[A-Za-z0-9_.-]{1,256}", "1 to 256 of A-Z a-z 0-9 _ . -"))
 
     @property
     def location(self) -> vault.SecretLocation:
@@ -70,11 +72,9 @@ def parse_open_request() -> OpenRequest:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with vault_url, vault_token, secret_root, secret_path and secret_key")
     try:
-        return OpenRequest.model_validate(body)
-    except ValidationError as exc:
-        # msg only: pydantic's `input` would echo the token back.
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-        raise BadRequest(f"invalid request body: {problems}") from None
+        return OpenRequest(**body)
+    except InvalidSettings as exc:  # names each key and what it allows, never the value: it may be the token
+        raise BadRequest(f"invalid request body: {exc}") from None
 
 
 class VolumeConfigCache:

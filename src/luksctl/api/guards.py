@@ -24,8 +24,8 @@ def refusal_message(address: str | None) -> str:
 
 
 def install_client_allowlist(app: Flask, networks: list | None) -> None:
-    # gunicorn's worker (gunicorn_worker.py) refuses at accept time, before a thread is spent;
-    # this hook is the same rule for any other server the app runs under.
+    # gunicorn's worker (gunicorn_worker.py) refuses from its event loop once the request is
+    # read, before a thread is spent; this hook is the same rule for any other server.
     app.extensions["luksctl_allowed_clients"] = networks
     if networks is None:
         return

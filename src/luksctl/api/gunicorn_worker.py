@@ -9,7 +9,8 @@ reads the whole request (head and body) into memory first. A thread is taken onl
 request that is complete, so it never waits on a client. A connection gets
 REQUEST_READ_DEADLINE seconds from accept (or, kept alive, from its next request's first
 byte) for all of that; then it is closed. A client outside ALLOWED_CLIENTS is known at
-accept: it is answered 403 from the event loop and never reaches a thread.
+accept, but is answered only after its whole request has been read like any other (so it
+gets an HTTP answer, not a reset): 403 from the event loop, and it never reaches a thread.
 
 What a slow client can still hold: one socket and a buffer of at most MAX_BUFFERED bytes,
 for REQUEST_READ_DEADLINE seconds, out of gunicorn's `worker_connections` per worker.

@@ -1,9 +1,11 @@
 """`luksctl`: the root CLI and the API's only privileged door.
 
-It takes no path, command or option from its caller beyond the action
-itself: what it acts on comes from root-owned files in fixed places, so a
-sudoers rule naming this binary grants exactly open, close, status and
-nfs-mount of the configured volume.
+The commands the services run take no path, command or option from their
+caller beyond the action itself: what they act on comes from root-owned files
+in fixed places. The sudoers rules (deploy/sudoers.d) name whole command lines,
+so they grant the front-end API `luksctl --json open` and `luksctl --json
+status`, and the worker API `luksctl --json nfs-mount`, of the configured
+volume and nothing else; every other command is for root alone.
 """
 
 from __future__ import annotations
