@@ -1,12 +1,11 @@
-"""Fakes for the front-end API tests: scripted volume state, a fake privileged bridge, a fake Vault step."""
+"""Fakes for the front-end API tests: the dashboard's request, its answer's contract, a fake Vault step.
+The scripted volume state and the fake bridge are support.bridge's."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
-
-from luksctl.status import VolumeStatus
 
 STATUS = "/luksctl_api/v1.0/status"
 OPEN = "/luksctl_api/v1.0/open"
@@ -43,39 +42,6 @@ def answer(response, status: int) -> dict:
     assert PASSPHRASE not in response.text and TOKEN not in response.text
     assert "Traceback" not in response.text and "<html" not in response.text.lower()
     return body
-
-
-class Kernel:
-    """Scripted volume state behind luksctl.api.frontend.volume_status."""
-
-    def __init__(self):
-        self.mounted = False
-        self.reads: list[tuple[str, str]] = []
-
-    def volume_status(self, cryptdev, mountpoint, **kwargs):
-        self.reads.append((cryptdev, mountpoint))
-        return VolumeStatus("254:0" if self.mounted else None, self.mounted)
-
-
-class FakeBridge:
-    """The privileged side: opening mounts the scripted volume, unless told to raise."""
-
-    def __init__(self, kernel: Kernel):
-        self.kernel = kernel
-        self.passphrases: list[str] = []
-        self.error: Exception | None = None
-        self.delay = 0.0
-
-    def open_volume(self, passphrase: str) -> dict:
-        self.passphrases.append(passphrase)
-        time.sleep(self.delay)
-        if self.error:
-            raise self.error
-        self.kernel.mounted = True
-        return {"volume_state": "mounted"}
-
-    def nfs_mount(self) -> dict:
-        raise AssertionError("the front end never remounts NFS shares itself")
 
 
 class FakeVault:

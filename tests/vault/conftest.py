@@ -32,6 +32,9 @@ import pytest
 import requests
 
 from luksctl.api.certs import build_certificate
+from support.bridge import FakeBridge, Kernel
+from support.net import free_port
+from support.waiting import wait_until
 
 BAO = Path(sys.executable).parent / "bao"
 ROOT_TOKEN = "root"
@@ -48,21 +51,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if here in Path(item.fspath).parents:
             item.add_marker(pytest.mark.vault)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll `condition` until it is true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -101,7 +89,7 @@ class Bao:
         )
         self.put_policy(READ_POLICY, policy)
         # KV v2 answers 'upgrading' for a moment after the mount is made.
-        wait_until(lambda: self.api("GET", f"{KV2_ROOT}/config", ok=()).status_code == 200, 10, "the KV v2 mount")
+        wait_until(lambda: self.api("GET", f"{KV2_ROOT}/config", ok=()).status_code == 200, 10, "the KV v2 mount", interval=0.05)
 
     def store_secret(self, value: str, *, root: str = KV2_ROOT, kv_version: int = 2, key: str = SECRET_KEY) -> str:
         """Store a secret the dashboard's way; returns the secret_path."""
@@ -283,30 +271,9 @@ CRYPTDEV = "luksctl-vault-test"
 MOUNTPOINT = "/export-vault-test"
 
 
-class FakeBridge:
-    """Stands in for `sudo luksctl`: records the passphrase, then counts the volume as mounted."""
-
-    def __init__(self):
-        self.passphrases: list[str] = []
-        self.nfs_mounts = 0
-        self.mounted = False
-        self.fail_with: Exception | None = None
-
-    def open_volume(self, passphrase: str) -> dict:
-        self.passphrases.append(passphrase)
-        if self.fail_with is not None:
-            raise self.fail_with
-        self.mounted = True
-        return {"volume_state": "mounted"}
-
-    def nfs_mount(self) -> dict:
-        self.nfs_mounts += 1
-        return {}
-
-
 @pytest.fixture
 def fake_bridge() -> FakeBridge:
-    return FakeBridge()
+    return FakeBridge(Kernel())
 
 
 @pytest.fixture
@@ -328,7 +295,7 @@ def make_frontend_app(tmp_path, fake_bridge, monkeypatch):
 
     def fake_volume_status(cryptdev: str, mountpoint: str) -> VolumeStatus:
         assert (cryptdev, mountpoint) == (CRYPTDEV, MOUNTPOINT)
-        return VolumeStatus("253:0" if fake_bridge.mounted else None, fake_bridge.mounted)
+        return VolumeStatus("253:0" if fake_bridge.kernel.mounted else None, fake_bridge.kernel.mounted)
 
     monkeypatch.setattr(frontend, "volume_status", fake_volume_status)
 

@@ -6,7 +6,8 @@ import uuid
 
 import pytest
 
-from .conftest import KV1_ROOT, OPEN_URL, open_body, wait_until
+from .conftest import KV1_ROOT, OPEN_URL, open_body
+from support.waiting import wait_until
 
 
 def post_open(app, body: dict):
@@ -47,7 +48,7 @@ def test_open_reads_kv_v1(bao, frontend_app, fake_bridge):
 
 
 def test_open_when_mounted_leaves_the_wrapping_token_unused(bao, frontend_app, fake_bridge):
-    fake_bridge.mounted = True
+    fake_bridge.kernel.mounted = True
     wrapped = bao.wrap_token()
 
     response = post_open(frontend_app, open_body(bao.url, wrapped.token, bao.store_secret("unused")))
@@ -70,7 +71,7 @@ def test_used_wrapping_token_is_403(bao, frontend_app, fake_bridge):
 def test_expired_wrapping_token_is_403(bao, frontend_app, fake_bridge):
     path = bao.store_secret("too-late")
     wrapped = bao.wrap_token("1s")
-    wait_until(lambda: not bao.wrapping_token_alive(wrapped.token), 15, "the 1 s wrapping token to expire")
+    wait_until(lambda: not bao.wrapping_token_alive(wrapped.token), 15, "the 1 s wrapping token to expire", interval=0.05)
 
     assert_error(post_open(frontend_app, open_body(bao.url, wrapped.token, path)), 403)
     assert fake_bridge.passphrases == []

@@ -10,7 +10,8 @@ import pytest
 from luksctl.api import vault
 from luksctl.errors import SecretNotFound, VaultUnreachable, WrappingTokenInvalid
 
-from .conftest import KV1_PLAIN_ROOT, KV1_ROOT, KV2_ROOT, SECRET_KEY, wait_until
+from .conftest import KV1_PLAIN_ROOT, KV1_ROOT, KV2_ROOT, SECRET_KEY
+from support.waiting import wait_until
 
 SETTINGS = vault.VaultSettings(timeout=5)
 
@@ -70,7 +71,7 @@ def test_wrapping_token_from_another_creation_path_is_not_unwrapped(bao):
 def test_expired_wrapping_token_is_invalid(bao):
     path = bao.store_secret(passphrase())
     wrapped = bao.wrap_token("1s")
-    wait_until(lambda: not bao.wrapping_token_alive(wrapped.token), 15, "the 1 s wrapping token to expire")
+    wait_until(lambda: not bao.wrapping_token_alive(wrapped.token), 15, "the 1 s wrapping token to expire", interval=0.05)
 
     with pytest.raises(WrappingTokenInvalid):
         vault.fetch_passphrase(location(bao.url, path), wrapped.token, SETTINGS)
