@@ -7,6 +7,9 @@ import json
 import threading
 import time
 
+from luksctl.api import create_frontend_app
+from luksctl.config import FrontendConfig
+
 STATUS = "/luksctl_api/v1.0/status"
 OPEN = "/luksctl_api/v1.0/open"
 PASSPHRASE = "the volume passphrase"
@@ -42,6 +45,11 @@ def answer(response, status: int) -> dict:
     assert PASSPHRASE not in response.text and TOKEN not in response.text
     assert "Traceback" not in response.text and "<html" not in response.text.lower()
     return body
+
+
+def make_client(tmp_path, ini, bridge, **settings):
+    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock"), **{"ALLOW_ANY_VAULT_URL": True, **settings})
+    return create_frontend_app(config, bridge=bridge).test_client()
 
 
 class FakeVault:

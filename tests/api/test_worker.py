@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from support.bridge import FakeBridge
 
 from luksctl.api import create_worker_app, worker
 from luksctl.config import WorkerConfig
 from luksctl.errors import ConfigError, PrivilegedCallFailed
-from support.bridge import FakeBridge
 
 STATUS = "/luksctl_api_wn/v1.0/status"
 NFS_MOUNT = "/luksctl_api_wn/v1.0/nfs-mount"

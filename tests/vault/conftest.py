@@ -22,7 +22,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,11 +29,11 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from luksctl.api.certs import build_certificate
 from support.bridge import FakeBridge, Kernel
 from support.net import free_port
 from support.waiting import wait_until
+
+from luksctl.api.certs import build_certificate
 
 BAO = Path(sys.executable).parent / "bao"
 ROOT_TOKEN = "root"
@@ -316,6 +315,20 @@ def frontend_app(make_frontend_app):
 def open_body(vault_url: str, token: str, secret_path: str, *, root: str = KV2_ROOT, key: str = SECRET_KEY) -> dict:
     """The dashboard's POST /open body (PROTOCOL §3)."""
     return {"vault_url": vault_url, "vault_token": token, "secret_root": root, "secret_path": secret_path, "secret_key": key}
+
+
+def post_open(app, body: dict):
+    response = app.test_client().post(OPEN_URL, json=body)
+    assert response.is_json, f"{response.status_code} answered {response.content_type}: {response.get_data(as_text=True)[:200]}"
+    return response
+
+
+def assert_error(response, status: int, volume_state: str = "unmounted") -> dict:
+    body = response.get_json()
+    assert response.status_code == status, body
+    assert body["volume_state"] == volume_state
+    assert isinstance(body["error"], str) and body["error"]
+    return body
 
 
 # --- Hostile or misbehaving servers on loopback ---------------------------------------------

@@ -5,23 +5,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
-
-from .conftest import KV1_ROOT, OPEN_URL, open_body
 from support.waiting import wait_until
 
-
-def post_open(app, body: dict):
-    response = app.test_client().post(OPEN_URL, json=body)
-    assert response.is_json, f"{response.status_code} answered {response.content_type}: {response.get_data(as_text=True)[:200]}"
-    return response
-
-
-def assert_error(response, status: int, volume_state: str = "unmounted") -> dict:
-    body = response.get_json()
-    assert response.status_code == status, body
-    assert body["volume_state"] == volume_state
-    assert isinstance(body["error"], str) and body["error"]
-    return body
+from .conftest import KV1_ROOT, assert_error, open_body, post_open
 
 
 def test_open_hands_the_stored_passphrase_to_the_bridge(bao, frontend_app, fake_bridge):

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import open_body
-from .test_api_vault import assert_error, post_open
+from .conftest import assert_error, open_body, post_open
 
 
 def orphan_wrapping_token(bao) -> str:

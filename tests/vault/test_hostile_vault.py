@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from support.waiting import wait_until
 
 from luksctl.api import vault
 from luksctl.errors import VaultUnreachable
 
 from .conftest import OPEN_URL, ROOT_TOKEN, json_answer, open_body
-from support.waiting import wait_until
 
 NETRC_PASSWORD = "netrc-password-must-not-be-sent"
 

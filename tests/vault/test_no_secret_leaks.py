@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from support.waiting import wait_until
 
 from luksctl.errors import WrongPassphrase
 
 from .conftest import OPEN_URL, open_body
-from support.waiting import wait_until
 
 CASES = {
     # case: (expected status, bridge receives the passphrase)

@@ -6,12 +6,12 @@ import time
 import uuid
 
 import pytest
+from support.waiting import wait_until
 
 from luksctl.api import vault
 from luksctl.errors import SecretNotFound, VaultUnreachable, WrappingTokenInvalid
 
 from .conftest import KV1_PLAIN_ROOT, KV1_ROOT, KV2_ROOT, SECRET_KEY
-from support.waiting import wait_until
 
 SETTINGS = vault.VaultSettings(timeout=5)
 

@@ -3,8 +3,7 @@ and a sealed Vault. The front-end app runs with a fake privileged bridge (confte
 
 from __future__ import annotations
 
-from .conftest import open_body
-from .test_api_vault import assert_error, post_open
+from .conftest import assert_error, open_body, post_open
 
 OTHER_PATH_POLICY = "luksctl-other-path-only"
 

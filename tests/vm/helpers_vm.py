@@ -277,6 +277,32 @@ class VolumeFactory:
         self.volumes.clear()
 
 
+def kernel_state(volume: Volume) -> tuple[str, bool]:
+    """("mounted" | "unmounted", mapper active) from /sys/block/dm-*/dm/name and mountinfo."""
+    device = None
+    for name in Path("/sys/block").glob("dm-*/dm/name"):
+        try:
+            if name.read_text().strip() == volume.cryptdev:
+                device = (name.parent.parent / "dev").read_text().strip()
+        except FileNotFoundError:
+            continue
+    mounted = False
+    if device is not None:
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split(" ")
+            if fields[2] == device and fields[4] == str(MOUNTPOINT):
+                mounted = True
+    return ("mounted" if mounted else "unmounted"), device is not None
+
+
+def put_back_closed(volume: Volume) -> None:
+    """Unmounted and closed, done as root without the product."""
+    if os.path.ismount(MOUNTPOINT):
+        run("umount", str(MOUNTPOINT))
+    if Path(volume.mapper).exists():
+        run(CRYPTSETUP, "close", volume.cryptdev)
+
+
 class ServiceUnit:
     """The [Service] settings of a systemd unit that the tests honour, so they run what
     operators run: User=, Group=, RuntimeDirectory=, RuntimeDirectoryMode=, Environment=,

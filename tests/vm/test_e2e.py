@@ -37,6 +37,8 @@ from helpers_vm import (
     Reply,
     Volume,
     VolumeFactory,
+    kernel_state,
+    put_back_closed,
     run,
     single_vm_config,
     wait_until,
@@ -57,24 +59,6 @@ PWNED = Path("/tmp/pwned")
 # The kernel's view and the process table, read directly (what the API must agree with)
 
 
-def kernel_state(volume: Volume) -> tuple[str, bool]:
-    """("mounted" | "unmounted", mapper active) from /sys/block/dm-*/dm/name and mountinfo."""
-    device = None
-    for name in Path("/sys/block").glob("dm-*/dm/name"):
-        try:
-            if name.read_text().strip() == volume.cryptdev:
-                device = (name.parent.parent / "dev").read_text().strip()
-        except FileNotFoundError:
-            continue
-    mounted = False
-    if device is not None:
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            fields = line.split(" ")
-            if fields[2] == device and fields[4] == str(MOUNTPOINT):
-                mounted = True
-    return ("mounted" if mounted else "unmounted"), device is not None
-
-
 def processes() -> dict[int, tuple[int, list[bytes]]]:
     """pid -> (ppid, argv) of every process right now."""
     table = {}
@@ -92,14 +76,6 @@ def processes() -> dict[int, tuple[int, list[bytes]]]:
 
 def privileged_opens() -> list[int]:
     return [pid for pid, (_, argv) in processes().items() if is_privileged_open(argv)]
-
-
-def put_back_closed(volume: Volume) -> None:
-    """Unmounted and closed, done as root without the product."""
-    if os.path.ismount(MOUNTPOINT):
-        run("umount", str(MOUNTPOINT))
-    if Path(volume.mapper).exists():
-        run(CRYPTSETUP, "close", volume.cryptdev)
 
 
 def open_directly(volume: Volume) -> None:

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, VOLUME_INI, Volume, VolumeFactory, run, wait_until
+from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, VOLUME_INI, Volume, VolumeFactory, kernel_state, put_back_closed, run, wait_until
 from leaks import watch_for_leaks
-from test_e2e import kernel_state, put_back_closed
 
 LUKSCTL = "/usr/local/sbin/luksctl"
 FAST_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
