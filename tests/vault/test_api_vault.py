@@ -42,7 +42,7 @@ def test_open_when_mounted_leaves_the_wrapping_token_unused(bao, frontend_app, f
     assert response.status_code == 200
     assert response.get_json() == {"volume_state": "mounted"}
     assert fake_bridge.passphrases == []
-    assert bao.wrapping_token_alive(wrapped.token)
+    assert bao.lookup_wrapping(wrapped.token)
 
 
 def test_used_wrapping_token_is_403(bao, frontend_app, fake_bridge):
@@ -57,7 +57,7 @@ def test_used_wrapping_token_is_403(bao, frontend_app, fake_bridge):
 def test_expired_wrapping_token_is_403(bao, frontend_app, fake_bridge):
     path = bao.store_secret("too-late")
     wrapped = bao.wrap_token("1s")
-    wait_until(lambda: not bao.wrapping_token_alive(wrapped.token), 15, "the 1 s wrapping token to expire", interval=0.05)
+    wait_until(lambda: not bao.lookup_wrapping(wrapped.token), 15, "the 1 s wrapping token to expire", interval=0.05)
 
     assert_error(post_open(frontend_app, open_body(bao.url, wrapped.token, path)), 403)
     assert fake_bridge.passphrases == []
@@ -100,4 +100,4 @@ def test_missing_field_is_400_without_contacting_vault(bao, frontend_app, fake_b
 
     error = assert_error(post_open(frontend_app, body), 400)
     assert missing in error["error"]
-    assert bao.wrapping_token_alive(wrapped.token)
+    assert bao.lookup_wrapping(wrapped.token)

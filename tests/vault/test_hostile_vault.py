@@ -81,7 +81,7 @@ def test_only_the_wrapping_and_the_unwrapped_token_reach_vault(bao, vault_front,
         monkeypatch.setenv(name, proxy.url)
     secret = f"only-our-tokens-{uuid.uuid4().hex}"
     unwrapped = f"unwrapped-{uuid.uuid4().hex}"
-    wrapped = bao.wrap_token(client_token=unwrapped)
+    wrapped = bao.wrap_token(token_id=unwrapped)
 
     response = post_open(frontend_app, open_body(vault_front.url, wrapped.token, bao.store_secret(secret)))
 

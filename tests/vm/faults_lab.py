@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers_vm import API_PORT, CRYPTSETUP, MOUNTPOINT, free_port
+from helpers_vm import API_PORT, CRYPTSETUP, MOUNTPOINT
+from support.net import free_port
 
 # --------------------------------------------------------------------------------------------
 # A TCP proxy in front of OpenBao

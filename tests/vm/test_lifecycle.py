@@ -19,11 +19,11 @@ import requests
 
 from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, VOLUME_INI, Volume, VolumeFactory, kernel_state, put_back_closed, run, wait_until
 from leaks import watch_for_leaks
+from support.policies import DELETE_ONLY
 
 LUKSCTL = "/usr/local/sbin/luksctl"
 FAST_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
 ROTATE_POLICY = "luksctl-rotate"
-DELETE_POLICY = "delete_only"
 SUB = "lifecycle-user-sub"
 PENDING = Path("/etc/luks/rotate-pending-passphrase")
 CRYPTSETUP_WRAPPER = Path("/usr/local/sbin/cryptsetup")  # first on luksctl's fixed PATH
@@ -69,12 +69,9 @@ def rotate_args(bao, secret_path: str) -> list[str]:
 
 @pytest.fixture
 def vault(bao_up):
-    """The session's OpenBao with a rotation policy and the dashboard's delete_only (again after
-    a restart, which forgets everything)."""
-    rules = {ROTATE_POLICY: 'path "secrets/data/*" { capabilities = ["read", "update"] }',
-             DELETE_POLICY: 'path "secrets/metadata/*" { capabilities = ["delete"] }'}
-    for name, rule in rules.items():
-        bao_up.request("PUT", f"sys/policies/acl/{name}", json={"policy": rule})
+    """The session's OpenBao with a rotation policy (again after a restart, which forgets
+    everything) beside the dashboard's, delete_only among them (support.policies)."""
+    bao_up.put_policy(ROTATE_POLICY, 'path "secrets/data/*" { capabilities = ["read", "update"] }')
     return bao_up
 
 
@@ -238,7 +235,7 @@ def test_decommission_leaves_nothing_that_opens_the_volume(luks_volume, vault, d
     assert run(CRYPTSETUP, "open", "--test-passphrase", "--key-file=-", "--header", str(HEADER_BACKUP), volume.loop,
                input=volume.passphrase, check=False).returncode == 0  # the backup opened it until now
 
-    code, answer, stderr = luksctl("decommission", "--yes", *vault_args(vault, secret_path, DELETE_POLICY))
+    code, answer, stderr = luksctl("decommission", "--yes", *vault_args(vault, secret_path, DELETE_ONLY))
 
     assert code == 0, (answer, stderr)
     assert kernel_state(volume) == ("unmounted", False) and dashboard.status().state == "unavailable"
