@@ -21,6 +21,7 @@ from pathlib import Path
 
 from helpers_vm import API_PORT, CRYPTSETUP, MOUNTPOINT
 from support.net import free_port
+from support.shim import install_shim, remove_shim
 
 # --------------------------------------------------------------------------------------------
 # A TCP proxy in front of OpenBao
@@ -369,7 +370,6 @@ class CryptsetupFault:
     Every other subcommand runs the real cryptsetup.
     """
 
-    wrapper = Path("/usr/local/sbin/cryptsetup")
     pidfile = Path("/run/faults-cryptsetup.pid")
 
     def install(self, mode: str) -> None:
@@ -380,13 +380,7 @@ class CryptsetupFault:
             action = f'{CRYPTSETUP} "$@"; echo $$ > {self.pidfile}; kill -KILL $$'
         else:
             raise ValueError(mode)
-        assert not self.wrapper.exists(), f"{self.wrapper} already exists"
-        self.wrapper.write_text(
-            "#!/bin/sh\n"
-            f'if [ "$1" = open ]; then {action}; fi\n'
-            f'exec {CRYPTSETUP} "$@"\n'
-        )
-        self.wrapper.chmod(0o755)
+        install_shim("cryptsetup", f'if [ "$1" = open ]; then {action}; fi\nexec {CRYPTSETUP} "$@"\n')
 
     def wait_pid(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -397,7 +391,7 @@ class CryptsetupFault:
         raise TimeoutError(f"cryptsetup open did not start within {timeout} s")
 
     def remove(self) -> None:
-        self.wrapper.unlink(missing_ok=True)
+        remove_shim("cryptsetup")
         self.pidfile.unlink(missing_ok=True)
 
 

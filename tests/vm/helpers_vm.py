@@ -30,6 +30,7 @@ import urllib3
 # tests/, for the helpers host and VM tests share (pytest puts it there; the VM scripts do not).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support import bao as support_bao  # noqa: E402
+from support.shim import SHIM_DIR, install_shim, remove_shim  # noqa: E402
 from support.waiting import wait_until  # noqa: E402
 
 # Our service presents a self-signed certificate, exactly as in production. (Under pytest the
@@ -378,23 +379,22 @@ class CryptsetupCounter:
     """Counts real cryptsetup runs: luksctl resolves binaries on a fixed PATH that puts
     /usr/local/sbin first, so a wrapper there sees every call."""
 
-    wrapper = Path("/usr/local/sbin/cryptsetup")
+    wrapper = SHIM_DIR / "cryptsetup"
     counter = Path("/run/cryptsetup-calls")
 
     def install(self) -> None:
         self.counter.write_text("")
         # flock: concurrent opens must not lose a line. exec keeps stdin (the passphrase) intact.
-        self.wrapper.write_text(
-            "#!/bin/sh\n"
+        install_shim(
+            "cryptsetup",
             f"flock {self.counter} sh -c 'echo \"$*\" >> {self.counter}' -- \"$@\" </dev/null\n"
             f'exec {CRYPTSETUP} "$@"\n'
         )
-        self.wrapper.chmod(0o755)
 
     def calls(self) -> list[str]:
         """The arguments of each call so far, one string per call (no secrets: they go on stdin)."""
         return self.counter.read_text().splitlines()
 
     def remove(self) -> None:
-        self.wrapper.unlink(missing_ok=True)
+        remove_shim("cryptsetup")
         self.counter.unlink(missing_ok=True)

@@ -43,7 +43,8 @@ from helpers_vm import (
     single_vm_config,
     wait_until,
 )
-from leaks import is_privileged_open, watch_for_leaks
+from leaks import watch_for_leaks
+from support.proc import is_privileged_open, processes
 
 LUKSCTL = "/usr/local/sbin/luksctl"
 SHARED_PASSPHRASE = "e2e shared volume passphrase " + secrets.token_hex(8)
@@ -59,23 +60,8 @@ PWNED = Path("/tmp/pwned")
 # The kernel's view and the process table, read directly (what the API must agree with)
 
 
-def processes() -> dict[int, tuple[int, list[bytes]]]:
-    """pid -> (ppid, argv) of every process right now."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        table[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), [arg for arg in argv if arg])
-    return table
-
-
 def privileged_opens() -> list[int]:
-    return [pid for pid, (_, argv) in processes().items() if is_privileged_open(argv)]
+    return [pid for pid, (_, _, argv) in processes().items() if is_privileged_open(argv)]
 
 
 def open_directly(volume: Volume) -> None:
@@ -404,8 +390,8 @@ def _kill_mid_open(api: Api, dashboard: Dashboard, payload: dict, kill_master: b
 
     def privileged_call_running() -> bool:
         table = processes()
-        workers = {pid for pid, (ppid, _) in table.items() if ppid == api.pid}
-        for pid, (_, argv) in table.items():
+        workers = {pid for pid, (ppid, _, _) in table.items() if ppid == api.pid}
+        for pid, (_, _, argv) in table.items():
             if is_privileged_open(argv):
                 ancestor = pid
                 while ancestor in table and ancestor not in workers and ancestor > 1:

@@ -20,13 +20,15 @@ import requests
 from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, VOLUME_INI, Volume, VolumeFactory, kernel_state, put_back_closed, run, wait_until
 from leaks import watch_for_leaks
 from support.policies import DELETE_ONLY
+from support.proc import processes
+from support.shim import SHIM_DIR, install_shim, remove_shim
 
 LUKSCTL = "/usr/local/sbin/luksctl"
 FAST_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
 ROTATE_POLICY = "luksctl-rotate"
 SUB = "lifecycle-user-sub"
 PENDING = Path("/etc/luks/rotate-pending-passphrase")
-CRYPTSETUP_WRAPPER = Path("/usr/local/sbin/cryptsetup")  # first on luksctl's fixed PATH
+CRYPTSETUP_WRAPPER = SHIM_DIR / "cryptsetup"  # first on luksctl's fixed PATH
 
 
 def opens(volume: Volume, passphrase: str | bytes) -> bool:
@@ -115,20 +117,13 @@ def pause_cryptsetup(subcommand: str, when: str) -> None:
     so the test kills luksctl at exactly that step (a stand-in on the PATH, like CryptsetupCounter)."""
     run_it = f'exec {CRYPTSETUP} "$@"' if when == "before" else f'{CRYPTSETUP} "$@"; status=$?'
     pause_then = f"kill -STOP $$; {run_it}" if when == "before" else f"{run_it}; kill -STOP $$; exit $status"
-    CRYPTSETUP_WRAPPER.write_text(f'#!/bin/sh\ncase " $* " in *" {subcommand} "*) {pause_then} ;; esac\nexec {CRYPTSETUP} "$@"\n')
-    CRYPTSETUP_WRAPPER.chmod(0o755)
+    install_shim("cryptsetup", f'case " $* " in *" {subcommand} "*) {pause_then} ;; esac\nexec {CRYPTSETUP} "$@"\n')
 
 
 def paused_cryptsetup(subcommand: str) -> int | None:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if str(CRYPTSETUP_WRAPPER).encode() in argv and subcommand.encode() in argv and state == "T":
-                return int(entry)
+    for pid, (_, state, argv) in processes().items():
+        if str(CRYPTSETUP_WRAPPER).encode() in argv and subcommand.encode() in argv and state == "T":
+            return pid
     return None
 
 
@@ -153,7 +148,7 @@ def test_rotate_killed_at_a_step_then_run_again_opens_by_the_dashboards_flow(kil
         rotation.wait(30)
         os.kill(paused_cryptsetup(subcommand), signal.SIGKILL)
     finally:
-        CRYPTSETUP_WRAPPER.unlink(missing_ok=True)
+        remove_shim("cryptsetup")
 
     # At the kill: what Vault holds opens the volume.
     in_vault = stored(vault, secret_path)
