@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 class Process(NamedTuple):
     ppid: int
-    state: str  # R, S, T (stopped), Z...
+    pgrp: int
+    state: str  # R, S, T (stopped), Z (zombie)...
     argv: list[bytes]
 
 
@@ -23,9 +24,9 @@ def processes() -> dict[int, Process]:
             try:
                 fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
                 argv = [a for a in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0") if a]
-            except (OSError, IndexError):
+                table[int(entry)] = Process(int(fields[1]), int(fields[2]), fields[0], argv)
+            except (OSError, IndexError, ValueError):
                 continue
-            table[int(entry)] = Process(int(fields[1]), fields[0], argv)
     return table
 
 

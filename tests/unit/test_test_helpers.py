@@ -78,7 +78,8 @@ def test_the_proc_sampler_sees_an_argv_while_it_runs_and_the_snapshot_its_parent
     try:
         wait_until(lambda: sampler.hits({"marker": marker.encode()}), 10, "the sampler to see the child", interval=0.05)
         table = processes()
-        assert table[child.pid].argv == [os.fsencode(arg) for arg in argv] and descends_from(child.pid, os.getpid(), table)
+        assert table[child.pid].argv == [os.fsencode(arg) for arg in argv] and table[child.pid].pgrp == os.getpgrp()
+        assert descends_from(child.pid, os.getpid(), table) and table[child.pid].state in ("S", "R")
     finally:
         child.kill()
         child.wait()

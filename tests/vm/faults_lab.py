@@ -21,6 +21,7 @@ from pathlib import Path
 
 from helpers_vm import API_PORT, CRYPTSETUP, MOUNTPOINT
 from support.net import free_port
+from support.proc import processes
 from support.shim import install_shim, remove_shim
 
 # --------------------------------------------------------------------------------------------
@@ -325,12 +326,8 @@ def assert_whole(cryptdev: str, reported: str) -> str:
 
 def gunicorn_pids(master: int) -> tuple[int, tuple[int, ...]]:
     """The master and its gunicorn worker children (not the sudo calls a worker may run)."""
-    workers = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == master and b"gunicorn" in (stat.parent / "cmdline").read_bytes():
-                workers.append(int(stat.parent.name))
+    workers = [pid for pid, process in processes().items()
+               if process.ppid == master and any(b"gunicorn" in arg for arg in process.argv)]
     return master, tuple(sorted(workers))
 
 

@@ -61,7 +61,7 @@ PWNED = Path("/tmp/pwned")
 
 
 def privileged_opens() -> list[int]:
-    return [pid for pid, (_, _, argv) in processes().items() if is_privileged_open(argv)]
+    return [pid for pid, process in processes().items() if is_privileged_open(process.argv)]
 
 
 def open_directly(volume: Volume) -> None:
@@ -390,12 +390,12 @@ def _kill_mid_open(api: Api, dashboard: Dashboard, payload: dict, kill_master: b
 
     def privileged_call_running() -> bool:
         table = processes()
-        workers = {pid for pid, (ppid, _, _) in table.items() if ppid == api.pid}
-        for pid, (_, _, argv) in table.items():
-            if is_privileged_open(argv):
+        workers = {pid for pid, process in table.items() if process.ppid == api.pid}
+        for pid, process in table.items():
+            if is_privileged_open(process.argv):
                 ancestor = pid
                 while ancestor in table and ancestor not in workers and ancestor > 1:
-                    ancestor = table[ancestor][0]
+                    ancestor = table[ancestor].ppid
                 if ancestor in workers:
                     holder.append(ancestor)
                     return True

@@ -121,8 +121,8 @@ def pause_cryptsetup(subcommand: str, when: str) -> None:
 
 
 def paused_cryptsetup(subcommand: str) -> int | None:
-    for pid, (_, state, argv) in processes().items():
-        if str(CRYPTSETUP_WRAPPER).encode() in argv and subcommand.encode() in argv and state == "T":
+    for pid, process in processes().items():
+        if str(CRYPTSETUP_WRAPPER).encode() in process.argv and subcommand.encode() in process.argv and process.state == "T":
             return pid
     return None
 

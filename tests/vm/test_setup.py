@@ -169,7 +169,7 @@ class Setup:
 
         def stopped() -> bool:
             table = processes()
-            for pid, (_ppid, state, argv) in table.items():
+            for pid, (_ppid, _pgrp, state, argv) in table.items():
                 if state == "T" and any(tool.encode() in arg for arg in argv) \
                         and all(any(n in arg for arg in argv) for n in needles) and descends_from(pid, self.proc.pid, table):
                     seen.extend(argv)
