@@ -101,7 +101,7 @@ class Bao:
             self.put_policy(name, rules)
         # KV v2 answers 'upgrading' for a moment after the mount is made.
         for name in (name for name, version in self.mounts.items() if version == "2"):
-            wait_until(lambda: self.request("GET", f"{name}/config", ok=ANY_STATUS).status_code == 200, 30, f"the KV v2 mount {name}", interval=0.05)
+            wait_until(lambda: self.request("GET", f"{name}/config", ok=ANY_STATUS).status_code == 200, self.start_timeout, f"the KV v2 mount {name}", interval=0.05)
 
     def request(self, method: str, path: str, *, token: str = ROOT_TOKEN, ok=None, headers: dict | None = None,
                 **kwargs) -> requests.Response:
