@@ -2,5 +2,6 @@
 dev server and its policies, the fake privileged bridge, the cryptsetup shim, the /proc recorder.
 
 Importable as `support`: pytest puts tests/ on sys.path (tests/conftest.py, rootdir-relative),
-on the host and in the guest alike. Standard library only, but for the OpenBao driver (requests).
+on the host and in the guest alike (helpers_vm adds it for the VM scripts). Standard library,
+but for the OpenBao driver (requests) and the fake bridge (luksctl's VolumeStatus).
 """
