@@ -6,7 +6,8 @@ import json
 import logging
 
 import pytest
-from frontend_fakes import INI, PASSPHRASE, TOKEN, FakeBridge, FakeVault, Kernel
+from frontend_fakes import INI, PASSPHRASE, TOKEN, FakeVault
+from support.bridge import FakeBridge, Kernel
 
 from luksctl import audit
 from luksctl.api import create_frontend_app, frontend, vault

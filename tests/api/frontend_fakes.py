@@ -1,4 +1,5 @@
-"""Fakes for the front-end API tests: scripted volume state, a fake privileged bridge, a fake Vault step."""
+"""Fakes for the front-end API tests: the dashboard's request, its answer's contract, a fake Vault step.
+The scripted volume state and the fake bridge are support.bridge's."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 import threading
 import time
 
-from luksctl.status import VolumeStatus
+from luksctl.api import create_frontend_app
+from luksctl.config import FrontendConfig
 
 STATUS = "/luksctl_api/v1.0/status"
 OPEN = "/luksctl_api/v1.0/open"
@@ -45,37 +47,9 @@ def answer(response, status: int) -> dict:
     return body
 
 
-class Kernel:
-    """Scripted volume state behind luksctl.api.frontend.volume_status."""
-
-    def __init__(self):
-        self.mounted = False
-        self.reads: list[tuple[str, str]] = []
-
-    def volume_status(self, cryptdev, mountpoint, **kwargs):
-        self.reads.append((cryptdev, mountpoint))
-        return VolumeStatus("254:0" if self.mounted else None, self.mounted)
-
-
-class FakeBridge:
-    """The privileged side: opening mounts the scripted volume, unless told to raise."""
-
-    def __init__(self, kernel: Kernel):
-        self.kernel = kernel
-        self.passphrases: list[str] = []
-        self.error: Exception | None = None
-        self.delay = 0.0
-
-    def open_volume(self, passphrase: str) -> dict:
-        self.passphrases.append(passphrase)
-        time.sleep(self.delay)
-        if self.error:
-            raise self.error
-        self.kernel.mounted = True
-        return {"volume_state": "mounted"}
-
-    def nfs_mount(self) -> dict:
-        raise AssertionError("the front end never remounts NFS shares itself")
+def make_client(tmp_path, ini, bridge, **settings):
+    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock"), **{"ALLOW_ANY_VAULT_URL": True, **settings})
+    return create_frontend_app(config, bridge=bridge).test_client()
 
 
 class FakeVault:

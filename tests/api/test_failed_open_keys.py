@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import time
 
-from frontend_fakes import OPEN, answer, payload
-from test_frontend import make_client
+from frontend_fakes import OPEN, answer, make_client, payload
 
 from luksctl.errors import WrappingTokenInvalid
 

@@ -13,7 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from frontend_fakes import INI, OPEN, PASSPHRASE, STATUS, TOKEN, answer, payload
+from frontend_fakes import INI, OPEN, PASSPHRASE, STATUS, TOKEN, answer, make_client, payload
 
 from luksctl.api import create_frontend_app
 from luksctl.config import FrontendConfig
@@ -219,11 +219,6 @@ def test_vault_url_is_normalized(client, fake_vault, url, normalized):
     answer(client.post(OPEN, json=payload(vault_url=url)), 200)
 
     assert fake_vault.calls[0][0].vault_url == normalized
-
-
-def make_client(tmp_path, ini, bridge, **settings):
-    config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "open.lock"), **{"ALLOW_ANY_VAULT_URL": True, **settings})
-    return create_frontend_app(config, bridge=bridge).test_client()
 
 
 def test_vault_url_outside_the_allowlist_is_400_and_not_contacted(tmp_path, ini, bridge, fake_vault):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from support.bridge import FakeBridge
 
 from luksctl.api import create_worker_app, worker
 from luksctl.config import WorkerConfig
@@ -37,33 +37,17 @@ class NfsMounts:
     def __init__(self):
         self.mounted: dict[str, bool] = {mountpoint: False for mountpoint in MOUNTPOINTS}
         self.asked: list[list[str]] = []
+        self.mounts_after: list[str] = list(MOUNTPOINTS)  # what a remount mounts
 
     def nfs_mount_states(self, mountpoints, **kwargs):
         self.asked.append(list(mountpoints))
         return {mountpoint: self.mounted[mountpoint] for mountpoint in mountpoints}
 
-
-class FakeBridge:
-    """`luksctl nfs-mount` as root: mounts what `mounts_after` says, or raises `error`."""
-
-    def __init__(self, nfs: NfsMounts):
-        self.nfs = nfs
-        self.calls = 0
-        self.mounts_after: list[str] = list(MOUNTPOINTS)
-        self.error: Exception | None = None
-        self.delay = 0.0
-
-    def nfs_mount(self) -> dict:
-        self.calls += 1
-        time.sleep(self.delay)
-        if self.error:
-            raise self.error
+    def remount(self) -> dict:
+        """What `luksctl nfs-mount` does as root, as the bridge answers it."""
         for mountpoint in self.mounts_after:
-            self.nfs.mounted[mountpoint] = True
-        return {"nfs_state": "mounted" if all(self.nfs.mounted.values()) else "unmounted"}
-
-    def open_volume(self, passphrase: str) -> dict:
-        raise AssertionError("a worker never opens the volume")
+            self.mounted[mountpoint] = True
+        return {"nfs_state": "mounted" if all(self.mounted.values()) else "unmounted"}
 
 
 @pytest.fixture
@@ -75,7 +59,7 @@ def nfs(monkeypatch) -> NfsMounts:
 
 @pytest.fixture
 def bridge(nfs) -> FakeBridge:
-    return FakeBridge(nfs)
+    return FakeBridge(nfs_mount_action=nfs.remount)
 
 
 @pytest.fixture
@@ -115,7 +99,7 @@ def test_nfs_mount_when_already_mounted_does_not_call_the_bridge(client, nfs, br
     body = answer(post_nfs_mount(client), 200)
 
     assert body == {"nfs_state": "mounted", "mountpoints": {"/home": True, "/export": True}}
-    assert bridge.calls == 0
+    assert bridge.nfs_mounts == 0
 
 
 def test_nfs_mount_calls_the_bridge_and_answers_the_new_state(client, nfs, bridge):
@@ -123,16 +107,16 @@ def test_nfs_mount_calls_the_bridge_and_answers_the_new_state(client, nfs, bridg
 
     body = answer(post_nfs_mount(client), 200)
 
-    assert bridge.calls == 1
+    assert bridge.nfs_mounts == 1
     assert body == {"nfs_state": "mounted", "mountpoints": {"/home": True, "/export": True}}
 
 
-def test_nfs_mount_still_incomplete_is_502_naming_what_is_missing(client, bridge):
-    bridge.mounts_after = ["/home"]
+def test_nfs_mount_still_incomplete_is_502_naming_what_is_missing(client, nfs, bridge):
+    nfs.mounts_after = ["/home"]
 
     body = answer(post_nfs_mount(client), 502)
 
-    assert bridge.calls == 1
+    assert bridge.nfs_mounts == 1
     assert body["nfs_state"] == "unmounted"
     assert "/export" in body["error"] and "/home" not in body["error"]
 
@@ -166,7 +150,7 @@ def test_concurrent_nfs_mounts_share_one_remount(client, nfs, bridge):
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(request, range(8)))
 
-    assert bridge.calls == 1
+    assert bridge.nfs_mounts == 1
     assert [answer(response, 200)["nfs_state"] for response in responses] == ["mounted"] * 8
 
 
@@ -174,7 +158,7 @@ def test_concurrent_nfs_mounts_share_one_remount(client, nfs, bridge):
 def test_nfs_mount_needs_the_cluster_token(client, bridge, token):
     answer(post_nfs_mount(client, token), 403)
 
-    assert bridge.calls == 0
+    assert bridge.nfs_mounts == 0
 
 
 def test_nfs_mount_without_a_token_file_is_refused(tmp_path, bridge):
@@ -184,7 +168,7 @@ def test_nfs_mount_without_a_token_file_is_refused(tmp_path, bridge):
     body = answer(post_nfs_mount(client), 403)
 
     assert str(tmp_path / "absent") in body["error"]
-    assert bridge.calls == 0
+    assert bridge.nfs_mounts == 0
 
 
 def test_a_token_file_readable_by_others_stops_the_worker_app(token_file, bridge):
@@ -202,7 +186,7 @@ def test_unauthenticated_nfs_mount_can_be_allowed_for_old_front_ends(tmp_path, b
     client = create_worker_app(config, bridge=bridge, runtime_dir=tmp_path).test_client()
 
     assert answer(post_nfs_mount(client, None), 200)["nfs_state"] == "mounted"
-    assert bridge.calls == 1
+    assert bridge.nfs_mounts == 1
 
 
 def test_status_needs_no_token(client):

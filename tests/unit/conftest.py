@@ -85,3 +85,14 @@ def host(monkeypatch) -> FakeHost:
 @pytest.fixture
 def vol(tmp_path) -> VolumeConfig:
     return VolumeConfig(uuid=UUID, cryptdev=CRYPTDEV, mountpoint=str(tmp_path / "export"))
+
+
+@pytest.fixture
+def paths(tmp_path) -> cli.Paths:
+    """The CLI's files in tmp_path: a volume ini naming CRYPTDEV, no API config, a lock file."""
+    ini = tmp_path / "luks-cryptdev.ini"
+    ini.write_text(
+        f"[luks]\nuuid = {UUID}\ncryptdev = {CRYPTDEV}\n"
+        f"mountpoint = {tmp_path / 'export'}\nfilesystem = ext4\n"
+    )
+    return cli.Paths(volume_ini=ini, api_config=tmp_path / "config.json", lock_file=tmp_path / "luksctl.lock", root_owned=False)

@@ -11,12 +11,13 @@ import threading
 import time
 
 import pytest
+from cli_driver import json_output, piped, run_cli
 
 from luksctl import audit, runner
 from luksctl.config import FrontendConfig
 from luksctl.errors import LuksctlError
 from luksctl.root import cli, services, volume
-from luksctl.root.cli import Paths, main, read_passphrase
+from luksctl.root.cli import Paths, read_passphrase
 
 DEVICE = "/dev/disk/by-uuid/0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"
 REAL_RUN = runner.run  # before the `host` fixture fakes it
@@ -32,36 +33,6 @@ class UnreadableStdin(io.RawIOBase):
         raise AssertionError("stdin was read")
 
 
-def piped(data: bytes) -> io.BufferedReader:
-    """The read end of a pipe holding `data`, closed by its writer: what sudo gives luksctl."""
-    read_fd, write_fd = os.pipe()
-
-    def write():
-        with contextlib.suppress(BrokenPipeError), open(write_fd, "wb") as writer:  # the CLI may not read
-            writer.write(data)
-
-    threading.Thread(target=write, daemon=True).start()  # a thread: data may exceed the pipe buffer
-    return open(read_fd, "rb")  # buffered, like sys.stdin.buffer
-
-
-@pytest.fixture
-def paths(tmp_path) -> Paths:
-    ini = tmp_path / "luks-cryptdev.ini"
-    ini.write_text(
-        "[luks]\nuuid = 0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10\ncryptdev = xkqzbmwe\n"
-        f"mountpoint = {tmp_path / 'export'}\nfilesystem = ext4\n"
-    )
-    return Paths(volume_ini=ini, api_config=tmp_path / "config.json", lock_file=tmp_path / "luksctl.lock", root_owned=False)
-
-
-def run_cli(paths: Paths, *argv: str, stdin: bytes | io.RawIOBase = b"") -> int:
-    stream = piped(stdin) if isinstance(stdin, bytes) else stdin
-    try:
-        return main(list(argv), paths=paths, stdin=stream, stdin_is_tty=False)
-    finally:
-        stream.close()
-
-
 def mountpoint(paths: Paths) -> str:
     return str(paths.volume_ini.parent / "export")
 
@@ -75,12 +46,6 @@ def open_argvs(paths: Paths) -> list[list[str]]:
 
 def last_line(capsys) -> str:
     return capsys.readouterr().out.strip().splitlines()[-1]
-
-
-def json_output(capsys) -> dict:
-    out = capsys.readouterr().out
-    assert len(out.strip().splitlines()) == 1, out
-    return json.loads(out)
 
 
 # --- read_passphrase ---------------------------------------------------------

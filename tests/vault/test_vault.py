@@ -6,11 +6,12 @@ import time
 import uuid
 
 import pytest
+from support.waiting import wait_until
 
 from luksctl.api import vault
 from luksctl.errors import SecretNotFound, VaultUnreachable, WrappingTokenInvalid
 
-from .conftest import KV1_PLAIN_ROOT, KV1_ROOT, KV2_ROOT, SECRET_KEY, wait_until
+from .conftest import KV1_PLAIN_ROOT, KV1_ROOT, KV2_ROOT, SECRET_KEY
 
 SETTINGS = vault.VaultSettings(timeout=5)
 
@@ -59,18 +60,18 @@ def test_wrapping_token_works_only_once(bao):
 
 def test_wrapping_token_from_another_creation_path_is_not_unwrapped(bao):
     """sys/wrapping/wrap makes a valid wrapping token around any data: it must not be unwrapped."""
-    response = bao.api("POST", "sys/wrapping/wrap", headers={"X-Vault-Wrap-TTL": "60s"}, json={"anything": "x"})
+    response = bao.request("POST", "sys/wrapping/wrap", headers={"X-Vault-Wrap-TTL": "60s"}, json={"anything": "x"})
     token = response.json()["wrap_info"]["token"]
 
     with pytest.raises(WrappingTokenInvalid, match="sys/wrapping/wrap"):
         vault.fetch_passphrase(location(bao.url, bao.store_secret(passphrase())), token, SETTINGS)
-    assert bao.wrapping_token_alive(token)
+    assert bao.lookup_wrapping(token)
 
 
 def test_expired_wrapping_token_is_invalid(bao):
     path = bao.store_secret(passphrase())
     wrapped = bao.wrap_token("1s")
-    wait_until(lambda: not bao.wrapping_token_alive(wrapped.token), 15, "the 1 s wrapping token to expire")
+    wait_until(lambda: not bao.lookup_wrapping(wrapped.token), 15, "the 1 s wrapping token to expire", interval=0.05)
 
     with pytest.raises(WrappingTokenInvalid):
         vault.fetch_passphrase(location(bao.url, path), wrapped.token, SETTINGS)

@@ -19,7 +19,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers_vm import API_PORT, CRYPTSETUP, MOUNTPOINT, free_port
+from helpers_vm import API_PORT, CRYPTSETUP, MOUNTPOINT
+from support.net import free_port
+from support.proc import processes
+from support.shim import install_shim, remove_shim
 
 # --------------------------------------------------------------------------------------------
 # A TCP proxy in front of OpenBao
@@ -323,12 +326,8 @@ def assert_whole(cryptdev: str, reported: str) -> str:
 
 def gunicorn_pids(master: int) -> tuple[int, tuple[int, ...]]:
     """The master and its gunicorn worker children (not the sudo calls a worker may run)."""
-    workers = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == master and b"gunicorn" in (stat.parent / "cmdline").read_bytes():
-                workers.append(int(stat.parent.name))
+    workers = [pid for pid, process in processes().items()
+               if process.ppid == master and any(b"gunicorn" in arg for arg in process.argv)]
     return master, tuple(sorted(workers))
 
 
@@ -368,7 +367,6 @@ class CryptsetupFault:
     Every other subcommand runs the real cryptsetup.
     """
 
-    wrapper = Path("/usr/local/sbin/cryptsetup")
     pidfile = Path("/run/faults-cryptsetup.pid")
 
     def install(self, mode: str) -> None:
@@ -379,13 +377,7 @@ class CryptsetupFault:
             action = f'{CRYPTSETUP} "$@"; echo $$ > {self.pidfile}; kill -KILL $$'
         else:
             raise ValueError(mode)
-        assert not self.wrapper.exists(), f"{self.wrapper} already exists"
-        self.wrapper.write_text(
-            "#!/bin/sh\n"
-            f'if [ "$1" = open ]; then {action}; fi\n'
-            f'exec {CRYPTSETUP} "$@"\n'
-        )
-        self.wrapper.chmod(0o755)
+        install_shim("cryptsetup", f'if [ "$1" = open ]; then {action}; fi\nexec {CRYPTSETUP} "$@"\n')
 
     def wait_pid(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -396,7 +388,7 @@ class CryptsetupFault:
         raise TimeoutError(f"cryptsetup open did not start within {timeout} s")
 
     def remove(self) -> None:
-        self.wrapper.unlink(missing_ok=True)
+        remove_shim("cryptsetup")
         self.pidfile.unlink(missing_ok=True)
 
 

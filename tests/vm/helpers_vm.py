@@ -18,7 +18,7 @@ import signal
 import socket
 import string
 import subprocess
-import time
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,12 @@ from typing import NamedTuple
 
 import requests
 import urllib3
+
+# tests/, for the helpers host and VM tests share (pytest puts it there; the VM scripts do not).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from support import bao as support_bao  # noqa: E402
+from support.shim import SHIM_DIR, install_shim, remove_shim  # noqa: E402
+from support.waiting import wait_until  # noqa: E402
 
 # Our service presents a self-signed certificate, exactly as in production. (Under pytest the
 # filter set here is undone after collection; conftest.py sets it again for the tests.)
@@ -45,8 +51,6 @@ HEADER_BACKUP = LUKS_DIR / "luks-header.bck"
 API_PORT = 5000
 # Not /export: the guest's root is the host's, read-only, so a new top-level directory is impossible.
 MOUNTPOINT = Path("/srv/export")
-READ_POLICY = "luksctl-read"
-WRITE_POLICY = "write_only"
 # The real binary: the harness's own calls must not show up in CryptsetupCounter's count.
 CRYPTSETUP = "/sbin/cryptsetup"
 # What a systemd service gets, so the service sees no trace of the test's environment.
@@ -59,21 +63,6 @@ def run(*argv: str, input: bytes | None = None, check: bool = True) -> subproces
     if check and result.returncode != 0:
         raise AssertionError(f"{argv} exited {result.returncode}: {result.stderr.decode(errors='replace')}")
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5) -> None:
-    """Polls with a bound: under TCG start-up takes many seconds, but never forever."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready after {timeout} s")
-        time.sleep(interval)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float) -> None:
@@ -93,98 +82,12 @@ def tail(path: Path, lines: int = 30) -> str:
         return f"({path} does not exist)"
 
 
-class Bao:
-    """A real OpenBao dev server laid out like the dashboard's Vault (PROTOCOL §3)."""
+class Bao(support_bao.Bao):
+    """The session's OpenBao in the guest: the prefix's binary, HOME=/tmp (/root is read-only in
+    the guest), its log kept across restarts, and the slow start-up of an emulated machine."""
 
     def __init__(self, log: Path) -> None:
-        self.port = free_port()  # kept across stop()/start(), so clients' vault_url stays valid
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        argv = [str(VENV_BIN / "bao"), "server", "-dev", "-dev-root-token-id=root",
-                f"-dev-listen-address=127.0.0.1:{self.port}"]
-        # HOME: /root is read-only in the guest and the dev server writes ~/.vault-token.
-        env = {"PATH": SERVICE_PATH, "HOME": "/tmp"}
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(self._healthy, START_TIMEOUT, f"OpenBao on {self.url} (log {self.log})")
-        except BaseException:
-            self.stop()  # a session fixture that failed must not leave its server behind
-            raise
-        # The dev server keeps everything in memory: lay it out again after every start.
-        self.request("POST", "sys/mounts/secrets", json={"type": "kv", "options": {"version": "2"}})
-        self.request("PUT", f"sys/policies/acl/{READ_POLICY}",
-                     json={"policy": 'path "secrets/data/*" { capabilities = ["read"] }'})
-        # The dashboard's deployment-time policy (PROTOCOL §7): create only, no read, no update.
-        self.request("PUT", f"sys/policies/acl/{WRITE_POLICY}",
-                     json={"policy": 'path "secrets/data/*" { capabilities = ["create"] }'})
-
-    def stop(self) -> None:
-        """Vault down: connections to its URL are refused. Its stored secrets are lost."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-        self.proc = None
-
-    def _healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"OpenBao exited {self.proc.returncode}:\n{tail(self.log)}")
-        try:
-            return requests.get(f"{self.url}/v1/sys/health", timeout=5).status_code == 200
-        except requests.RequestException:  # refused, or still unsealing (reads time out)
-            return False
-
-    def request(self, method: str, path: str, token: str = "root", headers: dict | None = None,
-                **kwargs) -> requests.Response:
-        response = requests.request(method, f"{self.url}/v1/{path}", timeout=30,
-                                    headers={"X-Vault-Token": token, **(headers or {})}, **kwargs)
-        response.raise_for_status()
-        return response
-
-    def store_passphrase(self, sub: str, uuid: str, passphrase: str) -> str:
-        """Stores it where the dashboard does; returns the secret_path for an open request."""
-        secret_path = f"{sub}/{uuid}/storage_encryption"
-        self.request("POST", f"secrets/data/{secret_path}",
-                     json={"data": {"storage_encryption_key": passphrase}})
-        return secret_path
-
-    def wrap_token(self, ttl: str = "300s", token_id: str | None = None) -> str:
-        """A single-use wrapping token around a read-only token, as the dashboard makes it.
-
-        token_id: the wrapped (unwrapped-to-be) token's own id, chosen by the test (root may),
-        e.g. to look for it in logs later.
-        """
-        body: dict = {"policies": [READ_POLICY]}
-        if token_id is not None:
-            body["id"] = token_id
-        response = self.request("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": ttl}, json=body)
-        return response.json()["wrap_info"]["token"]
-
-    def write_only_wrapping_token(self, token_id: str | None = None) -> str:
-        """What the dashboard hands a VM at deployment time for `setup` (PROTOCOL §7).
-
-        token_id: as for wrap_token, to look for the unwrapped token afterwards.
-        """
-        body: dict = {"policies": [WRITE_POLICY], "ttl": "12h", "period": "12h"}
-        if token_id is not None:
-            body["id"] = token_id
-        response = self.request("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": "1h"}, json=body)
-        return response.json()["wrap_info"]["token"]
-
-    def lookup_wrapping(self, token: str) -> bool:
-        """True while the wrapping token is still unused and unexpired."""
-        response = requests.post(f"{self.url}/v1/sys/wrapping/lookup", json={"token": token}, timeout=30)
-        return response.status_code == 200
-
-    def open_payload(self, secret_path: str, token: str | None = None) -> dict:
-        """The body the dashboard POSTs to /open (PROTOCOL §3)."""
-        return {"vault_url": self.url, "vault_token": token or self.wrap_token(),
-                "secret_root": "secrets", "secret_path": secret_path,
-                "secret_key": "storage_encryption_key"}
+        super().__init__(Path("/tmp"), log=log, binary=VENV_BIN / "bao", start_timeout=START_TIMEOUT)
 
 
 @dataclass
@@ -275,6 +178,32 @@ class VolumeFactory:
         for path in (VOLUME_INI, HEADER_BACKUP):
             path.unlink(missing_ok=True)
         self.volumes.clear()
+
+
+def kernel_state(volume: Volume) -> tuple[str, bool]:
+    """("mounted" | "unmounted", mapper active) from /sys/block/dm-*/dm/name and mountinfo."""
+    device = None
+    for name in Path("/sys/block").glob("dm-*/dm/name"):
+        try:
+            if name.read_text().strip() == volume.cryptdev:
+                device = (name.parent.parent / "dev").read_text().strip()
+        except FileNotFoundError:
+            continue
+    mounted = False
+    if device is not None:
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split(" ")
+            if fields[2] == device and fields[4] == str(MOUNTPOINT):
+                mounted = True
+    return ("mounted" if mounted else "unmounted"), device is not None
+
+
+def put_back_closed(volume: Volume) -> None:
+    """Unmounted and closed, done as root without the product."""
+    if os.path.ismount(MOUNTPOINT):
+        run("umount", str(MOUNTPOINT))
+    if Path(volume.mapper).exists():
+        run(CRYPTSETUP, "close", volume.cryptdev)
 
 
 class ServiceUnit:
@@ -450,25 +379,24 @@ class CryptsetupCounter:
     """Counts real cryptsetup runs: luksctl resolves binaries on a fixed PATH that puts
     /usr/local/sbin first, so a wrapper there sees every call."""
 
-    wrapper = Path("/usr/local/sbin/cryptsetup")
+    wrapper = SHIM_DIR / "cryptsetup"
     counter = Path("/run/cryptsetup-calls")
 
     def install(self) -> None:
         self.counter.write_text("")
         # flock: concurrent opens must not lose a line. exec keeps stdin (the passphrase) intact.
-        self.wrapper.write_text(
-            "#!/bin/sh\n"
+        install_shim(
+            "cryptsetup",
             f"flock {self.counter} sh -c 'echo \"$*\" >> {self.counter}' -- \"$@\" </dev/null\n"
             f'exec {CRYPTSETUP} "$@"\n'
         )
-        self.wrapper.chmod(0o755)
 
     def calls(self) -> list[str]:
         """The arguments of each call so far, one string per call (no secrets: they go on stdin)."""
         return self.counter.read_text().splitlines()
 
     def remove(self) -> None:
-        self.wrapper.unlink(missing_ok=True)
+        remove_shim("cryptsetup")
         self.counter.unlink(missing_ok=True)
 
 

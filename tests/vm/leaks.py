@@ -15,52 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers_vm import OUT
+from support.proc import ProcSampler
 
 # Every log the system writes: the API's stdout/stderr, /var/log, the service's runtime files.
 LOG_ROOTS = [OUT, Path("/var/log"), Path("/run/luksctl-api")]
 NOT_THE_PRODUCTS = {OUT / "pytest.log", OUT / "junit.xml", OUT / "bao.log"}  # ours, and Vault's own
-
-def is_privileged_open(argv: list[bytes]) -> bool:
-    """`sudo -n .../luksctl --json open` or the luksctl interpreter it runs."""
-    return b"open" in argv and any(arg.endswith(b"/luksctl") for arg in argv)
-
-
-class ProcSampler(threading.Thread):
-    """Reads every /proc/<pid>/cmdline and environ again and again and keeps each distinct one,
-    searched afterwards: a secret made during the run (rotate's new passphrase) is known only then."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.stopping = threading.Event()
-        self.seen: set[tuple[int, bytes, bytes]] = set()  # (pid, cmdline, environ)
-        self.sweeps = 0
-        self.privileged_seen: set[int] = set()  # sudo/luksctl pids whose environ we read
-        self.cryptsetup_seen: set[int] = set()  # cryptsetup itself (argv[0]), not a wrapper script
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit():
-                    continue
-                try:
-                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                    environ = Path(f"/proc/{entry}/environ").read_bytes()
-                except (FileNotFoundError, ProcessLookupError, PermissionError):
-                    continue
-                self.seen.add((int(entry), cmdline, environ))
-                argv = [arg for arg in cmdline.split(b"\0") if arg]
-                if is_privileged_open(argv):
-                    self.privileged_seen.add(int(entry))
-                if argv and os.path.basename(argv[0]) == b"cryptsetup":
-                    self.cryptsetup_seen.add(int(entry))
-            self.sweeps += 1
-
-    def hits(self, needles: dict[str, bytes]) -> list[tuple[str, int, str, bytes]]:
-        """(secret's name, pid, "cmdline" or "environ", the process's cmdline) for each sighting."""
-        return sorted({(name, pid, where, cmdline[:200]) for pid, cmdline, environ in self.seen
-                       for where, data in (("cmdline", cmdline), ("environ", environ))
-                       for name, needle in needles.items() if needle in data})
-
 
 class SyslogCatcher(threading.Thread):
     """Plays syslogd on /dev/log, so the CLI's audit line is kept and read. A real /dev/log
@@ -163,8 +122,7 @@ def watch_for_leaks(needles: dict[str, bytes]) -> Iterator[Watch]:
     try:
         yield watch
     finally:
-        sampler.stopping.set()
-        sampler.join(30)
+        sampler.stop()
         catcher.close()
     watch.logs = files_written_since(LOG_ROOTS, started, NOT_THE_PRODUCTS)
     watch.logs += [path for path in OUT.glob("api.*.log") if path not in watch.logs]

@@ -37,11 +37,14 @@ from helpers_vm import (
     Reply,
     Volume,
     VolumeFactory,
+    kernel_state,
+    put_back_closed,
     run,
     single_vm_config,
     wait_until,
 )
-from leaks import is_privileged_open, watch_for_leaks
+from leaks import watch_for_leaks
+from support.proc import is_privileged_open, processes
 
 LUKSCTL = "/usr/local/sbin/luksctl"
 SHARED_PASSPHRASE = "e2e shared volume passphrase " + secrets.token_hex(8)
@@ -57,49 +60,8 @@ PWNED = Path("/tmp/pwned")
 # The kernel's view and the process table, read directly (what the API must agree with)
 
 
-def kernel_state(volume: Volume) -> tuple[str, bool]:
-    """("mounted" | "unmounted", mapper active) from /sys/block/dm-*/dm/name and mountinfo."""
-    device = None
-    for name in Path("/sys/block").glob("dm-*/dm/name"):
-        try:
-            if name.read_text().strip() == volume.cryptdev:
-                device = (name.parent.parent / "dev").read_text().strip()
-        except FileNotFoundError:
-            continue
-    mounted = False
-    if device is not None:
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            fields = line.split(" ")
-            if fields[2] == device and fields[4] == str(MOUNTPOINT):
-                mounted = True
-    return ("mounted" if mounted else "unmounted"), device is not None
-
-
-def processes() -> dict[int, tuple[int, list[bytes]]]:
-    """pid -> (ppid, argv) of every process right now."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        table[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), [arg for arg in argv if arg])
-    return table
-
-
 def privileged_opens() -> list[int]:
-    return [pid for pid, (_, argv) in processes().items() if is_privileged_open(argv)]
-
-
-def put_back_closed(volume: Volume) -> None:
-    """Unmounted and closed, done as root without the product."""
-    if os.path.ismount(MOUNTPOINT):
-        run("umount", str(MOUNTPOINT))
-    if Path(volume.mapper).exists():
-        run(CRYPTSETUP, "close", volume.cryptdev)
+    return [pid for pid, process in processes().items() if is_privileged_open(process.argv)]
 
 
 def open_directly(volume: Volume) -> None:
@@ -428,12 +390,12 @@ def _kill_mid_open(api: Api, dashboard: Dashboard, payload: dict, kill_master: b
 
     def privileged_call_running() -> bool:
         table = processes()
-        workers = {pid for pid, (ppid, _) in table.items() if ppid == api.pid}
-        for pid, (_, argv) in table.items():
-            if is_privileged_open(argv):
+        workers = {pid for pid, process in table.items() if process.ppid == api.pid}
+        for pid, process in table.items():
+            if is_privileged_open(process.argv):
                 ancestor = pid
                 while ancestor in table and ancestor not in workers and ancestor > 1:
-                    ancestor = table[ancestor][0]
+                    ancestor = table[ancestor].ppid
                 if ancestor in workers:
                     holder.append(ancestor)
                     return True

@@ -48,13 +48,13 @@ from helpers_vm import (
     OUT,
     SERVICE_PATH,
     VOLUME_INI,
-    free_port,
     run,
     stop_process,
     tail,
     wait_until,
 )
 from leaks import watch_for_leaks
+from support.net import free_port
 
 STATUS = "/luksctl_api/v1.0/status"
 OPEN = "/luksctl_api/v1.0/open"

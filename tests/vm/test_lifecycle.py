@@ -17,17 +17,18 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, VOLUME_INI, Volume, VolumeFactory, run, wait_until
+from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, VOLUME_INI, Volume, VolumeFactory, kernel_state, put_back_closed, run, wait_until
 from leaks import watch_for_leaks
-from test_e2e import kernel_state, put_back_closed
+from support.policies import DELETE_ONLY
+from support.proc import processes
+from support.shim import SHIM_DIR, install_shim, remove_shim
 
 LUKSCTL = "/usr/local/sbin/luksctl"
 FAST_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
 ROTATE_POLICY = "luksctl-rotate"
-DELETE_POLICY = "delete_only"
 SUB = "lifecycle-user-sub"
 PENDING = Path("/etc/luks/rotate-pending-passphrase")
-CRYPTSETUP_WRAPPER = Path("/usr/local/sbin/cryptsetup")  # first on luksctl's fixed PATH
+CRYPTSETUP_WRAPPER = SHIM_DIR / "cryptsetup"  # first on luksctl's fixed PATH
 
 
 def opens(volume: Volume, passphrase: str | bytes) -> bool:
@@ -70,12 +71,9 @@ def rotate_args(bao, secret_path: str) -> list[str]:
 
 @pytest.fixture
 def vault(bao_up):
-    """The session's OpenBao with a rotation policy and the dashboard's delete_only (again after
-    a restart, which forgets everything)."""
-    rules = {ROTATE_POLICY: 'path "secrets/data/*" { capabilities = ["read", "update"] }',
-             DELETE_POLICY: 'path "secrets/metadata/*" { capabilities = ["delete"] }'}
-    for name, rule in rules.items():
-        bao_up.request("PUT", f"sys/policies/acl/{name}", json={"policy": rule})
+    """The session's OpenBao with a rotation policy (again after a restart, which forgets
+    everything) beside the dashboard's, delete_only among them (support.policies)."""
+    bao_up.put_policy(ROTATE_POLICY, 'path "secrets/data/*" { capabilities = ["read", "update"] }')
     return bao_up
 
 
@@ -119,20 +117,13 @@ def pause_cryptsetup(subcommand: str, when: str) -> None:
     so the test kills luksctl at exactly that step (a stand-in on the PATH, like CryptsetupCounter)."""
     run_it = f'exec {CRYPTSETUP} "$@"' if when == "before" else f'{CRYPTSETUP} "$@"; status=$?'
     pause_then = f"kill -STOP $$; {run_it}" if when == "before" else f"{run_it}; kill -STOP $$; exit $status"
-    CRYPTSETUP_WRAPPER.write_text(f'#!/bin/sh\ncase " $* " in *" {subcommand} "*) {pause_then} ;; esac\nexec {CRYPTSETUP} "$@"\n')
-    CRYPTSETUP_WRAPPER.chmod(0o755)
+    install_shim("cryptsetup", f'case " $* " in *" {subcommand} "*) {pause_then} ;; esac\nexec {CRYPTSETUP} "$@"\n')
 
 
 def paused_cryptsetup(subcommand: str) -> int | None:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if str(CRYPTSETUP_WRAPPER).encode() in argv and subcommand.encode() in argv and state == "T":
-                return int(entry)
+    for pid, process in processes().items():
+        if str(CRYPTSETUP_WRAPPER).encode() in process.argv and subcommand.encode() in process.argv and process.state == "T":
+            return pid
     return None
 
 
@@ -157,7 +148,7 @@ def test_rotate_killed_at_a_step_then_run_again_opens_by_the_dashboards_flow(kil
         rotation.wait(30)
         os.kill(paused_cryptsetup(subcommand), signal.SIGKILL)
     finally:
-        CRYPTSETUP_WRAPPER.unlink(missing_ok=True)
+        remove_shim("cryptsetup")
 
     # At the kill: what Vault holds opens the volume.
     in_vault = stored(vault, secret_path)
@@ -239,7 +230,7 @@ def test_decommission_leaves_nothing_that_opens_the_volume(luks_volume, vault, d
     assert run(CRYPTSETUP, "open", "--test-passphrase", "--key-file=-", "--header", str(HEADER_BACKUP), volume.loop,
                input=volume.passphrase, check=False).returncode == 0  # the backup opened it until now
 
-    code, answer, stderr = luksctl("decommission", "--yes", *vault_args(vault, secret_path, DELETE_POLICY))
+    code, answer, stderr = luksctl("decommission", "--yes", *vault_args(vault, secret_path, DELETE_ONLY))
 
     assert code == 0, (answer, stderr)
     assert kernel_state(volume) == ("unmounted", False) and dashboard.status().state == "unavailable"

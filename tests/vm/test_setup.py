@@ -32,6 +32,8 @@ import pytest
 import requests
 
 from helpers_vm import CRYPTSETUP, HEADER_BACKUP, LUKS_DIR, MOUNTPOINT, OUT, SERVICE_PATH, VENV_BIN, VOLUME_INI, run, wait_until
+from support.proc import ProcSampler, descends_from, processes
+from support.shim import install_shim, remove_shim
 
 LUKSCTL = "/usr/local/sbin/luksctl"
 FASTLUKS = str(VENV_BIN / "fastluks")
@@ -167,7 +169,7 @@ class Setup:
 
         def stopped() -> bool:
             table = processes()
-            for pid, (_ppid, state, argv) in table.items():
+            for pid, (_ppid, _pgrp, state, argv) in table.items():
                 if state == "T" and any(tool.encode() in arg for arg in argv) \
                         and all(any(n in arg for arg in argv) for n in needles) and descends_from(pid, self.proc.pid, table):
                     seen.extend(argv)
@@ -187,36 +189,13 @@ def stopping_at(tool: str, real: str, *, when: str, after: bool):
     """A wrapper for `tool` where luksctl looks first (/usr/local/sbin, its fixed PATH): on a call
     whose arguments hold `when`, it stops itself before running the real one (after=False) or
     after it (after=True). Everything else goes straight to the real binary, stdin included."""
-    wrapper = Path("/usr/local/sbin") / tool
     stop = "kill -STOP $$"
     matched = f'"{real}" "$@"; status=$?; {stop}; exit $status' if after else f'{stop}; exec "{real}" "$@"'
-    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" {when} "*) {matched} ;; esac\nexec "{real}" "$@"\n')
-    wrapper.chmod(0o755)
+    install_shim(tool, f'case " $* " in *" {when} "*) {matched} ;; esac\nexec "{real}" "$@"\n')
     try:
         yield
     finally:
-        wrapper.unlink()
-
-
-def processes() -> dict[int, tuple[int, str, list[bytes]]]:
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                argv = [a for a in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0") if a]
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            table[int(entry)] = (int(fields[1]), fields[0], argv)
-    return table
-
-
-def descends_from(pid: int, ancestor: int, table: dict) -> bool:
-    while pid in table and pid > 1:
-        if pid == ancestor:
-            return True
-        pid = table[pid][0]
-    return False
+        remove_shim(tool)
 
 
 def setup_once(argv: list[str], name: str, stdin: bytes = b"") -> Finished:
@@ -272,32 +251,6 @@ def stored_passphrase(vault, disk: Disk) -> str:
     return vault.request("GET", f"secrets/data/{disk.secret_path}").json()["data"]["data"][KEY]
 
 
-class ProcRecorder(threading.Thread):
-    """Keeps every distinct /proc/*/cmdline and environ seen while it runs, to search afterwards."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.blobs: set[bytes] = set()
-        self.stopping = threading.Event()
-        self.sweeps = 0
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    for part in ("cmdline", "environ"):
-                        with contextlib.suppress(OSError):
-                            self.blobs.add(Path(f"/proc/{entry}/{part}").read_bytes())
-            self.sweeps += 1
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(30)
-
-    def holding(self, needle: bytes) -> list[bytes]:
-        return [blob[:120] for blob in self.blobs if needle in blob]
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. blank device -> setup -> the dashboard's unlock; close, open, the data is still there
 
@@ -306,7 +259,7 @@ def test_setup_then_dashboard_unlock_close_and_reopen(vault, dashboard, api, bla
     disk = blank_disk
     unwrapped = "setupunwrapped" + secrets.token_hex(10)
     wrapping = vault.write_only_wrapping_token(unwrapped)
-    recorder = ProcRecorder()
+    recorder = ProcSampler()
     recorder.start()
     try:
         result = setup_once(setup_argv(disk, vault.url, token_file(wrapping), "--wipe", "--json"), "setup-main")
@@ -324,7 +277,7 @@ def test_setup_then_dashboard_unlock_close_and_reopen(vault, dashboard, api, bla
     # Neither the passphrase nor the unwrapped token was in any argv, environment or log.
     assert recorder.sweeps >= 3
     for needle in (passphrase.encode(), unwrapped.encode(), wrapping.encode()):
-        assert not recorder.holding(needle)
+        assert not recorder.hits({"secret": needle})
         for log in (OUT / "setup-main.stdout.log", OUT / "setup-main.stderr.log"):
             assert needle not in log.read_bytes()
     assert not vault.lookup_wrapping(wrapping)
@@ -460,7 +413,7 @@ def test_sigkill_during_mkfs_of_fastluks_then_rerun(vault, dashboard, api, blank
             "-c", "aes-xts-plain64", "-s", "256", "--hash", "sha256", "--header-backup-file", str(HEADER_BACKUP),
             "--cryptdev-file", str(VOLUME_INI), "-l", "64", "--vault", "--vault-url", vault.url,
             "--wrapping-token", wrapping, "--secret-path", disk.secret_path, "--user-key", KEY, *FAST_PBKDF]
-    recorder = ProcRecorder()
+    recorder = ProcSampler()
     recorder.start()
     try:
         # Killed once mkfs has written its filesystem but before setup saw it finish: the journal
@@ -481,8 +434,8 @@ def test_sigkill_during_mkfs_of_fastluks_then_rerun(vault, dashboard, api, blank
     assert re.search(r"Key:\s+256 bits", dump) and "aes-xts-plain64" in dump  # the older tools' defaults
     passphrase = stored_passphrase(vault, disk).encode()
     # The argv token shows in /proc while fastluks runs: the one documented exception. Nothing else does.
-    assert recorder.holding(wrapping.encode())
-    assert not recorder.holding(passphrase) and not recorder.holding(unwrapped.encode())
+    assert recorder.hits({"wrapping token": wrapping.encode()})
+    assert not recorder.hits({"passphrase": passphrase, "unwrapped token": unwrapped.encode()})
     for name in ("fastluks-kill-mkfs", "fastluks-kill-mkfs-rerun"):
         for suffix in ("stdout", "stderr"):
             log = (OUT / f"{name}.{suffix}.log").read_bytes()

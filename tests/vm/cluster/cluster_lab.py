@@ -44,6 +44,7 @@ from helpers_vm import (
     tail,
     wait_until,
 )
+from support.proc import processes
 
 SUBNET = "10.99.0"
 FRONT_IP = f"{SUBNET}.1"
@@ -344,14 +345,7 @@ class WorkerNode:
 
 def _group_alive(group: int) -> bool:
     """Any live (not zombie) process left in the process group?"""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":  # fields: state ppid pgrp ...
-            return True
-    return False
+    return any(process.pgrp == group and process.state != "Z" for process in processes().values())
 
 
 class Lab:
