@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import stat
 import subprocess
 
@@ -14,8 +15,11 @@ from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
 from luks_lab import Lab
 
+from luksctl.config import load_volume_config
 from luksctl.errors import EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
-from luksctl.root.cli import main
+from luksctl.root import keys
+from luksctl.root.cli import main, read_passphrase
+from luksctl.root.decommission import decommission
 
 opens = Lab.opens
 luks_format = Lab.format
@@ -146,6 +150,20 @@ def test_recovery_key_add_to_a_file_refuses_to_overwrite(lab, capsys):
     assert code == EXIT_REFUSED and "already exists" in answer["error"]
 
 
+def test_recovery_key_file_holds_exactly_the_key_and_works_with_cryptsetups_key_file(lab, capsys, monkeypatch):
+    key = b"abcdef-ghjkmn-pqrstu-vwxyz2-345678-9abcde-fghjkm-npqrst"
+    monkeypatch.setattr(keys, "new_recovery_key", lambda: key)
+    target = lab.dir / "recovery.key"
+
+    code, _ = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, "--output", str(target), stdin=PASSPHRASE)
+
+    assert code == EXIT_OK
+    assert target.read_bytes() == key  # no newline: `--key-file FILE` would take it as part of the key
+    opened = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", str(target), str(lab.image)], capture_output=True)
+    assert opened.returncode == 0, opened.stderr
+    assert read_passphrase(target.open("rb"), is_tty=False) == key  # and `luksctl open < recovery.key` still reads it whole
+
+
 def test_recovery_key_add_with_a_wrong_passphrase_changes_nothing(lab, capsys):
     before = hashlib.sha256(lab.image.read_bytes()).hexdigest()
 
@@ -231,6 +249,40 @@ def test_report_text(lab, capsys):
     assert "LUKS:             version 2, aes-xts-plain64, 512-bit key" in out
     assert "Keyslot 0:        pbkdf2 (iterations 1000)" in out
     assert f"Header backup:    {lab.backup} MISSING" in out
+
+
+def killed_runs_scratch(lab) -> list:
+    """Scratch directories as a SIGKILLed run leaves them: one named by a pid that is gone, one older (no pid)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = [lab.dir / f".luksctl-{gone.pid}-k2j9x8a", lab.dir / ".luksctl-q7_wz3tm"]
+    for scratch in left:
+        scratch.mkdir(mode=0o700)
+        subprocess.run(["cryptsetup", "luksHeaderBackup", str(lab.image), "--header-backup-file", str(scratch / "header")], check=True)
+    return left
+
+
+def test_header_copies_a_killed_run_left_are_listed_by_report_and_removed_by_the_next_backup(lab, capsys):
+    left = killed_runs_scratch(lab)
+    live = lab.dir / f".luksctl-{os.getpid()}-abcdefgh"  # a run still going keeps its own
+    live.mkdir()
+
+    code, answer = lab.run(capsys, "report")
+    assert code == EXIT_OK and answer["stale_header_copies"] == sorted(str(path) for path in left)
+
+    lab.run(capsys, "header", "backup")
+    assert not any(path.exists() for path in left) and live.is_dir()
+    code, answer = lab.run(capsys, "report")
+    assert answer["stale_header_copies"] == []
+
+
+def test_decommission_removes_header_copies_a_killed_run_left(lab):
+    left = killed_runs_scratch(lab)
+
+    done = decommission(load_volume_config(lab.ini), lab.ini, None, None)
+
+    assert not any(path.exists() for path in left)
+    assert set(map(str, left)) <= set(done.removed_files)
 
 
 def test_no_secret_in_any_argv_or_log_line(lab, capsys, monkeypatch, caplog):

@@ -9,9 +9,7 @@ comparing checksums is how `verify` tells whether a backup is current.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,96 +17,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import runner
 from ..durable import write_atomically
-from ..errors import CommandFailed, DeviceNotFound, Refused
+from ..errors import CommandFailed, Refused
+from . import cryptsetup
 
-DEFAULT_BACKUP = Path("/etc/luks/luks-header.bck")  # PROTOCOL §7: fast-luks' default header_path
-HEADER_TIMEOUT = 60  # header commands run no PBKDF
-RECOVERY_TOKEN = "luksctl-recovery"  # LUKS2 token type that labels the recovery key's keyslot
-
-
-@dataclass(frozen=True)
-class Keyslot:
-    slot: int
-    pbkdf: str
-    cost: dict[str, int]  # pbkdf2: iterations; argon2*: time, memory (KiB), cpus
-    fingerprint: str  # changes whenever the slot is rewritten (its salt)
-
-
-@dataclass(frozen=True)
-class LuksHeader:
-    version: int
-    uuid: str
-    cipher: str
-    key_size: int  # bits
-    keyslots: dict[int, Keyslot]
-    recovery_tokens: dict[int, list[int]]  # LUKS2 token id -> the keyslots it labels as recovery keys
-
-    @property
-    def recovery_slots(self) -> set[int]:
-        return {slot for slots in self.recovery_tokens.values() for slot in slots if slot in self.keyslots}
-
-    @property
-    def max_keyslots(self) -> int:
-        return 32 if self.version == 2 else 8
-
-    def free_slot(self) -> int:
-        for slot in range(self.max_keyslots):
-            if slot not in self.keyslots:
-                return slot
-        raise Refused(f"all {self.max_keyslots} keyslots are in use; remove one first")
-
-
-def require_device(device: str) -> None:
-    if not os.path.exists(device):
-        raise DeviceNotFound(f"LUKS device {device} (uuid from the ini file) is not attached")
-
-
-def read_header(device: str | Path) -> LuksHeader:
-    """luksDump of a device or a header backup file: LUKS2 as JSON, LUKS1 from its text."""
-    uuid = runner.run(["cryptsetup", "luksUUID", str(device)], timeout=HEADER_TIMEOUT).stdout.strip()
-    result = runner.run(["cryptsetup", "luksDump", "--dump-json-metadata", str(device)], timeout=HEADER_TIMEOUT, check=False)
-    if result.returncode == 0:
-        return _parse_luks2(uuid, json.loads(result.stdout))
-    text = runner.run(["cryptsetup", "luksDump", str(device)], timeout=HEADER_TIMEOUT).stdout
-    if not re.search(r"^Version:\s*1\s*$", text, re.MULTILINE):
-        raise CommandFailed(f"cryptsetup cannot dump the LUKS2 metadata of {device}", result.argv, result.returncode, result.stderr)
-    return _parse_luks1(uuid, text)
-
-
-def _parse_luks2(uuid: str, metadata: dict) -> LuksHeader:
-    keyslots = {}
-    for slot, info in metadata["keyslots"].items():
-        kdf = info["kdf"]
-        cost_keys = ("iterations",) if kdf["type"] == "pbkdf2" else ("time", "memory", "cpus")
-        cost = {key: int(kdf[key]) for key in cost_keys if key in kdf}
-        keyslots[int(slot)] = Keyslot(int(slot), kdf["type"], cost, kdf.get("salt", ""))
-    segment = metadata["segments"].get("0", {})
-    key_size = next(iter(metadata["keyslots"].values()), {}).get("key_size", 0) * 8
-    tokens = {
-        int(token_id): [int(slot) for slot in token.get("keyslots", [])]
-        for token_id, token in metadata.get("tokens", {}).items()
-        if token.get("type") == RECOVERY_TOKEN
-    }
-    return LuksHeader(2, uuid, segment.get("encryption", "unknown"), key_size, keyslots, tokens)
-
-
-def _parse_luks1(uuid: str, text: str) -> LuksHeader:
-    def field(name: str) -> str:
-        match = re.search(rf"^{name}:\s*(.+?)\s*$", text, re.MULTILINE)
-        return match.group(1) if match else ""
-
-    keyslots = {}
-    for match in re.finditer(r"^Key Slot (\d+): ENABLED\n\s*Iterations:\s*(\d+)\n\s*Salt:\s*((?:[0-9a-f ]+\n?\s*)+?)\s*Key material", text, re.MULTILINE):
-        slot = int(match.group(1))
-        keyslots[slot] = Keyslot(slot, "pbkdf2", {"iterations": int(match.group(2))}, "".join(match.group(3).split()))
-    cipher = "-".join(part for part in (field("Cipher name"), field("Cipher mode")) if part)
-    return LuksHeader(1, uuid, cipher, int(field("MK bits") or 0), keyslots, {})
-
+SCRATCH_PREFIX = ".luksctl-"  # then the pid of the run that made it
 
 def backup_path(configured: str | None) -> Path:
-    return Path(configured) if configured else DEFAULT_BACKUP
+    return Path(configured) if configured else cryptsetup.DEFAULT_HEADER_BACKUP
 
 
 def checksum_path(backup: Path) -> Path:
@@ -131,11 +47,36 @@ def recorded_checksum(backup: Path) -> str | None:
         return None
 
 
+def stale_copies(directory: Path) -> list[Path]:
+    """Scratch directories of runs that are gone (a SIGKILL skips every `finally`): their header
+    copies open the volume with the keys of their day. A live run's own is left alone."""
+    try:
+        candidates = [path for path in directory.iterdir() if path.name.startswith(SCRATCH_PREFIX) and path.is_dir()]
+    except OSError:
+        return []
+    return sorted(path for path in candidates if not _alive(path.name[len(SCRATCH_PREFIX):].split("-")[0]))
+
+
+def _alive(pid: str) -> bool:
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()
+
+
+def remove_stale_copies(directory: Path) -> list[Path]:
+    stale = stale_copies(directory)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 @contextmanager
 def _private_dir(near: Path) -> Iterator[Path]:
-    """A 0700 scratch directory beside `near`, for header copies (they open the volume)."""
+    """A 0700 scratch directory beside `near`, for header copies (they open the volume).
+
+    Its name carries our pid, so that the next run removes it if a kill leaves it behind.
+    """
     near.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=".luksctl-", dir=near.parent))
+    remove_stale_copies(near.parent)
+    path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=near.parent))
     try:
         yield path
     finally:
@@ -143,7 +84,7 @@ def _private_dir(near: Path) -> Iterator[Path]:
 
 
 def _copy_header(device: str, target: Path) -> str:
-    runner.run(["cryptsetup", "luksHeaderBackup", device, "--header-backup-file", str(target)], timeout=HEADER_TIMEOUT)
+    cryptsetup.backup_header(device, target)
     return sha256_of(target)
 
 
@@ -194,7 +135,7 @@ def check_backup(device: str, backup: Path, now: float) -> BackupCheck:
         return BackupCheck(str(backup), exists=False)
     actual = sha256_of(backup)
     recorded = recorded_checksum(backup)
-    on_device, in_backup = read_header(device), read_header(backup)
+    on_device, in_backup = cryptsetup.read_header(device), cryptsetup.read_header(backup)
     return BackupCheck(
         str(backup),
         exists=True,
@@ -206,18 +147,18 @@ def check_backup(device: str, backup: Path, now: float) -> BackupCheck:
     )
 
 
-def check_restorable(device: str, backup: Path, expected_uuid: str) -> LuksHeader:
+def check_restorable(device: str, backup: Path, expected_uuid: str) -> cryptsetup.LuksHeader:
     """Refuse a backup of another volume, a damaged backup, or a device that is another volume."""
     if not backup.is_file():
         raise Refused(f"there is no header backup at {backup}")
     recorded = recorded_checksum(backup)
     if recorded is not None and recorded != sha256_of(backup):
         raise Refused(f"{backup} no longer matches the checksum recorded in {checksum_path(backup)}; it is damaged or was replaced")
-    saved = read_header(backup)
+    saved = cryptsetup.read_header(backup)
     if saved.uuid.lower() != expected_uuid.lower():
         raise Refused(f"{backup} is the header of volume {saved.uuid}, not of this volume ({expected_uuid}); nothing was written")
     try:
-        on_device = read_header(device).uuid
+        on_device = cryptsetup.read_header(device).uuid
     except CommandFailed:
         on_device = None  # a damaged header is why one restores: the by-uuid link and the ini named it
     if on_device is not None and on_device.lower() != saved.uuid.lower():
@@ -225,11 +166,7 @@ def check_restorable(device: str, backup: Path, expected_uuid: str) -> LuksHeade
     return saved
 
 
-def restore_backup(device: str, backup: Path) -> None:
-    runner.run(["cryptsetup", "luksHeaderRestore", device, "--header-backup-file", str(backup), "--batch-mode"], timeout=HEADER_TIMEOUT)
-
-
-def describe(header: LuksHeader) -> dict:
+def describe(header: cryptsetup.LuksHeader) -> dict:
     """The header as the report shows it (no salts: they mean nothing to an operator)."""
     return {
         "luks_version": header.version,

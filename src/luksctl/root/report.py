@@ -15,8 +15,7 @@ from pathlib import Path
 from .. import runner
 from ..config import VolumeConfig
 from ..errors import CommandFailed
-from . import header
-from .keys import opening_slot
+from . import cryptsetup, header
 from .rotate import pending_operations
 from .volume import current_status
 
@@ -56,14 +55,15 @@ def build_report(volume: VolumeConfig, passphrase: bytes | None, state_dir: Path
         "pending": pending_operations(state_dir),
     }
     backup = header.backup_path(volume.header_path)
+    report["stale_header_copies"] = [str(path) for path in header.stale_copies(backup.parent)]  # before check_backup removes them
     if not report["device_present"]:
         report["header_backup"] = {"path": str(backup), "exists": backup.is_file()}
         return report
-    luks = header.read_header(device)
+    luks = cryptsetup.read_header(device)
     report.update(header.describe(luks))
     report["header_backup"] = {k: v for k, v in vars(header.check_backup(device, backup, time.time())).items() if v is not None}
     if passphrase is not None:
-        report["passphrase_opens_slot"] = opening_slot(device, passphrase)
+        report["passphrase_opens_slot"] = cryptsetup.opening_slot(device, passphrase)
     return report
 
 
@@ -85,6 +85,8 @@ def report_lines(report: dict) -> list[str]:
     lines.append(f"Header backup:    {describe_backup(report['header_backup'])}")
     lines.append(f"Last open:        {report['last_open'] or 'unknown (no journal entry)'}")
     lines.extend(f"UNFINISHED:       {pending}" for pending in report["pending"])
+    lines.extend(f"STALE COPY:       {path} (a header copy a killed run left; the next command that copies the header removes it)"
+                 for path in report["stale_header_copies"])
     return lines
 
 
