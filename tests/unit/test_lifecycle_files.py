@@ -15,9 +15,9 @@ from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
 from luks_lab import Lab
 
-from luksctl.config import load_volume_config
+from luksctl.config import VolumeConfig, load_volume_config
 from luksctl.errors import EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
-from luksctl.root import keys
+from luksctl.root import blockdev, header, keys, report
 from luksctl.root.cli import main, read_passphrase
 from luksctl.root.decommission import decommission
 
@@ -120,6 +120,80 @@ def test_header_restore_refuses_a_backup_that_changed_since_it_was_written(lab, 
     code, answer = lab.run(capsys, "header", "restore", "--yes")
 
     assert code == EXIT_REFUSED and "damaged or was replaced" in answer["error"]
+
+
+def destroy_header(image) -> None:
+    """Zero both LUKS2 header copies (the first 32 KiB): cryptsetup no longer sees a LUKS device."""
+    with image.open("r+b") as disk:
+        disk.write(bytes(32 * 1024))
+    assert subprocess.run(["cryptsetup", "isLuks", str(image)]).returncode != 0
+
+
+def uuid_link_gone(lab, monkeypatch) -> None:
+    """As udev does when the header goes: the by-uuid link disappears; the ini still names the device."""
+    monkeypatch.setattr(VolumeConfig, "device_path", property(lambda self: str(lab.dir / "by-uuid" / self.uuid)))
+    with lab.ini.open("a") as ini:
+        ini.write(f"device = {lab.image}\n")
+
+
+def test_header_verify_and_report_on_a_destroyed_header(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    destroy_header(lab.image)
+    uuid_link_gone(lab, monkeypatch)
+
+    code, answer = lab.run(capsys, "header", "verify")
+    assert code == EXIT_STALE_BACKUP and answer["header_backup"]["device_header_missing"] is True
+
+    code, answer = lab.run(capsys, "report")
+    assert code == EXIT_OK and answer["device_present"] is True and answer["device_header_missing"] is True
+    assert answer["device"] == str(lab.image)
+    assert "LUKS:             NO HEADER on the device (destroyed or overwritten): luksctl header restore" in report.report_lines(answer)
+
+
+def test_header_restore_of_a_destroyed_header_finds_the_device_by_the_ini(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    destroy_header(lab.image)
+    uuid_link_gone(lab, monkeypatch)
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_OK, answer
+    assert opens(lab.image, PASSPHRASE)
+    assert lab.run(capsys, "header", "verify")[0] == EXIT_OK
+
+
+def test_header_restore_refuses_a_device_smaller_than_the_backup(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    uuid_link_gone(lab, monkeypatch)
+    lab.image.unlink()
+    with lab.image.open("xb") as small:  # another, smaller disk now has the ini's device name
+        small.truncate(1024 * 1024)
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_REFUSED and "smaller than the header" in answer["error"]
+    assert lab.image.read_bytes() == bytes(1024 * 1024)
+
+
+@pytest.mark.parametrize("users, found, refusal", [
+    (["partition vdb1 is mounted on /mnt"], [], "is in use: partition vdb1 is mounted on /mnt"),
+    ([], ["signature crypto_LUKS", "signature ext4"], "holds signature ext4, not only a LUKS header"),
+])
+def test_header_restore_on_a_block_device_refuses_one_in_use_or_holding_another_signature(lab, capsys, monkeypatch, users, found, refusal):
+    lab.run(capsys, "header", "backup")
+    destroy_header(lab.image)
+    before = lab.image.read_bytes()
+    monkeypatch.setattr(header.stat, "S_ISBLK", lambda mode: True)  # the image stands in for /dev/vdb
+    monkeypatch.setattr(blockdev, "block_device", lambda path: blockdev.BlockDevice(path, "254:16"))
+    asked = []
+    monkeypatch.setattr(blockdev, "users", lambda device, allowed_holder=None: asked.append(allowed_holder) or users)
+    monkeypatch.setattr(blockdev, "signatures", lambda device: found)
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_REFUSED and refusal in answer["error"]
+    assert asked == ["labvol"], "the volume's own mapper may stay open on it"
+    assert lab.image.read_bytes() == before
 
 
 def test_recovery_key_add_opens_its_own_slot_and_refreshes_the_backup(lab, capsys):
@@ -283,6 +357,15 @@ def test_decommission_removes_header_copies_a_killed_run_left(lab):
 
     assert not any(path.exists() for path in left)
     assert set(map(str, left)) <= set(done.removed_files)
+
+
+def test_decommission_of_a_destroyed_header_removes_the_files(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    destroy_header(lab.image)
+
+    done = decommission(load_volume_config(lab.ini), lab.ini, None, None)
+
+    assert done.steps == [] and str(lab.backup) in done.removed_files and not lab.ini.exists()
 
 
 def test_no_secret_in_any_argv_or_log_line(lab, capsys, monkeypatch, caplog):

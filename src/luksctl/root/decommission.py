@@ -36,7 +36,7 @@ def decommission(vol: VolumeConfig, ini: Path, keystore: Keystore | None, ref: S
     if keystore is not None and ref is not None:
         keystore.delete_metadata(ref)
         done.steps.append(f"deleted {ref} in Vault")
-    if Path(vol.device_path).exists() and cryptsetup.read_header(vol.device_path).keyslots:
+    if Path(vol.device_path).exists() and cryptsetup.is_luks(vol.device_path) and cryptsetup.read_header(vol.device_path).keyslots:
         cryptsetup.erase(vol.device_path)
         done.steps.append("erased every keyslot")
     backup = backup_path(vol.header_path)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import VolumeConfig
 from ..durable import write_atomically
-from ..errors import CommandFailed, Refused
-from . import cryptsetup
+from ..errors import CommandFailed, DeviceNotFound, Refused
+from . import blockdev, cryptsetup
 
 SCRATCH_PREFIX = ".luksctl-"  # then the pid of the run that made it
 
@@ -124,6 +126,7 @@ class BackupCheck:
     matches: bool | None = None  # byte-identical to the device's header now
     same_volume: bool | None = None
     keyslots_current: bool | None = None  # same keyslots, same salts: opens with exactly today's keys
+    device_header_missing: bool | None = None  # zeroed or overwritten: what `header restore` is for
 
     @property
     def ok(self) -> bool:
@@ -135,20 +138,36 @@ def check_backup(device: str, backup: Path, now: float) -> BackupCheck:
         return BackupCheck(str(backup), exists=False)
     actual = sha256_of(backup)
     recorded = recorded_checksum(backup)
+    age = round(now - backup.stat().st_mtime, 1)
+    intact = None if recorded is None else recorded == actual
+    if not cryptsetup.is_luks(device):
+        return BackupCheck(str(backup), exists=True, age_seconds=age, intact=intact, matches=False, device_header_missing=True)
     on_device, in_backup = cryptsetup.read_header(device), cryptsetup.read_header(backup)
     return BackupCheck(
         str(backup),
         exists=True,
-        age_seconds=round(now - backup.stat().st_mtime, 1),
-        intact=None if recorded is None else recorded == actual,
+        age_seconds=age,
+        intact=intact,
         matches=current_checksum(device, backup) == actual,
         same_volume=on_device.uuid == in_backup.uuid,
         keyslots_current=on_device.keyslots == in_backup.keyslots,
     )
 
 
-def check_restorable(device: str, backup: Path, expected_uuid: str) -> cryptsetup.LuksHeader:
-    """Refuse a backup of another volume, a damaged backup, or a device that is another volume."""
+def find_device(volume: VolumeConfig) -> str:
+    """The volume's device for the header commands: found by its uuid, or, when no header says
+    that uuid any more (it is what they repair), by the ini's `device` path."""
+    if os.path.exists(volume.device_path) or not volume.device:
+        cryptsetup.require_device(volume.device_path)
+        return volume.device_path
+    if not os.path.exists(volume.device):
+        raise DeviceNotFound(f"neither LUKS device {volume.device_path} (uuid from the ini file) nor {volume.device} (its device) is attached")
+    return volume.device
+
+
+def check_restorable(device: str, backup: Path, expected_uuid: str, cryptdev: str) -> cryptsetup.LuksHeader:
+    """Refuse a damaged backup, a backup of another volume, or a device that is another volume, in use
+    by anything but the volume's own mapper, smaller than the backup, or holding another signature."""
     if not backup.is_file():
         raise Refused(f"there is no header backup at {backup}")
     recorded = recorded_checksum(backup)
@@ -163,7 +182,22 @@ def check_restorable(device: str, backup: Path, expected_uuid: str) -> cryptsetu
         on_device = None  # a damaged header is why one restores: the by-uuid link and the ini named it
     if on_device is not None and on_device.lower() != saved.uuid.lower():
         raise Refused(f"{device} holds volume {on_device}, not {saved.uuid}; nothing was written")
+    if _size(device) < backup.stat().st_size:
+        raise Refused(f"{device} is smaller than the header in {backup}: it is not that volume's device; nothing was written")
+    if stat.S_ISBLK(os.stat(device).st_mode):  # an image file (tests, recovery on a copy) has no users and no partitions
+        target = blockdev.block_device(device)
+        busy = blockdev.users(target, allowed_holder=cryptdev)
+        if busy:
+            raise Refused(f"{device} is in use: {'; '.join(busy)}; nothing was written")
+        other = [found for found in blockdev.signatures(target) if found != "signature crypto_LUKS"]
+        if other:
+            raise Refused(f"{device} holds {', '.join(other)}, not only a LUKS header; nothing was written")
     return saved
+
+
+def _size(device: str) -> int:
+    with open(device, "rb") as stream:
+        return stream.seek(0, os.SEEK_END)
 
 
 def describe(header: cryptsetup.LuksHeader) -> dict:

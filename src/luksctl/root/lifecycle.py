@@ -127,20 +127,19 @@ def cmd_header_backup(args: argparse.Namespace, context: Context) -> Outcome:
 
 def cmd_header_verify(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    cryptsetup.require_device(volume.device_path)
-    check = header.check_backup(volume.device_path, header.backup_path(volume.header_path), time.time())
+    check = header.check_backup(header.find_device(volume), header.backup_path(volume.header_path), time.time())
     details = {key: value for key, value in vars(check).items() if value is not None}
     return Outcome({"header_backup": details}, [f"Header backup:    {report.describe_backup(details)}"], EXIT_OK if check.ok else EXIT_STALE_BACKUP)
 
 
 def cmd_header_restore(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    cryptsetup.require_device(volume.device_path)
+    device = header.find_device(volume)
     backup = header.backup_path(volume.header_path)
     with context.locked():
-        header.check_restorable(volume.device_path, backup, volume.uuid)
-        context.confirm(args, volume, f"This overwrites the LUKS header of {volume.device_path} with {backup}")
-        cryptsetup.restore_header(volume.device_path, backup)
+        header.check_restorable(device, backup, volume.uuid, volume.cryptdev)
+        context.confirm(args, volume, f"This overwrites the LUKS header of {device} with {backup}")
+        cryptsetup.restore_header(device, backup)
     return Outcome({"restored_from": str(backup)}, [f"Header restored:  from {backup}"], changed=True)
 
 
