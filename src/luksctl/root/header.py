@@ -1,4 +1,4 @@
-"""The LUKS header: what it says (luksDump), and its backup file (write, verify, restore).
+"""The LUKS header's backup file (write, verify, restore) and the device it belongs to.
 
 A header backup opens the volume with every passphrase its keyslots held when it was
 taken, so a backup is only as safe as its oldest keyslot. Backups are byte copies
@@ -24,6 +24,7 @@ from ..errors import CommandFailed, DeviceNotFound, Refused
 from . import blockdev, cryptsetup
 
 SCRATCH_PREFIX = ".luksctl-"  # then the pid of the run that made it
+
 
 def backup_path(configured: str | None) -> Path:
     return Path(configured) if configured else cryptsetup.DEFAULT_HEADER_BACKUP
