@@ -16,7 +16,7 @@ from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
 from luks_lab import Lab
 
 from luksctl.config import VolumeConfig, load_volume_config
-from luksctl.errors import EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
+from luksctl.errors import EXIT_COMMAND_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
 from luksctl.root import blockdev, header, keys, report
 from luksctl.root.cli import main, read_passphrase
 from luksctl.root.decommission import decommission
@@ -160,6 +160,29 @@ def test_header_restore_of_a_destroyed_header_finds_the_device_by_the_ini(lab, c
     assert code == EXIT_OK, answer
     assert opens(lab.image, PASSPHRASE)
     assert lab.run(capsys, "header", "verify")[0] == EXIT_OK
+
+
+def test_header_commands_do_not_take_another_volume_at_the_inis_device_path_for_this_one(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    uuid_link_gone(lab, monkeypatch)
+    lab.image.unlink()
+    other_uuid = luks_format(lab.image, b"another volume")  # the disks were renamed: the ini's device is another volume now
+
+    for command in (["header", "verify"], ["header", "restore", "--yes"]):
+        code, answer = lab.run(capsys, *command)
+        assert code == EXIT_COMMAND_FAILED and "holds another volume" in answer["error"], command
+    code, answer = lab.run(capsys, "report")
+    assert answer["device_present"] is False and "keyslots" not in answer
+    assert subprocess.run(["cryptsetup", "luksUUID", str(lab.image)], capture_output=True, text=True).stdout.strip() == other_uuid
+
+
+def test_header_commands_when_neither_the_uuid_nor_the_inis_device_is_there(lab, capsys, monkeypatch):
+    uuid_link_gone(lab, monkeypatch)
+    lab.image.unlink()
+
+    code, answer = lab.run(capsys, "header", "verify")
+
+    assert code == EXIT_COMMAND_FAILED and f"nor {lab.image} (its device) is attached" in answer["error"]
 
 
 def test_header_restore_refuses_a_device_smaller_than_the_backup(lab, capsys, monkeypatch):

@@ -163,6 +163,8 @@ def find_device(volume: VolumeConfig) -> str:
         return volume.device_path
     if not os.path.exists(volume.device):
         raise DeviceNotFound(f"neither LUKS device {volume.device_path} (uuid from the ini file) nor {volume.device} (its device) is attached")
+    if cryptsetup.is_luks(volume.device) and cryptsetup.luks_uuid(volume.device).lower() != volume.uuid.lower():
+        raise DeviceNotFound(f"LUKS device {volume.device_path} (uuid from the ini file) is not attached; {volume.device} holds another volume")
     return volume.device
 
 
