@@ -8,6 +8,8 @@ import io
 import os
 import stat
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from luks_lab import LUKS_LAB_FAST as FAST
@@ -348,15 +350,29 @@ def test_report_text(lab, capsys):
     assert f"Header backup:    {lab.backup} MISSING" in out
 
 
+COPY_THEN_WAIT = """
+import sys, time
+from pathlib import Path
+from luksctl.root import header
+with header._private_dir(Path(sys.argv[2])) as scratch:
+    header._copy_header(sys.argv[1], scratch / "header")
+    print(scratch, flush=True)
+    time.sleep(60)
+"""
+
+
 def killed_runs_scratch(lab) -> list:
-    """Scratch directories as a SIGKILLed run leaves them: one named by a pid that is gone, one older (no pid)."""
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    left = [lab.dir / f".luksctl-{gone.pid}-k2j9x8a", lab.dir / ".luksctl-q7_wz3tm"]
-    for scratch in left:
-        scratch.mkdir(mode=0o700)
-        subprocess.run(["cryptsetup", "luksHeaderBackup", str(lab.image), "--header-backup-file", str(scratch / "header")], check=True)
-    return left
+    """Scratch directories SIGKILLed runs left: one of a run killed holding its header copy, one as older versions named them."""
+    run = subprocess.Popen([sys.executable, "-c", COPY_THEN_WAIT, str(lab.image), str(lab.backup)], stdout=subprocess.PIPE, text=True)
+    killed = Path(run.stdout.readline().strip())
+    run.kill()
+    run.wait()
+    run.stdout.close()
+    older = lab.dir / ".luksctl-q7_wz3tm"
+    older.mkdir(mode=0o700)
+    subprocess.run(["cryptsetup", "luksHeaderBackup", str(lab.image), "--header-backup-file", str(older / "header")], check=True)
+    assert (killed / "header").is_file()
+    return [killed, older]
 
 
 def test_header_copies_a_killed_run_left_are_listed_by_report_and_removed_by_the_next_backup(lab, capsys):
