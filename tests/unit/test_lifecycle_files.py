@@ -184,7 +184,21 @@ def test_header_commands_when_neither_the_uuid_nor_the_inis_device_is_there(lab,
 
     code, answer = lab.run(capsys, "header", "verify")
 
-    assert code == EXIT_COMMAND_FAILED and f"nor {lab.image} (its device) is attached" in answer["error"]
+    assert code == EXIT_COMMAND_FAILED and f"nor {lab.image} (the ini's device) is attached" in answer["error"]
+
+
+def test_header_restore_of_a_destroyed_header_on_the_device_given(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    destroy_header(lab.image)
+    monkeypatch.setattr(VolumeConfig, "device_path", property(lambda self: str(lab.dir / "by-uuid" / self.uuid)))  # no device in the ini
+
+    assert lab.run(capsys, "header", "verify", "--device", str(lab.image))[0] == EXIT_STALE_BACKUP
+    code, answer = lab.run(capsys, "header", "restore", "--yes", "--device", str(lab.image))
+
+    assert code == EXIT_OK, answer
+    assert opens(lab.image, PASSPHRASE)
+    code, answer = lab.run(capsys, "header", "verify", "--device", str(lab.dir / "nothing"))
+    assert code == EXIT_COMMAND_FAILED and "nothing (given with --device) is attached" in answer["error"]
 
 
 def test_header_restore_refuses_a_device_smaller_than_the_backup(lab, capsys, monkeypatch):

@@ -155,17 +155,19 @@ def check_backup(device: str, backup: Path, now: float) -> BackupCheck:
     )
 
 
-def find_device(volume: VolumeConfig) -> str:
-    """The volume's device for the header commands: found by its uuid, or, when no header says
-    that uuid any more (it is what they repair), by the ini's `device` path."""
-    if os.path.exists(volume.device_path) or not volume.device:
+def find_device(volume: VolumeConfig, given: str | None = None) -> str:
+    """The volume's device for the header commands: the one given (--device), else the one its
+    uuid names, else, when no header says that uuid any more (what they repair), the ini's `device`."""
+    if given is None and (os.path.exists(volume.device_path) or not volume.device):
         cryptsetup.require_device(volume.device_path)
         return volume.device_path
-    if not os.path.exists(volume.device):
-        raise DeviceNotFound(f"neither LUKS device {volume.device_path} (uuid from the ini file) nor {volume.device} (its device) is attached")
-    if cryptsetup.is_luks(volume.device) and cryptsetup.luks_uuid(volume.device).lower() != volume.uuid.lower():
-        raise DeviceNotFound(f"LUKS device {volume.device_path} (uuid from the ini file) is not attached; {volume.device} holds another volume")
-    return volume.device
+    device = given or volume.device
+    if not os.path.exists(device):
+        named = "given with --device" if given else "the ini's device"
+        raise DeviceNotFound(f"neither LUKS device {volume.device_path} (uuid from the ini file) nor {device} ({named}) is attached")
+    if cryptsetup.is_luks(device) and cryptsetup.luks_uuid(device).lower() != volume.uuid.lower():
+        raise DeviceNotFound(f"LUKS device {volume.device_path} (uuid from the ini file) is not attached; {device} holds another volume")
+    return device
 
 
 def check_restorable(device: str, backup: Path, expected_uuid: str, cryptdev: str) -> cryptsetup.LuksHeader:

@@ -82,9 +82,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     header_actions = add(commands, "header", "back up, verify or restore the LUKS header").add_subparsers(dest="action", required=True, metavar="ACTION")
     add(header_actions, "backup", "write the header to header_path (0600) and record its checksum")
-    add(header_actions, "verify", "does the backup match the device's header and its current keyslots? (exit 0 if so, 8 if not)")
+    verify = add(header_actions, "verify", "does the backup match the device's header and its current keyslots? (exit 0 if so, 8 if not)")
     restore = add(header_actions, "restore", "write the backup back over the device's header (same volume only)")
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for header_parser in (verify, restore):
+        header_parser.add_argument("--device", help="the volume's device, when its header is gone and the ini's device path is not it")
 
     recovery = add(commands, "recovery-key", "add or remove a recovery key (for the day Vault is lost)").add_subparsers(dest="action", required=True, metavar="ACTION")
     add_key = add(recovery, "add", "add a recovery key in its own keyslot; the current passphrase comes on stdin")
@@ -127,14 +129,14 @@ def cmd_header_backup(args: argparse.Namespace, context: Context) -> Outcome:
 
 def cmd_header_verify(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    check = header.check_backup(header.find_device(volume), header.backup_path(volume.header_path), time.time())
+    check = header.check_backup(header.find_device(volume, args.device), header.backup_path(volume.header_path), time.time())
     details = {key: value for key, value in vars(check).items() if value is not None}
     return Outcome({"header_backup": details}, [f"Header backup:    {report.describe_backup(details)}"], EXIT_OK if check.ok else EXIT_STALE_BACKUP)
 
 
 def cmd_header_restore(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    device = header.find_device(volume)
+    device = header.find_device(volume, args.device)
     backup = header.backup_path(volume.header_path)
     with context.locked():
         header.check_restorable(device, backup, volume.uuid, volume.cryptdev)
