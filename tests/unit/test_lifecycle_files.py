@@ -421,6 +421,14 @@ def test_decommission_of_a_destroyed_header_removes_the_files(lab, capsys):
     assert done.steps == [] and str(lab.backup) in done.removed_files and not lab.ini.exists()
 
 
+def test_decommission_finds_the_device_by_the_ini_when_the_uuid_link_is_gone(lab, monkeypatch):
+    uuid_link_gone(lab, monkeypatch)  # udev not running, or the link removed: the header itself is intact
+
+    done = decommission(load_volume_config(lab.ini), lab.ini, None, None)
+
+    assert done.steps == ["erased every keyslot"] and not opens(lab.image, PASSPHRASE)
+
+
 def test_no_secret_in_any_argv_or_log_line(lab, capsys, monkeypatch, caplog):
     from luksctl import runner
 

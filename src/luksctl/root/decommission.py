@@ -17,7 +17,7 @@ from ..config import VolumeConfig
 from ..durable import remove_durably
 from ..keystore import Keystore, SecretRef
 from . import cryptsetup, volume
-from .header import backup_path, checksum_path, remove_stale_copies
+from .header import backup_path, checksum_path, find_device, remove_stale_copies
 from .journal import PASSPHRASE_FILE as SETUP_PENDING
 from .journal import STATE_FILE as SETUP_STATE
 from .rotate import PENDING_PASSPHRASE, PENDING_STATE
@@ -31,13 +31,14 @@ class Decommissioned:
 
 def decommission(vol: VolumeConfig, ini: Path, keystore: Keystore | None, ref: SecretRef | None) -> Decommissioned:
     done = Decommissioned()
+    device = find_device(vol)  # before anything changes; found by the ini's device path too, when the header is gone
     if volume.close_volume(vol).changed:
         done.steps.append("closed")
     if keystore is not None and ref is not None:
         keystore.delete_metadata(ref)
         done.steps.append(f"deleted {ref} in Vault")
-    if Path(vol.device_path).exists() and cryptsetup.is_luks(vol.device_path) and cryptsetup.read_header(vol.device_path).keyslots:
-        cryptsetup.erase(vol.device_path)
+    if cryptsetup.is_luks(device) and cryptsetup.read_header(device).keyslots:  # a destroyed header has none left
+        cryptsetup.erase(device)
         done.steps.append("erased every keyslot")
     backup = backup_path(vol.header_path)
     state_dir = ini.parent

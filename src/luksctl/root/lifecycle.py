@@ -195,7 +195,7 @@ def cmd_rotate(args: argparse.Namespace, context: Context) -> Outcome:
 
 def cmd_decommission(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    cryptsetup.require_device(volume.device_path)
+    header.find_device(volume)
     ref = secret_ref(args)
     context.confirm(args, volume, f"This erases every keyslot of {volume.device_path} and deletes {ref} in Vault: the data is lost")
     with context.locked():
