@@ -272,7 +272,7 @@ def test_mapped_but_not_mounted_with_a_wrong_passphrase_exits_2_and_stays_mapped
 
     assert run_cli(paths, "--json", "open", stdin=b"wrong\n") == 2
 
-    assert host.argvs == [["cryptsetup", "open", "--test-passphrase", DEVICE, "--key-file=-"]]
+    assert host.argvs == [["cryptsetup", "open", "--test-passphrase", "--verbose", "--key-file=-", DEVICE]]
     assert host.stdin_of("cryptsetup") == b"wrong"
     report = json_output(capsys)
     assert (report["volume_state"], report["mapper_open"], report["mounted"]) == ("unmounted", True, False)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import stat
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from luks_lab import LUKS_LAB_FAST as FAST
@@ -14,8 +17,11 @@ from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
 from luks_lab import Lab
 
-from luksctl.errors import EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
-from luksctl.root.cli import main
+from luksctl.config import VolumeConfig, load_volume_config
+from luksctl.errors import EXIT_COMMAND_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
+from luksctl.root import blockdev, header, keys, report
+from luksctl.root.cli import main, read_passphrase
+from luksctl.root.decommission import decommission
 
 opens = Lab.opens
 luks_format = Lab.format
@@ -118,6 +124,117 @@ def test_header_restore_refuses_a_backup_that_changed_since_it_was_written(lab, 
     assert code == EXIT_REFUSED and "damaged or was replaced" in answer["error"]
 
 
+def destroy_header(image) -> None:
+    """Zero both LUKS2 header copies (the first 32 KiB): cryptsetup no longer sees a LUKS device."""
+    with image.open("r+b") as disk:
+        disk.write(bytes(32 * 1024))
+    assert subprocess.run(["cryptsetup", "isLuks", str(image)]).returncode != 0
+
+
+def uuid_link_gone(lab, monkeypatch) -> None:
+    """As udev does when the header goes: the by-uuid link disappears; the ini still names the device."""
+    monkeypatch.setattr(VolumeConfig, "device_path", property(lambda self: str(lab.dir / "by-uuid" / self.uuid)))
+    with lab.ini.open("a") as ini:
+        ini.write(f"device = {lab.image}\n")
+
+
+def test_header_verify_and_report_on_a_destroyed_header(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    destroy_header(lab.image)
+    uuid_link_gone(lab, monkeypatch)
+
+    code, answer = lab.run(capsys, "header", "verify")
+    assert code == EXIT_STALE_BACKUP and answer["header_backup"]["device_header_missing"] is True
+
+    code, answer = lab.run(capsys, "report")
+    assert code == EXIT_OK and answer["device_present"] is True and answer["device_header_missing"] is True
+    assert answer["device"] == str(lab.image)
+    assert "LUKS:             NO HEADER on the device (destroyed or overwritten): luksctl header restore" in report.report_lines(answer)
+
+
+def test_header_restore_of_a_destroyed_header_finds_the_device_by_the_ini(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    destroy_header(lab.image)
+    uuid_link_gone(lab, monkeypatch)
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_OK, answer
+    assert opens(lab.image, PASSPHRASE)
+    assert lab.run(capsys, "header", "verify")[0] == EXIT_OK
+
+
+def test_header_commands_do_not_take_another_volume_at_the_inis_device_path_for_this_one(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    uuid_link_gone(lab, monkeypatch)
+    lab.image.unlink()
+    other_uuid = luks_format(lab.image, b"another volume")  # the disks were renamed: the ini's device is another volume now
+
+    for command in (["header", "verify"], ["header", "restore", "--yes"]):
+        code, answer = lab.run(capsys, *command)
+        assert code == EXIT_COMMAND_FAILED and "holds another volume" in answer["error"], command
+    code, answer = lab.run(capsys, "report")
+    assert answer["device_present"] is False and "keyslots" not in answer
+    assert subprocess.run(["cryptsetup", "luksUUID", str(lab.image)], capture_output=True, text=True).stdout.strip() == other_uuid
+
+
+def test_header_commands_when_neither_the_uuid_nor_the_inis_device_is_there(lab, capsys, monkeypatch):
+    uuid_link_gone(lab, monkeypatch)
+    lab.image.unlink()
+
+    code, answer = lab.run(capsys, "header", "verify")
+
+    assert code == EXIT_COMMAND_FAILED and f"nor {lab.image} (the ini's device) is attached" in answer["error"]
+
+
+def test_header_restore_of_a_destroyed_header_on_the_device_given(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    destroy_header(lab.image)
+    monkeypatch.setattr(VolumeConfig, "device_path", property(lambda self: str(lab.dir / "by-uuid" / self.uuid)))  # no device in the ini
+
+    assert lab.run(capsys, "header", "verify", "--device", str(lab.image))[0] == EXIT_STALE_BACKUP
+    code, answer = lab.run(capsys, "header", "restore", "--yes", "--device", str(lab.image))
+
+    assert code == EXIT_OK, answer
+    assert opens(lab.image, PASSPHRASE)
+    code, answer = lab.run(capsys, "header", "verify", "--device", str(lab.dir / "nothing"))
+    assert code == EXIT_COMMAND_FAILED and "nothing (given with --device) is attached" in answer["error"]
+
+
+def test_header_restore_refuses_a_device_smaller_than_the_backup(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    uuid_link_gone(lab, monkeypatch)
+    lab.image.unlink()
+    with lab.image.open("xb") as small:  # another, smaller disk now has the ini's device name
+        small.truncate(1024 * 1024)
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_REFUSED and "smaller than the header" in answer["error"]
+    assert lab.image.read_bytes() == bytes(1024 * 1024)
+
+
+@pytest.mark.parametrize("users, found, refusal", [
+    (["partition vdb1 is mounted on /mnt"], [], "is in use: partition vdb1 is mounted on /mnt"),
+    ([], ["signature crypto_LUKS", "signature ext4"], "holds signature ext4, not only a LUKS header"),
+])
+def test_header_restore_on_a_block_device_refuses_one_in_use_or_holding_another_signature(lab, capsys, monkeypatch, users, found, refusal):
+    lab.run(capsys, "header", "backup")
+    destroy_header(lab.image)
+    before = lab.image.read_bytes()
+    monkeypatch.setattr(header.stat, "S_ISBLK", lambda mode: True)  # the image stands in for /dev/vdb
+    monkeypatch.setattr(blockdev, "block_device", lambda path: blockdev.BlockDevice(path, "254:16"))
+    asked = []
+    monkeypatch.setattr(blockdev, "users", lambda device, allowed_holder=None: asked.append(allowed_holder) or users)
+    monkeypatch.setattr(blockdev, "signatures", lambda device: found)
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_REFUSED and refusal in answer["error"]
+    assert asked == ["labvol"], "the volume's own mapper may stay open on it"
+    assert lab.image.read_bytes() == before
+
+
 def test_recovery_key_add_opens_its_own_slot_and_refreshes_the_backup(lab, capsys):
     lab.run(capsys, "header", "backup")
     code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE + b"\n")
@@ -144,6 +261,20 @@ def test_recovery_key_add_to_a_file_refuses_to_overwrite(lab, capsys):
     lab.run(capsys, "recovery-key", "remove", stdin=PASSPHRASE)
     code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, "--output", str(target), stdin=PASSPHRASE)
     assert code == EXIT_REFUSED and "already exists" in answer["error"]
+
+
+def test_recovery_key_file_holds_exactly_the_key_and_works_with_cryptsetups_key_file(lab, capsys, monkeypatch):
+    key = b"abcdef-ghjkmn-pqrstu-vwxyz2-345678-9abcde-fghjkm-npqrst"
+    monkeypatch.setattr(keys, "new_recovery_key", lambda: key)
+    target = lab.dir / "recovery.key"
+
+    code, _ = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, "--output", str(target), stdin=PASSPHRASE)
+
+    assert code == EXIT_OK
+    assert target.read_bytes() == key  # no newline: `--key-file FILE` would take it as part of the key
+    opened = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", str(target), str(lab.image)], capture_output=True)
+    assert opened.returncode == 0, opened.stderr
+    assert read_passphrase(target.open("rb"), is_tty=False) == key  # and `luksctl open < recovery.key` still reads it whole
 
 
 def test_recovery_key_add_with_a_wrong_passphrase_changes_nothing(lab, capsys):
@@ -231,6 +362,71 @@ def test_report_text(lab, capsys):
     assert "LUKS:             version 2, aes-xts-plain64, 512-bit key" in out
     assert "Keyslot 0:        pbkdf2 (iterations 1000)" in out
     assert f"Header backup:    {lab.backup} MISSING" in out
+
+
+COPY_THEN_WAIT = """
+import sys, time
+from pathlib import Path
+from luksctl.root import header
+with header._private_dir(Path(sys.argv[2])) as scratch:
+    header._copy_header(sys.argv[1], scratch / "header")
+    print(scratch, flush=True)
+    time.sleep(60)
+"""
+
+
+def killed_runs_scratch(lab) -> list:
+    """Scratch directories SIGKILLed runs left: one of a run killed holding its header copy, one as older versions named them."""
+    run = subprocess.Popen([sys.executable, "-c", COPY_THEN_WAIT, str(lab.image), str(lab.backup)], stdout=subprocess.PIPE, text=True)
+    killed = Path(run.stdout.readline().strip())
+    run.kill()
+    run.wait()
+    run.stdout.close()
+    older = lab.dir / ".luksctl-q7_wz3tm"
+    older.mkdir(mode=0o700)
+    subprocess.run(["cryptsetup", "luksHeaderBackup", str(lab.image), "--header-backup-file", str(older / "header")], check=True)
+    assert (killed / "header").is_file()
+    return [killed, older]
+
+
+def test_header_copies_a_killed_run_left_are_listed_by_report_and_removed_by_the_next_backup(lab, capsys):
+    left = killed_runs_scratch(lab)
+    live = lab.dir / f".luksctl-{os.getpid()}-abcdefgh"  # a run still going keeps its own
+    live.mkdir()
+
+    code, answer = lab.run(capsys, "report")
+    assert code == EXIT_OK and answer["stale_header_copies"] == sorted(str(path) for path in left)
+
+    lab.run(capsys, "header", "backup")
+    assert not any(path.exists() for path in left) and live.is_dir()
+    code, answer = lab.run(capsys, "report")
+    assert answer["stale_header_copies"] == []
+
+
+def test_decommission_removes_header_copies_a_killed_run_left(lab):
+    left = killed_runs_scratch(lab)
+
+    done = decommission(load_volume_config(lab.ini), lab.ini, None, None)
+
+    assert not any(path.exists() for path in left)
+    assert set(map(str, left)) <= set(done.removed_files)
+
+
+def test_decommission_of_a_destroyed_header_removes_the_files(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    destroy_header(lab.image)
+
+    done = decommission(load_volume_config(lab.ini), lab.ini, None, None)
+
+    assert done.steps == [] and str(lab.backup) in done.removed_files and not lab.ini.exists()
+
+
+def test_decommission_finds_the_device_by_the_ini_when_the_uuid_link_is_gone(lab, monkeypatch):
+    uuid_link_gone(lab, monkeypatch)  # udev not running, or the link removed: the header itself is intact
+
+    done = decommission(load_volume_config(lab.ini), lab.ini, None, None)
+
+    assert done.steps == ["erased every keyslot"] and not opens(lab.image, PASSPHRASE)
 
 
 def test_no_secret_in_any_argv_or_log_line(lab, capsys, monkeypatch, caplog):

@@ -228,7 +228,7 @@ def test_fresh_setup_runs_every_command_in_order_with_the_passphrase_only_on_std
     ]]
     assert disk.stdin_of("cryptsetup", "luksFormat") == passphrase
     assert disk.argv_of("cryptsetup", "open") == [
-        ["cryptsetup", "open", "--test-passphrase", "--key-file=-", DEVICE],
+        ["cryptsetup", "open", "--test-passphrase", "--verbose", "--key-file=-", DEVICE],
         ["cryptsetup", "open", DEVICE, "crypt", "--key-file=-"],
     ]
     assert disk.argv_of("blkid") == [["blkid", "-p", "-o", "export", DEVICE]]

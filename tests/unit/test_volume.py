@@ -17,7 +17,7 @@ def luks_open_argv():
 
 
 def passphrase_check_argv():
-    return ["cryptsetup", "open", "--test-passphrase", DEVICE, "--key-file=-"]
+    return ["cryptsetup", "open", "--test-passphrase", "--verbose", "--key-file=-", DEVICE]
 
 
 def mount_argv(vol):

@@ -16,7 +16,7 @@ from support.policies import DELETE_ONLY, READ_POLICY, WRITE_ONLY
 
 from luksctl import keystore
 from luksctl.errors import EXIT_OK, EXIT_REFUSED, VaultUnreachable
-from luksctl.root import keys
+from luksctl.root import cryptsetup
 
 from .conftest import KV1_ROOT, KV2_ROOT, SECRET_KEY
 
@@ -190,7 +190,7 @@ def test_rotate_keeps_the_recovery_key(lab, policies, tmp_path, capsys):
 
     assert code == EXIT_OK
     assert lab.opens(lab.image, added["recovery_key"].encode())
-    assert keys.opening_slot(str(lab.image), added["recovery_key"].encode()) == added["recovery_slot"]
+    assert cryptsetup.opening_slot(str(lab.image), added["recovery_key"].encode()) == added["recovery_slot"]
 
 
 def test_decommission_erases_deletes_the_secret_and_every_file(lab, policies, tmp_path, capsys):

@@ -102,11 +102,6 @@ def signatures(device: BlockDevice) -> list[str]:
     return found
 
 
-def is_luks(device: BlockDevice) -> bool:
-    result = runner.run(["cryptsetup", "isLuks", device.path], timeout=BLKID_TIMEOUT, check=False)
-    return result.returncode == 0
-
-
 def zero_device(path: str, report: Callable[[int, int], None]) -> int:
     """Write zeros over the whole of `path`; report(done, total) after each chunk. Returns bytes written."""
     chunk = bytes(ZERO_CHUNK)

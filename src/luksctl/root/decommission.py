@@ -3,8 +3,9 @@
 Order, each step safe to repeat: close the volume (a busy mount refuses here, before
 anything is lost), delete the secret in Vault (a token without `delete` refuses here,
 with the volume only closed), erase every keyslot (luksErase), then delete the files
-that could open it or describe it: pending passphrases, the header backup and its
-checksum, and last the ini, which a re-run needs to find the device.
+that could open it or describe it: header copies a killed run left, pending
+passphrases, the header backup and its checksum, and last the ini, which a re-run
+needs to find the device.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import runner
 from ..config import VolumeConfig
 from ..durable import remove_durably
 from ..keystore import Keystore, SecretRef
-from . import volume
-from .header import HEADER_TIMEOUT, backup_path, checksum_path, read_header
+from . import cryptsetup, volume
+from .header import backup_path, checksum_path, find_device, remove_stale_copies
 from .journal import PASSPHRASE_FILE as SETUP_PENDING
 from .journal import STATE_FILE as SETUP_STATE
 from .rotate import PENDING_PASSPHRASE, PENDING_STATE
@@ -31,16 +31,18 @@ class Decommissioned:
 
 def decommission(vol: VolumeConfig, ini: Path, keystore: Keystore | None, ref: SecretRef | None) -> Decommissioned:
     done = Decommissioned()
+    device = find_device(vol)  # before anything changes; found by the ini's device path too, when the header is gone
     if volume.close_volume(vol).changed:
         done.steps.append("closed")
     if keystore is not None and ref is not None:
         keystore.delete_metadata(ref)
         done.steps.append(f"deleted {ref} in Vault")
-    if Path(vol.device_path).exists() and read_header(vol.device_path).keyslots:
-        runner.run(["cryptsetup", "luksErase", "--batch-mode", vol.device_path], timeout=HEADER_TIMEOUT)
+    if cryptsetup.is_luks(device) and cryptsetup.read_header(device).keyslots:  # a destroyed header has none left
+        cryptsetup.erase(device)
         done.steps.append("erased every keyslot")
     backup = backup_path(vol.header_path)
     state_dir = ini.parent
+    done.removed_files.extend(str(path) for path in remove_stale_copies(backup.parent))  # header copies of killed runs
     for path in (state_dir / PENDING_PASSPHRASE, state_dir / PENDING_STATE, state_dir / SETUP_PENDING, state_dir / SETUP_STATE,
                  backup, checksum_path(backup), ini):
         if path.exists():

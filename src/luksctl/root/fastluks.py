@@ -18,8 +18,9 @@ from pathlib import Path
 from ..config import VOLUME_INI
 from ..errors import UsageError
 from ..keystore import SecretRef
+from . import cryptsetup
 from .cli import _Parser
-from .setup import HEADER_BACKUP, SetupOptions, VaultTarget
+from .setup import SetupOptions, VaultTarget
 from .setup_cli import run
 
 VERSION = "luksctl fastluks (pyluks 0.0.2 command line)"
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--cipher", default="aes-xts-plain64", dest="cipher_algorithm")
     parser.add_argument("-s", "--key-size", default=256, type=int, dest="keysize")
     parser.add_argument("--hash", default="sha256", dest="hash_algorithm")
-    parser.add_argument("--header-backup-file", default=str(HEADER_BACKUP), dest="luks_header_backup_file")
+    parser.add_argument("--header-backup-file", default=str(cryptsetup.DEFAULT_HEADER_BACKUP), dest="luks_header_backup_file")
     parser.add_argument("--cryptdev-file", default=str(VOLUME_INI), dest="luks_cryptdev_file")
     parser.add_argument("-l", "--passphrase-length", default=64, type=int, dest="passphrase_length")
     parser.add_argument("-p", "--passphrase", default=None, help="visible in the process list while fastluks runs")
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="store_true")
     # Ours, beyond pyluks: the token from a file or stdin, and a PBKDF cost for tests.
     parser.add_argument("--wrapping-token-file", metavar="FILE", help="the wrapping token from FILE or '-' (stdin), out of argv")
-    parser.add_argument("--pbkdf", choices=("argon2id", "argon2i", "pbkdf2"))
+    parser.add_argument("--pbkdf", choices=cryptsetup.PBKDF_CHOICES)
     parser.add_argument("--pbkdf-force-iterations", type=int)
     parser.add_argument("--json", action="store_true", help="progress and result as JSON lines")
     return parser

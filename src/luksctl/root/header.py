@@ -1,4 +1,4 @@
-"""The LUKS header: what it says (luksDump), and its backup file (write, verify, restore).
+"""The LUKS header's backup file (write, verify, restore) and the device it belongs to.
 
 A header backup opens the volume with every passphrase its keyslots held when it was
 taken, so a backup is only as safe as its oldest keyslot. Backups are byte copies
@@ -9,106 +9,25 @@ comparing checksums is how `verify` tells whether a backup is current.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import runner
+from ..config import VolumeConfig
 from ..durable import write_atomically
 from ..errors import CommandFailed, DeviceNotFound, Refused
+from . import blockdev, cryptsetup
 
-DEFAULT_BACKUP = Path("/etc/luks/luks-header.bck")  # PROTOCOL §7: fast-luks' default header_path
-HEADER_TIMEOUT = 60  # header commands run no PBKDF
-RECOVERY_TOKEN = "luksctl-recovery"  # LUKS2 token type that labels the recovery key's keyslot
-
-
-@dataclass(frozen=True)
-class Keyslot:
-    slot: int
-    pbkdf: str
-    cost: dict[str, int]  # pbkdf2: iterations; argon2*: time, memory (KiB), cpus
-    fingerprint: str  # changes whenever the slot is rewritten (its salt)
-
-
-@dataclass(frozen=True)
-class LuksHeader:
-    version: int
-    uuid: str
-    cipher: str
-    key_size: int  # bits
-    keyslots: dict[int, Keyslot]
-    recovery_tokens: dict[int, list[int]]  # LUKS2 token id -> the keyslots it labels as recovery keys
-
-    @property
-    def recovery_slots(self) -> set[int]:
-        return {slot for slots in self.recovery_tokens.values() for slot in slots if slot in self.keyslots}
-
-    @property
-    def max_keyslots(self) -> int:
-        return 32 if self.version == 2 else 8
-
-    def free_slot(self) -> int:
-        for slot in range(self.max_keyslots):
-            if slot not in self.keyslots:
-                return slot
-        raise Refused(f"all {self.max_keyslots} keyslots are in use; remove one first")
-
-
-def require_device(device: str) -> None:
-    if not os.path.exists(device):
-        raise DeviceNotFound(f"LUKS device {device} (uuid from the ini file) is not attached")
-
-
-def read_header(device: str | Path) -> LuksHeader:
-    """luksDump of a device or a header backup file: LUKS2 as JSON, LUKS1 from its text."""
-    uuid = runner.run(["cryptsetup", "luksUUID", str(device)], timeout=HEADER_TIMEOUT).stdout.strip()
-    result = runner.run(["cryptsetup", "luksDump", "--dump-json-metadata", str(device)], timeout=HEADER_TIMEOUT, check=False)
-    if result.returncode == 0:
-        return _parse_luks2(uuid, json.loads(result.stdout))
-    text = runner.run(["cryptsetup", "luksDump", str(device)], timeout=HEADER_TIMEOUT).stdout
-    if not re.search(r"^Version:\s*1\s*$", text, re.MULTILINE):
-        raise CommandFailed(f"cryptsetup cannot dump the LUKS2 metadata of {device}", result.argv, result.returncode, result.stderr)
-    return _parse_luks1(uuid, text)
-
-
-def _parse_luks2(uuid: str, metadata: dict) -> LuksHeader:
-    keyslots = {}
-    for slot, info in metadata["keyslots"].items():
-        kdf = info["kdf"]
-        cost_keys = ("iterations",) if kdf["type"] == "pbkdf2" else ("time", "memory", "cpus")
-        cost = {key: int(kdf[key]) for key in cost_keys if key in kdf}
-        keyslots[int(slot)] = Keyslot(int(slot), kdf["type"], cost, kdf.get("salt", ""))
-    segment = metadata["segments"].get("0", {})
-    key_size = next(iter(metadata["keyslots"].values()), {}).get("key_size", 0) * 8
-    tokens = {
-        int(token_id): [int(slot) for slot in token.get("keyslots", [])]
-        for token_id, token in metadata.get("tokens", {}).items()
-        if token.get("type") == RECOVERY_TOKEN
-    }
-    return LuksHeader(2, uuid, segment.get("encryption", "unknown"), key_size, keyslots, tokens)
-
-
-def _parse_luks1(uuid: str, text: str) -> LuksHeader:
-    def field(name: str) -> str:
-        match = re.search(rf"^{name}:\s*(.+?)\s*$", text, re.MULTILINE)
-        return match.group(1) if match else ""
-
-    keyslots = {}
-    for match in re.finditer(r"^Key Slot (\d+): ENABLED\n\s*Iterations:\s*(\d+)\n\s*Salt:\s*((?:[0-9a-f ]+\n?\s*)+?)\s*Key material", text, re.MULTILINE):
-        slot = int(match.group(1))
-        keyslots[slot] = Keyslot(slot, "pbkdf2", {"iterations": int(match.group(2))}, "".join(match.group(3).split()))
-    cipher = "-".join(part for part in (field("Cipher name"), field("Cipher mode")) if part)
-    return LuksHeader(1, uuid, cipher, int(field("MK bits") or 0), keyslots, {})
+SCRATCH_PREFIX = ".luksctl-"  # then the pid of the run that made it
 
 
 def backup_path(configured: str | None) -> Path:
-    return Path(configured) if configured else DEFAULT_BACKUP
+    return Path(configured) if configured else cryptsetup.DEFAULT_HEADER_BACKUP
 
 
 def checksum_path(backup: Path) -> Path:
@@ -131,11 +50,36 @@ def recorded_checksum(backup: Path) -> str | None:
         return None
 
 
+def stale_copies(directory: Path) -> list[Path]:
+    """Scratch directories of runs that are gone (a SIGKILL skips every `finally`): their header
+    copies open the volume with the keys of their day. A live run's own is left alone."""
+    try:
+        candidates = [path for path in directory.iterdir() if path.name.startswith(SCRATCH_PREFIX) and path.is_dir()]
+    except OSError:
+        return []
+    return sorted(path for path in candidates if not _alive(path.name[len(SCRATCH_PREFIX):].split("-")[0]))
+
+
+def _alive(pid: str) -> bool:
+    return pid.isdigit() and Path(f"/proc/{pid}").exists()
+
+
+def remove_stale_copies(directory: Path) -> list[Path]:
+    stale = stale_copies(directory)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 @contextmanager
 def _private_dir(near: Path) -> Iterator[Path]:
-    """A 0700 scratch directory beside `near`, for header copies (they open the volume)."""
+    """A 0700 scratch directory beside `near`, for header copies (they open the volume).
+
+    Its name carries our pid, so that the next run removes it if a kill leaves it behind.
+    """
     near.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=".luksctl-", dir=near.parent))
+    remove_stale_copies(near.parent)
+    path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=near.parent))
     try:
         yield path
     finally:
@@ -143,7 +87,7 @@ def _private_dir(near: Path) -> Iterator[Path]:
 
 
 def _copy_header(device: str, target: Path) -> str:
-    runner.run(["cryptsetup", "luksHeaderBackup", device, "--header-backup-file", str(target)], timeout=HEADER_TIMEOUT)
+    cryptsetup.backup_header(device, target)
     return sha256_of(target)
 
 
@@ -183,6 +127,7 @@ class BackupCheck:
     matches: bool | None = None  # byte-identical to the device's header now
     same_volume: bool | None = None
     keyslots_current: bool | None = None  # same keyslots, same salts: opens with exactly today's keys
+    device_header_missing: bool | None = None  # zeroed or overwritten: what `header restore` is for
 
     @property
     def ok(self) -> bool:
@@ -194,42 +139,73 @@ def check_backup(device: str, backup: Path, now: float) -> BackupCheck:
         return BackupCheck(str(backup), exists=False)
     actual = sha256_of(backup)
     recorded = recorded_checksum(backup)
-    on_device, in_backup = read_header(device), read_header(backup)
+    age = round(now - backup.stat().st_mtime, 1)
+    intact = None if recorded is None else recorded == actual
+    if not cryptsetup.is_luks(device):
+        return BackupCheck(str(backup), exists=True, age_seconds=age, intact=intact, matches=False, device_header_missing=True)
+    on_device, in_backup = cryptsetup.read_header(device), cryptsetup.read_header(backup)
     return BackupCheck(
         str(backup),
         exists=True,
-        age_seconds=round(now - backup.stat().st_mtime, 1),
-        intact=None if recorded is None else recorded == actual,
+        age_seconds=age,
+        intact=intact,
         matches=current_checksum(device, backup) == actual,
         same_volume=on_device.uuid == in_backup.uuid,
         keyslots_current=on_device.keyslots == in_backup.keyslots,
     )
 
 
-def check_restorable(device: str, backup: Path, expected_uuid: str) -> LuksHeader:
-    """Refuse a backup of another volume, a damaged backup, or a device that is another volume."""
+def find_device(volume: VolumeConfig, given: str | None = None) -> str:
+    """The volume's device for the header commands: the one given (--device), else the one its
+    uuid names, else, when no header says that uuid any more (what they repair), the ini's `device`."""
+    if given is None and (os.path.exists(volume.device_path) or not volume.device):
+        cryptsetup.require_device(volume.device_path)
+        return volume.device_path
+    device = given or volume.device
+    if not os.path.exists(device):
+        named = "given with --device" if given else "the ini's device"
+        raise DeviceNotFound(f"neither LUKS device {volume.device_path} (uuid from the ini file) nor {device} ({named}) is attached")
+    if cryptsetup.is_luks(device) and cryptsetup.luks_uuid(device).lower() != volume.uuid.lower():
+        raise DeviceNotFound(f"LUKS device {volume.device_path} (uuid from the ini file) is not attached; {device} holds another volume")
+    return device
+
+
+def check_restorable(device: str, backup: Path, expected_uuid: str, cryptdev: str) -> cryptsetup.LuksHeader:
+    """Refuse a damaged backup, a backup of another volume, or a device that is another volume, in use
+    by anything but the volume's own mapper, smaller than the backup, or holding another signature."""
     if not backup.is_file():
         raise Refused(f"there is no header backup at {backup}")
     recorded = recorded_checksum(backup)
     if recorded is not None and recorded != sha256_of(backup):
         raise Refused(f"{backup} no longer matches the checksum recorded in {checksum_path(backup)}; it is damaged or was replaced")
-    saved = read_header(backup)
+    saved = cryptsetup.read_header(backup)
     if saved.uuid.lower() != expected_uuid.lower():
         raise Refused(f"{backup} is the header of volume {saved.uuid}, not of this volume ({expected_uuid}); nothing was written")
     try:
-        on_device = read_header(device).uuid
+        on_device = cryptsetup.read_header(device).uuid
     except CommandFailed:
         on_device = None  # a damaged header is why one restores: the by-uuid link and the ini named it
     if on_device is not None and on_device.lower() != saved.uuid.lower():
         raise Refused(f"{device} holds volume {on_device}, not {saved.uuid}; nothing was written")
+    if _size(device) < backup.stat().st_size:
+        raise Refused(f"{device} is smaller than the header in {backup}: it is not that volume's device; nothing was written")
+    if stat.S_ISBLK(os.stat(device).st_mode):  # an image file (tests, recovery on a copy) has no users and no partitions
+        target = blockdev.block_device(device)
+        busy = blockdev.users(target, allowed_holder=cryptdev)
+        if busy:
+            raise Refused(f"{device} is in use: {'; '.join(busy)}; nothing was written")
+        other = [found for found in blockdev.signatures(target) if found != "signature crypto_LUKS"]
+        if other:
+            raise Refused(f"{device} holds {', '.join(other)}, not only a LUKS header; nothing was written")
     return saved
 
 
-def restore_backup(device: str, backup: Path) -> None:
-    runner.run(["cryptsetup", "luksHeaderRestore", device, "--header-backup-file", str(backup), "--batch-mode"], timeout=HEADER_TIMEOUT)
+def _size(device: str) -> int:
+    with open(device, "rb") as stream:
+        return stream.seek(0, os.SEEK_END)
 
 
-def describe(header: LuksHeader) -> dict:
+def describe(header: cryptsetup.LuksHeader) -> dict:
     """The header as the report shows it (no salts: they mean nothing to an operator)."""
     return {
         "luks_version": header.version,

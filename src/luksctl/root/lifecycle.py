@@ -18,7 +18,7 @@ from typing import BinaryIO
 from ..config import VolumeConfig, load_volume_config
 from ..errors import EXIT_OK, EXIT_STALE_BACKUP, Refused
 from ..locking import exclusive_lock
-from . import header, keys, report
+from . import cryptsetup, header, keys, report
 from .decommission import decommission
 from .keystore_options import add_vault_arguments, open_keystore, secret_ref
 from .rotate import rotate
@@ -67,7 +67,7 @@ class Context:
 
 
 def add_pbkdf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pbkdf", choices=["argon2id", "argon2i", "pbkdf2"], help="of the new keyslot; default: cryptsetup's (argon2id)")
+    parser.add_argument("--pbkdf", choices=cryptsetup.PBKDF_CHOICES, help="of the new keyslot; default: cryptsetup's (argon2id)")
     parser.add_argument("--iter-time", type=int, metavar="MS", help="PBKDF time in milliseconds; default: cryptsetup's")
 
 
@@ -82,9 +82,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     header_actions = add(commands, "header", "back up, verify or restore the LUKS header").add_subparsers(dest="action", required=True, metavar="ACTION")
     add(header_actions, "backup", "write the header to header_path (0600) and record its checksum")
-    add(header_actions, "verify", "does the backup match the device's header and its current keyslots? (exit 0 if so, 8 if not)")
+    verify = add(header_actions, "verify", "does the backup match the device's header and its current keyslots? (exit 0 if so, 8 if not)")
     restore = add(header_actions, "restore", "write the backup back over the device's header (same volume only)")
     restore.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for header_parser in (verify, restore):
+        header_parser.add_argument("--device", help="the volume's device, when its header is gone and the ini's device path is not it")
 
     recovery = add(commands, "recovery-key", "add or remove a recovery key (for the day Vault is lost)").add_subparsers(dest="action", required=True, metavar="ACTION")
     add_key = add(recovery, "add", "add a recovery key in its own keyslot; the current passphrase comes on stdin")
@@ -119,7 +121,7 @@ def _refresh_backup(volume: VolumeConfig) -> dict:
 
 def cmd_header_backup(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    header.require_device(volume.device_path)
+    cryptsetup.require_device(volume.device_path)
     with context.locked():
         details = _refresh_backup(volume)
     return Outcome(details, [f"Header backup:    {details['header_backup']} (sha256 {details['header_checksum']})"], changed=True)
@@ -127,29 +129,28 @@ def cmd_header_backup(args: argparse.Namespace, context: Context) -> Outcome:
 
 def cmd_header_verify(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    header.require_device(volume.device_path)
-    check = header.check_backup(volume.device_path, header.backup_path(volume.header_path), time.time())
+    check = header.check_backup(header.find_device(volume, args.device), header.backup_path(volume.header_path), time.time())
     details = {key: value for key, value in vars(check).items() if value is not None}
     return Outcome({"header_backup": details}, [f"Header backup:    {report.describe_backup(details)}"], EXIT_OK if check.ok else EXIT_STALE_BACKUP)
 
 
 def cmd_header_restore(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    header.require_device(volume.device_path)
+    device = header.find_device(volume, args.device)
     backup = header.backup_path(volume.header_path)
     with context.locked():
-        header.check_restorable(volume.device_path, backup, volume.uuid)
-        context.confirm(args, volume, f"This overwrites the LUKS header of {volume.device_path} with {backup}")
-        header.restore_backup(volume.device_path, backup)
+        header.check_restorable(device, backup, volume.uuid, volume.cryptdev)
+        context.confirm(args, volume, f"This overwrites the LUKS header of {device} with {backup}")
+        cryptsetup.restore_header(device, backup)
     return Outcome({"restored_from": str(backup)}, [f"Header restored:  from {backup}"], changed=True)
 
 
 def cmd_recovery_add(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    header.require_device(volume.device_path)
+    cryptsetup.require_device(volume.device_path)
     stored = context.read_passphrase()
     with context.locked():
-        slot, key = keys.add_recovery_key(volume.device_path, stored, keys.Pbkdf(args.pbkdf, args.iter_time), args.output)
+        slot, key = keys.add_recovery_key(volume.device_path, stored, cryptsetup.Pbkdf(args.pbkdf, args.iter_time), args.output)
         details = {"recovery_slot": slot, **_refresh_backup(volume)}
     if args.output is not None:
         details["written_to"] = str(args.output)
@@ -162,7 +163,7 @@ def cmd_recovery_add(args: argparse.Namespace, context: Context) -> Outcome:
 
 def cmd_recovery_remove(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    header.require_device(volume.device_path)
+    cryptsetup.require_device(volume.device_path)
     stored = context.read_passphrase()
     with context.locked():
         removed = keys.remove_recovery_key(volume.device_path, stored)
@@ -174,12 +175,12 @@ def cmd_recovery_remove(args: argparse.Namespace, context: Context) -> Outcome:
 
 def cmd_rotate(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    header.require_device(volume.device_path)
+    cryptsetup.require_device(volume.device_path)
     ref = secret_ref(args)
     with context.locked():
         keystore = open_keystore(args, context.stdin)
         try:
-            rotation = rotate(volume.device_path, keystore, ref, context.state_dir, header.backup_path(volume.header_path), keys.Pbkdf(args.pbkdf, args.iter_time))
+            rotation = rotate(volume.device_path, keystore, ref, context.state_dir, header.backup_path(volume.header_path), cryptsetup.Pbkdf(args.pbkdf, args.iter_time))
         finally:
             if args.wrapping_token_file:
                 keystore.revoke_self()
@@ -194,7 +195,7 @@ def cmd_rotate(args: argparse.Namespace, context: Context) -> Outcome:
 
 def cmd_decommission(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
-    header.require_device(volume.device_path)
+    header.find_device(volume)
     ref = secret_ref(args)
     context.confirm(args, volume, f"This erases every keyslot of {volume.device_path} and deletes {ref} in Vault: the data is lost")
     with context.locked():

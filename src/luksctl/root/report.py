@@ -8,15 +8,13 @@ stdin, because there is no other way to check it without a secret.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from .. import runner
 from ..config import VolumeConfig
-from ..errors import CommandFailed
-from . import header
-from .keys import opening_slot
+from ..errors import CommandFailed, DeviceNotFound
+from . import cryptsetup, header
 from .rotate import pending_operations
 from .volume import current_status
 
@@ -45,25 +43,31 @@ def last_open() -> str | None:
 
 def build_report(volume: VolumeConfig, passphrase: bytes | None, state_dir: Path) -> dict:
     status = current_status(volume)
-    device = volume.device_path
+    try:
+        device, present = header.find_device(volume), True
+    except DeviceNotFound:
+        device, present = volume.device_path, False
     report: dict = {
         "volume_state": status.state.value,
         "mapper_open": status.mapper_open,
         "mounted": status.mounted,
         "device": device,
-        "device_present": os.path.exists(device),
+        "device_present": present,
         "last_open": last_open(),
         "pending": pending_operations(state_dir),
     }
     backup = header.backup_path(volume.header_path)
+    report["stale_header_copies"] = [str(path) for path in header.stale_copies(backup.parent)]  # before check_backup removes them
     if not report["device_present"]:
         report["header_backup"] = {"path": str(backup), "exists": backup.is_file()}
         return report
-    luks = header.read_header(device)
-    report.update(header.describe(luks))
+    if cryptsetup.is_luks(device):
+        report.update(header.describe(cryptsetup.read_header(device)))
+    else:
+        report["device_header_missing"] = True  # zeroed or overwritten: `header restore` is for this
     report["header_backup"] = {k: v for k, v in vars(header.check_backup(device, backup, time.time())).items() if v is not None}
-    if passphrase is not None:
-        report["passphrase_opens_slot"] = opening_slot(device, passphrase)
+    if passphrase is not None and "luks_version" in report:
+        report["passphrase_opens_slot"] = cryptsetup.opening_slot(device, passphrase)
     return report
 
 
@@ -73,6 +77,8 @@ def report_lines(report: dict) -> list[str]:
         f"Mapper device:    {'open' if report['mapper_open'] else 'closed'}",
         f"Filesystem:       {'mounted' if report['mounted'] else 'not mounted'}",
     ]
+    if report.get("device_header_missing"):
+        lines.append("LUKS:             NO HEADER on the device (destroyed or overwritten): luksctl header restore")
     if "luks_version" in report:
         lines.append(f"LUKS:             version {report['luks_version']}, {report['cipher']}, {report['key_size']}-bit key, uuid {report['uuid']}")
         for slot in report["keyslots"]:
@@ -85,6 +91,8 @@ def report_lines(report: dict) -> list[str]:
     lines.append(f"Header backup:    {describe_backup(report['header_backup'])}")
     lines.append(f"Last open:        {report['last_open'] or 'unknown (no journal entry)'}")
     lines.extend(f"UNFINISHED:       {pending}" for pending in report["pending"])
+    lines.extend(f"STALE COPY:       {path} (a header copy a killed run left; the next command that copies the header removes it)"
+                 for path in report["stale_header_copies"])
     return lines
 
 
@@ -93,6 +101,8 @@ def describe_backup(check: dict) -> str:
         return f"{check['path']} MISSING"
     if "matches" not in check:
         return f"{check['path']} (device not attached: not compared)"
+    if check.get("device_header_missing"):
+        return f"{check['path']}, {check['age_seconds'] / 86400:.1f} days old, the device has no header to compare with"
     words = [check["path"], f"{check['age_seconds'] / 86400:.1f} days old"]
     words.append("matches the device" if check["matches"] else "DOES NOT MATCH the device")
     if not check["matches"]:

@@ -25,9 +25,9 @@ from pathlib import Path
 from ..durable import remove_durably, write_atomically
 from ..errors import Refused, VaultDenied
 from ..keystore import Keystore, SecretRef
-from .header import read_header, write_backup
+from .cryptsetup import Pbkdf, add_key, kill_slot, opening_slot, read_header
+from .header import write_backup
 from .journal import PASSPHRASE_FILE as SETUP_PENDING
-from .keys import Pbkdf, add_key, kill_slot, opening_slot
 from .setup import generate_passphrase
 
 PENDING_PASSPHRASE = "rotate-pending-passphrase"

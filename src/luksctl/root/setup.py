@@ -35,7 +35,6 @@ from .. import runner
 from ..config import API_CONFIG, VOLUME_INI, FrontendConfig, VolumeConfig, load_json_config, load_volume_config
 from ..durable import write_atomically
 from ..errors import (
-    CommandFailed,
     DeviceInUse,
     DeviceNotBlank,
     LuksctlError,
@@ -48,18 +47,16 @@ from ..errors import (
 )
 from ..keystore import Keystore, SecretRef
 from ..status import find_mapper_device, read_mounts, volume_status
-from . import blockdev, header, journal, volume
+from . import blockdev, cryptsetup, header, journal, volume
 from .journal import Journal
 
 log = logging.getLogger("luksctl")
 Result = TypeVar("Result")
 
-HEADER_BACKUP = Path("/etc/luks/luks-header.bck")
 ENCRYPTION_SUCCESS = (Path("/var/run/fast-luks-encryption.success"), "LUKS encryption completed.")
 VOLUME_SUCCESS = (Path("/var/run/fast-luks-volume-setup.success"), "Volume setup completed.")
 PASSPHRASE_ALPHABET = string.ascii_letters + string.digits  # survives any shell, ini or JSON unquoted
 MAX_TOKEN_BYTES = 4096
-FORMAT_TIMEOUT = 900  # argon2id wants ~2 s and 1 GiB on a fast machine; slow VMs take many times that
 MKFS_TIMEOUT = 6 * 3600  # mkfs on a multi-terabyte volume
 WRITING_CAPABILITIES = frozenset({"create", "update", "root", "sudo"})
 
@@ -95,19 +92,11 @@ class SetupOptions:
     force: bool = False
     save_passphrase_locally: bool = False
     ini_path: Path = VOLUME_INI
-    header_path: Path = HEADER_BACKUP
+    header_path: Path = cryptsetup.DEFAULT_HEADER_BACKUP
     state_dir: Path = journal.STATE_DIR
 
-    def luks_format_argv(self) -> list[str]:
-        argv = ["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", self.cipher,
-                "--key-size", str(self.key_size), "--hash", self.hash]
-        if self.pbkdf:
-            argv += ["--pbkdf", self.pbkdf]
-        if self.iter_time is not None:
-            argv += ["--iter-time", str(self.iter_time)]
-        if self.pbkdf_force_iterations is not None:
-            argv += ["--pbkdf-force-iterations", str(self.pbkdf_force_iterations)]
-        return [*argv, "--key-file=-", self.device]
+    def luks_format(self) -> cryptsetup.Format:
+        return cryptsetup.Format(self.cipher, self.key_size, self.hash, cryptsetup.Pbkdf(self.pbkdf, self.iter_time, self.pbkdf_force_iterations))
 
 
 class Progress:
@@ -220,7 +209,7 @@ def validate_names(options: SetupOptions) -> None:
 # --- checks that change nothing -------------------------------------------------------------
 
 
-def already_set_up(options: SetupOptions, device: blockdev.BlockDevice) -> VolumeConfig | None:
+def already_set_up(options: SetupOptions) -> VolumeConfig | None:
     """The volume this command would make exists already: a re-run of a finished setup does nothing."""
     if not options.ini_path.exists() or not all(path.exists() for path, _ in (ENCRYPTION_SUCCESS, VOLUME_SUCCESS)):
         return None
@@ -228,10 +217,9 @@ def already_set_up(options: SetupOptions, device: blockdev.BlockDevice) -> Volum
         existing = load_volume_config(options.ini_path)
     except LuksctlError:
         return None
-    if existing.device != options.device or existing.cryptdev != options.cryptdev or not blockdev.is_luks(device):
+    if existing.device != options.device or existing.cryptdev != options.cryptdev or not cryptsetup.is_luks(options.device):
         return None
-    uuid = runner.run(["cryptsetup", "luksUUID", options.device], timeout=60).stdout.strip()
-    return existing if uuid == existing.uuid else None
+    return existing if cryptsetup.luks_uuid(options.device) == existing.uuid else None
 
 
 def check_device(options: SetupOptions, device: blockdev.BlockDevice, resuming: Journal | None) -> None:
@@ -351,23 +339,14 @@ def _confirm_earlier_write(keystore: Keystore, target: VaultTarget, passphrase: 
 
 def format_device(options: SetupOptions, passphrase: bytes, record: Journal) -> str:
     """luksFormat (unless a kill came after it: then the journal's passphrase opens the device), verify, UUID."""
-    device = blockdev.block_device(options.device)
-    if not (record.done(journal.FORMAT_STARTED) and blockdev.is_luks(device) and _opens(options.device, passphrase)):
+    if not (record.done(journal.FORMAT_STARTED) and cryptsetup.is_luks(options.device) and cryptsetup.opens(options.device, passphrase)):
         record.record(journal.FORMAT_STARTED)
-        runner.run(options.luks_format_argv(), stdin=passphrase, timeout=FORMAT_TIMEOUT)
-        if not _opens(options.device, passphrase):
+        cryptsetup.luks_format(options.device, passphrase, options.luks_format())
+        if not cryptsetup.opens(options.device, passphrase):
             raise WrongPassphrase(f"the new LUKS header on {options.device} does not accept the passphrase just set")
-    uuid = runner.run(["cryptsetup", "luksUUID", options.device], timeout=60).stdout.strip()
+    uuid = cryptsetup.luks_uuid(options.device)
     record.record(journal.FORMATTED, uuid=uuid)
     return uuid
-
-
-def _opens(device: str, passphrase: bytes) -> bool:
-    result = runner.run(["cryptsetup", "open", "--test-passphrase", "--key-file=-", device],
-                        stdin=passphrase, timeout=volume.CRYPTSETUP_TIMEOUT, check=False)
-    if result.returncode not in (0, volume.CRYPTSETUP_NO_KEY):
-        raise CommandFailed(f"cryptsetup could not test the passphrase on {device}", result.argv, result.returncode, result.stderr)
-    return result.returncode == 0
 
 
 def back_up_header(options: SetupOptions, record: Journal) -> None:
@@ -419,7 +398,7 @@ def plan(options: SetupOptions, resumed_steps: list[str]) -> list[str]:
     steps = [
         f"save the passphrase to {options.state_dir / journal.PASSPHRASE_FILE} (root, 0600) until the end",
         vault,
-        f"format {options.device}: " + " ".join(options.luks_format_argv()[1:]),
+        f"format {options.device}: " + " ".join(options.luks_format().argv(options.device)[1:]),
         f"back up the LUKS header to {options.header_path} (0600)",
         f"describe the volume in {options.ini_path}",
         f"open it as /dev/mapper/{options.cryptdev}",
@@ -442,7 +421,7 @@ def run_setup(options: SetupOptions, stdin: BinaryIO, progress: Progress) -> Set
     record = Journal(options.state_dir)
     state = record.load()
     if state is None:
-        existing = already_set_up(options, device)
+        existing = already_set_up(options)
         if existing is not None:
             mounted = volume_status(existing.cryptdev, existing.mountpoint).mounted
             return SetupReport("mounted" if mounted else "unmounted", options.device, existing.uuid, changed=False)

@@ -20,8 +20,9 @@ from .. import audit
 from ..config import VOLUME_INI
 from ..errors import EXIT_COMMAND_FAILED, EXIT_OK, CommandFailed, LuksctlError, UsageError
 from ..locking import exclusive_lock
+from . import cryptsetup
 from .keystore_options import add_vault_arguments, secret_ref
-from .setup import HEADER_BACKUP, Progress, SetupOptions, SetupReport, VaultTarget, run_setup
+from .setup import Progress, SetupOptions, SetupReport, VaultTarget, run_setup
 
 log = logging.getLogger("luksctl")
 
@@ -36,12 +37,13 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     device.add_argument("-m", "--mountpoint", default="/export", help="where to mount it (default: /export)")
     device.add_argument("-f", "--filesystem", default="ext4", help="filesystem to make (default: ext4)")
     device.add_argument("--cryptdev-file", type=Path, default=VOLUME_INI, help=f"volume description to write (default: {VOLUME_INI})")
-    device.add_argument("--header-backup-file", type=Path, default=HEADER_BACKUP, help=f"LUKS header backup, 0600 (default: {HEADER_BACKUP})")
+    device.add_argument("--header-backup-file", type=Path, default=cryptsetup.DEFAULT_HEADER_BACKUP,
+                        help=f"LUKS header backup, 0600 (default: {cryptsetup.DEFAULT_HEADER_BACKUP})")
     luks = parser.add_argument_group("LUKS2 (defaults: cryptsetup's own current choices)")
     luks.add_argument("-c", "--cipher", default="aes-xts-plain64")
     luks.add_argument("-s", "--key-size", type=int, default=512, help="bits; 512 is AES-256 in XTS mode (default: 512)")
     luks.add_argument("--hash", default="sha256")
-    luks.add_argument("--pbkdf", default="argon2id", choices=("argon2id", "argon2i", "pbkdf2"))
+    luks.add_argument("--pbkdf", default="argon2id", choices=cryptsetup.PBKDF_CHOICES)
     luks.add_argument("--iter-time", type=int, help="milliseconds of PBKDF work per unlock")
     luks.add_argument("--pbkdf-force-iterations", type=int, help="fixed PBKDF cost instead of a benchmark (tests)")
     secret = parser.add_argument_group("passphrase")

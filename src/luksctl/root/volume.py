@@ -12,18 +12,13 @@ from dataclasses import dataclass
 
 from .. import runner
 from ..config import VolumeConfig
-from ..errors import CommandFailed, DeviceNotFound, LuksctlError, VolumeBusy, WrongPassphrase
+from ..errors import CommandFailed, LuksctlError, VolumeBusy, WrongPassphrase
 from ..status import VolumeStatus, volume_status
+from . import cryptsetup
 
 log = logging.getLogger(__name__)
 
-# cryptsetup's PBKDF costs ~2 s by design on a fast machine; slow VMs take many times that.
-CRYPTSETUP_TIMEOUT = 150
 MOUNT_TIMEOUT = 60
-
-# cryptsetup(8) EXIT STATUS
-CRYPTSETUP_NO_KEY = 2
-CRYPTSETUP_BUSY = 5
 # mount(8) RETURN CODES
 MOUNT_FAILURE = 32
 
@@ -68,33 +63,20 @@ def close_volume(volume: VolumeConfig) -> Outcome:
 
 
 def luks_open(volume: VolumeConfig, passphrase: bytes) -> None:
-    _require_device(volume)
+    cryptsetup.require_device(volume.device_path)
     open_mapper(volume.device_path, volume.cryptdev, passphrase)
 
 
 def open_mapper(device_path: str, cryptdev: str, passphrase: bytes) -> None:
-    """`cryptsetup open` with the passphrase on stdin; setup opens by device path, before udev's link exists."""
-    _cryptsetup_with_key(["open", device_path, cryptdev], device_path, passphrase, "the volume stays closed")
+    """Map the device; setup opens by device path, before udev's link exists."""
+    cryptsetup.open_mapper(device_path, cryptdev, passphrase, on_wrong_key="the volume stays closed")
 
 
 def check_passphrase(volume: VolumeConfig, passphrase: bytes) -> None:
     """Raises WrongPassphrase unless `passphrase` unlocks a key slot of the header; maps nothing."""
-    _require_device(volume)
-    unchanged = f"{volume.mapper_path} stays mapped and not mounted"
-    _cryptsetup_with_key(["open", "--test-passphrase", volume.device_path], volume.device_path, passphrase, unchanged)
-
-
-def _require_device(volume: VolumeConfig) -> None:
-    if not os.path.exists(volume.device_path):
-        raise DeviceNotFound(f"LUKS device {volume.device_path} (uuid from the ini file) is not attached")
-
-
-def _cryptsetup_with_key(args: list[str], device_path: str, passphrase: bytes, on_wrong_key: str) -> None:
-    result = runner.run(["cryptsetup", *args, "--key-file=-"], stdin=passphrase, timeout=CRYPTSETUP_TIMEOUT, check=False)
-    if result.returncode == CRYPTSETUP_NO_KEY:
-        raise WrongPassphrase(f"the passphrase does not open {device_path}; {on_wrong_key}")
-    if result.returncode != 0:
-        raise CommandFailed(f"cryptsetup could not open {device_path}", result.argv, result.returncode, result.stderr)
+    cryptsetup.require_device(volume.device_path)
+    if not cryptsetup.opens(volume.device_path, passphrase):
+        raise WrongPassphrase(f"the passphrase does not open {volume.device_path}; {volume.mapper_path} stays mapped and not mounted")
 
 
 def mount(volume: VolumeConfig, options: str) -> None:
@@ -116,11 +98,7 @@ def umount(volume: VolumeConfig) -> None:
 
 
 def luks_close(volume: VolumeConfig) -> None:
-    result = runner.run(["cryptsetup", "close", volume.cryptdev], timeout=CRYPTSETUP_TIMEOUT, check=False)
-    if result.returncode == CRYPTSETUP_BUSY:
-        raise VolumeBusy(f"{volume.mapper_path} is still in use (mounted elsewhere?); it stays open")
-    if result.returncode != 0:
-        raise CommandFailed(f"cryptsetup could not close {volume.cryptdev}", result.argv, result.returncode, result.stderr)
+    cryptsetup.close_mapper(volume.cryptdev)
 
 
 def _close_quietly(volume: VolumeConfig) -> None:
