@@ -8,8 +8,8 @@ import logging
 import pytest
 from frontend_fakes import INI, PASSPHRASE, TOKEN, FakeBridge, FakeVault, Kernel
 
-from luksctl import audit
-from luksctl.api import create_frontend_app, frontend, vault
+from luksctl import audit, vault
+from luksctl.api import create_frontend_app, frontend
 from luksctl.config import FrontendConfig
 
 

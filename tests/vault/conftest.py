@@ -333,7 +333,7 @@ def make_frontend_app(tmp_path, fake_bridge, monkeypatch):
     monkeypatch.setattr(frontend, "volume_status", fake_volume_status)
 
     def make(**settings):
-        config = FrontendConfig(**{"CRYPTDEV_INI": str(ini), "LOCK_FILE": str(tmp_path / "open.lock"), "VAULT_TIMEOUT": 3, "ALLOW_ANY_VAULT_URL": True, **settings})
+        config = FrontendConfig(**{"CRYPTDEV_INI": str(ini), "LOCK_FILE": str(tmp_path / "open.lock"), "VAULT_TIMEOUT": 3, "ALLOW_ANY_VAULT_URL": True, "ALLOW_PLAIN_HTTP": True, **settings})
         app = frontend.create_frontend_app(config, fake_bridge)
         app.testing = False  # answer the way production does: errors become JSON, never propagate
         return app

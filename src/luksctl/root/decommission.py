@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import runner
 from ..config import VolumeConfig
 from ..durable import remove_durably
-from ..keystore import Keystore, SecretRef
+from ..vault import SecretRef, VaultClient
 from . import volume
 from .header import HEADER_TIMEOUT, backup_path, checksum_path, read_header
 from .journal import PASSPHRASE_FILE as SETUP_PENDING
@@ -29,7 +29,7 @@ class Decommissioned:
     removed_files: list[str] = field(default_factory=list)
 
 
-def decommission(vol: VolumeConfig, ini: Path, keystore: Keystore | None, ref: SecretRef | None) -> Decommissioned:
+def decommission(vol: VolumeConfig, ini: Path, keystore: VaultClient | None, ref: SecretRef | None) -> Decommissioned:
     done = Decommissioned()
     if volume.close_volume(vol).changed:
         done.steps.append("closed")
