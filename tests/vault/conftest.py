@@ -59,6 +59,25 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, interva
         time.sleep(interval)
 
 
+def in_thread(function, bound: float):
+    """Runs function() in a thread and waits at most `bound` seconds: a test of a deadline must
+    fail, not hang, on code without one. Returns (result or exception, seconds taken)."""
+    outcome: list = []
+
+    def target():
+        try:
+            outcome.append(function())
+        except Exception as exc:  # the caller asserts on it
+            outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(bound)
+    assert outcome, f"still running after {bound:g} s"
+    return outcome[0], time.monotonic() - started
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

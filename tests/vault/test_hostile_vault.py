@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ import pytest
 from luksctl import vault
 from luksctl.errors import VaultUnreachable
 
-from .conftest import OPEN_URL, ROOT_TOKEN, json_answer, open_body, wait_until
+from .conftest import OPEN_URL, ROOT_TOKEN, in_thread, json_answer, open_body, wait_until
 
 NETRC_PASSWORD = "netrc-password-must-not-be-sent"
 
@@ -35,25 +34,6 @@ def settings(**changes) -> vault.VaultSettings:
 
 def location(url: str, secret_path: str = "a/b/storage_encryption") -> tuple[str, vault.SecretRef]:
     return url, vault.SecretRef("secrets", secret_path, "storage_encryption_key")
-
-
-def in_thread(function, bound: float):
-    """Runs function() in a thread and waits at most `bound` seconds: a test of a deadline must
-    fail, not hang, on code without one. Returns (result or exception, seconds taken)."""
-    outcome: list = []
-
-    def target():
-        try:
-            outcome.append(function())
-        except Exception as exc:  # the caller asserts on it
-            outcome.append(exc)
-
-    started = time.monotonic()
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(bound)
-    assert outcome, f"still running after {bound:g} s"
-    return outcome[0], time.monotonic() - started
 
 
 # --- 1. Only our tokens ----------------------------------------------------------------------
