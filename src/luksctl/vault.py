@@ -289,7 +289,7 @@ class VaultClient:
         allow_http: bool = False,
     ):
         parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.username or parsed.query or parsed.fragment or parsed.path not in ("", "/"):
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.username or parsed.query or parsed.fragment:
             raise VaultError(f"the Vault URL {url!r} must look like https://vault.example:8200")
         if parsed.scheme == "http" and not allow_http:
             raise PlainHttpRefused(f"the Vault URL {url} is plain http://: a token would cross the network unencrypted; use https://")
