@@ -138,9 +138,9 @@ class _Connection(http.client.HTTPConnection):
     def connect(self) -> None:
         super().connect()  # TCP only
         self._deadline.track(self.sock)  # before the handshake: a stalled handshake is cut too
-        self.sock.settimeout(min(self._read_timeout, self._deadline.left()))
-        if self._tls is not None:
+        if self._tls is not None:  # the handshake runs under the connect timeout, as part of connecting
             self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.host)
+        self.sock.settimeout(min(self._read_timeout, self._deadline.left()))
 
 
 def tls_context(ca_bundle: str | None = None, *, verify: bool = True) -> ssl.SSLContext:
