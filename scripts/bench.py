@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
 from helpers_vm import OUT, SERVICE_PATH, Api, Bao, Dashboard, run, single_vm_config, single_vm_stack, wait_until  # noqa: E402
 
 import wrk_output  # noqa: E402  (scripts/, this script's own directory)
-from luksctl.api import vault  # noqa: E402
+from luksctl import vault  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
@@ -95,13 +95,13 @@ def timed(action) -> float:
 def open_breakdown(api: Api, bao: Bao, volume, secret_path: str) -> dict:
     """Each part of an open timed on its own, then the whole open through the API."""
     dashboard = Dashboard(api.base_url)
-    location = vault.SecretLocation(bao.url, "secrets", secret_path, "storage_encryption_key")
+    ref = vault.SecretRef("secrets", secret_path, "storage_encryption_key")
     user = pwd.getpwnam(api.unit.one("User"))
     as_service_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--"]
     parts: dict[str, list[float]] = {k: [] for k in ("vault", "sudo_cli_start", "cryptsetup_open", "mount", "api_open_total")}
     for _ in range(RUNS + 2):
         token = bao.wrap_token()
-        parts["vault"].append(timed(lambda: vault.fetch_passphrase(location, token, vault.VaultSettings())))
+        parts["vault"].append(timed(lambda: vault.fetch_passphrase(bao.url, ref, token, vault.VaultSettings(allow_http=True))))
         parts["sudo_cli_start"].append(timed(lambda: run(*as_service_user, "/usr/bin/sudo", "-n", "/usr/local/sbin/luksctl", "--json", "status", check=False)))
         parts["cryptsetup_open"].append(timed(lambda: run("cryptsetup", "open", "--key-file=-", str(volume.by_uuid), volume.cryptdev, input=volume.passphrase)))
         parts["mount"].append(timed(lambda: run("mount", "-t", "ext4", volume.mapper, "/srv/export")))

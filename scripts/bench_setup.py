@@ -36,7 +36,7 @@ def one_run(bao, number: int) -> dict:
     try:
         TOKEN.write_text(bao.write_only_wrapping_token())
         argv = ["/usr/local/sbin/luksctl", "setup", "--device", loop, "--cryptdev", "benchsetup", "--mountpoint", str(MOUNTPOINT),
-                "--vault-url", bao.url, "--secret-path", f"bench/{number}-{time.time_ns()}/storage_encryption",
+                "--vault-url", bao.url, "--vault-allow-http", "--secret-path", f"bench/{number}-{time.time_ns()}/storage_encryption",
                 "--wrapping-token-file", str(TOKEN), "--wipe", "--json"]
         started = time.monotonic()
         done = subprocess.run(argv, capture_output=True, env={"PATH": SERVICE_PATH}, timeout=1800)

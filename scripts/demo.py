@@ -64,7 +64,7 @@ def main() -> int:
             # Fast PBKDF for the demo under software emulation; production keeps argon2id.
             argv = [LUKSCTL, "setup", "--device", loop, "--cryptdev", "demo", "--mountpoint", str(MOUNTPOINT),
                     "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-                    "--vault-url", bao.url, "--secret-path", SECRET_PATH, "--wrapping-token-file", str(TOKEN_FILE)]
+                    "--vault-url", bao.url, "--vault-allow-http", "--secret-path", SECRET_PATH, "--wrapping-token-file", str(TOKEN_FILE)]
             print("$ " + " ".join(argv))
             started = time.monotonic()
             result = subprocess.run(argv, capture_output=True, env={"PATH": SERVICE_PATH}, timeout=600)

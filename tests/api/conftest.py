@@ -9,8 +9,8 @@ import pytest
 from frontend_fakes import INI, PASSPHRASE, TOKEN, FakeVault
 from support.bridge import FakeBridge, Kernel
 
-from luksctl import audit
-from luksctl.api import create_frontend_app, frontend, vault
+from luksctl import audit, vault
+from luksctl.api import create_frontend_app, frontend
 from luksctl.config import FrontendConfig
 
 

@@ -59,9 +59,9 @@ class FakeVault:
         self.delay = 0.0
         self._lock = threading.Lock()
 
-    def fetch_passphrase(self, location, wrapping_token, settings):
+    def fetch_passphrase(self, url, ref, wrapping_token, settings):
         with self._lock:
-            self.calls.append((location, wrapping_token, settings))
+            self.calls.append((url, ref, wrapping_token, settings))
         time.sleep(self.delay)
         if self.error:
             raise self.error

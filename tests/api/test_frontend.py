@@ -200,9 +200,9 @@ def test_open_fetches_the_passphrase_and_hands_it_to_the_bridge(client, fake_vau
 
     assert body == {"volume_state": "mounted"}
     assert bridge.passphrases == [PASSPHRASE]
-    ((location, token, settings),) = fake_vault.calls
+    ((url, ref, token, settings),) = fake_vault.calls
     assert token == TOKEN
-    assert (location.vault_url, location.secret_root, location.secret_path, location.secret_key) == (
+    assert (url, ref.mount, ref.path, ref.key) == (
         "https://vault.example:8200",
         "secrets",
         "user-sub@idp/3f1c0f7e-deployment/storage_encryption",
@@ -218,7 +218,7 @@ def test_open_fetches_the_passphrase_and_hands_it_to_the_bridge(client, fake_vau
 def test_vault_url_is_normalized(client, fake_vault, url, normalized):
     answer(client.post(OPEN, json=payload(vault_url=url)), 200)
 
-    assert fake_vault.calls[0][0].vault_url == normalized
+    assert fake_vault.calls[0][0] == normalized
 
 
 def test_vault_url_outside_the_allowlist_is_400_and_not_contacted(tmp_path, ini, bridge, fake_vault):
@@ -273,7 +273,7 @@ def test_open_uses_the_configured_ca_bundle_for_vault(tmp_path, ini, bridge, fak
 
     answer(client.post(OPEN, json=payload()), 200)
 
-    ((_, _, settings),) = fake_vault.calls
+    ((_, _, _, settings),) = fake_vault.calls
     assert (settings.verify, settings.timeout) == ("/etc/luks/vault-ca.pem", 3)
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from contract_fakes import ALLOWED_VAULT, CLUSTER_TOKEN, INI, NFS_MOUNTPOINTS, Host
 
-from luksctl.api import create_frontend_app, create_worker_app, vault
+from luksctl import vault
+from luksctl.api import create_frontend_app, create_worker_app
 from luksctl.api import frontend as frontend_module
 from luksctl.api import worker as worker_module
 from luksctl.config import FrontendConfig, WorkerConfig

@@ -59,9 +59,9 @@ class Host:
         return {mountpoint: mountpoint in self.nfs_mounted for mountpoint in mountpoints}
 
     # -- Vault --
-    def fetch_passphrase(self, location, wrapping_token: str, settings) -> str:
-        assert location.vault_url == ALLOWED_VAULT, f"Vault contacted at {location.vault_url}"
-        self.vault_calls.append(location.vault_url)
+    def fetch_passphrase(self, url, ref, wrapping_token: str, settings) -> str:
+        assert url == ALLOWED_VAULT, f"Vault contacted at {url}"
+        self.vault_calls.append(url)
         if self.vault_error is not None:
             raise self.vault_error
         return "correct horse battery staple"

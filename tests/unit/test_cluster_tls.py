@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import socket
 import ssl
 import threading
+import time
 
 import pytest
 from fake_worker import Worker
@@ -85,3 +87,24 @@ def test_two_workers_with_the_same_host_name_both_verify_against_the_bundle(tmp_
     for address, (cert, key) in zip(addresses, pairs, strict=True):
         port = start_worker(cert, key, address)
         assert cluster.remount_workers(https_client(port, str(bundle)), [address]) == {address: "mounted"}
+
+
+def test_the_environments_ca_does_not_count_for_workers(tls_worker, monkeypatch):
+    """SSL_CERT_FILE / SSL_CERT_DIR naming the worker's certificate change nothing: only WN_CA_BUNDLE does."""
+    port, cert = tls_worker
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setenv("SSL_CERT_DIR", str(cert.parent))
+
+    assert cluster.remount_workers(https_client(port, True), [WORKER_IP]) == {WORKER_IP: "tls-error"}
+
+
+def test_a_worker_silent_in_the_tls_handshake_is_a_timeout_at_the_connect_timeout():
+    """Connected, then no TLS answer: the handshake is part of connecting (WN_CONNECT_TIMEOUT)."""
+    with socket.create_server((WORKER_IP, 0)) as silent:
+        client = https_client(silent.getsockname()[1], True)
+        started = time.monotonic()
+        nodes = cluster.remount_workers(client, [WORKER_IP])
+        elapsed = time.monotonic() - started
+
+    assert nodes == {WORKER_IP: "timeout"}
+    assert client.connect_timeout <= elapsed < client.connect_timeout + 1, elapsed

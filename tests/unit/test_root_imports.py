@@ -1,8 +1,8 @@
 """The root side imports only the standard library (issue 11).
 
 `luksctl` runs as root through sudo: every module it loads is code that runs as
-root, and start-up time on every open. The services keep Flask, hvac and
-requests; none of that may reach the CLI.
+root, and start-up time on every open. The services keep Flask; none of that
+may reach the CLI. luksctl.vault is shared: standard library only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import luksctl
 
 PACKAGE_DIR = Path(luksctl.__file__).parent
 # Service-side modules: each imports third-party code, and none has a job in the CLI.
-SERVICE_SIDE = ("luksctl.api", "luksctl.api.vault", "luksctl.api.cluster", "luksctl.api.privileged", "luksctl.api.certs")
+SERVICE_SIDE = ("luksctl.api", "luksctl.api.cluster", "luksctl.api.privileged", "luksctl.api.certs")
 
 # Run in a fresh interpreter: the test process has already imported everything.
 PROBE = """
@@ -92,12 +92,12 @@ def test_the_probe_sees_third_party_imports():
     """The check above can fail: the service side does load Flask."""
     loaded = loaded_in_fresh_interpreter("luksctl.api.frontend")
 
-    assert {"flask", "hvac"} <= {name.split(".")[0] for name in outside_stdlib(loaded)}
+    assert {"flask"} <= {name.split(".")[0] for name in outside_stdlib(loaded)}
 
 
 # Each costs milliseconds on every `luksctl status` (BENCHMARKS.md, start-up); the commands
 # that change something import them when they run.
-NOT_FOR_STATUS = {"logging", "dataclasses", "inspect", "subprocess", "luksctl.root.volume", "luksctl.runner", "luksctl.root.lifecycle", "luksctl.root.setup"}
+NOT_FOR_STATUS = {"luksctl.vault", "logging", "dataclasses", "inspect", "subprocess", "luksctl.root.volume", "luksctl.runner", "luksctl.root.lifecycle", "luksctl.root.setup"}
 
 
 def test_status_starts_without_logging_dataclasses_or_the_commands_that_change_something():

@@ -1,7 +1,7 @@
 """setup.py: the order of the steps, the exact argv and stdin of each command, and resuming.
 
 The seams: runner.run (a fake disk that reacts like cryptsetup, blkid and mkfs), the sysfs
-and /proc reads of blockdev/status, and the Vault client (keystore has its own real-OpenBao
+and /proc reads of blockdev/status, and the Vault client (luksctl.vault has its own real-OpenBao
 tests). A kill is a BaseException raised by the fake at the step where the signal would land.
 """
 
@@ -27,7 +27,7 @@ from luksctl.errors import (
     VaultWriteDenied,
     WrappingTokenInvalid,
 )
-from luksctl.keystore import SecretRef
+from luksctl.vault import SecretRef
 from luksctl.root import blockdev, header, journal, setup, volume
 from luksctl.status import VolumeStatus
 
@@ -190,7 +190,7 @@ def disk(monkeypatch, tmp_path) -> Disk:
 @pytest.fixture
 def vault(disk, monkeypatch) -> FakeVault:
     fake = FakeVault(disk)
-    monkeypatch.setattr(setup.Keystore, "unwrap", fake.unwrap)
+    monkeypatch.setattr(setup.VaultClient, "unwrap", lambda client, token: fake.unwrap(client.url, token))
     return fake
 
 

@@ -19,6 +19,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,25 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if here in Path(item.fspath).parents:
             item.add_marker(pytest.mark.vault)
+
+
+def in_thread(function, bound: float):
+    """Runs function() in a thread and waits at most `bound` seconds: a test of a deadline must
+    fail, not hang, on code without one. Returns (result or exception, seconds taken)."""
+    outcome: list = []
+
+    def target():
+        try:
+            outcome.append(function())
+        except Exception as exc:  # the caller asserts on it
+            outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(bound)
+    assert outcome, f"still running after {bound:g} s"
+    return outcome[0], time.monotonic() - started
 
 
 @contextlib.contextmanager
@@ -187,7 +207,7 @@ def make_frontend_app(tmp_path, fake_bridge, monkeypatch):
     monkeypatch.setattr(frontend, "volume_status", fake_volume_status)
 
     def make(**settings):
-        config = FrontendConfig(**{"CRYPTDEV_INI": str(ini), "LOCK_FILE": str(tmp_path / "open.lock"), "VAULT_TIMEOUT": 3, "ALLOW_ANY_VAULT_URL": True, **settings})
+        config = FrontendConfig(**{"CRYPTDEV_INI": str(ini), "LOCK_FILE": str(tmp_path / "open.lock"), "VAULT_TIMEOUT": 3, "ALLOW_ANY_VAULT_URL": True, "ALLOW_PLAIN_HTTP": True, **settings})
         app = frontend.create_frontend_app(config, fake_bridge)
         app.testing = False  # answer the way production does: errors become JSON, never propagate
         return app

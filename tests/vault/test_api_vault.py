@@ -89,7 +89,7 @@ def test_an_unreachable_vault_is_502_saying_only_unreachable(frontend_app, fake_
     body = assert_error(post_open(frontend_app, open_body(url, "s.abcdef", "a/b/storage_encryption")), 502)
 
     assert body["error"] == f"Vault at {url} is unreachable or too slow; the service log has the details"
-    assert {"closed_port_url": "ConnectionError", "silent_server_url": "ReadTimeout", "self_signed_server": "SSLError"}[server] in caplog.text
+    assert {"closed_port_url": "ConnectionRefusedError", "silent_server_url": "TimeoutError", "self_signed_server": "SSLCertVerificationError"}[server] in caplog.text
 
 
 @pytest.mark.parametrize("missing", ["vault_url", "vault_token", "secret_root", "secret_path", "secret_key"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,10 +13,10 @@ from pathlib import Path
 import pytest
 from support.waiting import wait_until
 
-from luksctl.api import vault
+from luksctl import vault
 from luksctl.errors import VaultUnreachable
 
-from .conftest import OPEN_URL, ROOT_TOKEN, json_answer, open_body
+from .conftest import OPEN_URL, ROOT_TOKEN, in_thread, json_answer, open_body
 
 NETRC_PASSWORD = "netrc-password-must-not-be-sent"
 
@@ -31,30 +30,11 @@ def frontend(app):
 
 
 def settings(**changes) -> vault.VaultSettings:
-    return dataclasses.replace(vault.VaultSettings(timeout=2, deadline=3), **changes)
+    return dataclasses.replace(vault.VaultSettings(timeout=2, deadline=3, allow_http=True), **changes)
 
 
-def location(url: str, secret_path: str = "a/b/storage_encryption") -> vault.SecretLocation:
-    return vault.SecretLocation(url, "secrets", secret_path, "storage_encryption_key")
-
-
-def in_thread(function, bound: float):
-    """Runs function() in a thread and waits at most `bound` seconds: a test of a deadline must
-    fail, not hang, on code without one. Returns (result or exception, seconds taken)."""
-    outcome: list = []
-
-    def target():
-        try:
-            outcome.append(function())
-        except Exception as exc:  # the caller asserts on it
-            outcome.append(exc)
-
-    started = time.monotonic()
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(bound)
-    assert outcome, f"still running after {bound:g} s"
-    return outcome[0], time.monotonic() - started
+def location(url: str, secret_path: str = "a/b/storage_encryption") -> tuple[str, vault.SecretRef]:
+    return url, vault.SecretRef("secrets", secret_path, "storage_encryption_key")
 
 
 # --- 1. Only our tokens ----------------------------------------------------------------------
@@ -137,7 +117,7 @@ def test_a_vault_that_trickles_is_cut_at_the_deadline(local_server):
     trickler = local_server(lambda seen, body: json_answer({"data": {"creation_path": "auth/token/create", "padding": "x" * 200}}))
     trickler.trickle = lambda seen: 0.2
 
-    error, elapsed = in_thread(lambda: vault.fetch_passphrase(location(trickler.url), "s.wrapping", settings()), bound=15)
+    error, elapsed = in_thread(lambda: vault.fetch_passphrase(*location(trickler.url), "s.wrapping", settings()), bound=15)
 
     assert isinstance(error, VaultUnreachable), error
     assert error.message == f"Vault at {trickler.url} is unreachable or too slow; the service log has the details"
@@ -151,7 +131,7 @@ def test_the_deadline_covers_every_step_and_the_token_is_still_revoked(bao, vaul
     wrapped = bao.wrap_token()
     vault_front.trickle = lambda seen: 0.2 if seen.path.startswith("/v1/secrets/data/") else 0.0
 
-    error, elapsed = in_thread(lambda: vault.fetch_passphrase(location(vault_front.url, path), wrapped.token, settings()), bound=20)
+    error, elapsed = in_thread(lambda: vault.fetch_passphrase(*location(vault_front.url, path), wrapped.token, settings()), bound=20)
 
     assert isinstance(error, VaultUnreachable), error
     assert 3 <= elapsed < 3 + vault.REVOKE_GRACE + 1, elapsed
@@ -192,4 +172,4 @@ def test_a_healthy_exchange_through_the_front_server_fits_the_deadline(bao, vaul
     secret = f"control-{uuid.uuid4().hex}"
     path = bao.store_secret(secret)
 
-    assert vault.fetch_passphrase(location(vault_front.url, path), bao.wrap_token().token, settings()) == secret
+    assert vault.fetch_passphrase(*location(vault_front.url, path), bao.wrap_token().token, settings()) == secret

@@ -14,7 +14,7 @@ from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE
 from support.policies import DELETE_ONLY, READ_POLICY, WRITE_ONLY
 
-from luksctl import keystore
+from luksctl import vault
 from luksctl.errors import EXIT_OK, EXIT_REFUSED, VaultUnreachable
 from luksctl.root import cryptsetup
 
@@ -51,7 +51,7 @@ def token_file(bao, tmp_path, policy: str, *, wrapped: bool = False, client_toke
 
 
 def vault_args(bao, secret_path: str, token: str, *, wrapped: bool = False, root: str = KV2_ROOT, kv_version: int = 2) -> list[str]:
-    return ["--vault-url", bao.url, "--secret-root", root, "--secret-path", secret_path, "--kv-version", str(kv_version),
+    return ["--vault-url", bao.url, "--vault-allow-http", "--secret-root", root, "--secret-path", secret_path, "--kv-version", str(kv_version),
             "--wrapping-token-file" if wrapped else "--token-file", token]
 
 
@@ -143,7 +143,7 @@ def test_rotate_cut_at_the_vault_write_resumes_with_the_same_new_passphrase(lab,
         raise VaultUnreachable("Vault at the test URL cannot be reached (write secret): injected")
 
     with monkeypatch.context() as patch:
-        patch.setattr(keystore.Keystore, "write", vault_fails)
+        patch.setattr(vault.VaultClient, "write", vault_fails)
         code, answer = lab.run(capsys, "rotate", *FAST_NEW_SLOT, *vault_args(bao, secret_path, token_file(bao, tmp_path, ROTATE)))
     assert code != EXIT_OK
     pending = (lab.dir / "rotate-pending-passphrase").read_bytes()

@@ -8,16 +8,16 @@ import uuid
 import pytest
 from support.waiting import wait_until
 
-from luksctl.api import vault
+from luksctl import vault
 from luksctl.errors import SecretNotFound, VaultUnreachable, WrappingTokenInvalid
 
 from .conftest import KV1_PLAIN_ROOT, KV1_ROOT, KV2_ROOT, SECRET_KEY
 
-SETTINGS = vault.VaultSettings(timeout=5)
+SETTINGS = vault.VaultSettings(timeout=5, allow_http=True)  # OpenBao listens on http://127.0.0.1
 
 
-def location(url: str, secret_path: str, *, root: str = KV2_ROOT, key: str = SECRET_KEY) -> vault.SecretLocation:
-    return vault.SecretLocation(vault_url=url, secret_root=root, secret_path=secret_path, secret_key=key)
+def location(url: str, secret_path: str, *, root: str = KV2_ROOT, key: str = SECRET_KEY) -> tuple[str, vault.SecretRef]:
+    return url, vault.SecretRef(root, secret_path, key)
 
 
 def passphrase() -> str:
@@ -29,14 +29,14 @@ def test_unwraps_and_reads_kv_v2(bao):
     path = bao.store_secret(secret)
     wrapped = bao.wrap_token()
 
-    assert vault.fetch_passphrase(location(bao.url, path), wrapped.token, SETTINGS) == secret
+    assert vault.fetch_passphrase(*location(bao.url, path), wrapped.token, SETTINGS) == secret
 
 
 def test_reads_kv_v1_mount_with_version_option(bao):
     secret = passphrase()
     path = bao.store_secret(secret, root=KV1_ROOT, kv_version=1)
 
-    assert vault.fetch_passphrase(location(bao.url, path, root=KV1_ROOT), bao.wrap_token().token, SETTINGS) == secret
+    assert vault.fetch_passphrase(*location(bao.url, path, root=KV1_ROOT), bao.wrap_token().token, SETTINGS) == secret
 
 
 def test_reads_kv_v1_mount_without_version_option(bao):
@@ -44,17 +44,17 @@ def test_reads_kv_v1_mount_without_version_option(bao):
     secret = passphrase()
     path = bao.store_secret(secret, root=KV1_PLAIN_ROOT, kv_version=1)
 
-    assert vault.fetch_passphrase(location(bao.url, path, root=KV1_PLAIN_ROOT), bao.wrap_token().token, SETTINGS) == secret
+    assert vault.fetch_passphrase(*location(bao.url, path, root=KV1_PLAIN_ROOT), bao.wrap_token().token, SETTINGS) == secret
 
 
 def test_wrapping_token_works_only_once(bao):
     secret = passphrase()
     path = bao.store_secret(secret)
     wrapped = bao.wrap_token()
-    assert vault.fetch_passphrase(location(bao.url, path), wrapped.token, SETTINGS) == secret
+    assert vault.fetch_passphrase(*location(bao.url, path), wrapped.token, SETTINGS) == secret
 
     with pytest.raises(WrappingTokenInvalid) as caught:
-        vault.fetch_passphrase(location(bao.url, path), wrapped.token, SETTINGS)
+        vault.fetch_passphrase(*location(bao.url, path), wrapped.token, SETTINGS)
     assert caught.value.possible_interception
 
 
@@ -64,7 +64,7 @@ def test_wrapping_token_from_another_creation_path_is_not_unwrapped(bao):
     token = response.json()["wrap_info"]["token"]
 
     with pytest.raises(WrappingTokenInvalid, match="sys/wrapping/wrap"):
-        vault.fetch_passphrase(location(bao.url, bao.store_secret(passphrase())), token, SETTINGS)
+        vault.fetch_passphrase(*location(bao.url, bao.store_secret(passphrase())), token, SETTINGS)
     assert bao.lookup_wrapping(token)
 
 
@@ -74,7 +74,7 @@ def test_expired_wrapping_token_is_invalid(bao):
     wait_until(lambda: not bao.lookup_wrapping(wrapped.token), 15, "the 1 s wrapping token to expire", interval=0.05)
 
     with pytest.raises(WrappingTokenInvalid):
-        vault.fetch_passphrase(location(bao.url, path), wrapped.token, SETTINGS)
+        vault.fetch_passphrase(*location(bao.url, path), wrapped.token, SETTINGS)
 
 
 def test_wrong_path_is_secret_not_found(bao):
@@ -82,7 +82,7 @@ def test_wrong_path_is_secret_not_found(bao):
     missing = f"sub-nobody/{uuid.uuid4()}/storage_encryption"
 
     with pytest.raises(SecretNotFound) as caught:
-        vault.fetch_passphrase(location(bao.url, missing), bao.wrap_token().token, SETTINGS)
+        vault.fetch_passphrase(*location(bao.url, missing), bao.wrap_token().token, SETTINGS)
     assert missing in caught.value.message
 
 
@@ -90,7 +90,7 @@ def test_wrong_key_is_secret_not_found(bao):
     path = bao.store_secret(passphrase())
 
     with pytest.raises(SecretNotFound) as caught:
-        vault.fetch_passphrase(location(bao.url, path, key="no_such_key"), bao.wrap_token().token, SETTINGS)
+        vault.fetch_passphrase(*location(bao.url, path, key="no_such_key"), bao.wrap_token().token, SETTINGS)
     assert "no_such_key" in caught.value.message
 
 
@@ -98,7 +98,7 @@ def test_wrong_key_in_kv_v1_is_secret_not_found(bao):
     path = bao.store_secret(passphrase(), root=KV1_ROOT, kv_version=1)
 
     with pytest.raises(SecretNotFound):
-        vault.fetch_passphrase(location(bao.url, path, root=KV1_ROOT, key="no_such_key"), bao.wrap_token().token, SETTINGS)
+        vault.fetch_passphrase(*location(bao.url, path, root=KV1_ROOT, key="no_such_key"), bao.wrap_token().token, SETTINGS)
 
 
 def test_unwrapped_token_is_revoked_after_success(bao):
@@ -106,7 +106,7 @@ def test_unwrapped_token_is_revoked_after_success(bao):
     wrapped = bao.wrap_token()
     assert bao.accessor_alive(wrapped.wrapped_accessor)
 
-    vault.fetch_passphrase(location(bao.url, path), wrapped.token, SETTINGS)
+    vault.fetch_passphrase(*location(bao.url, path), wrapped.token, SETTINGS)
 
     assert not bao.accessor_alive(wrapped.wrapped_accessor)
 
@@ -119,28 +119,28 @@ def test_unwrapped_token_is_revoked_after_a_failed_read(bao, failure):
     assert bao.accessor_alive(wrapped.wrapped_accessor)
 
     with pytest.raises(SecretNotFound):
-        vault.fetch_passphrase(where, wrapped.token, SETTINGS)
+        vault.fetch_passphrase(*where, wrapped.token, SETTINGS)
 
     assert not bao.accessor_alive(wrapped.wrapped_accessor)
 
 
 def test_vault_down_is_unreachable_fast(closed_port_url):
-    settings = vault.VaultSettings(timeout=3)
+    settings = vault.VaultSettings(timeout=3, allow_http=True)
     started = time.monotonic()
 
     with pytest.raises(VaultUnreachable) as caught:
-        vault.fetch_passphrase(location(closed_port_url, "a/b/storage_encryption"), "s.sometoken", settings)
+        vault.fetch_passphrase(*location(closed_port_url, "a/b/storage_encryption"), "s.sometoken", settings)
 
     assert time.monotonic() - started < settings.timeout + 2
     assert closed_port_url in caught.value.message
 
 
 def test_silent_server_is_unreachable_after_the_timeout(silent_server_url):
-    settings = vault.VaultSettings(timeout=1)
+    settings = vault.VaultSettings(timeout=1, allow_http=True)
     started = time.monotonic()
 
     with pytest.raises(VaultUnreachable) as caught:
-        vault.fetch_passphrase(location(silent_server_url, "a/b/storage_encryption"), "s.sometoken", settings)
+        vault.fetch_passphrase(*location(silent_server_url, "a/b/storage_encryption"), "s.sometoken", settings)
 
     elapsed = time.monotonic() - started
     assert settings.timeout * 0.9 <= elapsed < settings.timeout + 3
@@ -155,7 +155,7 @@ def test_self_signed_certificate_is_refused_by_default(self_signed_server):
     started = time.monotonic()
 
     with pytest.raises(VaultUnreachable) as caught:
-        vault.fetch_passphrase(location(self_signed_server.url, "a/b/storage_encryption"), "s.sometoken", vault.VaultSettings(timeout=5))
+        vault.fetch_passphrase(*location(self_signed_server.url, "a/b/storage_encryption"), "s.sometoken", vault.VaultSettings(timeout=5))
 
     assert time.monotonic() - started < 5
     assert "unreachable" in caught.value.message
@@ -166,7 +166,7 @@ def test_self_signed_certificate_is_accepted_with_its_ca_bundle(self_signed_serv
     settings = vault.VaultSettings(verify=self_signed_server.ca_bundle, timeout=5)
 
     with pytest.raises(WrappingTokenInvalid):  # the server's `{}` is no wrapping token
-        vault.fetch_passphrase(location(self_signed_server.url, "a/b/storage_encryption"), "s.sometoken", settings)
+        vault.fetch_passphrase(*location(self_signed_server.url, "a/b/storage_encryption"), "s.sometoken", settings)
 
 
 def test_https_to_a_plain_http_vault_fails_fast(bao):
@@ -175,6 +175,6 @@ def test_https_to_a_plain_http_vault_fails_fast(bao):
     started = time.monotonic()
 
     with pytest.raises(VaultUnreachable):
-        vault.fetch_passphrase(location(https_url, bao.store_secret(passphrase())), bao.wrap_token().token, settings)
+        vault.fetch_passphrase(*location(https_url, bao.store_secret(passphrase())), bao.wrap_token().token, settings)
 
     assert time.monotonic() - started < settings.timeout

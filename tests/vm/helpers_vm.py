@@ -330,8 +330,8 @@ class Api:
 
 
 def single_vm_config(bao: Bao, **settings) -> dict:
-    """The front end's config.json for a single VM whose open may contact this OpenBao."""
-    return {"INFRASTRUCTURE_CONFIGURATION": "single_vm", "VAULT_URL_ALLOWLIST": [bao.url], **settings}
+    """The front end's config.json for a single VM whose open may contact this OpenBao (plain http://)."""
+    return {"INFRASTRUCTURE_CONFIGURATION": "single_vm", "VAULT_URL_ALLOWLIST": [bao.url], "ALLOW_PLAIN_HTTP": True, **settings}
 
 
 @contextlib.contextmanager

@@ -255,7 +255,7 @@ def test_used_and_expired_wrapping_tokens_are_refused(bao_up, volume, secret_pat
 
 def test_vault_down_or_silent_answers_502_within_the_vault_timeout(bao_up, volume, secret_path, api, dashboard):
     # The silent server's port is chosen below: this API may contact any URL (the operator's opt-out).
-    api.ensure({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "ALLOW_ANY_VAULT_URL": True})
+    api.ensure({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "ALLOW_ANY_VAULT_URL": True, "ALLOW_PLAIN_HTTP": True})
     margin = 20  # TLS, Flask and a busy emulated CPU; the point is "bounded", not "fast"
     payload = bao_up.open_payload(secret_path)
     bao_up.stop()  # connection refused (the next test's bao_up starts it again)

@@ -93,6 +93,7 @@ def lab_config(bao, proxies) -> dict:
         "VAULT_TIMEOUT": VAULT_TIMEOUT,
         "VAULT_DEADLINE": VAULT_DEADLINE,
         "VAULT_URL_ALLOWLIST": [bao.url, proxies.main.url, proxies.allowed.url],
+        "ALLOW_PLAIN_HTTP": True,  # OpenBao and the proxies listen on http://127.0.0.1
         "ALLOWED_CLIENTS": ["127.0.0.1/32"],
     }
 
@@ -661,7 +662,7 @@ def test_repeated_failed_opens_get_429_with_retry_after(api_server, bao_up, pape
     """The limit counts per client address: 127.0.0.7 is used only here."""
     client, other = "127.0.0.7", "127.0.0.1"
     api_server.ensure({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "FAILED_OPEN_LIMIT": 3,
-                        "FAILED_OPEN_WINDOW": 300, "VAULT_URL_ALLOWLIST": [bao_up.url]})
+                        "FAILED_OPEN_WINDOW": 300, "VAULT_URL_ALLOWLIST": [bao_up.url], "ALLOW_PLAIN_HTTP": True})
     bad = {"vault_url": bao_up.url}  # fields missing: 400, counted
     try:
         with same_gunicorn(api_server.pid):

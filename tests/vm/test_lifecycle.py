@@ -57,7 +57,7 @@ def token_file(bao, policy: str) -> str:
 
 
 def vault_args(bao, secret_path: str, policy: str) -> list[str]:
-    return ["--vault-url", bao.url, "--secret-path", secret_path, "--token-file", token_file(bao, policy)]
+    return ["--vault-url", bao.url, "--vault-allow-http", "--secret-path", secret_path, "--token-file", token_file(bao, policy)]
 
 
 def luksctl(*argv: str, stdin: bytes = b"") -> tuple[int, dict, str]:

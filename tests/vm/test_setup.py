@@ -129,7 +129,7 @@ def token_file(token: str) -> Path:
 
 def setup_argv(disk: Disk, url: str, token: Path | None, *extra: str, wrapping: bool = True) -> list[str]:
     argv = [LUKSCTL, "setup", "--device", disk.loop, "--cryptdev", disk.cryptdev, "--mountpoint", str(MOUNTPOINT),
-            *FAST_PBKDF, "--vault-url", url, "--secret-path", disk.secret_path]
+            *FAST_PBKDF, "--vault-url", url, "--vault-allow-http", "--secret-path", disk.secret_path]
     if token is not None:
         argv += ["--wrapping-token-file" if wrapping else "--token-file", str(token)]
     return argv + list(extra)
@@ -411,7 +411,7 @@ def test_sigkill_during_mkfs_of_fastluks_then_rerun(vault, dashboard, api, blank
     wrapping = vault.write_only_wrapping_token(unwrapped)
     argv = [FASTLUKS, "--device", disk.loop, "--cryptdev", disk.cryptdev, "-m", str(MOUNTPOINT), "-f", "ext4",
             "-c", "aes-xts-plain64", "-s", "256", "--hash", "sha256", "--header-backup-file", str(HEADER_BACKUP),
-            "--cryptdev-file", str(VOLUME_INI), "-l", "64", "--vault", "--vault-url", vault.url,
+            "--cryptdev-file", str(VOLUME_INI), "-l", "64", "--vault", "--vault-url", vault.url, "--vault-allow-http",
             "--wrapping-token", wrapping, "--secret-path", disk.secret_path, "--user-key", KEY, *FAST_PBKDF]
     recorder = ProcSampler()
     recorder.start()
@@ -468,7 +468,7 @@ def test_refusals_change_nothing(vault, blank_disk):
 
     regular = WORKDIR / "not-a-device.img"
     regular.write_bytes(b"\x5a" * 65536)
-    result = setup_once([LUKSCTL, "setup", "--device", str(regular), "--vault-url", vault.url,
+    result = setup_once([LUKSCTL, "setup", "--device", str(regular), "--vault-url", vault.url, "--vault-allow-http",
                          "--secret-path", disk.secret_path, "--wrapping-token-file", str(token)], "refuse-file")
     assert result.returncode == 11 and "not a block device" in result.stdout, result.stdout
     assert regular.read_bytes() == b"\x5a" * 65536

@@ -8,17 +8,18 @@ by the deadline is reported as "timeout".
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import ipaddress
+import json
 import logging
+import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
+from .. import vault
 from ..config import FrontendConfig, ensure_root_owned
-from ..errors import ConfigError
-from . import outbound
+from ..errors import ConfigError, VaultError
 
 log = logging.getLogger(__name__)
 
@@ -58,33 +59,42 @@ class WorkerClient:
             netloc = host
         return f"{self.scheme}://{netloc}:{self.port}{WORKER_PREFIX}/{endpoint}"
 
+    def tls(self) -> ssl.SSLContext | None:
+        """WN_CA_BUNDLE (or the system bundle, or no verification) for https; None for http."""
+        if self.scheme != "https":
+            return None
+        return vault.tls_context(self.verify if isinstance(self.verify, str) else None, verify=self.verify is not False)
+
     def call(self, host: str, method: str, endpoint: str) -> str:
         """The worker's nfs_state, or why there is none; never raises."""
         headers = {TOKEN_HEADER: self.token} if self.token else {}
         # The deadline ends the call even against a worker that trickles its answer, so a
         # stuck call does not keep its pool thread; no redirect takes the token elsewhere.
         try:
-            with outbound.Deadline(self.deadline) as deadline, outbound.OutboundSession(verify=self.verify, deadline=deadline) as session:
-                response = session.request(method, self.url(host, endpoint), headers=headers, timeout=(self.connect_timeout, self.read_timeout))
-        except outbound.RedirectRefused:
+            with vault.Deadline(self.deadline) as deadline:
+                status, raw = vault.request(
+                    method, self.url(host, endpoint), deadline=deadline, tls=self.tls(), headers=headers,
+                    connect_timeout=self.connect_timeout, timeout=self.read_timeout,
+                )
+        except vault.RedirectRefused:
             log.warning("worker %s answered %s with a redirect; not followed", host, endpoint)
             return "error"
-        except requests.exceptions.SSLError:
+        except (ssl.SSLError, ssl.CertificateError):
             log.warning("worker %s: TLS verification failed (check WN_CA_BUNDLE)", host)
             return "tls-error"
-        except (requests.exceptions.ReadTimeout, outbound.DeadlineExceeded):
+        except TimeoutError:  # a socket timeout or the deadline
             log.warning("worker %s: no answer within %g s; it may still finish", host, self.read_timeout)
             return "timeout"
-        except requests.exceptions.RequestException as exc:
+        except (OSError, http.client.HTTPException, VaultError) as exc:
             log.warning("worker %s: %s", host, exc.__class__.__name__)
             return "unreachable"
-        if response.status_code in (401, 403):
+        if status in (401, 403):
             log.warning("worker %s refused %s: wrong or missing cluster token", host, endpoint)
             return "refused"
         try:
-            state = response.json()["nfs_state"]
+            state = json.loads(raw)["nfs_state"]
         except (ValueError, KeyError, TypeError):
-            log.warning("worker %s answered %s without nfs_state", host, response.status_code)
+            log.warning("worker %s answered %s without nfs_state", host, status)
             return "error"
         return state if isinstance(state, str) else "error"
 

@@ -27,7 +27,8 @@ from ..config import (
 from ..errors import BadRequest, BodyTooLarge, ConfigError, LuksctlError, UnsupportedMediaType, WrappingTokenInvalid
 from ..locking import exclusive_lock
 from ..status import VolumeState, volume_status
-from . import cluster, vault
+from .. import vault
+from . import cluster
 from .auditing import install_audit, note
 from .coalesce import CoalescedCall, Outcome
 from .errors import openapi_document, register_json_errors
@@ -53,8 +54,13 @@ class OpenRequest(Settings):
     secret_key = Setting(REQUIRED, text(r"[A-Za-z0-9_.-]{1,256}", "1 to 256 of A-Z a-z 0-9 _ . -"))
 
     @property
-    def location(self) -> vault.SecretLocation:
-        return vault.SecretLocation(self.vault_url, self.secret_root, self.secret_path, self.secret_key)
+    def ref(self) -> vault.SecretRef:
+        return vault.SecretRef(self.secret_root, self.secret_path, self.secret_key)
+
+    @property
+    def location(self) -> str:
+        """For the audit line."""
+        return f"{self.secret_root}/{self.secret_path} (key {self.secret_key!r}) at {self.vault_url}"
 
 
 def parse_open_request() -> OpenRequest:
@@ -104,7 +110,7 @@ class Frontend:
         self.volumes = VolumeConfigCache(Path(config.CRYPTDEV_INI))
         verify = config.VAULT_CA_BUNDLE or config.VAULT_TLS_VERIFY
         self.vault_settings = vault.VaultSettings(
-            verify, config.VAULT_TIMEOUT, tuple(config.WRAPPING_CREATION_PATHS), config.VAULT_DEADLINE
+            verify, config.VAULT_TIMEOUT, tuple(config.WRAPPING_CREATION_PATHS), config.VAULT_DEADLINE, config.ALLOW_PLAIN_HTTP
         )
         self.workers = cluster.WorkerClient.from_config(config) if config.is_cluster else None
         runtime = Path(config.LOCK_FILE).parent
@@ -129,7 +135,7 @@ class Frontend:
 
     def open(self, unlock: OpenRequest) -> dict:
         volume = self.volumes.get()
-        note(volume=volume.cryptdev, vault_path=str(unlock.location))
+        note(volume=volume.cryptdev, vault_path=unlock.location)
         allowed = self.config.VAULT_URL_ALLOWLIST
         if allowed is None and not self.config.ALLOW_ANY_VAULT_URL:
             raise ConfigError(_no_vault_url_policy())
@@ -152,7 +158,7 @@ class Frontend:
 
     def _unlock(self, unlock: OpenRequest) -> None:
         try:
-            passphrase = vault.fetch_passphrase(unlock.location, unlock.vault_token, self.vault_settings)
+            passphrase = vault.fetch_passphrase(unlock.vault_url, unlock.ref, unlock.vault_token, self.vault_settings)
         except WrappingTokenInvalid as exc:
             if exc.possible_interception:
                 note(alert="wrapping token already unwrapped or expired: possible interception")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import VolumeConfig
 from ..durable import remove_durably
-from ..keystore import Keystore, SecretRef
+from ..vault import SecretRef, VaultClient
 from . import cryptsetup, volume
 from .header import backup_path, checksum_path, find_device, remove_stale_copies
 from .journal import PASSPHRASE_FILE as SETUP_PENDING
@@ -29,7 +29,7 @@ class Decommissioned:
     removed_files: list[str] = field(default_factory=list)
 
 
-def decommission(vol: VolumeConfig, ini: Path, keystore: Keystore | None, ref: SecretRef | None) -> Decommissioned:
+def decommission(vol: VolumeConfig, ini: Path, keystore: VaultClient | None, ref: SecretRef | None) -> Decommissioned:
     done = Decommissioned()
     device = find_device(vol)  # before anything changes; found by the ini's device path too, when the header is gone
     if volume.close_volume(vol).changed:

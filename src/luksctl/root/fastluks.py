@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import VOLUME_INI
 from ..errors import UsageError
-from ..keystore import SecretRef
+from ..vault import SecretRef
 from . import cryptsetup
 from .cli import _Parser
 from .setup import SetupOptions, VaultTarget
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="store_true")
     # Ours, beyond pyluks: the token from a file or stdin, and a PBKDF cost for tests.
     parser.add_argument("--wrapping-token-file", metavar="FILE", help="the wrapping token from FILE or '-' (stdin), out of argv")
+    parser.add_argument("--vault-allow-http", action="store_true", help="accept an http:// Vault URL (tests only)")
     parser.add_argument("--pbkdf", choices=cryptsetup.PBKDF_CHOICES)
     parser.add_argument("--pbkdf-force-iterations", type=int)
     parser.add_argument("--json", action="store_true", help="progress and result as JSON lines")
@@ -68,7 +69,7 @@ def options_from_args(args: argparse.Namespace) -> SetupOptions:
             ref = SecretRef("secrets", args.secret_path, args.user_key, 2)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        vault = VaultTarget(args.vault_url, ref, token_source=args.wrapping_token_file, wrapped=True, token=args.wrapping_token)
+        vault = VaultTarget(args.vault_url, ref, token_source=args.wrapping_token_file, wrapped=True, allow_http=args.vault_allow_http, token=args.wrapping_token)
     return SetupOptions(
         device=args.device_name, cryptdev=args.cryptdev, mountpoint=args.mountpoint, filesystem=args.filesystem,
         cipher=args.cipher_algorithm, key_size=args.keysize, hash=args.hash_algorithm,

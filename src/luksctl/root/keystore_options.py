@@ -9,7 +9,7 @@ import argparse
 from typing import BinaryIO
 
 from ..errors import UsageError
-from ..keystore import Keystore, SecretRef
+from ..vault import SecretRef, VaultClient
 from .setup import read_token
 
 
@@ -25,7 +25,9 @@ def add_vault_arguments(parser: argparse.ArgumentParser, heading: str, *, requir
     tokens.add_argument("--wrapping-token-file", metavar="FILE", help="a response-wrapping token, from FILE or '-' (stdin)")
     tokens.add_argument("--token-file", metavar="FILE", help="a plain Vault token, from FILE or '-' (stdin)")
     vault.add_argument("--vault-ca-bundle", metavar="FILE", help="CA certificates to verify Vault's TLS certificate with")
-    vault.add_argument("--vault-timeout", type=float, default=10.0, help="seconds per Vault call (default: 10)")
+    vault.add_argument("--vault-timeout", type=float, default=10.0,
+                       help="seconds for the whole Vault exchange, all calls together, however slowly Vault answers (default: 10)")
+    vault.add_argument("--vault-allow-http", action="store_true", help="accept an http:// Vault URL (the token then travels unencrypted: tests only)")
 
 
 def secret_ref(args: argparse.Namespace) -> SecretRef:
@@ -35,10 +37,11 @@ def secret_ref(args: argparse.Namespace) -> SecretRef:
         raise UsageError(str(exc)) from None
 
 
-def open_keystore(args: argparse.Namespace, stdin: BinaryIO) -> Keystore:
+def open_keystore(args: argparse.Namespace, stdin: BinaryIO) -> VaultClient:
     """A wrapping token is unwrapped here; a plain token is the operator's own, used as given."""
+    options = {"ca_bundle": args.vault_ca_bundle, "timeout": args.vault_timeout, "allow_http": args.vault_allow_http}
     if args.wrapping_token_file:
         token = read_token(args.wrapping_token_file, stdin)
-        return Keystore.unwrap(args.vault_url, token, ca_bundle=args.vault_ca_bundle, timeout=args.vault_timeout)
+        return VaultClient(args.vault_url, **options).unwrap(token)
     token = read_token(args.token_file, stdin)
-    return Keystore(args.vault_url, token=token, ca_bundle=args.vault_ca_bundle, timeout=args.vault_timeout)
+    return VaultClient(args.vault_url, token=token, **options)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..durable import remove_durably, write_atomically
 from ..errors import Refused, VaultDenied
-from ..keystore import Keystore, SecretRef
+from ..vault import SecretRef, VaultClient
 from .cryptsetup import Pbkdf, add_key, kill_slot, opening_slot, read_header
 from .header import write_backup
 from .journal import PASSPHRASE_FILE as SETUP_PENDING
@@ -71,7 +71,7 @@ class Pending:
         remove_durably(self.state_path)
 
 
-def check_capabilities(keystore: Keystore, ref: SecretRef) -> None:
+def check_capabilities(keystore: VaultClient, ref: SecretRef) -> None:
     try:
         capabilities = keystore.capabilities(ref)
     except VaultDenied:
@@ -88,7 +88,7 @@ def _opens_slot(device: str, passphrase: bytes, slot: int) -> bool:
     return slot in read_header(device).keyslots and opening_slot(device, passphrase, slot) == slot
 
 
-def rotate(device: str, keystore: Keystore, ref: SecretRef, state_dir: Path, backup: Path, pbkdf: Pbkdf) -> Rotation:
+def rotate(device: str, keystore: VaultClient, ref: SecretRef, state_dir: Path, backup: Path, pbkdf: Pbkdf) -> Rotation:
     check_capabilities(keystore, ref)
     stored = keystore.read(ref)
     in_vault = stored.value.encode()

@@ -45,7 +45,7 @@ from ..errors import (
     VaultWriteDenied,
     WrongPassphrase,
 )
-from ..keystore import Keystore, SecretRef
+from ..vault import SecretRef, VaultClient
 from ..status import find_mapper_device, read_mounts, volume_status
 from . import blockdev, cryptsetup, header, journal, volume
 from .journal import Journal
@@ -68,7 +68,8 @@ class VaultTarget:
     token_source: str | None = None  # a file, or "-" for stdin
     wrapped: bool = True  # a response-wrapping token (the dashboard's) rather than a plain one
     ca_bundle: str | None = None
-    timeout: float = 10.0
+    timeout: float = 10.0  # the whole Vault exchange
+    allow_http: bool = False
     token: str | None = field(default=None, repr=False)  # only the fastluks command line hands one over directly
 
 
@@ -267,7 +268,7 @@ def _describe(options: SetupOptions, device: blockdev.BlockDevice) -> dict:
     }
 
 
-def _keystore(target: VaultTarget, stdin: BinaryIO) -> Keystore:
+def _keystore(target: VaultTarget, stdin: BinaryIO) -> VaultClient:
     if target.token is not None:
         token = target.token
     elif target.token_source is not None:
@@ -275,8 +276,8 @@ def _keystore(target: VaultTarget, stdin: BinaryIO) -> Keystore:
     else:
         raise LuksctlError("a Vault token is needed to store the passphrase: --wrapping-token-file FILE or --token-file FILE ('-' for stdin)")
     if target.wrapped:
-        return Keystore.unwrap(target.url, token, ca_bundle=target.ca_bundle, timeout=target.timeout)
-    return Keystore(target.url, token=token, ca_bundle=target.ca_bundle, timeout=target.timeout)
+        return VaultClient(target.url, ca_bundle=target.ca_bundle, timeout=target.timeout, allow_http=target.allow_http).unwrap(token)
+    return VaultClient(target.url, token=token, ca_bundle=target.ca_bundle, timeout=target.timeout, allow_http=target.allow_http)
 
 
 def store_in_vault(target: VaultTarget, passphrase: bytes, record: Journal, stdin: BinaryIO) -> None:
@@ -313,7 +314,7 @@ def store_in_vault(target: VaultTarget, passphrase: bytes, record: Journal, stdi
         keystore.revoke_self()
 
 
-def _refuse_existing_kv1_secret(keystore: Keystore, target: VaultTarget) -> None:
+def _refuse_existing_kv1_secret(keystore: VaultClient, target: VaultTarget) -> None:
     """KV v1 has no check-and-set: a token that may update would overwrite silently, so look first."""
     try:
         keystore.read(target.ref)
@@ -322,7 +323,7 @@ def _refuse_existing_kv1_secret(keystore: Keystore, target: VaultTarget) -> None
     raise SecretExists(f"{target.ref} already holds a secret; it was not overwritten")
 
 
-def _confirm_earlier_write(keystore: Keystore, target: VaultTarget, passphrase: bytes, record: Journal) -> None:
+def _confirm_earlier_write(keystore: VaultClient, target: VaultTarget, passphrase: bytes, record: Journal) -> None:
     """An earlier run was cut off mid-write and the path now refuses a create: whose secret is it?"""
     try:
         ours = keystore.holds(target.ref, passphrase.decode())

@@ -65,7 +65,7 @@ def options_from_args(args: argparse.Namespace, stdin: BinaryIO) -> SetupOptions
         if not (args.vault_url and args.secret_path):
             raise UsageError("--vault-url and --secret-path go together")
         vault = VaultTarget(args.vault_url, secret_ref(args), token_source, args.wrapping_token_file is not None or token_source is None,
-                            args.vault_ca_bundle, args.vault_timeout)
+                            args.vault_ca_bundle, args.vault_timeout, args.vault_allow_http)
     elif token_source:
         raise UsageError("a token was given but no Vault location (--vault-url, --secret-path)")
     passphrase = None

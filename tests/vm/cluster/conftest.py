@@ -81,7 +81,7 @@ def cluster(lab, api_server, luks_volume, bao_up):
     lab.unmount_workers()
     # FANOUT_MIN_INTERVAL 0: each test asks for the workers' state after changing it.
     config = lab.frontend_config(WN_CONNECT_TIMEOUT=WN_CONNECT_TIMEOUT, WN_READ_TIMEOUT=WN_READ_TIMEOUT,
-                                 VAULT_URL_ALLOWLIST=[bao_up.url], FANOUT_MIN_INTERVAL=0)
+                                 VAULT_URL_ALLOWLIST=[bao_up.url], ALLOW_PLAIN_HTTP=True, FANOUT_MIN_INTERVAL=0)
     if api_server.proc is None or api_server.proc.poll() is not None:
         api_server.start(config)
     elif api_server.config != config:

@@ -98,8 +98,8 @@ def test_a_dead_and_a_hung_worker_cost_at_most_the_deadline(cluster):
         restarted = cluster.lab.systemctl.calls()[-1]["end"]
         fan_out = answered - restarted
         record_timing("fan_out_one_dead_one_hung_s", fan_out)
-        # The hung node is given up after WN_CONNECT_TIMEOUT already (urllib3 runs the TLS
-        # handshake under the connect timeout and reports ReadTimeout: "timeout"), so the
+        # The hung node is given up after WN_CONNECT_TIMEOUT already (the TLS handshake runs
+        # under the connect timeout, and its timeout is "timeout"), so the
         # fan-out lasts as long as the healthy node's real remount, never past the deadline.
         assert fan_out <= deadline + MARGIN, fan_out
         assert healthy.nfs_mounted() and not dead.running

@@ -67,11 +67,11 @@ def api_unit(systemd):
 
 @pytest.fixture
 def frontend(api_unit, systemd, bao):
-    """configure(config) writes config.json (OpenBao in its VAULT_URL_ALLOWLIST), restarts the
+    """configure(config) writes config.json (OpenBao, plain http://, in its VAULT_URL_ALLOWLIST), restarts the
     unit and waits until it answers."""
 
     def configure(config: dict) -> Dashboard:
-        config = {"VAULT_URL_ALLOWLIST": [bao.url], **config}
+        config = {"VAULT_URL_ALLOWLIST": [bao.url], "ALLOW_PLAIN_HTTP": True, **config}
         if not (LUKS_DIR / "gunicorn-key.pem").exists():
             run(str(VENV_BIN / "luksctl-api"), "gen-cert", "--owner", systemd.show(api_unit, "User"))
         API_CONFIG.write_text(json.dumps(config))

@@ -174,7 +174,7 @@ def role_vars(playbook: Playbook, device: str, bao, secret_path: str) -> dict:
         # step runs on the host instead, in check mode (tests/unit/test_ansible_role.py).
         "luksctl_install_packages": False,
         # Fast PBKDF for tests only; the role's default is cryptsetup's own (argon2id).
-        "luksctl_setup_extra_args": ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
+        "luksctl_setup_extra_args": ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--vault-allow-http"],
     }
 
 
@@ -195,7 +195,8 @@ def unlock(dashboard: Dashboard, bao, device: str, secret_path: str) -> dict:
 
 
 def frontend_only() -> dict:
-    return {"all": {"children": {"luksctl_frontend": {"hosts": {"localhost": LOCAL_HOST}}}}}
+    # OpenBao listens on plain http:// here: the API may reach it only with ALLOW_PLAIN_HTTP.
+    return {"all": {"children": {"luksctl_frontend": {"hosts": {"localhost": {**LOCAL_HOST, "luksctl_api_extra_config": {"ALLOW_PLAIN_HTTP": True}}}}}}}
 
 
 def test_single_vm_from_a_blank_device_to_the_dashboards_unlock_then_a_rerun_changes_nothing(
@@ -216,7 +217,7 @@ def test_single_vm_from_a_blank_device_to_the_dashboards_unlock_then_a_rerun_cha
     assert sudoers.read_bytes() == (REPO / "deploy" / "sudoers.d" / "luksctl-api").read_bytes()
     assert oct(sudoers.stat().st_mode & 0o777) == "0o440"
     assert json.loads(API_CONFIG.read_text()) == {"INFRASTRUCTURE_CONFIGURATION": "single_vm",
-                                                   "VAULT_URL_ALLOWLIST": [bao_up.url]}
+                                                   "VAULT_URL_ALLOWLIST": [bao_up.url], "ALLOW_PLAIN_HTTP": True}
     # Encrypted by luksctl setup with the deployment's write-only token, which is now spent.
     for path, text in SUCCESS_FILES.items():
         assert path.read_text().strip() == text
@@ -378,7 +379,7 @@ def test_cluster_token_certificates_exports_and_mounts_then_the_dashboards_unloc
         # A front end's setting, so a front end's variable: a worker's check-config refuses it.
         # Three remounts under software emulation take longer than the default minute.
         "luksctl_frontend": {"hosts": {"fe": {**LOCAL_HOST, "luksctl_address": FRONT_IP,
-                                              "luksctl_api_extra_config": {"WN_READ_TIMEOUT": 180}}}},
+                                              "luksctl_api_extra_config": {"WN_READ_TIMEOUT": 180, "ALLOW_PLAIN_HTTP": True}}}},
         "luksctl_workers": {"hosts": {worker.name: worker.inventory_host() for worker in workers}}}}}
     extra_vars = {
         **role_vars(playbook, blank_device, bao_up, secret_path),
@@ -395,7 +396,7 @@ def test_cluster_token_certificates_exports_and_mounts_then_the_dashboards_unloc
     config = json.loads(API_CONFIG.read_text())
     assert config == {"INFRASTRUCTURE_CONFIGURATION": "cluster", "VAULT_URL_ALLOWLIST": [bao_up.url],
                       "WN_IPS": [worker.ip for worker in workers], "WN_CA_BUNDLE": str(CA_BUNDLE),
-                      "WN_READ_TIMEOUT": 180}
+                      "WN_READ_TIMEOUT": 180, "ALLOW_PLAIN_HTTP": True}
     # One token, made on the front end, the same on every worker, readable by its service only.
     token = FRONT_TOKEN.read_text()
     assert len(token.strip()) == 64

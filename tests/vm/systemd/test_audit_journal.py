@@ -88,7 +88,7 @@ def uid(user: str) -> int:
 
 def test_open_close_and_a_refused_open_each_leave_exactly_one_audit_line(frontend, systemd, bao_up, luks_volume):
     volume = luks_volume()
-    dashboard = frontend({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "VAULT_URL_ALLOWLIST": [bao_up.url]})
+    dashboard = frontend({"INFRASTRUCTURE_CONFIGURATION": "single_vm", "VAULT_URL_ALLOWLIST": [bao_up.url], "ALLOW_PLAIN_HTTP": True})
     secret_path = bao_up.store_passphrase("audit-sub", volume.uuid, volume.passphrase.decode())
     start = cursor()
 

@@ -1,4 +1,4 @@
-"""keystore (the root side's stdlib Vault client) against a real OpenBao.
+"""VaultClient (the one Vault client, standard library only) against a real OpenBao.
 
 Policies and tokens exactly as the dashboard makes them (PROTOCOL §7): `write_only`
 grants `create` only on secrets/data/<user>/*, and the token is created with
@@ -16,7 +16,7 @@ import pytest
 from support.policies import READ_POLICY, WRITE_ONLY
 
 from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
-from luksctl.keystore import Keystore, SecretRef
+from luksctl.vault import SecretRef, VaultClient
 
 from .conftest import KV1_ROOT, KV2_ROOT, SECRET_KEY
 
@@ -53,12 +53,12 @@ def root_read(bao, ref: SecretRef) -> dict:
 def test_dashboard_flow_unwrap_create_version_1_then_revoke(policies):
     bao = policies
     ref = new_ref()
-    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5)
-    token = keystore._token
+    client = VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao))
+    token = client._token
 
-    assert keystore.capabilities(ref) == {"create"}
-    assert keystore.write(ref, "the passphrase", cas=0) == 1
-    keystore.revoke_self()
+    assert client.capabilities(ref) == {"create"}
+    assert client.write(ref, "the passphrase", cas=0) == 1
+    client.revoke_self()
 
     assert root_read(bao, ref)["data"] == {SECRET_KEY: "the passphrase"}
     assert not bao.token_alive(token)
@@ -67,9 +67,9 @@ def test_dashboard_flow_unwrap_create_version_1_then_revoke(policies):
 def test_second_create_only_write_is_refused_and_keeps_the_first(policies):
     bao = policies
     ref = new_ref()
-    Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5).write(ref, "first", cas=0)
+    VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao)).write(ref, "first", cas=0)
 
-    second = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5)
+    second = VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao))
     with pytest.raises(VaultWriteDenied) as caught:
         second.write(ref, "second", cas=0)
 
@@ -80,23 +80,23 @@ def test_second_create_only_write_is_refused_and_keeps_the_first(policies):
 def test_cas_conflict_with_a_token_that_may_update_is_secret_exists(policies):
     bao = policies
     ref = new_ref()
-    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_WRITE), timeout=5)
-    assert keystore.write(ref, "first", cas=0) == 1
+    client = VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao, READ_WRITE))
+    assert client.write(ref, "first", cas=0) == 1
 
     with pytest.raises(SecretExists):
-        keystore.write(ref, "second", cas=0)
-    assert keystore.write(ref, "second", cas=1) == 2  # what rotate does: replace the version it read
-    assert keystore.read(ref).value == "second"
+        client.write(ref, "second", cas=0)
+    assert client.write(ref, "second", cas=1) == 2  # what rotate does: replace the version it read
+    assert client.read(ref).value == "second"
 
 
 def test_token_without_create_gets_a_clear_message(policies):
     bao = policies
     ref = new_ref()
-    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_POLICY), timeout=5)
+    client = VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao, READ_POLICY))
 
-    assert "create" not in keystore.capabilities(ref)
+    assert "create" not in client.capabilities(ref)
     with pytest.raises(VaultWriteDenied) as caught:
-        keystore.write(ref, "value", cas=0)
+        client.write(ref, "value", cas=0)
     assert f"{ref.mount}/{ref.path}" in caught.value.message and "may not write" in caught.value.message
     assert bao.request("GET", ref.data_path, ok=(404,)).status_code == 404
 
@@ -104,9 +104,9 @@ def test_token_without_create_gets_a_clear_message(policies):
 def test_read_only_token_reads_what_was_written(policies):
     bao = policies
     ref = new_ref()
-    Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5).write(ref, "stored", cas=0)
+    VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao)).write(ref, "stored", cas=0)
 
-    reader = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_POLICY), timeout=5)
+    reader = VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao, READ_POLICY))
     secret = reader.read(ref)
 
     assert (secret.value, secret.version) == ("stored", 1)
@@ -117,25 +117,25 @@ def test_read_only_token_reads_what_was_written(policies):
 def test_write_only_token_cannot_read_back(policies):
     bao = policies
     ref = new_ref()
-    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5)
-    keystore.write(ref, "value", cas=0)
+    client = VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao))
+    client.write(ref, "value", cas=0)
 
     with pytest.raises(VaultDenied):
-        keystore.read(ref)
+        client.read(ref)
 
 
 def test_kv_v1_when_asked(policies):
     bao = policies
     ref = new_ref(kv_version=1)
-    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5)
+    client = VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao))
 
-    assert keystore.write(ref, "v1 value", cas=0) is None
+    assert client.write(ref, "v1 value", cas=0) is None
     assert root_read(bao, ref) == {SECRET_KEY: "v1 value"}
 
 
 def test_missing_secret_is_not_found(policies):
     bao = policies
-    reader = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, READ_POLICY), timeout=5)
+    reader = VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao, READ_POLICY))
     with pytest.raises(SecretNotFound):
         reader.read(new_ref())
 
@@ -143,9 +143,9 @@ def test_missing_secret_is_not_found(policies):
 def test_delete_metadata_removes_every_version(policies):
     bao = policies
     ref = new_ref()
-    Keystore(bao.url, token="root", timeout=5).write(ref, "doomed", cas=0)
+    VaultClient(bao.url, token="root", timeout=5, allow_http=True).write(ref, "doomed", cas=0)
 
-    Keystore.unwrap(bao.url, dashboard_wrapping_token(bao, DELETE), timeout=5).delete_metadata(ref)
+    VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao, DELETE)).delete_metadata(ref)
 
     assert bao.request("GET", ref.metadata_path, ok=(404,)).status_code == 404
 
@@ -153,10 +153,10 @@ def test_delete_metadata_removes_every_version(policies):
 def test_used_wrapping_token_is_invalid_and_not_in_the_message(policies):
     bao = policies
     wrapping = dashboard_wrapping_token(bao)
-    Keystore.unwrap(bao.url, wrapping, timeout=5)
+    VaultClient(bao.url, timeout=5, allow_http=True).unwrap(wrapping)
 
     with pytest.raises(WrappingTokenInvalid) as caught:
-        Keystore.unwrap(bao.url, wrapping, timeout=5)
+        VaultClient(bao.url, timeout=5, allow_http=True).unwrap(wrapping)
     assert wrapping not in str(caught.value)
 
 
@@ -170,35 +170,35 @@ def test_environment_proxy_and_vault_token_are_ignored(policies, monkeypatch, cl
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
 
-    keystore = Keystore.unwrap(bao.url, dashboard_wrapping_token(bao), timeout=5)  # reached bao: no proxy used
-    keystore.revoke_self()
+    client = VaultClient(bao.url, timeout=5, allow_http=True).unwrap(dashboard_wrapping_token(bao))  # reached bao: no proxy used
+    client.revoke_self()
     with pytest.raises(VaultError, match="no Vault token"):
-        keystore.read(new_ref())  # neither VAULT_TOKEN nor ~/.vault-token stands in
+        client.read(new_ref())  # neither VAULT_TOKEN nor ~/.vault-token stands in
 
 
 def test_vault_down_is_unreachable(closed_port_url):
     started = time.monotonic()
     with pytest.raises(VaultUnreachable, match="cannot be reached"):
-        Keystore.unwrap(closed_port_url, "hvs.wrapping", timeout=5)
+        VaultClient(closed_port_url, timeout=5, allow_http=True).unwrap("hvs.wrapping")
     assert time.monotonic() - started < 3
 
 
 def test_silent_server_times_out(silent_server_url):
     started = time.monotonic()
     with pytest.raises(VaultUnreachable, match="did not answer within 1 s"):
-        Keystore.unwrap(silent_server_url, "hvs.wrapping", timeout=1)
+        VaultClient(silent_server_url, timeout=1, allow_http=True).unwrap("hvs.wrapping")
     assert time.monotonic() - started < 4
 
 
 def test_self_signed_certificate_is_refused_by_default(self_signed_server):
     with pytest.raises(VaultUnreachable, match="could not be verified"):
-        Keystore.unwrap(self_signed_server.url, "hvs.wrapping", timeout=5)
+        VaultClient(self_signed_server.url, timeout=5).unwrap("hvs.wrapping")
 
 
 def test_self_signed_certificate_is_accepted_with_its_ca_bundle(self_signed_server):
     # The TLS handshake succeeds; the stand-in server's `{}` then holds no token.
     with pytest.raises(WrappingTokenInvalid, match="does not wrap a Vault token"):
-        Keystore.unwrap(self_signed_server.url, "hvs.wrapping", ca_bundle=self_signed_server.ca_bundle, timeout=5)
+        VaultClient(self_signed_server.url, ca_bundle=self_signed_server.ca_bundle, timeout=5).unwrap("hvs.wrapping")
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -241,7 +241,7 @@ def test_redirect_is_not_followed_and_the_token_goes_nowhere_else():
     redirector = _serve(Redirector)
     try:
         with pytest.raises(VaultError, match="redirect") as caught:
-            Keystore.unwrap(f"http://127.0.0.1:{redirector.server_address[1]}", "hvs.secret-wrapping", timeout=5)
+            VaultClient(f"http://127.0.0.1:{redirector.server_address[1]}", timeout=5, allow_http=True).unwrap("hvs.secret-wrapping")
     finally:
         redirector.shutdown()
         target.shutdown()
@@ -250,8 +250,8 @@ def test_redirect_is_not_followed_and_the_token_goes_nowhere_else():
 
 
 def test_repr_hides_the_token(policies):
-    keystore = Keystore(policies.url, token="hvs.very-secret", timeout=5)
-    assert "very-secret" not in repr(keystore)
+    client = VaultClient(policies.url, token="hvs.very-secret", timeout=5, allow_http=True)
+    assert "very-secret" not in repr(client)
 
 
 def test_answer_cut_off_midway_is_unreachable_not_a_crash():
@@ -272,7 +272,7 @@ def test_answer_cut_off_midway_is_unreachable_not_a_crash():
     thread.start()
     try:
         with pytest.raises(VaultUnreachable, match="cannot be reached"):
-            Keystore(f"http://127.0.0.1:{listener.getsockname()[1]}", token="hvs.t", timeout=5).write(new_ref(), "v", cas=0)
+            VaultClient(f"http://127.0.0.1:{listener.getsockname()[1]}", token="hvs.t", timeout=5, allow_http=True).write(new_ref(), "v", cas=0)
     finally:
         thread.join(5)
         listener.close()
