@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import stat
 import subprocess
+import threading
+import time
 
 import pytest
+from lock_holder import lock_held_elsewhere, lock_is_free
 from luks_lab import LUKS_LAB_FAST as FAST
 from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
 from luks_lab import Lab
 
-from luksctl.errors import EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
+from luksctl import secret_input
+from luksctl.errors import EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_USAGE, EXIT_WRONG_PASSPHRASE
+from luksctl.root import cli
 from luksctl.root.cli import main
 
 opens = Lab.opens
@@ -273,3 +280,38 @@ def test_rotate_and_decommission_take_no_token_in_argv(lab, capsys):
         with pytest.raises(SystemExit) as usage:
             main([command, "--vault-url", "http://127.0.0.1:1", "--secret-path", "a/b", "--token", "s.secret"], paths=lab.paths)
         assert usage.value.code == 64
+
+
+@pytest.mark.parametrize("command", [["rotate", *FAST_NEW_SLOT], ["decommission", "--yes"]])
+def test_a_token_on_a_stdin_that_never_closes_times_out_before_the_lock_is_taken(lab, capsys, monkeypatch, command):
+    monkeypatch.setattr(secret_input, "STDIN_DEADLINE", 1)
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"s.token-but-no-end-of-file\n")
+    box = {}
+    argv = ["--json", *command, "--vault-url", "http://127.0.0.1:9", "--secret-path", "a/b", "--token-file", "-"]
+    with os.fdopen(read_end, "rb") as stdin:
+        thread = threading.Thread(target=lambda: box.update(code=main(argv, paths=lab.paths, stdin=stdin, stdin_is_tty=False)), daemon=True)
+        thread.start()
+        try:
+            time.sleep(0.3)  # the command is now waiting for the token's end of file
+            assert thread.is_alive() and lock_is_free(lab.paths.lock_file), "the lock is held while the token is read"
+            thread.join(5)
+            assert not thread.is_alive(), "the token read has no deadline"
+        finally:
+            os.close(write_end)
+            thread.join(10)
+
+    assert box["code"] == EXIT_USAGE
+    assert "not closed within 1 s" in json.loads(capsys.readouterr().out)["error"]
+    assert opens(lab.image, PASSPHRASE)
+
+
+def test_header_restore_asks_before_it_waits_for_the_lock(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    monkeypatch.setattr(cli, "LOCK_WAIT", 1)
+
+    with lock_held_elsewhere(lab.paths.lock_file):  # an open holds the volume lock
+        code = main(["header", "restore"], paths=lab.paths, stdin=io.BytesIO(b"not the name\n"), stdin_is_tty=True)
+
+    assert code == EXIT_REFUSED, "the answer must be asked for, and refused, before the lock is waited on"
+    assert "Type the volume name 'labvol'" in capsys.readouterr().err
