@@ -15,7 +15,10 @@ from luks_lab import LUKS_LAB_PASSPHRASE
 
 from luksctl import keystore
 from luksctl.errors import EXIT_OK, EXIT_REFUSED, VaultUnreachable
+from luksctl.keystore import SecretRef
 from luksctl.root import keys
+from luksctl.root.journal import VAULT_WRITTEN, Journal
+from luksctl.root.setup import VaultTarget, store_in_vault
 
 from .conftest import KV1_ROOT, KV2_ROOT, SECRET_KEY
 
@@ -235,3 +238,27 @@ def test_decommission_without_yes_on_a_pipe_refuses_before_vault(lab, policies, 
 
     assert code == EXIT_REFUSED and "--yes" in answer["error"]
     assert lab.opens(lab.image, OLD.encode()) and vault_value(bao, secret_path) == (OLD, 1)
+
+
+def test_a_plain_token_is_still_valid_after_setup_rotate_and_decommission(lab, policies, tmp_path, capsys):
+    """A plain --token-file token is the operator's own, maybe the parent of others: only a token we unwrapped is revoked."""
+    bao = policies
+    plain = {policy: token_file(bao, tmp_path, policy) for policy in (CREATE_ONLY, ROTATE, DELETE_ONLY)}
+
+    def token(policy: str) -> str:
+        return (tmp_path / f"token-{policy}-plain").read_text().strip()
+
+    record = Journal(tmp_path / "setup-state")
+    record.begin(b"new volume passphrase", {})
+    target = VaultTarget(bao.url, SecretRef(KV2_ROOT, "plain/deploy-1/storage_encryption", SECRET_KEY, 2), wrapped=False, token=token(CREATE_ONLY))
+    store_in_vault(target, b"new volume passphrase", record)
+    assert record.done(VAULT_WRITTEN) and bao.token_alive(token(CREATE_ONLY))
+
+    secret_path = bao.store_secret(OLD)
+    code, answer = lab.run(capsys, "rotate", *FAST_NEW_SLOT, *vault_args(bao, secret_path, plain[ROTATE]))
+    assert code == EXIT_OK, answer
+    assert bao.token_alive(token(ROTATE))
+
+    code, answer = lab.run(capsys, "decommission", "--yes", *vault_args(bao, secret_path, plain[DELETE_ONLY]))
+    assert code == EXIT_OK, answer
+    assert bao.token_alive(token(DELETE_ONLY))
