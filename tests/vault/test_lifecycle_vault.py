@@ -8,6 +8,7 @@ then running it again.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
@@ -88,7 +89,7 @@ def test_rotate_stores_a_new_version_that_alone_opens_and_rewrites_the_backup(la
     assert lab.opens(lab.image, new.encode()) and not lab.opens(lab.image, OLD.encode())
     assert lab.opens(lab.backup, new.encode()) and not lab.opens(lab.backup, OLD.encode())
     assert answer["removed_slot"] == 0 and answer["new_slot"] == 1
-    assert not (lab.dir / "rotate-pending-passphrase").exists() and not (lab.dir / "rotate-state.json").exists()
+    assert not (lab.dir / "rotate-pending.json").exists()
     assert lab.run(capsys, "header", "verify")[0] == EXIT_OK
 
 
@@ -129,7 +130,7 @@ def test_rotate_without_read_and_update_is_refused_and_changes_nothing(lab, poli
     assert answer["error"].startswith(f"rotation needs read and update on {KV2_ROOT}/{secret_path}")
     assert f"this token has {has} there" in answer["error"]
     assert digest(lab.image) == before and vault_value(bao, secret_path) == (OLD, 1)
-    assert not (lab.dir / "rotate-pending-passphrase").exists()
+    assert not (lab.dir / "rotate-pending.json").exists()
 
 
 def test_rotate_refuses_when_vaults_secret_does_not_open_the_volume(lab, policies, tmp_path, capsys):
@@ -154,7 +155,7 @@ def test_rotate_cut_at_the_vault_write_resumes_with_the_same_new_passphrase(lab,
         patch.setattr(keystore.Keystore, "write", vault_fails)
         code, answer = lab.run(capsys, "rotate", *FAST_NEW_SLOT, *vault_args(bao, secret_path, token_file(bao, tmp_path, ROTATE)))
     assert code != EXIT_OK
-    pending = (lab.dir / "rotate-pending-passphrase").read_bytes()
+    pending = json.loads((lab.dir / "rotate-pending.json").read_text())["passphrase"].encode()
     assert vault_value(bao, secret_path) == (OLD, 1)
     assert lab.opens(lab.image, OLD.encode()) and lab.opens(lab.image, pending), "both open while Vault holds the old one"
     _, report = lab.run(capsys, "report")
@@ -165,7 +166,7 @@ def test_rotate_cut_at_the_vault_write_resumes_with_the_same_new_passphrase(lab,
     assert code == EXIT_OK and answer["resumed"] is True
     assert vault_value(bao, secret_path) == (pending.decode(), 2)
     assert lab.opens(lab.image, pending) and not lab.opens(lab.image, OLD.encode())
-    assert not (lab.dir / "rotate-pending-passphrase").exists()
+    assert not (lab.dir / "rotate-pending.json").exists()
 
 
 def test_rotate_cut_before_the_old_slot_is_killed_resumes_from_vault(lab, policies, tmp_path, capsys, monkeypatch):

@@ -26,7 +26,7 @@ FAST_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
 ROTATE_POLICY = "luksctl-rotate"
 DELETE_POLICY = "delete_only"
 SUB = "lifecycle-user-sub"
-PENDING = Path("/etc/luks/rotate-pending-passphrase")
+PENDING = Path("/etc/luks/rotate-pending.json")  # the new passphrase and its slots, one file
 CRYPTSETUP_WRAPPER = Path("/usr/local/sbin/cryptsetup")  # first on luksctl's fixed PATH
 
 

@@ -14,13 +14,11 @@ from pathlib import Path
 
 from .. import runner
 from ..config import VolumeConfig
-from ..durable import remove_durably
+from ..durable import leftover_temporaries, remove_durably
 from ..keystore import Keystore, SecretRef
 from . import volume
+from . import pending
 from .header import HEADER_TIMEOUT, backup_path, checksum_path, read_header
-from .journal import PASSPHRASE_FILE as SETUP_PENDING
-from .journal import STATE_FILE as SETUP_STATE
-from .rotate import PENDING_PASSPHRASE, PENDING_STATE
 
 
 @dataclass
@@ -39,11 +37,11 @@ def decommission(vol: VolumeConfig, ini: Path, keystore: Keystore | None, ref: S
     if Path(vol.device_path).exists() and read_header(vol.device_path).keyslots:
         runner.run(["cryptsetup", "luksErase", "--batch-mode", vol.device_path], timeout=HEADER_TIMEOUT)
         done.steps.append("erased every keyslot")
+    done.removed_files += pending.remove_all(ini.parent)
     backup = backup_path(vol.header_path)
-    state_dir = ini.parent
-    for path in (state_dir / PENDING_PASSPHRASE, state_dir / PENDING_STATE, state_dir / SETUP_PENDING, state_dir / SETUP_STATE,
-                 backup, checksum_path(backup), ini):
-        if path.exists():
-            remove_durably(path)
-            done.removed_files.append(str(path))
+    for target in (backup, checksum_path(backup), ini):
+        for path in (target, *leftover_temporaries(target)):  # a temporary may be a killed write's copy of the file
+            if path.exists():
+                remove_durably(path)
+                done.removed_files.append(str(path))
     return done

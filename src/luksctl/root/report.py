@@ -17,7 +17,7 @@ from ..config import VolumeConfig
 from ..errors import CommandFailed
 from . import header
 from .keys import opening_slot
-from .rotate import pending_operations
+from .pending import pending_operations
 from .volume import current_status
 
 JOURNAL_LINES = 2000  # how far back the last open is looked for
