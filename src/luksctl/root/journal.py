@@ -38,7 +38,6 @@ class Journal:
 
     def load(self) -> dict | None:
         """The state of an unfinished setup, or None. Both files must be root's and private."""
-        self.store.remove_temporaries()  # a killed write's: the file it was to replace is still whole
         text = self.store.read(STATE_FILE)
         if text is None:
             return None

@@ -80,14 +80,15 @@ class PendingStore:
         write_atomically(self.path(name), data, mode=0o600)
 
     def remove(self, *names: str) -> None:
+        """The files named, then any temporary a killed write of this operation left."""
         for name in names:
             remove_durably(self.path(name))
+        self.remove_temporaries()
 
-    def remove_temporaries(self) -> list[Path]:
-        found = [temporary for name in self.names for temporary in leftover_temporaries(self.directory / name)]
-        for temporary in found:
-            remove_durably(temporary)
-        return found
+    def remove_temporaries(self) -> None:
+        for name in self.names:
+            for temporary in leftover_temporaries(self.directory / name):
+                remove_durably(temporary)
 
     def leftovers(self) -> list[Path]:
         """Every file of this operation here: pending files and temporaries of killed writes."""

@@ -53,7 +53,6 @@ class Pending:
 
     def load(self) -> tuple[bytes, dict | None] | None:
         """(passphrase, {"old_slot", "new_slot"} or None if only an old-form passphrase is left), or None."""
-        self.store.remove_temporaries()  # a killed write's: the file it was to replace is still whole
         text = self.store.read(ROTATION)
         if text is not None:
             try:
