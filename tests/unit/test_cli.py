@@ -175,6 +175,37 @@ def test_a_stdin_that_never_closes_is_an_error_after_the_deadline(monkeypatch, s
     assert len(errors) == 1 and "not closed within 0.3 s" in errors[0].message
 
 
+def test_a_token_fifo_that_nobody_writes_to_is_an_error_after_the_deadline(tmp_path, monkeypatch):
+    """--token-file may name a FIFO: opening one with no writer blocks, unless the reader sees to it."""
+    monkeypatch.setattr(secret_input, "STDIN_DEADLINE", 0.3)
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    errors = []
+
+    def read():
+        try:
+            secret_input.read_token(str(fifo), io.BytesIO())
+        except LuksctlError as exc:
+            errors.append(exc)
+
+    thread, _ = in_thread(read)
+    thread.join(5)
+    if thread.is_alive():  # free the blocked reader before failing
+        os.close(os.open(fifo, os.O_WRONLY))
+    assert not thread.is_alive(), "the token read is still waiting on the FIFO"
+    assert len(errors) == 1 and f"{fifo} was not closed within 0.3 s" in errors[0].message
+
+
+def test_a_token_comes_through_a_fifo(tmp_path):
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    thread, box = in_thread(secret_input.read_token, str(fifo), io.BytesIO())
+    with open(fifo, "wb") as writer:
+        writer.write(b"hvs.through-a-fifo\n")
+    thread.join(5)
+    assert box["result"] == "hvs.through-a-fifo"
+
+
 def test_open_with_a_stdin_that_never_closes_exits_64_and_runs_nothing(host, paths, monkeypatch, capsys):
     monkeypatch.setattr(secret_input, "STDIN_DEADLINE", 0.3)
 
