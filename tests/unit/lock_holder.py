@@ -29,6 +29,12 @@ def lock_held_elsewhere(path: Path) -> Iterator[subprocess.Popen]:
         holder.wait(10)
 
 
+def lock_is_free(path: Path) -> bool:
+    """Whether another process could take the lock right now (and it lets it go at once)."""
+    probe = "import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\nfcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+    return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, timeout=30).returncode == 0
+
+
 def sudo_luksctl(directory: Path) -> tuple[Path, Path]:
     """(sudo, luksctl) for SudoBridge: a `sudo` that only drops `-n`, and the real CLI in its own
     process, reading its ini, config.json and lock file from `directory`. It runs unprivileged,

@@ -13,11 +13,12 @@ import time
 import pytest
 from cli_driver import json_output, piped, run_cli
 
-from luksctl import audit, runner
+from luksctl import audit, runner, secret_input
 from luksctl.config import FrontendConfig
 from luksctl.errors import LuksctlError
 from luksctl.root import cli, services, volume
-from luksctl.root.cli import Paths, read_passphrase
+from luksctl.root.cli import Paths, main
+from luksctl.secret_input import read_passphrase
 
 DEVICE = "/dev/disk/by-uuid/0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10"
 REAL_RUN = runner.run  # before the `host` fixture fakes it
@@ -73,7 +74,7 @@ def test_read_passphrase_rejects_an_empty_passphrase(sent):
 
 
 def test_read_passphrase_rejects_an_oversized_stream():
-    with piped(b"x" * (cli.MAX_PASSPHRASE_BYTES + 1)) as stream, pytest.raises(LuksctlError, match="longer than"):
+    with piped(b"x" * (secret_input.MAX_PASSPHRASE_BYTES + 1)) as stream, pytest.raises(LuksctlError, match="longer than"):
         read_passphrase(stream, is_tty=False)
 
 
@@ -123,7 +124,7 @@ def in_thread(function, *args) -> tuple[threading.Thread, dict]:
 
 @pytest.mark.parametrize("sent", [b"", b"passphrase but no end of file\n"])
 def test_a_stdin_that_never_closes_is_an_error_after_the_deadline(monkeypatch, sent):
-    monkeypatch.setattr(cli, "STDIN_DEADLINE", 0.3)
+    monkeypatch.setattr(secret_input, "STDIN_DEADLINE", 0.3)
     errors = []
 
     def read(stream):
@@ -139,8 +140,39 @@ def test_a_stdin_that_never_closes_is_an_error_after_the_deadline(monkeypatch, s
     assert len(errors) == 1 and "not closed within 0.3 s" in errors[0].message
 
 
+def test_a_token_fifo_that_nobody_writes_to_is_an_error_after_the_deadline(tmp_path, monkeypatch):
+    """--token-file may name a FIFO: opening one with no writer blocks, unless the reader sees to it."""
+    monkeypatch.setattr(secret_input, "STDIN_DEADLINE", 0.3)
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    errors = []
+
+    def read():
+        try:
+            secret_input.read_token(str(fifo), io.BytesIO())
+        except LuksctlError as exc:
+            errors.append(exc)
+
+    thread, _ = in_thread(read)
+    thread.join(5)
+    if thread.is_alive():  # free the blocked reader before failing
+        os.close(os.open(fifo, os.O_WRONLY))
+    assert not thread.is_alive(), "the token read is still waiting on the FIFO"
+    assert len(errors) == 1 and f"{fifo} was not closed within 0.3 s" in errors[0].message
+
+
+def test_a_token_comes_through_a_fifo(tmp_path):
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    thread, box = in_thread(secret_input.read_token, str(fifo), io.BytesIO())
+    with open(fifo, "wb") as writer:
+        writer.write(b"hvs.through-a-fifo\n")
+    thread.join(5)
+    assert box["result"] == "hvs.through-a-fifo"
+
+
 def test_open_with_a_stdin_that_never_closes_exits_64_and_runs_nothing(host, paths, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "STDIN_DEADLINE", 0.3)
+    monkeypatch.setattr(secret_input, "STDIN_DEADLINE", 0.3)
 
     with never_closed_pipe(b"secret\n") as stream:
         opening, box = in_thread(lambda: run_cli(paths, "--json", "open", stdin=stream))
@@ -154,7 +186,7 @@ def test_open_with_a_stdin_that_never_closes_exits_64_and_runs_nothing(host, pat
 
 def test_close_proceeds_while_an_open_waits_for_stdin(host, paths, monkeypatch):
     host.mapper_open = True  # half-open, so open goes on to read a passphrase
-    monkeypatch.setattr(cli, "STDIN_DEADLINE", 60)
+    monkeypatch.setattr(secret_input, "STDIN_DEADLINE", 60)
     monkeypatch.setattr(cli, "LOCK_WAIT", 2)  # a close blocked behind the open fails fast
 
     with never_closed_pipe() as stream:

@@ -5,23 +5,30 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from lock_holder import lock_held_elsewhere, lock_is_free
 from luks_lab import LUKS_LAB_FAST as FAST
 from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
 from luks_lab import Lab
 
+from luksctl import secret_input
 from luksctl.config import VolumeConfig, load_volume_config
-from luksctl.errors import EXIT_COMMAND_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_WRONG_PASSPHRASE
-from luksctl.root import blockdev, header, keys, report
-from luksctl.root.cli import main, read_passphrase
+from luksctl.errors import EXIT_COMMAND_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_USAGE, EXIT_WRONG_PASSPHRASE, Refused
+from luksctl.root import blockdev, cli, cryptsetup, header, keys, pending, report, rotate
+from luksctl.root.cli import main
 from luksctl.root.decommission import decommission
+from luksctl.secret_input import read_passphrase
+from luksctl.vault import SecretRef, StoredSecret
 
 opens = Lab.opens
 luks_format = Lab.format
@@ -469,3 +476,165 @@ def test_rotate_and_decommission_take_no_token_in_argv(lab, capsys):
         with pytest.raises(SystemExit) as usage:
             main([command, "--vault-url", "http://127.0.0.1:1", "--secret-path", "a/b", "--token", "s.secret"], paths=lab.paths)
         assert usage.value.code == 64
+
+
+@pytest.mark.parametrize("command", [["rotate", *FAST_NEW_SLOT], ["decommission", "--yes"]])
+def test_a_token_on_a_stdin_that_never_closes_times_out_before_the_lock_is_taken(lab, capsys, monkeypatch, command):
+    monkeypatch.setattr(secret_input, "STDIN_DEADLINE", 1)
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"s.token-but-no-end-of-file\n")
+    box = {}
+    argv = ["--json", *command, "--vault-url", "http://127.0.0.1:9", "--secret-path", "a/b", "--token-file", "-"]
+    with os.fdopen(read_end, "rb") as stdin:
+        thread = threading.Thread(target=lambda: box.update(code=main(argv, paths=lab.paths, stdin=stdin, stdin_is_tty=False)), daemon=True)
+        thread.start()
+        try:
+            time.sleep(0.3)  # the command is now waiting for the token's end of file
+            assert thread.is_alive() and lock_is_free(lab.paths.lock_file), "the lock is held while the token is read"
+            thread.join(5)
+            assert not thread.is_alive(), "the token read has no deadline"
+        finally:
+            os.close(write_end)
+            thread.join(10)
+
+    assert box["code"] == EXIT_USAGE
+    assert "not closed within 1 s" in json.loads(capsys.readouterr().out)["error"]
+    assert opens(lab.image, PASSPHRASE)
+
+
+def test_header_restore_asks_before_it_waits_for_the_lock(lab, capsys, monkeypatch):
+    lab.run(capsys, "header", "backup")
+    monkeypatch.setattr(cli, "LOCK_WAIT", 1)
+
+    with lock_held_elsewhere(lab.paths.lock_file):  # an open holds the volume lock
+        code = main(["header", "restore"], paths=lab.paths, stdin=io.BytesIO(b"not the name\n"), stdin_is_tty=True)
+
+    assert code == EXIT_REFUSED, "the answer must be asked for, and refused, before the lock is waited on"
+    assert "Type the volume name 'labvol'" in capsys.readouterr().err
+
+
+# --- rotate's pending file, killed at every point (issue 24) ---------------------------------
+
+REF = SecretRef("secrets", "sub/deploy-1/storage_encryption", "storage_encryption_key", 2)
+NEW_SLOT_COST = cryptsetup.Pbkdf("pbkdf2", 1)
+
+
+class MemoryVault:
+    """The Keystore seam rotate uses: one KV v2 secret, in memory."""
+
+    def __init__(self, value: bytes) -> None:
+        self.value, self.version = value.decode(), 1
+
+    def capabilities(self, ref):
+        return {"read", "update"}
+
+    def read(self, ref):
+        return StoredSecret(self.value, self.version)
+
+    def write(self, ref, value, *, cas):
+        assert cas == self.version, "rotate writes over the version it read"
+        self.value, self.version = value, self.version + 1
+        return self.version
+
+
+class Killed(BaseException):
+    """SIGKILL: the run stops here."""
+
+
+def kill_at(monkeypatch, point: int | None) -> list[str]:
+    """Count the pending store's file operations; before operation `point` the process dies.
+    A write killed mid-way leaves its temporary (write_atomically's finally never runs)."""
+    done: list[str] = []
+    write, remove = pending.write_atomically, pending.remove_durably
+
+    def killable(operation, real):
+        def run(path, *args, **kwargs):
+            if len(done) == point:
+                if operation == "write":
+                    (path.parent / f".{path.name}.0123abcd.tmp").write_bytes(args[0])
+                raise Killed(f"{operation} {path.name}")
+            done.append(f"{operation} {path.name}")
+            return real(path, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(pending, "write_atomically", killable("write", write))
+    monkeypatch.setattr(pending, "remove_durably", killable("remove", remove))
+    return done
+
+
+def fresh_lab(tmp_path, name: str, patch) -> Lab:
+    (tmp_path / name).mkdir()
+    return Lab(tmp_path / name, patch)
+
+
+def rotate_lab(lab, vault: MemoryVault):
+    return rotate.rotate(str(lab.image), vault, REF, lab.dir, lab.backup, NEW_SLOT_COST)
+
+
+def assert_rotated(lab, vault: MemoryVault) -> None:
+    assert opens(lab.image, vault.value.encode()) and not opens(lab.image, PASSPHRASE)
+    assert sorted(p.name for p in lab.dir.iterdir() if p.is_file()) == ["disk.img", "luks-cryptdev.ini", "luks-header.bck", "luks-header.bck.sha256"]
+
+
+def test_rotate_killed_at_each_of_its_pending_file_operations_finishes_on_a_rerun(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        operations = kill_at(patch, None)
+        rotate_lab(fresh_lab(tmp_path, "count", patch), MemoryVault(PASSPHRASE))
+    assert len(operations) >= 3, operations  # the pending file written, the old form and it removed
+
+    for point in range(len(operations)):
+        with monkeypatch.context() as patch:
+            lab = fresh_lab(tmp_path, str(point), patch)
+            vault = MemoryVault(PASSPHRASE)
+            with monkeypatch.context() as killing, pytest.raises(Killed):
+                kill_at(killing, point)
+                rotate_lab(lab, vault)
+            assert opens(lab.image, vault.value.encode()), f"killed before {operations[point]}: Vault's passphrase must open"
+
+            rotate_lab(lab, vault)  # killed after the pending file went, this is a second rotation: as good
+
+            assert_rotated(lab, vault)
+
+
+@pytest.mark.parametrize("old_form", ["passphrase only", "passphrase and state", "after luksAddKey"])
+def test_rotate_finishes_a_rotation_an_older_version_left_in_two_files(lab, old_form):
+    """Killed between its two writes, the old form left the passphrase alone: exit 7 until a person came."""
+    vault = MemoryVault(PASSPHRASE)
+    new = b"NewPassphraseSavedByAnOlderVersion0123456789"
+    (lab.dir / "rotate-pending-passphrase").write_bytes(new)
+    (lab.dir / "rotate-pending-passphrase").chmod(0o600)
+    if old_form != "passphrase only":
+        (lab.dir / "rotate-state.json").write_text('{"old_slot": 0, "new_slot": 1}\n')
+        (lab.dir / "rotate-state.json").chmod(0o600)
+    if old_form == "after luksAddKey":
+        subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(PASSPHRASE)}", *FAST_NEW_SLOT, str(lab.image)],
+                       input=PASSPHRASE + new, check=True, capture_output=True)
+
+    rotation = rotate_lab(lab, vault)
+
+    assert rotation.resumed and vault.value.encode() == new
+    assert_rotated(lab, vault)
+
+
+def test_a_pending_file_that_is_not_private_is_refused(lab):
+    (lab.dir / "rotate-pending.json").write_text('{"passphrase": "x", "old_slot": 0, "new_slot": 1}\n')
+    (lab.dir / "rotate-pending.json").chmod(0o644)
+
+    with pytest.raises(Refused, match="private to root"):
+        rotate_lab(lab, MemoryVault(PASSPHRASE))
+    assert opens(lab.image, PASSPHRASE)
+
+
+def test_report_lists_and_decommission_removes_a_killed_writes_temporary(lab, capsys):
+    leftover = lab.dir / ".rotate-pending.json.0123abcd.tmp"
+    leftover.write_text('{"passphrase": "half a rotation"}')
+    lab.run(capsys, "header", "backup")
+    (lab.dir / ".luks-header.bck.0123abcd.tmp").write_bytes(b"a header copy")
+
+    _, answer = lab.run(capsys, "report")
+    assert answer["pending"] == [f"rotate ({leftover}); run luksctl rotate again"]
+
+    done = decommission(load_volume_config(lab.ini, root_owned=False), lab.ini, None, None)
+
+    assert str(leftover) in done.removed_files and not leftover.exists()
+    assert not (lab.dir / ".luks-header.bck.0123abcd.tmp").exists()

@@ -1,4 +1,4 @@
-"""The root side imports only the standard library (issue 11).
+"""The root side imports only the standard library (issue 11), and nothing imports in a circle (issue 19).
 
 `luksctl` runs as root through sudo: every module it loads is code that runs as
 root, and start-up time on every open. The services keep Flask; none of that
@@ -13,11 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import luksctl
 
 PACKAGE_DIR = Path(luksctl.__file__).parent
-# Service-side modules: each imports third-party code, and none has a job in the CLI.
-SERVICE_SIDE = ("luksctl.api", "luksctl.api.cluster", "luksctl.api.privileged", "luksctl.api.certs")
+SERVICE_SIDE = "luksctl.api"  # Flask, gunicorn, cryptography: the services' package, and only theirs
 
 # Run in a fresh interpreter: the test process has already imported everything.
 PROBE = """
@@ -29,12 +30,26 @@ print(json.dumps(sorted(set(sys.modules) - before)))
 """
 
 
-def imports_of(module: str) -> set[str]:
-    """Every module named by an import statement in `module`'s source, top level or inside a function."""
-    path = PACKAGE_DIR / (module.removeprefix("luksctl.").replace(".", "/") + ".py")
-    package = module.split(".")[:-1]
+def module_path(module: str) -> Path:
+    relative = PACKAGE_DIR / module.removeprefix("luksctl").lstrip(".").replace(".", "/")
+    return relative / "__init__.py" if (relative / "__init__.py").exists() else relative.with_suffix(".py")
+
+
+def all_modules() -> list[str]:
+    """Every module of the package, found on disk: no list to keep."""
+    names = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def imports_in(module: str, source: str) -> set[str]:
+    """Every module named by an import statement in `source` (the text of `module`), top level or inside a function."""
+    is_package = module_path(module).name == "__init__.py" if module in all_modules() else False
+    package = module.split(".") if is_package else module.split(".")[:-1]
     named = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             named.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -48,16 +63,49 @@ def imports_of(module: str) -> set[str]:
     return named
 
 
-def root_modules() -> set[str]:
-    """luksctl.root.cli and every luksctl module it reaches, however deep and however late the import."""
-    found, pending = set(), ["luksctl.root.cli"]
-    while pending:
-        module = pending.pop()
-        if module in found:
-            continue
-        found.add(module)
-        pending += [name for name in imports_of(module) if name.split(".")[0] == "luksctl"]
-    return found
+def imports_of(module: str) -> set[str]:
+    return imports_in(module, module_path(module).read_text())
+
+
+def is_root_side(module: str) -> bool:
+    """luksctl.root.* and the shared modules luksctl.X: everything but the service side."""
+    return module.startswith("luksctl") and not (module == SERVICE_SIDE or module.startswith(SERVICE_SIDE + "."))
+
+
+def root_side_violations(module: str, source: str) -> list[str]:
+    """What `source`, as root-side `module`, must not import: the service side or anything outside the standard library."""
+    return sorted(name for name in imports_in(module, source)
+                  if (name.split(".")[0] == "luksctl" and not is_root_side(name))
+                  or name.split(".")[0] not in (*sys.stdlib_module_names, "luksctl"))
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` (module -> modules it imports), as a path that ends where it starts, or None."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once fully explored
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def package_import_graph() -> dict[str, set[str]]:
+    modules = set(all_modules())
+    # `from . import audit` names luksctl.audit; `from .config import X` names luksctl.config: both edges.
+    return {module: {name for name in imports_of(module) if name in modules and name != module} for module in modules}
 
 
 def outside_stdlib(modules) -> list[str]:
@@ -75,17 +123,41 @@ def test_importing_the_cli_loads_only_the_standard_library_and_luksctl():
 
     assert "luksctl.root.cli" in loaded  # the probe really imported it
     assert outside_stdlib(loaded) == []
-    assert [name for name in loaded if name.startswith(SERVICE_SIDE)] == []
+    assert [name for name in loaded if not is_root_side(name) and name.startswith("luksctl")] == []
 
 
-def test_every_module_the_cli_can_reach_imports_only_the_standard_library():
-    """Also imports made inside functions, which a single `import luksctl.root.cli` would not run."""
-    modules = root_modules()
+def test_no_root_side_module_imports_the_service_side_or_a_third_party_package():
+    """By package prefix: every module under luksctl but luksctl.api, including the imports made inside functions."""
+    root_side = [module for module in all_modules() if is_root_side(module)]
 
-    assert {"luksctl.root.cli", "luksctl.config", "luksctl.root.volume", "luksctl.runner"} <= modules
-    assert [name for name in modules if name.startswith(SERVICE_SIDE)] == []
-    assert {module: outside_stdlib(imports_of(module)) for module in sorted(modules)} == {module: [] for module in sorted(modules)}
-    assert outside_stdlib(loaded_in_fresh_interpreter(*sorted(modules))) == []
+    assert {"luksctl.root.cli", "luksctl.config", "luksctl.root.volume", "luksctl.secret_input"} <= set(root_side)
+    assert {module: root_side_violations(module, module_path(module).read_text()) for module in root_side} == {module: [] for module in root_side}
+    assert outside_stdlib(loaded_in_fresh_interpreter(*root_side)) == []
+
+
+@pytest.mark.parametrize(("module", "source", "found"), [
+    ("luksctl.root.newcmd", "from ..api import vault\n", ["luksctl.api"]),
+    ("luksctl.root.newcmd", "def later():\n    from ..api.privileged import SudoBridge\n", ["luksctl.api.privileged"]),
+    ("luksctl.root.newcmd", "import requests\n", ["requests"]),
+    ("luksctl.newshared", "def later():\n    import hvac.exceptions\n", ["hvac.exceptions"]),
+    ("luksctl.newshared", "from luksctl.api.certs import load\n", ["luksctl.api.certs"]),
+    ("luksctl.root.newcmd", "import json, ssl\nfrom .. import errors\nfrom . import volume\n", []),
+])
+def test_the_prefix_rule_fails_on_a_root_side_module_that_imports_the_service_side_or_a_third_party_package(module, source, found):
+    assert root_side_violations(module, source) == found
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    """Imports inside functions count: they hide a cycle, they do not break it."""
+    graph = package_import_graph()
+
+    assert {"luksctl.root.cli", "luksctl.api.frontend", "luksctl.secret_input"} <= set(graph)
+    assert import_cycle(graph) is None
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
 def test_the_probe_sees_third_party_imports():

@@ -29,6 +29,7 @@ from luksctl.errors import (
 )
 from luksctl.vault import SecretRef
 from luksctl.root import blockdev, header, journal, setup, volume
+from luksctl.secret_input import read_token
 from luksctl.status import VolumeStatus
 
 DEVICE = "/dev/vdb"
@@ -205,7 +206,7 @@ def make_options(tmp_path, *, token: str | None = "wrapping-1", **overrides) -> 
 
 
 def run(options, **kwargs) -> setup.SetupReport:
-    return setup.run_setup(options, io.BytesIO(), setup.Progress(json_lines=False, err=io.StringIO(), tty=False), **kwargs)
+    return setup.run_setup(options, setup.Progress(json_lines=False, err=io.StringIO(), tty=False), **kwargs)
 
 
 def pending(tmp_path) -> Path:
@@ -280,7 +281,7 @@ def test_operator_passphrase_and_fastluks_defaults(tmp_path, disk, vault):
         "--cryptdev-file", str(tmp_path / "luks" / "luks-cryptdev.ini"), "--header-backup-file", str(tmp_path / "luks" / "luks-header.bck"),
         "-p", "Own-Pass-phrase",
     ])
-    options = replace(fastluks.options_from_args(args), state_dir=tmp_path / "luks")
+    options = replace(fastluks.options_from_args(args, io.BytesIO()), state_dir=tmp_path / "luks")
     assert "argv-token" not in repr(options) and "Own-Pass" not in repr(options)
     run(options)
 
@@ -505,10 +506,10 @@ def test_resume_with_other_settings_is_refused(tmp_path, disk, vault):
 def test_token_comes_from_a_file_or_stdin_stripped(tmp_path):
     path = tmp_path / "token"
     path.write_text("hvs.file-token\n")
-    assert setup.read_token(str(path), io.BytesIO()) == "hvs.file-token"
-    assert setup.read_token("-", io.BytesIO(b"hvs.stdin-token\n")) == "hvs.stdin-token"
+    assert read_token(str(path), io.BytesIO()) == "hvs.file-token"
+    assert read_token("-", io.BytesIO(b"hvs.stdin-token\n")) == "hvs.stdin-token"
     with pytest.raises(Exception, match="empty"):
-        setup.read_token("-", io.BytesIO(b"\n"))
+        read_token("-", io.BytesIO(b"\n"))
 
 
 def test_wipe_progress_is_json_lines_and_zeroes_everything(tmp_path, monkeypatch):
@@ -532,9 +533,10 @@ def test_wipe_progress_on_a_tty_is_a_percentage(tmp_path):
     assert err.getvalue() == "\rwiping:  50% of 0 MiB\rwiping: 100% of 0 MiB\n"
 
 
-def test_cli_refuses_passphrase_and_token_both_on_stdin(capsys):
+def test_cli_refuses_passphrase_and_token_both_on_stdin(capsys, monkeypatch):
     from luksctl.root import cli
 
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
     code = cli.main(["setup", "--device", DEVICE, "--vault-url", "https://v:8200", "--secret-path", "a/b",
                      "--passphrase-stdin", "--token-file", "-"], stdin=io.BytesIO(b"pw\n"), stdin_is_tty=False)
     assert code == 64
@@ -544,13 +546,13 @@ def test_cli_refuses_passphrase_and_token_both_on_stdin(capsys):
 def test_a_second_setup_is_refused_while_one_runs(tmp_path, disk, vault, capsys, monkeypatch):
     import fcntl
 
-    from luksctl.root import setup_cli
+    from luksctl.root import cli
 
-    monkeypatch.setattr(setup_cli.os, "geteuid", lambda: 0)
-    lock = tmp_path / "setup.lock"
-    with lock.open("w") as held:
+    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cli, "SETUP_LOCK", tmp_path / "setup.lock")
+    with cli.SETUP_LOCK.open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        code = setup_cli.run(lambda: make_options(tmp_path), stdin=io.BytesIO(), json_output=True, lock_file=lock)
+        code = cli.main(["--json", "setup", "--device", DEVICE], stdin=io.BytesIO(), stdin_is_tty=False)
 
     assert code == 6 and disk.calls == [] and vault.unwrapped == []
     result = json.loads(capsys.readouterr().out.splitlines()[-1])

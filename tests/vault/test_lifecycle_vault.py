@@ -8,6 +8,7 @@ then running it again.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
@@ -17,6 +18,9 @@ from support.policies import DELETE_ONLY, READ_POLICY, WRITE_ONLY
 from luksctl import vault
 from luksctl.errors import EXIT_OK, EXIT_REFUSED, VaultUnreachable
 from luksctl.root import cryptsetup
+from luksctl.root.journal import VAULT_WRITTEN, Journal
+from luksctl.root.setup import VaultTarget, store_in_vault
+from luksctl.vault import SecretRef
 
 from .conftest import KV1_ROOT, KV2_ROOT, SECRET_KEY
 
@@ -80,7 +84,7 @@ def test_rotate_stores_a_new_version_that_alone_opens_and_rewrites_the_backup(la
     assert lab.opens(lab.image, new.encode()) and not lab.opens(lab.image, OLD.encode())
     assert lab.opens(lab.backup, new.encode()) and not lab.opens(lab.backup, OLD.encode())
     assert answer["removed_slot"] == 0 and answer["new_slot"] == 1
-    assert not (lab.dir / "rotate-pending-passphrase").exists() and not (lab.dir / "rotate-state.json").exists()
+    assert not (lab.dir / "rotate-pending.json").exists()
     assert lab.run(capsys, "header", "verify")[0] == EXIT_OK
 
 
@@ -121,7 +125,7 @@ def test_rotate_without_read_and_update_is_refused_and_changes_nothing(lab, poli
     assert answer["error"].startswith(f"rotation needs read and update on {KV2_ROOT}/{secret_path}")
     assert f"this token has {has} there" in answer["error"]
     assert digest(lab.image) == before and vault_value(bao, secret_path) == (OLD, 1)
-    assert not (lab.dir / "rotate-pending-passphrase").exists()
+    assert not (lab.dir / "rotate-pending.json").exists()
 
 
 def test_rotate_refuses_when_vaults_secret_does_not_open_the_volume(lab, policies, tmp_path, capsys):
@@ -146,7 +150,7 @@ def test_rotate_cut_at_the_vault_write_resumes_with_the_same_new_passphrase(lab,
         patch.setattr(vault.VaultClient, "write", vault_fails)
         code, answer = lab.run(capsys, "rotate", *FAST_NEW_SLOT, *vault_args(bao, secret_path, token_file(bao, tmp_path, ROTATE)))
     assert code != EXIT_OK
-    pending = (lab.dir / "rotate-pending-passphrase").read_bytes()
+    pending = json.loads((lab.dir / "rotate-pending.json").read_text())["passphrase"].encode()
     assert vault_value(bao, secret_path) == (OLD, 1)
     assert lab.opens(lab.image, OLD.encode()) and lab.opens(lab.image, pending), "both open while Vault holds the old one"
     _, report = lab.run(capsys, "report")
@@ -157,7 +161,7 @@ def test_rotate_cut_at_the_vault_write_resumes_with_the_same_new_passphrase(lab,
     assert code == EXIT_OK and answer["resumed"] is True
     assert vault_value(bao, secret_path) == (pending.decode(), 2)
     assert lab.opens(lab.image, pending) and not lab.opens(lab.image, OLD.encode())
-    assert not (lab.dir / "rotate-pending-passphrase").exists()
+    assert not (lab.dir / "rotate-pending.json").exists()
 
 
 def test_rotate_cut_before_the_old_slot_is_killed_resumes_from_vault(lab, policies, tmp_path, capsys, monkeypatch):
@@ -230,3 +234,28 @@ def test_decommission_without_yes_on_a_pipe_refuses_before_vault(lab, policies, 
 
     assert code == EXIT_REFUSED and "--yes" in answer["error"]
     assert lab.opens(lab.image, OLD.encode()) and vault_value(bao, secret_path) == (OLD, 1)
+
+
+def test_a_plain_token_is_still_valid_after_setup_rotate_and_decommission(lab, policies, tmp_path, capsys):
+    """A plain --token-file token is the operator's own, maybe the parent of others: only a token we unwrapped is revoked."""
+    bao = policies
+    plain = {policy: token_file(bao, tmp_path, policy) for policy in (WRITE_ONLY, ROTATE, DELETE_ONLY)}
+
+    def token(policy: str) -> str:
+        return (tmp_path / f"token-{policy}-plain").read_text().strip()
+
+    record = Journal(tmp_path / "setup-state")
+    record.begin(b"new volume passphrase", {})
+    target = VaultTarget(bao.url, SecretRef(KV2_ROOT, "plain/deploy-1/storage_encryption", SECRET_KEY, 2), wrapped=False, token=token(WRITE_ONLY),
+                         allow_http=True)
+    store_in_vault(target, b"new volume passphrase", record)
+    assert record.done(VAULT_WRITTEN) and bao.token_alive(token(WRITE_ONLY))
+
+    secret_path = bao.store_secret(OLD)
+    code, answer = lab.run(capsys, "rotate", *FAST_NEW_SLOT, *vault_args(bao, secret_path, plain[ROTATE]))
+    assert code == EXIT_OK, answer
+    assert bao.token_alive(token(ROTATE))
+
+    code, answer = lab.run(capsys, "decommission", "--yes", *vault_args(bao, secret_path, plain[DELETE_ONLY]))
+    assert code == EXIT_OK, answer
+    assert bao.token_alive(token(DELETE_ONLY))

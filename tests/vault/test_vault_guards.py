@@ -6,7 +6,6 @@ LUKS headers in image files) and setup's client; API side: POST /open and fetch_
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import shutil
 import ssl
@@ -19,6 +18,7 @@ from luksctl import vault
 from luksctl.api.certs import build_certificate
 from luksctl.errors import EXIT_USAGE, EXIT_VAULT_UNREACHABLE, VaultUnreachable
 from luksctl.root import setup
+from luksctl.root.journal import Journal
 
 from .conftest import OPEN_URL, LocalServer, in_thread, json_answer, open_body
 
@@ -78,11 +78,18 @@ def test_root_commands_send_no_token_to_a_vault_signed_by_the_environments_ca(la
     assert attacker_vault.seen == [], "the token went to a server only the environment's CA vouches for"
 
 
-def test_setups_client_sends_no_token_to_a_vault_signed_by_the_environments_ca(attacker_vault):
+def store_with_setup(target: setup.VaultTarget, state_dir) -> None:
+    """setup's own Vault step (it unwraps first), with a journal begun as a run would have."""
+    record = Journal(state_dir / "setup-state")
+    record.begin(b"new volume passphrase", {})
+    setup.store_in_vault(target, b"new volume passphrase", record)
+
+
+def test_setups_client_sends_no_token_to_a_vault_signed_by_the_environments_ca(attacker_vault, tmp_path):
     target = setup.VaultTarget(attacker_vault.https_url, REF, token=WRAPPING)
 
     with pytest.raises(VaultUnreachable, match="could not be verified"):
-        setup._keystore(target, io.BytesIO())
+        store_with_setup(target, tmp_path)
     assert attacker_vault.seen == []
 
 
@@ -110,10 +117,10 @@ def test_root_commands_cut_a_trickling_vault_at_vault_timeout(lab, capsys, trick
     assert elapsed < 1 + 1, elapsed
 
 
-def test_setups_client_cuts_a_trickling_vault_at_vault_timeout(trickler):
+def test_setups_client_cuts_a_trickling_vault_at_vault_timeout(trickler, tmp_path):
     target = setup.VaultTarget(trickler.url, REF, token=WRAPPING, timeout=1, allow_http=True)
 
-    error, elapsed = in_thread(lambda: setup._keystore(target, io.BytesIO()), 20)
+    error, elapsed = in_thread(lambda: store_with_setup(target, tmp_path), 20)
 
     assert isinstance(error, VaultUnreachable), error
     assert elapsed < 1 + 1, elapsed

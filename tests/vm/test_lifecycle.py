@@ -27,7 +27,7 @@ LUKSCTL = "/usr/local/sbin/luksctl"
 FAST_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
 ROTATE_POLICY = "luksctl-rotate"
 SUB = "lifecycle-user-sub"
-PENDING = Path("/etc/luks/rotate-pending-passphrase")
+PENDING = Path("/etc/luks/rotate-pending.json")  # the new passphrase and its slots, one file
 CRYPTSETUP_WRAPPER = SHIM_DIR / "cryptsetup"  # first on luksctl's fixed PATH
 
 

@@ -5,7 +5,9 @@ caller beyond the action itself: what they act on comes from root-owned files
 in fixed places. The sudoers rules (deploy/sudoers.d) name whole command lines,
 so they grant the front-end API `luksctl --json open` and `luksctl --json
 status`, and the worker API `luksctl --json nfs-mount`, of the configured
-volume and nothing else; every other command is for root alone.
+volume and nothing else; every other command is for root alone. Every command,
+and `fastluks`, goes through run_command: one root check, one map from errors
+to exit codes, one audit line, one printer.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import argparse
 import io
 import json
 import os
-import select
 import sys
 import time
 from collections import namedtuple
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import API_CONFIG, VOLUME_INI, FrontendConfig, WorkerConfig, load_json_config, load_volume_config
-from ..errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError, StdinNotClosed
+from ..errors import EXIT_ACTION_FAILED, EXIT_COMMAND_FAILED, EXIT_NOT_OPEN, EXIT_OK, EXIT_USAGE, CommandFailed, LuksctlError
 from ..status import VolumeState, nfs_mount_states, volume_status
 
 # `status` runs on every open and every poll of a worker: it imports neither logging nor
@@ -34,8 +36,8 @@ LOCK_WAIT = 200  # longer than one open takes, even on a slow VM
 # of config.json's PRIVILEGED_TIMEOUT and leave the rest to the work itself: the service then
 # hears exit 6 (its 503) before its own time limit kills the call (a 500 that says nothing).
 SERVICE_LOCK_SHARE = 0.5
-MAX_PASSPHRASE_BYTES = 64 * 1024
-STDIN_DEADLINE = 30  # the API writes the passphrase and closes at once; a person pipes it in
+SETUP_LOCK = Path("/run/luksctl-setup.lock")
+SETUP_LOCK_WAIT = 1  # a second setup on the same machine is refused, not queued
 
 
 class Paths(namedtuple("Paths", "volume_ini api_config lock_file root_owned", defaults=(VOLUME_INI, API_CONFIG, LOCK_FILE, True))):
@@ -61,6 +63,7 @@ class Report:
         self.details: dict | None = None  # a lifecycle command's own fields, at the top level of --json
         self.text: list[str] | None = None  # its text report
         self.exit_code: int | None = None  # its exit code, when not "mounted or not"
+        self.audited = True  # False: no audit line (a dry run changes nothing)
 
     @property
     def ok(self) -> bool:
@@ -121,48 +124,6 @@ def build_parser(core_only: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def read_passphrase(stream: io.BufferedIOBase, is_tty: bool) -> bytes:
-    """The passphrase as the old tools piped it: everything before one trailing newline."""
-    if is_tty:
-        import getpass
-
-        return getpass.getpass("Passphrase: ").encode()
-    try:
-        fd = stream.fileno()
-    except io.UnsupportedOperation:  # an in-memory stream (tests, callers of main()): nothing to wait for
-        data = stream.read(MAX_PASSPHRASE_BYTES + 1)
-    else:
-        data = _read_until_eof(fd, MAX_PASSPHRASE_BYTES + 1, STDIN_DEADLINE)
-    if len(data) > MAX_PASSPHRASE_BYTES:
-        raise LuksctlError(f"the passphrase on stdin is longer than {MAX_PASSPHRASE_BYTES} bytes")
-    if data.endswith(b"\n"):
-        data = data[:-1]
-    if not data:
-        raise LuksctlError("no passphrase on stdin (pipe it in: printf '%s\\n' \"$PASS\" | luksctl open)")
-    return data
-
-
-def _read_until_eof(fd: int, limit: int, timeout: float) -> bytes:
-    """Up to `limit` bytes, until end of file; a writer that never closes its end gets an
-    error after `timeout` seconds instead of holding this process forever."""
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            raise StdinNotClosed(
-                f"stdin was not closed within {timeout:g} s; end the passphrase with end of file "
-                "(printf '%s\\n' \"$PASS\" | luksctl open)"
-            )
-        chunk = os.read(fd, limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
-
-
 def _logger():
     """luksctl's logger, writing to stderr; set up on first use (see the imports)."""
     import logging
@@ -171,9 +132,19 @@ def _logger():
     return logging.getLogger("luksctl")
 
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise LuksctlError("this command must run as root (sudo luksctl ...)")
+class Request(namedtuple("Request", "args paths stdin stdin_is_tty audit")):
+    """What a command gets: its parsed arguments, where to read from, and stdin; `audit` is
+    its own fields for the audit line (volume, vault_path), filled in as it learns them."""
+
+    __slots__ = ()
+
+
+class Handler(namedtuple("Handler", "run failed print audited", defaults=(None, None, True))):
+    """One command. run(request) -> Report; failed(request) -> the Report a failure is told in
+    (default: the volume's state); print(request, report, out) -> its text or JSON (default:
+    the volume report); audited: whether it writes an audit line (status and report do not)."""
+
+    __slots__ = ()
 
 
 def _status_report(paths: Paths) -> Report:
@@ -182,27 +153,28 @@ def _status_report(paths: Paths) -> Report:
     return Report(status.state.value, status.mapper_open, status.mounted)
 
 
-def cmd_status(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
-    return _status_report(paths)
+def cmd_status(request: Request) -> Report:
+    return _status_report(request.paths)
 
 
 def _service_lock_wait(config: FrontendConfig | WorkerConfig) -> float:
     return min(LOCK_WAIT, config.PRIVILEGED_TIMEOUT * SERVICE_LOCK_SHARE)
 
 
-def cmd_open(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+def cmd_open(request: Request) -> Report:
     from dataclasses import asdict
 
     from ..locking import exclusive_lock
+    from ..secret_input import read_passphrase
     from . import services, volume
 
-    _require_root()
+    paths = request.paths
     vol = load_volume_config(paths.volume_ini, root_owned=paths.root_owned)
     config = load_json_config(FrontendConfig, paths.api_config, root_owned=paths.root_owned, missing_ok=True)
     if volume.current_status(vol).mounted:
         return _status_report(paths)  # nothing to do, and no passphrase needed
     # Read before locking: a caller slow to send (or close) stdin must not hold up a close.
-    passphrase = read_passphrase(stdin, stdin_is_tty)
+    passphrase = read_passphrase(request.stdin, request.stdin_is_tty)
     with exclusive_lock(paths.lock_file, timeout=_service_lock_wait(config), what="luksctl open or close"):
         if volume.current_status(vol).mounted:
             return _status_report(paths)  # another open finished while we read
@@ -212,22 +184,22 @@ def cmd_open(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Repo
     return Report(status.state.value, status.mapper_open, status.mounted, outcome.changed, [asdict(r) for r in results])
 
 
-def cmd_close(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+def cmd_close(request: Request) -> Report:
     from ..locking import exclusive_lock
     from . import volume
 
-    _require_root()
+    paths = request.paths
     vol = load_volume_config(paths.volume_ini, root_owned=paths.root_owned)
     with exclusive_lock(paths.lock_file, timeout=LOCK_WAIT, what="luksctl open or close"):
         outcome = volume.close_volume(vol)
     return Report(outcome.status.state.value, outcome.status.mapper_open, outcome.status.mounted, outcome.changed)
 
 
-def cmd_nfs_mount(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+def cmd_nfs_mount(request: Request) -> Report:
     from ..locking import exclusive_lock
     from . import services
 
-    _require_root()
+    paths = request.paths
     config = load_json_config(WorkerConfig, paths.api_config, root_owned=paths.root_owned)
     changed = False
     with exclusive_lock(paths.lock_file, timeout=_service_lock_wait(config), what="luksctl open, close or nfs-mount"):
@@ -242,18 +214,71 @@ def cmd_nfs_mount(paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) ->
     return Report(changed=changed, nfs_state=state.value, mountpoints=states)
 
 
-COMMANDS = {"status": cmd_status, "open": cmd_open, "close": cmd_close, "nfs-mount": cmd_nfs_mount}
-
-
-def run_lifecycle_command(args: argparse.Namespace, paths: Paths, stdin: io.BufferedIOBase, stdin_is_tty: bool) -> Report:
+def cmd_lifecycle(request: Request) -> Report:
+    """report, header, recovery-key, rotate, decommission: lifecycle.py's handlers, told in the volume's state."""
     from . import lifecycle
 
-    _require_root()
-    context = lifecycle.Context(paths.volume_ini, paths.lock_file, LOCK_WAIT, paths.root_owned, stdin, stdin_is_tty, lambda: read_passphrase(stdin, stdin_is_tty))
-    outcome = lifecycle.run(args, context)
+    paths = request.paths
+    context = lifecycle.Context(paths.volume_ini, paths.lock_file, LOCK_WAIT, paths.root_owned, request.stdin, request.stdin_is_tty)
+    outcome = lifecycle.run(request.args, context)
     report = _state_after_error(paths)  # the volume's state, or "unavailable" once it is gone
     report.changed, report.details, report.text, report.exit_code = outcome.changed, outcome.details, outcome.text, outcome.exit_code
     return report
+
+
+def setup_handler(build_options: Callable) -> Handler:
+    """`luksctl setup` and `fastluks`: build_options(args, stdin) reads the passphrase and the
+    token (before the setup lock) and returns the SetupOptions; setup runs under the lock."""
+
+    def run(request: Request) -> Report:
+        from ..locking import exclusive_lock
+        from .setup import Progress, run_setup
+
+        options = build_options(request.args, request.stdin)
+        request.audit.update(volume=options.device, vault_path=str(options.vault.ref) if options.vault else None)
+        progress = Progress(json_lines=request.args.json)
+        with exclusive_lock(SETUP_LOCK, timeout=SETUP_LOCK_WAIT, what=f"luksctl setup ({SETUP_LOCK})"):
+            return _setup_report(vars(run_setup(options, progress)))
+
+    def failed(request: Request) -> Report:
+        from .setup import SetupReport
+
+        return _setup_report(vars(SetupReport("unavailable", request.audit.get("volume", "?"))))
+
+    def print_report(request: Request, report: Report, out) -> None:
+        from . import setup_cli
+
+        setup_cli.print_result({**report.details, "error": report.error}, request.args.json, out)
+
+    return Handler(run, failed, print_report)
+
+
+def _setup_report(result: dict) -> Report:
+    report = Report(result["volume_state"], changed=result["changed"])
+    report.details, report.exit_code, report.audited = result, EXIT_OK, not result["plan"]
+    return report
+
+
+def _setup_options(args: argparse.Namespace, stdin) -> object:
+    from . import setup_cli
+
+    return setup_cli.options_from_args(args, stdin)
+
+
+_LIFECYCLE = Handler(cmd_lifecycle)
+COMMANDS = {
+    "status": Handler(cmd_status, audited=False),
+    "open": Handler(cmd_open),
+    "close": Handler(cmd_close),
+    "nfs-mount": Handler(cmd_nfs_mount),
+    "setup": setup_handler(_setup_options),
+    "report": Handler(cmd_lifecycle, audited=False),
+    "header": _LIFECYCLE,
+    "recovery-key": _LIFECYCLE,
+    "rotate": _LIFECYCLE,
+    "decommission": _LIFECYCLE,
+}
+CORE_COMMANDS = ("status", "open", "close", "nfs-mount")  # what sudo lets the services run
 
 
 def print_text(command: str, report: Report, out: io.TextIOBase) -> None:
@@ -276,6 +301,15 @@ def print_text(command: str, report: Report, out: io.TextIOBase) -> None:
     print(f"Encrypted volume: [ {'OK' if report.ok else 'FAIL'} ]", file=out)
 
 
+def _print_volume_report(request: Request, report: Report, out) -> None:
+    if request.args.json:
+        fields = {key: value for key, value in vars(report).items()
+                  if value is not None and key not in ("details", "text", "exit_code", "audited")}
+        print(json.dumps({**fields, **(report.details or {})}), file=out)
+    else:
+        print_text(request.args.command, report, out)
+
+
 def _state_after_error(paths: Paths) -> Report:
     try:
         return _status_report(paths)
@@ -283,61 +317,64 @@ def _state_after_error(paths: Paths) -> Report:
         return Report(VolumeState.UNAVAILABLE.value)
 
 
-def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: io.BufferedIOBase | None = None, stdin_is_tty: bool | None = None) -> int:
-    words = sys.argv[1:] if argv is None else argv
-    command = next((word for word in words if not word.startswith("-")), None)
-    args = build_parser(core_only=command in COMMANDS).parse_args(argv)
-    if args.command != "status":
-        _logger()  # the commands that change something log what they run
-    started = time.monotonic()
-    stdin = stdin if stdin is not None else sys.stdin.buffer
-    stdin_is_tty = stdin_is_tty if stdin_is_tty is not None else sys.stdin.isatty()
-    if args.command == "setup":
-        from . import setup_cli
+def _require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        raise LuksctlError(f"this command must run as root (sudo {'fastluks' if action == 'fastluks' else 'luksctl'} ...)")
 
-        return setup_cli.run(lambda: setup_cli.options_from_args(args, stdin), stdin=stdin, json_output=args.json)
+
+def run_command(handler: Handler, request: Request, action: str) -> int:
+    """The one door: root check, the handler, errors to exit codes, the audit line, the answer."""
+    started = time.monotonic()
     error_class = None
     try:
-        if args.command in COMMANDS:
-            report = COMMANDS[args.command](paths, stdin, stdin_is_tty)
-        else:
-            report = run_lifecycle_command(args, paths, stdin, stdin_is_tty)
+        if action != "status":
+            _require_root(action)
+        report = handler.run(request)
         if report.exit_code is not None:
             exit_code = report.exit_code
         else:
-            exit_code = EXIT_OK if report.ok or args.command == "close" else EXIT_NOT_OPEN
+            exit_code = EXIT_OK if report.ok or action == "close" else EXIT_NOT_OPEN
         failed = [action["name"] for action in report.actions or [] if not action["ok"]]
         if failed:
             report.error = f"the volume is mounted, but these post-open actions failed: {', '.join(failed)}"
             exit_code = EXIT_ACTION_FAILED
     except LuksctlError as exc:
         _logger().error("%s", exc.detail() if isinstance(exc, CommandFailed) else exc.message)
-        report = _state_after_error(paths)
+        report = (handler.failed or (lambda request: _state_after_error(request.paths)))(request)
         report.error = exc.message
         exit_code = exc.exit_code
         error_class = exc.__class__.__name__
     except Exception as exc:  # still answer the caller (the API) in JSON, and audit
         _logger().exception("unexpected error")
-        report = _state_after_error(paths)
+        report = (handler.failed or (lambda request: _state_after_error(request.paths)))(request)
         report.error = f"internal error ({exc.__class__.__name__}); see the log"
         exit_code = EXIT_COMMAND_FAILED
         error_class = exc.__class__.__name__
-    if args.command not in ("status", "report"):
+    if handler.audited and (report.audited or exit_code != EXIT_OK):
         from .. import audit
 
         audit.use_syslog()
         audit.record(
-            action=" ".join(filter(None, (args.command, getattr(args, "action", None)))),
+            action=action,
             client=f"uid {os.environ.get('SUDO_UID', os.getuid())}",
-            outcome="ok" if exit_code in (EXIT_OK,) else "error",
+            outcome="ok" if exit_code == EXIT_OK else "error",
             status=exit_code,
             duration_ms=(time.monotonic() - started) * 1000,
             error_class=error_class,
+            **request.audit,
         )
-    if args.json:
-        fields = {key: value for key, value in vars(report).items() if value is not None and key not in ("details", "text", "exit_code")}
-        print(json.dumps({**fields, **(report.details or {})}))
-    else:
-        print_text(args.command, report, sys.stdout)
+    (handler.print or _print_volume_report)(request, report, sys.stdout)
+    sys.stdout.flush()
     return exit_code
 
+
+def main(argv: list[str] | None = None, *, paths: Paths = Paths(), stdin: io.BufferedIOBase | None = None, stdin_is_tty: bool | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    command = next((word for word in words if not word.startswith("-")), None)
+    args = build_parser(core_only=command in CORE_COMMANDS).parse_args(argv)
+    if args.command != "status":
+        _logger()  # the commands that change something log what they run
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    stdin_is_tty = stdin_is_tty if stdin_is_tty is not None else sys.stdin.isatty()
+    action = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    return run_command(COMMANDS[args.command], Request(args, paths, stdin, stdin_is_tty, {}), action)

@@ -14,13 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import VolumeConfig
-from ..durable import remove_durably
+from ..durable import leftover_temporaries, remove_durably
 from ..vault import SecretRef, VaultClient
-from . import cryptsetup, volume
+from . import cryptsetup, pending, volume
 from .header import backup_path, checksum_path, find_device, remove_stale_copies
-from .journal import PASSPHRASE_FILE as SETUP_PENDING
-from .journal import STATE_FILE as SETUP_STATE
-from .rotate import PENDING_PASSPHRASE, PENDING_STATE
 
 
 @dataclass
@@ -40,12 +37,12 @@ def decommission(vol: VolumeConfig, ini: Path, keystore: VaultClient | None, ref
     if cryptsetup.is_luks(device) and cryptsetup.read_header(device).keyslots:  # a destroyed header has none left
         cryptsetup.erase(device)
         done.steps.append("erased every keyslot")
+    done.removed_files += pending.remove_all(ini.parent)
     backup = backup_path(vol.header_path)
-    state_dir = ini.parent
     done.removed_files.extend(str(path) for path in remove_stale_copies(backup.parent))  # header copies of killed runs
-    for path in (state_dir / PENDING_PASSPHRASE, state_dir / PENDING_STATE, state_dir / SETUP_PENDING, state_dir / SETUP_STATE,
-                 backup, checksum_path(backup), ini):
-        if path.exists():
-            remove_durably(path)
-            done.removed_files.append(str(path))
+    for target in (backup, checksum_path(backup), ini):
+        for path in (target, *leftover_temporaries(target)):  # a temporary may be a killed write's copy of the file
+            if path.exists():
+                remove_durably(path)
+                done.removed_files.append(str(path))
     return done

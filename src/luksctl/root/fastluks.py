@@ -14,14 +14,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 from ..config import VOLUME_INI
 from ..errors import UsageError
+from ..secret_input import read_token
 from ..vault import SecretRef
 from . import cryptsetup
-from .cli import _Parser
+from .cli import Paths, Request, _Parser, run_command, setup_handler
 from .setup import SetupOptions, VaultTarget
-from .setup_cli import run
 
 VERSION = "luksctl fastluks (pyluks 0.0.2 command line)"
 
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from_args(args: argparse.Namespace) -> SetupOptions:
+def options_from_args(args: argparse.Namespace, stdin: BinaryIO) -> SetupOptions:
+    """Reads --wrapping-token-file here, before setup takes its lock."""
     vault = None
     if args.use_vault:
         missing = [flag for flag, value in (("--vault-url", args.vault_url), ("--secret-path", args.secret_path), ("--user-key", args.user_key)) if not value]
@@ -69,7 +71,8 @@ def options_from_args(args: argparse.Namespace) -> SetupOptions:
             ref = SecretRef("secrets", args.secret_path, args.user_key, 2)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        vault = VaultTarget(args.vault_url, ref, token_source=args.wrapping_token_file, wrapped=True, allow_http=args.vault_allow_http, token=args.wrapping_token)
+        token = read_token(args.wrapping_token_file, stdin) if args.wrapping_token_file else args.wrapping_token
+        vault = VaultTarget(args.vault_url, ref, wrapped=True, token=token, allow_http=args.vault_allow_http)
     return SetupOptions(
         device=args.device_name, cryptdev=args.cryptdev, mountpoint=args.mountpoint, filesystem=args.filesystem,
         cipher=args.cipher_algorithm, key_size=args.keysize, hash=args.hash_algorithm,
@@ -87,4 +90,4 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(VERSION)
         return 0
-    return run(lambda: options_from_args(args), stdin=sys.stdin.buffer, json_output=args.json, action="fastluks")
+    return run_command(setup_handler(options_from_args), Request(args, Paths(), sys.stdin.buffer, False, {}), "fastluks")

@@ -1,16 +1,19 @@
 """The Vault options of the commands that write the stored secret: setup, rotate, decommission.
 
-One definition, so the flags, defaults and help read the same in every command.
+One definition, so the flags, defaults and help read the same in every command; and the one
+place a Vault client is made for them, which decides which token is revoked afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from ..errors import UsageError
+from ..secret_input import read_token
 from ..vault import SecretRef, VaultClient
-from .setup import read_token
 
 
 def add_vault_arguments(parser: argparse.ArgumentParser, heading: str, *, required: bool) -> None:
@@ -37,11 +40,34 @@ def secret_ref(args: argparse.Namespace) -> SecretRef:
         raise UsageError(str(exc)) from None
 
 
-def open_keystore(args: argparse.Namespace, stdin: BinaryIO) -> VaultClient:
-    """A wrapping token is unwrapped here; a plain token is the operator's own, used as given."""
-    options = {"ca_bundle": args.vault_ca_bundle, "timeout": args.vault_timeout, "allow_http": args.vault_allow_http}
-    if args.wrapping_token_file:
-        token = read_token(args.wrapping_token_file, stdin)
-        return VaultClient(args.vault_url, **options).unwrap(token)
-    token = read_token(args.token_file, stdin)
-    return VaultClient(args.vault_url, token=token, **options)
+def read_vault_token(args: argparse.Namespace, stdin: BinaryIO) -> str | None:
+    """The token of --wrapping-token-file or --token-file (FILE or '-'), read before any lock is taken."""
+    source = args.wrapping_token_file or args.token_file
+    return read_token(source, stdin) if source else None
+
+
+@contextlib.contextmanager
+def open_keystore(url: str, token: str, *, wrapped: bool, ca_bundle: str | None, timeout: float,
+                  allow_http: bool) -> Iterator[VaultClient]:
+    """A Vault client for the length of the `with`.
+
+    A wrapping token is unwrapped on entry (so before the caller takes its lock) and the token
+    it held is ours: revoked on exit. A plain token is the operator's own, long-lived and maybe
+    the parent of others: used as given and never revoked.
+    """
+    options = {"ca_bundle": ca_bundle, "timeout": timeout, "allow_http": allow_http}
+    if not wrapped:
+        yield VaultClient(url, token=token, **options)
+        return
+    client = VaultClient(url, **options).unwrap(token)
+    try:
+        yield client
+    finally:
+        client.revoke_self()
+
+
+def keystore_from_args(args: argparse.Namespace, stdin: BinaryIO):
+    """open_keystore for rotate and decommission, whose Vault options are required."""
+    token = read_vault_token(args, stdin)
+    return open_keystore(args.vault_url, token, wrapped=bool(args.wrapping_token_file), ca_bundle=args.vault_ca_bundle,
+                         timeout=args.vault_timeout, allow_http=args.vault_allow_http)

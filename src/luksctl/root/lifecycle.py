@@ -2,7 +2,8 @@
 
 cli.py registers them (add_commands) and runs them like the others: errors, exit
 codes, --json and the audit line stay in one place there. Commands that change the
-header hold the same lock as open and close, so no open races a keyslot change.
+header hold the same lock as open and close, so no open races a keyslot change; each
+reads its passphrase or token, unwraps, and asks for confirmation before it takes it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -18,9 +18,10 @@ from typing import BinaryIO
 from ..config import VolumeConfig, load_volume_config
 from ..errors import EXIT_OK, EXIT_STALE_BACKUP, Refused
 from ..locking import exclusive_lock
+from ..secret_input import read_passphrase
 from . import cryptsetup, header, keys, report
 from .decommission import decommission
-from .keystore_options import add_vault_arguments, open_keystore, secret_ref
+from .keystore_options import add_vault_arguments, keystore_from_args, secret_ref
 from .rotate import rotate
 
 
@@ -42,12 +43,14 @@ class Context:
     root_owned: bool
     stdin: BinaryIO
     stdin_is_tty: bool
-    read_passphrase: Callable[[], bytes]
 
     @property
     def state_dir(self) -> Path:
         """Where unfinished setups and rotations keep their passphrase: beside the ini (/etc/luks)."""
         return self.volume_ini.parent
+
+    def read_passphrase(self) -> bytes:
+        return read_passphrase(self.stdin, self.stdin_is_tty)
 
     def volume(self) -> VolumeConfig:
         return load_volume_config(self.volume_ini, root_owned=self.root_owned)
@@ -104,8 +107,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, context: Context) -> Outcome:
-    handler = HANDLERS[args.command]
-    return handler[args.action](args, context) if isinstance(handler, dict) else handler(args, context)
+    return HANDLERS[" ".join(filter(None, (args.command, getattr(args, "action", None))))](args, context)
 
 
 def cmd_report(args: argparse.Namespace, context: Context) -> Outcome:
@@ -138,9 +140,10 @@ def cmd_header_restore(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
     device = header.find_device(volume, args.device)
     backup = header.backup_path(volume.header_path)
+    header.check_restorable(device, backup, volume.uuid, volume.cryptdev)  # before asking: a refusal needs no answer
+    context.confirm(args, volume, f"This overwrites the LUKS header of {device} with {backup}")
     with context.locked():
-        header.check_restorable(device, backup, volume.uuid, volume.cryptdev)
-        context.confirm(args, volume, f"This overwrites the LUKS header of {device} with {backup}")
+        header.check_restorable(device, backup, volume.uuid, volume.cryptdev)  # again: the backup may have changed while we asked
         cryptsetup.restore_header(device, backup)
     return Outcome({"restored_from": str(backup)}, [f"Header restored:  from {backup}"], changed=True)
 
@@ -177,13 +180,8 @@ def cmd_rotate(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
     cryptsetup.require_device(volume.device_path)
     ref = secret_ref(args)
-    with context.locked():
-        keystore = open_keystore(args, context.stdin)
-        try:
-            rotation = rotate(volume.device_path, keystore, ref, context.state_dir, header.backup_path(volume.header_path), cryptsetup.Pbkdf(args.pbkdf, args.iter_time))
-        finally:
-            if args.wrapping_token_file:
-                keystore.revoke_self()
+    with keystore_from_args(args, context.stdin) as keystore, context.locked():
+        rotation = rotate(volume.device_path, keystore, ref, context.state_dir, header.backup_path(volume.header_path), cryptsetup.Pbkdf(args.pbkdf, args.iter_time))
     details = {"new_slot": rotation.new_slot, "removed_slot": rotation.removed_slot, "vault_version": rotation.vault_version,
                "resumed": rotation.resumed, "steps": rotation.steps}
     text = [f"Rotated:          keyslot {rotation.new_slot} holds the new passphrase, stored in Vault at {ref}"
@@ -198,21 +196,19 @@ def cmd_decommission(args: argparse.Namespace, context: Context) -> Outcome:
     header.find_device(volume)
     ref = secret_ref(args)
     context.confirm(args, volume, f"This erases every keyslot of {volume.device_path} and deletes {ref} in Vault: the data is lost")
-    with context.locked():
-        keystore = open_keystore(args, context.stdin)
-        try:
-            done = decommission(volume, context.volume_ini, keystore, ref)
-        finally:
-            if args.wrapping_token_file:
-                keystore.revoke_self()
+    with keystore_from_args(args, context.stdin) as keystore, context.locked():
+        done = decommission(volume, context.volume_ini, keystore, ref)
     text = [f"Decommissioned:   {', '.join(done.steps) or 'nothing left to do'}", *(f"Removed:          {path}" for path in done.removed_files)]
     return Outcome({"steps": done.steps, "removed_files": done.removed_files}, text, changed=bool(done.steps or done.removed_files))
 
 
-HANDLERS: dict = {
+HANDLERS = {
     "report": cmd_report,
-    "header": {"backup": cmd_header_backup, "verify": cmd_header_verify, "restore": cmd_header_restore},
-    "recovery-key": {"add": cmd_recovery_add, "remove": cmd_recovery_remove},
+    "header backup": cmd_header_backup,
+    "header verify": cmd_header_verify,
+    "header restore": cmd_header_restore,
+    "recovery-key add": cmd_recovery_add,
+    "recovery-key remove": cmd_recovery_remove,
     "rotate": cmd_rotate,
     "decommission": cmd_decommission,
 }

@@ -15,7 +15,7 @@ from .. import runner
 from ..config import VolumeConfig
 from ..errors import CommandFailed, DeviceNotFound
 from . import cryptsetup, header
-from .rotate import pending_operations
+from .pending import pending_operations
 from .volume import current_status
 
 JOURNAL_LINES = 2000  # how far back the last open is looked for

@@ -3,7 +3,7 @@
 The order keeps, at every instant, a passphrase that both opens the volume and can be
 read back from Vault, and a copy of the new one on disk until it is in Vault:
 
-1. save the new passphrase (pending file, root, 0600) before anything depends on it;
+1. save the new passphrase and the slots (one pending file, root, 0600) before anything depends on it;
 2. luksAddKey it into a free keyslot, authorised by the passphrase Vault holds now;
 3. check with --test-passphrase that it opens that keyslot;
 4. write it to Vault (KV v2: cas = the version read, so a concurrent change is refused);
@@ -13,7 +13,10 @@ read back from Vault, and a copy of the new one on disk until it is in Vault:
 
 Vault is the source of truth on a re-run: if it already holds the pending passphrase,
 step 4 happened. Each step checks whether it is done, so a re-run after a kill, a power
-loss or a Vault failure resumes where the first run stopped.
+loss or a Vault failure resumes where the first run stopped. The pending passphrase and
+its slots are one file (pending.py), so no kill leaves one without the other; the
+two-file form of earlier versions is still read, and its slots worked out again from the
+device and Vault when a kill left only the passphrase.
 """
 
 from __future__ import annotations
@@ -22,16 +25,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..durable import remove_durably, write_atomically
 from ..errors import Refused, VaultDenied
 from ..vault import SecretRef, VaultClient
-from .cryptsetup import Pbkdf, add_key, kill_slot, opening_slot, read_header
+from .cryptsetup import LuksHeader, Pbkdf, add_key, kill_slot, opening_slot, read_header
 from .header import write_backup
-from .journal import PASSPHRASE_FILE as SETUP_PENDING
+from .pending import OLD_ROTATE_PASSPHRASE, OLD_ROTATE_STATE, ROTATION, PendingStore
 from .setup import generate_passphrase
 
-PENDING_PASSPHRASE = "rotate-pending-passphrase"
-PENDING_STATE = "rotate-state.json"
 PASSPHRASE_LENGTH = 64
 ROTATING_CAPABILITIES = ({"read", "update"}, {"root"}, {"sudo"})
 
@@ -46,29 +46,36 @@ class Rotation:
 
 
 class Pending:
-    """The unfinished rotation: its passphrase and the keyslot it replaces, root-only in `directory`."""
+    """The unfinished rotation: its passphrase and the keyslots it adds and replaces."""
 
     def __init__(self, directory: Path) -> None:
-        self.passphrase_path = directory / PENDING_PASSPHRASE
-        self.state_path = directory / PENDING_STATE
+        self.store = PendingStore(directory, "rotate")
 
-    def exists(self) -> bool:
-        return self.passphrase_path.exists()
-
-    def load(self) -> tuple[bytes, dict]:
+    def load(self) -> tuple[bytes, dict | None] | None:
+        """(passphrase, {"old_slot", "new_slot"} or None if only an old-form passphrase is left), or None."""
+        text = self.store.read(ROTATION)
+        if text is not None:
+            try:
+                saved = json.loads(text)
+                return saved.pop("passphrase").encode(), saved
+            except (ValueError, KeyError, AttributeError):
+                raise Refused(f"{self.store.path(ROTATION)} is damaged; compare it with the device, then move it away") from None
+        passphrase = self.store.read(OLD_ROTATE_PASSPHRASE)
+        if passphrase is None:
+            return None
         try:
-            return self.passphrase_path.read_bytes(), json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            raise Refused(f"{self.passphrase_path} exists but {self.state_path} is missing or damaged; compare them with the device, then move them away") from None
+            state = json.loads(self.store.read(OLD_ROTATE_STATE) or b"")
+        except ValueError:
+            state = None  # killed between the two files: rotate() works the slots out again
+        return passphrase, state
 
     def save(self, passphrase: bytes, state: dict) -> None:
-        """The passphrase first: a state without it would name a key nobody has."""
-        write_atomically(self.passphrase_path, passphrase, mode=0o600)
-        write_atomically(self.state_path, json.dumps(state).encode() + b"\n", mode=0o600)
+        """One atomic write, then the old form goes: a kill in between leaves both, and the new one wins."""
+        self.store.write(ROTATION, json.dumps({"passphrase": passphrase.decode(), **state}).encode() + b"\n")
+        self.store.remove(OLD_ROTATE_PASSPHRASE, OLD_ROTATE_STATE)
 
     def remove(self) -> None:
-        remove_durably(self.passphrase_path)
-        remove_durably(self.state_path)
+        self.store.remove(ROTATION, OLD_ROTATE_PASSPHRASE, OLD_ROTATE_STATE)
 
 
 def check_capabilities(keystore: VaultClient, ref: SecretRef) -> None:
@@ -88,29 +95,44 @@ def _opens_slot(device: str, passphrase: bytes, slot: int) -> bool:
     return slot in read_header(device).keyslots and opening_slot(device, passphrase, slot) == slot
 
 
+def _current_slots(device: str, in_vault: bytes, ref: SecretRef) -> tuple[int, LuksHeader]:
+    """The keyslot Vault's passphrase opens, and the header: refused if that is nothing or the recovery key."""
+    old_slot = opening_slot(device, in_vault)
+    if old_slot is None:
+        raise Refused(f"the passphrase in Vault at {ref} does not open {device}; nothing was changed")
+    header = read_header(device)
+    if old_slot in header.recovery_slots:
+        raise Refused(f"the passphrase in Vault at {ref} is the recovery key (keyslot {old_slot}); nothing was changed")
+    return old_slot, header
+
+
 def rotate(device: str, keystore: VaultClient, ref: SecretRef, state_dir: Path, backup: Path, pbkdf: Pbkdf) -> Rotation:
     check_capabilities(keystore, ref)
     stored = keystore.read(ref)
     in_vault = stored.value.encode()
     pending = Pending(state_dir)
-    resumed = pending.exists()
-    if resumed:
-        new, state = pending.load()
-    else:
-        old_slot = opening_slot(device, in_vault)
-        if old_slot is None:
-            raise Refused(f"the passphrase in Vault at {ref} does not open {device}; nothing was changed")
-        header = read_header(device)
-        if old_slot in header.recovery_slots:
-            raise Refused(f"the passphrase in Vault at {ref} is the recovery key (keyslot {old_slot}); nothing was changed")
+    loaded = pending.load()
+    resumed = loaded is not None
+    if loaded is None:
+        old_slot, header = _current_slots(device, in_vault, ref)
         new, state = generate_passphrase(PASSPHRASE_LENGTH), {"old_slot": old_slot, "new_slot": header.free_slot()}
         pending.save(new, state)
+    else:
+        new, state = loaded
+        if state is None:  # an old-form passphrase without its state: saved before luksAddKey, so Vault holds the old one
+            if in_vault == new:
+                raise Refused(f"Vault holds the pending passphrase of {state_dir / OLD_ROTATE_PASSPHRASE} but its rotation state is gone; "
+                              "compare it with the device, then move it away")
+            old_slot, header = _current_slots(device, in_vault, ref)
+            new_slot = opening_slot(device, new)
+            state = {"old_slot": old_slot, "new_slot": header.free_slot() if new_slot is None else new_slot}
+            pending.save(new, state)
     rotation = Rotation(state["new_slot"], None, stored.version, resumed)
     already_in_vault = in_vault == new
 
     if not _opens_slot(device, new, state["new_slot"]):
         if already_in_vault:
-            raise Refused(f"Vault holds the pending passphrase but it opens no keyslot of {device}; keep {pending.passphrase_path} and restore the header backup")
+            raise Refused(f"Vault holds the pending passphrase but it opens no keyslot of {device}; keep {state_dir / ROTATION} and restore the header backup")
         add_key(device, in_vault, new, state["new_slot"], pbkdf)
         rotation.steps.append("added new keyslot")
         if not _opens_slot(device, new, state["new_slot"]):
@@ -130,14 +152,3 @@ def rotate(device: str, keystore: VaultClient, ref: SecretRef, state_dir: Path, 
     rotation.steps.append("wrote header backup")
     pending.remove()
     return rotation
-
-
-def pending_operations(state_dir: Path) -> list[str]:
-    """Unfinished rotations and setups whose passphrase is still on disk (for `report`)."""
-    found = []
-    if (state_dir / PENDING_PASSPHRASE).exists():
-        found.append(f"rotate (passphrase in {state_dir / PENDING_PASSPHRASE}); run luksctl rotate again")
-    if (state_dir / SETUP_PENDING).exists():
-        found.append(f"setup (passphrase in {state_dir / SETUP_PENDING}); run luksctl setup again")
-    return found
-

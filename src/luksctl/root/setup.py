@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 from .. import runner
 from ..config import API_CONFIG, VOLUME_INI, FrontendConfig, VolumeConfig, load_json_config, load_volume_config
@@ -48,6 +48,7 @@ from ..errors import (
 from ..vault import SecretRef, VaultClient
 from ..status import find_mapper_device, read_mounts, volume_status
 from . import blockdev, cryptsetup, header, journal, volume
+from .keystore_options import open_keystore
 from .journal import Journal
 
 log = logging.getLogger("luksctl")
@@ -56,7 +57,6 @@ Result = TypeVar("Result")
 ENCRYPTION_SUCCESS = (Path("/var/run/fast-luks-encryption.success"), "LUKS encryption completed.")
 VOLUME_SUCCESS = (Path("/var/run/fast-luks-volume-setup.success"), "Volume setup completed.")
 PASSPHRASE_ALPHABET = string.ascii_letters + string.digits  # survives any shell, ini or JSON unquoted
-MAX_TOKEN_BYTES = 4096
 MKFS_TIMEOUT = 6 * 3600  # mkfs on a multi-terabyte volume
 WRITING_CAPABILITIES = frozenset({"create", "update", "root", "sudo"})
 
@@ -65,12 +65,11 @@ WRITING_CAPABILITIES = frozenset({"create", "update", "root", "sudo"})
 class VaultTarget:
     url: str
     ref: SecretRef
-    token_source: str | None = None  # a file, or "-" for stdin
     wrapped: bool = True  # a response-wrapping token (the dashboard's) rather than a plain one
     ca_bundle: str | None = None
     timeout: float = 10.0  # the whole Vault exchange
+    token: str | None = field(default=None, repr=False)  # read before the setup lock (secret_input); None: not given
     allow_http: bool = False
-    token: str | None = field(default=None, repr=False)  # only the fastluks command line hands one over directly
 
 
 @dataclass(frozen=True)
@@ -152,22 +151,6 @@ class SetupReport:
 
 def generate_passphrase(length: int) -> bytes:
     return "".join(secrets.choice(PASSPHRASE_ALPHABET) for _ in range(length)).encode()
-
-
-def read_token(source: str, stdin: BinaryIO) -> str:
-    """A token from a file or stdin ("-"): never from argv, where every user can see it."""
-    try:
-        if source == "-":
-            data = stdin.read(MAX_TOKEN_BYTES + 1)
-        else:
-            with open(source, "rb") as stream:
-                data = stream.read(MAX_TOKEN_BYTES + 1)
-    except OSError as exc:
-        raise LuksctlError(f"the token file {source} cannot be read: {exc.strerror}") from None
-    token = data.strip()
-    if not token or len(data) > MAX_TOKEN_BYTES or not all(33 <= byte < 127 for byte in token):
-        raise LuksctlError(f"the token from {'stdin' if source == '-' else source} is empty, too long or not one printable word")
-    return token.decode()
 
 
 def ini_text(options: SetupOptions, uuid: str, passphrase: bytes | None = None) -> str:
@@ -268,23 +251,13 @@ def _describe(options: SetupOptions, device: blockdev.BlockDevice) -> dict:
     }
 
 
-def _keystore(target: VaultTarget, stdin: BinaryIO) -> VaultClient:
-    if target.token is not None:
-        token = target.token
-    elif target.token_source is not None:
-        token = read_token(target.token_source, stdin)
-    else:
-        raise LuksctlError("a Vault token is needed to store the passphrase: --wrapping-token-file FILE or --token-file FILE ('-' for stdin)")
-    if target.wrapped:
-        return VaultClient(target.url, ca_bundle=target.ca_bundle, timeout=target.timeout, allow_http=target.allow_http).unwrap(token)
-    return VaultClient(target.url, token=token, ca_bundle=target.ca_bundle, timeout=target.timeout, allow_http=target.allow_http)
-
-
-def store_in_vault(target: VaultTarget, passphrase: bytes, record: Journal, stdin: BinaryIO) -> None:
+def store_in_vault(target: VaultTarget, passphrase: bytes, record: Journal) -> None:
     """Create the secret (cas=0). A refusal after an interrupted earlier write is checked by reading back."""
     interrupted_before = record.done(journal.VAULT_WRITE_STARTED)
-    keystore = _keystore(target, stdin)
-    try:
+    if target.token is None:
+        raise LuksctlError("a Vault token is needed to store the passphrase: --wrapping-token-file FILE or --token-file FILE ('-' for stdin)")
+    with open_keystore(target.url, target.token, wrapped=target.wrapped, ca_bundle=target.ca_bundle, timeout=target.timeout,
+                       allow_http=target.allow_http) as keystore:
         try:
             capabilities: set[str] | None = keystore.capabilities(target.ref)
         except VaultDenied:
@@ -310,8 +283,6 @@ def store_in_vault(target: VaultTarget, passphrase: bytes, record: Journal, stdi
                 "setup changed nothing on the device"
             )
         record.record(journal.VAULT_WRITTEN)
-    finally:
-        keystore.revoke_self()
 
 
 def _refuse_existing_kv1_secret(keystore: VaultClient, target: VaultTarget) -> None:
@@ -415,7 +386,7 @@ def plan(options: SetupOptions, resumed_steps: list[str]) -> list[str]:
     return plan
 
 
-def run_setup(options: SetupOptions, stdin: BinaryIO, progress: Progress) -> SetupReport:
+def run_setup(options: SetupOptions, progress: Progress) -> SetupReport:
     """Called with the setup lock held, as root."""
     validate_names(options)
     device = blockdev.block_device(options.device)
@@ -445,7 +416,7 @@ def run_setup(options: SetupOptions, stdin: BinaryIO, progress: Progress) -> Set
     if options.vault is not None and not record.done(journal.VAULT_WRITTEN):
         progress.step("vault", f"storing the passphrase at {options.vault.ref}")
         try:
-            progress.timed("vault", lambda: store_in_vault(options.vault, passphrase, record, stdin))
+            progress.timed("vault", lambda: store_in_vault(options.vault, passphrase, record))
         except (VaultWriteDenied, SecretExists):
             if not record.done(journal.FORMAT_STARTED):  # Vault said no and the device is untouched: forget it all
                 record.finish()

@@ -1,33 +1,22 @@
-"""The command lines of setup: `luksctl setup` and the pyluks-compatible `fastluks`.
+"""The command line of `luksctl setup`: its arguments, the options they make, its answer.
 
-Both build SetupOptions and go through run(), which holds the setup lock,
-maps errors to exit codes once, audits, and prints the report.
+cli.py runs it (setup_handler) like every other command; `fastluks` builds the same
+SetupOptions from pyluks' arguments and prints the same answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from .. import audit
 from ..config import VOLUME_INI
-from ..errors import EXIT_COMMAND_FAILED, EXIT_OK, CommandFailed, LuksctlError, UsageError
-from ..locking import exclusive_lock
+from ..errors import UsageError
+from ..secret_input import read_passphrase
 from . import cryptsetup
-from .keystore_options import add_vault_arguments, secret_ref
-from .setup import Progress, SetupOptions, SetupReport, VaultTarget, run_setup
-
-log = logging.getLogger("luksctl")
-
-SETUP_LOCK = Path("/run/luksctl-setup.lock")
-LOCK_WAIT = 1  # a second setup on the same machine is refused, not queued
+from .keystore_options import add_vault_arguments, read_vault_token, secret_ref
+from .setup import SetupOptions, VaultTarget
 
 
 def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,22 +46,20 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace, stdin: BinaryIO) -> SetupOptions:
+    """Reads the passphrase (--passphrase-stdin) and the token here, before setup takes its lock."""
     token_source = args.wrapping_token_file or args.token_file
     if args.passphrase_stdin and token_source == "-":
         raise UsageError("stdin cannot carry both the passphrase and the token: put the token in a file")
-    vault = None
-    if args.vault_url or args.secret_path:
-        if not (args.vault_url and args.secret_path):
-            raise UsageError("--vault-url and --secret-path go together")
-        vault = VaultTarget(args.vault_url, secret_ref(args), token_source, args.wrapping_token_file is not None or token_source is None,
-                            args.vault_ca_bundle, args.vault_timeout, args.vault_allow_http)
-    elif token_source:
+    if bool(args.vault_url) != bool(args.secret_path):
+        raise UsageError("--vault-url and --secret-path go together")
+    if token_source and not args.vault_url:
         raise UsageError("a token was given but no Vault location (--vault-url, --secret-path)")
-    passphrase = None
-    if args.passphrase_stdin:
-        from .cli import read_passphrase  # the one reader of piped passphrases (cli imports us: import late)
-
-        passphrase = read_passphrase(stdin, is_tty=False)
+    ref = secret_ref(args) if args.vault_url else None  # a bad path is refused before anything is read
+    passphrase = read_passphrase(stdin, is_tty=False) if args.passphrase_stdin else None
+    vault = None
+    if ref is not None:
+        vault = VaultTarget(args.vault_url, ref, args.token_file is None, args.vault_ca_bundle, args.vault_timeout, read_vault_token(args, stdin),
+                            args.vault_allow_http)
     return SetupOptions(
         device=args.device, cryptdev=args.cryptdev, mountpoint=args.mountpoint, filesystem=args.filesystem,
         cipher=args.cipher, key_size=args.key_size, hash=args.hash, pbkdf=args.pbkdf, iter_time=args.iter_time,
@@ -82,48 +69,16 @@ def options_from_args(args: argparse.Namespace, stdin: BinaryIO) -> SetupOptions
     )
 
 
-def print_text(report: SetupReport, out: TextIO) -> None:
-    if report.plan:
-        print("Plan (nothing was changed):", file=out)
-        for number, step in enumerate(report.plan, 1):
-            print(f"  {number}. {step}", file=out)
-        return
-    if report.error:
-        print(f"Setup of {report.device}: [ FAIL ] {report.error}", file=out)
-        return
-    what = "already set up, nothing to do" if not report.changed else f"encrypted (LUKS UUID {report.uuid}) and {report.volume_state}"
-    print(f"Setup of {report.device}: [ OK ] {what}", file=out)
-
-
-def run(options_factory, *, stdin: BinaryIO, json_output: bool, lock_file: Path = SETUP_LOCK, action: str = "setup") -> int:
-    """Build the options, run setup under the lock, report. Returns the exit code."""
-    started = time.monotonic()
-    report = SetupReport("unavailable", "?")
-    error_class = None
-    vault_path = None
-    try:
-        options: SetupOptions = options_factory()
-        report.device = options.device
-        vault_path = str(options.vault.ref) if options.vault else None
-        if os.geteuid() != 0:
-            raise LuksctlError(f"{action} must run as root")
-        progress = Progress(json_lines=json_output)
-        with exclusive_lock(lock_file, timeout=LOCK_WAIT, what=f"luksctl setup ({lock_file})"):
-            report = run_setup(options, stdin, progress)
-        exit_code = EXIT_OK
-    except LuksctlError as exc:
-        log.error("%s", exc.detail() if isinstance(exc, CommandFailed) else exc.message)
-        report.error, exit_code, error_class = exc.message, exc.exit_code, exc.__class__.__name__
-    except Exception as exc:  # answer in the same shape, and audit
-        log.error("unexpected error: %s", exc.__class__.__name__)
-        report.error, exit_code, error_class = f"internal error ({exc.__class__.__name__})", EXIT_COMMAND_FAILED, exc.__class__.__name__
-    if not (report.plan and exit_code == EXIT_OK):
-        audit.use_syslog()
-        audit.record(action=action, client=f"uid {os.environ.get('SUDO_UID', os.getuid())}", outcome="ok" if exit_code == EXIT_OK else "error",
-                     status=exit_code, duration_ms=(time.monotonic() - started) * 1000, error_class=error_class,
-                     volume=report.device, vault_path=vault_path)
+def print_result(result: dict, json_output: bool, out: TextIO) -> None:
+    """setup's answer: a last JSON line ("event": "result") or one line of text."""
     if json_output:
-        print(json.dumps({"event": "result", **{k: v for k, v in asdict(report).items() if v is not None}}), flush=True)
+        print(json.dumps({"event": "result", **{key: value for key, value in result.items() if value is not None}}), file=out, flush=True)
+    elif result["plan"]:
+        print("Plan (nothing was changed):", file=out)
+        for number, step in enumerate(result["plan"], 1):
+            print(f"  {number}. {step}", file=out)
+    elif result["error"]:
+        print(f"Setup of {result['device']}: [ FAIL ] {result['error']}", file=out)
     else:
-        print_text(report, sys.stdout)
-    return exit_code
+        what = "already set up, nothing to do" if not result["changed"] else f"encrypted (LUKS UUID {result['uuid']}) and {result['volume_state']}"
+        print(f"Setup of {result['device']}: [ OK ] {what}", file=out)
