@@ -22,6 +22,8 @@ $(VENV)/.stamp: pyproject.toml | deps
 	$(VENV)/bin/pip install -q -e '.[test,vm]'
 	touch $@
 
+# A skip, an xfail or an xpass fails this run too, unless ALLOWED_SKIPS in tests/conftest.py names
+# the test (tests/run_policy.py).
 test-host: $(VENV)/.stamp
 	$(VENV)/bin/pytest tests/unit tests/api tests/vault tests/contract $(PYTEST_ARGS)
 
