@@ -79,6 +79,10 @@ fi
 if [[ $role == frontend && ! -e /etc/luks/luks-cryptdev.ini ]]; then
     echo "    note: /etc/luks/luks-cryptdev.ini is missing; the encryption step (fast-luks) writes it"
 fi
+if [[ $role == worker ]]; then
+    # The front end's protection stops at the export: a set-uid file or a device node on it must not act here.
+    echo "    /etc/fstab: mount the front end's export nosuid,nodev, e.g. 10.0.0.1:/export /export nfs4 rw,nosuid,nodev,nofail,_netdev 0 0"
+fi
 
 step "TLS certificate /etc/luks/gunicorn-cert.pem"
 if [[ ! -e /etc/luks/gunicorn-cert.pem ]]; then
