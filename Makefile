@@ -22,6 +22,8 @@ $(VENV)/.stamp: pyproject.toml | deps
 	$(VENV)/bin/pip install -q -e '.[test,vm]'
 	touch $@
 
+# A skip, an xfail or an xpass fails this run too, unless ALLOWED_SKIPS in tests/conftest.py names
+# the test (tests/run_policy.py).
 test-host: $(VENV)/.stamp
 	$(VENV)/bin/pytest tests/unit tests/api tests/vault tests/contract $(PYTEST_ARGS)
 
@@ -52,11 +54,14 @@ bench: vm-prefix
 	scripts/bench_startup.sh $(VM_PREFIX)/venv/bin/luksctl
 
 # requirements.lock: pyproject.toml's runtime dependencies pinned with hashes, for Debian's python3
-# (what install.sh uses). pip-tools runs in a throwaway venv, so it is no dependency of the project.
+# (what install.sh uses); requirements-build.lock: its build backend, which install.sh builds luksctl
+# with. pip-tools runs in a throwaway venv, so it is no dependency of the project.
 lock:
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(PYTHON) -m venv "$$tmp" && \
 	"$$tmp/bin/pip" install -q pip-tools && \
-	"$$tmp/bin/pip-compile" --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml
+	"$$tmp/bin/pip-compile" --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml && \
+	"$$tmp/bin/pip-compile" --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --allow-unsafe \
+		--build-deps-for wheel --only-build-deps --output-file requirements-build.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) vm-out vm-out-systemd build src/*.egg-info

@@ -39,9 +39,11 @@ step() { printf '==> %s\n' "$*"; }
 step "venv $prefix/venv (from $python) with luksctl from $repo"
 install -d -m 0755 -o root -g root "$prefix"
 [[ -x $prefix/venv/bin/python ]] || "$python" -m venv "$prefix/venv"
-# The dependencies exactly as pinned, hashes checked (every node runs the same bytes); then luksctl alone.
-"$prefix/venv/bin/pip" install --quiet --require-hashes -r "$repo/requirements.lock"
-"$prefix/venv/bin/pip" install --quiet --upgrade --no-deps "$repo"
+# The dependencies and the build backend exactly as pinned, hashes checked (every node runs the
+# same bytes); then luksctl alone, built by that backend: without --no-build-isolation pip would
+# fetch an unpinned setuptools and run it here, as root.
+"$prefix/venv/bin/pip" install --quiet --require-hashes -r "$repo/requirements.lock" -r "$repo/requirements-build.lock"
+"$prefix/venv/bin/pip" install --quiet --upgrade --no-deps --no-build-isolation "$repo"
 install -m 0644 -o root -g root "$repo/deploy/gunicorn.conf.py" "$repo/README.md" "$prefix/"
 ln -sfn "$prefix/venv/bin/luksctl" /usr/local/sbin/luksctl
 # Deployments call fastluks by name, as they called pyluks' (on root's PATH, beside luksctl).
@@ -78,6 +80,10 @@ elif [[ ${#vault_urls[@]} -gt 0 ]]; then
 fi
 if [[ $role == frontend && ! -e /etc/luks/luks-cryptdev.ini ]]; then
     echo "    note: /etc/luks/luks-cryptdev.ini is missing; the encryption step (fast-luks) writes it"
+fi
+if [[ $role == worker ]]; then
+    # The front end's protection stops at the export: a set-uid file or a device node on it must not act here.
+    echo "    /etc/fstab: mount the front end's export nosuid,nodev, e.g. 10.0.0.1:/export /export nfs4 rw,nosuid,nodev,nofail,_netdev 0 0"
 fi
 
 step "TLS certificate /etc/luks/gunicorn-cert.pem"

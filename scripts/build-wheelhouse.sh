@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the wheelhouse the systemd boot installs luksctl from with deploy/install.sh (the guest
-# has no network): every pinned dependency of requirements.lock, hashes checked, plus the build
-# backend, because install.sh builds luksctl itself from the source tree. Made with PYTHON, the
-# guest's interpreter. Rebuilt only when the lock file, pyproject.toml or PYTHON changes, so
-# edits to the source cost nothing here.
+# has no network): every pinned dependency of requirements.lock and the build backend pinned in
+# requirements-build.lock (install.sh builds luksctl itself from the source tree, with that
+# backend), hashes checked. Made with PYTHON, the guest's interpreter. Rebuilt only when a lock
+# file, pyproject.toml or PYTHON changes, so edits to the source cost nothing here.
 # usage: scripts/build-wheelhouse.sh WHEELHOUSE PYTHON
 set -euo pipefail
 usage="usage: $0 WHEELHOUSE PYTHON"
@@ -12,7 +12,7 @@ python=${2:?$usage}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 stamp=$wheels/.stamp
 
-want=$( { cat "$repo/requirements.lock" "$repo/pyproject.toml"; echo "$python"; } | sha256sum | cut -d' ' -f1)
+want=$( { cat "$repo/requirements.lock" "$repo/requirements-build.lock" "$repo/pyproject.toml"; echo "$python"; } | sha256sum | cut -d' ' -f1)
 [[ "$(cat "$stamp" 2>/dev/null)" == "$want" ]] && exit 0
 echo "build-wheelhouse: building $wheels"
 rm -rf "$wheels"
@@ -20,7 +20,6 @@ mkdir -p "$wheels"
 venv=$(mktemp -d /tmp/wheelhouse-venv.XXXXXX)
 trap 'rm -rf "$venv"' EXIT
 "$python" -m venv "$venv"
-"$venv/bin/pip" download --quiet --require-hashes -r "$repo/requirements.lock" -d "$wheels"
-"$venv/bin/pip" download --quiet 'setuptools>=77' -d "$wheels"
+"$venv/bin/pip" download --quiet --require-hashes -r "$repo/requirements.lock" -r "$repo/requirements-build.lock" -d "$wheels"
 chmod -R go+rX "$wheels"
 echo "$want" >"$stamp"

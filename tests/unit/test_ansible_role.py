@@ -66,3 +66,31 @@ def test_the_package_step_names_debian_packages_this_host_has(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^localhost\s*:\s*ok=\d+\s+changed=0\s+unreachable=0\s+failed=0", result.stdout, re.M), result.stdout
     assert result.stdout.count("TASK [luksctl : Install the packages this node needs]") == 2, result.stdout
+
+
+def test_workers_fstab_lines_mount_the_export_nosuid_nodev_whatever_the_options(tmp_path):
+    """The role's fstab task, run for real on a copy of an fstab: the default options, options that
+    ask for suid and dev, and a line written before (replaced, not doubled)."""
+    task, = [task for task in yaml.safe_load((ROLE / "tasks" / "cluster.yml").read_text())
+             if task["name"].startswith("Mount the front end's export at boot")]
+    fstab = tmp_path / "fstab"
+    fstab.write_text("/dev/vda1 / ext4 defaults 0 1\nfe:/export /export nfs4 rw,nofail,_netdev 0 0\n")
+    task["ansible.builtin.lineinfile"]["path"] = str(fstab)
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    mounts = [{"src": "fe:/export", "path": "/export"}, {"src": "fe:/home", "path": "/home", "opts": "rw,suid,dev,soft"}]
+    playbook = tmp_path / "fstab.yml"
+    playbook.write_text(yaml.safe_dump([{"name": "fstab", "hosts": "localhost", "gather_facts": False, "tasks": [task],
+                                         "vars": {"luksctl_node_role": "worker", "luksctl_nfs_mounts": mounts,
+                                                  "luksctl_nfs_mount_options": defaults["luksctl_nfs_mount_options"]}}]))
+    env = {**os.environ, "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"), "ANSIBLE_NOCOLOR": "1"}
+
+    result = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-c", "local", "-i", "localhost,",
+                             "-e", f"ansible_python_interpreter={sys.executable}", str(playbook)],
+                            capture_output=True, text=True, timeout=300, env=env)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert fstab.read_text().splitlines() == [
+        "/dev/vda1 / ext4 defaults 0 1",
+        "fe:/export /export nfs4 rw,nofail,_netdev,nosuid,nodev 0 0",
+        "fe:/home /home nfs4 rw,soft,nosuid,nodev 0 0",
+    ]

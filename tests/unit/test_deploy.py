@@ -209,3 +209,63 @@ def test_install_sh_hands_its_vault_urls_to_write_config():
     script = (DEPLOY / "install.sh").read_text()
 
     assert 'write-config --sample "$sample" ${vault_urls[@]+"${vault_urls[@]}"}' in script
+
+
+# --- install.sh runs no unpinned code as root (issue 21, item 6) -----------------------------
+
+def pip_calls(script: str) -> list[list[str]]:
+    """The argv of every pip command in a shell script (continuation lines joined, comments dropped)."""
+    calls = []
+    for line in script.replace("\\\n", " ").splitlines():
+        argv = shlex.split(line, comments=True)
+        calls += [argv[index:] for index, word in enumerate(argv) if word == "pip" or word.endswith("/pip")]
+    return calls
+
+
+def unpinned_pip_calls(script: str) -> list[str]:
+    """pip calls that could fetch or run code no lock file pins: each must check hashes, or build
+    with the backend already installed (from requirements-build.lock, hashes checked) and take
+    no dependencies, or install only wheel files."""
+    problems, backend_pinned = [], False
+    for argv in pip_calls(script):
+        targets = [word for word in argv[2:] if not word.startswith("-")]
+        if "--require-hashes" in argv:
+            backend_pinned |= any(word.endswith("/requirements-build.lock") for word in argv)
+        elif {"--no-build-isolation", "--no-deps"} <= set(argv) and backend_pinned:
+            continue
+        elif not (targets and all(word.endswith(".whl") for word in targets) and "--no-deps" in argv):
+            problems.append(shlex.join(argv))
+    return problems
+
+
+def test_install_sh_installs_only_hash_pinned_code_and_builds_luksctl_with_the_pinned_backend():
+    script = (DEPLOY / "install.sh").read_text()
+
+    assert unpinned_pip_calls(script) == []
+    assert [argv[1:] for argv in pip_calls(script)] == [
+        ["install", "--quiet", "--require-hashes", "-r", "$repo/requirements.lock", "-r", "$repo/requirements-build.lock"],
+        ["install", "--quiet", "--upgrade", "--no-deps", "--no-build-isolation", "$repo"],
+    ]
+
+
+@pytest.mark.parametrize("line", [
+    '"$prefix/venv/bin/pip" install --quiet --upgrade --no-deps "$repo"',  # builds with an unpinned setuptools
+    '"$prefix/venv/bin/pip" install --no-build-isolation --no-deps "$repo"',  # no pinned backend installed first
+    '"$prefix/venv/bin/pip" install -r "$repo/requirements.lock"',  # no hashes checked
+    '"$prefix/venv/bin/python" -m pip install \\\n    "$repo/dist/luksctl-1.0.0-py3-none-any.whl"',  # its dependencies unpinned
+])
+def test_an_unpinned_pip_call_is_found(line):
+    assert unpinned_pip_calls(line) == [shlex.join(pip_calls(line)[0])]
+
+
+def test_the_vm_wheelhouse_downloads_every_lock_install_sh_installs():
+    """The systemd VM boot runs install.sh offline from scripts/build-wheelhouse.sh's wheelhouse."""
+    def locks(path: Path, command: str) -> set[str]:
+        return {argv[index + 1].rsplit("/", 1)[-1] for argv in pip_calls(path.read_text()) if argv[1] == command
+                for index, word in enumerate(argv) if word == "-r"}
+
+    installed = locks(DEPLOY / "install.sh", "install")
+    downloaded = locks(DEPLOY.parent / "scripts" / "build-wheelhouse.sh", "download")
+
+    assert installed == {"requirements.lock", "requirements-build.lock"}
+    assert installed <= downloaded

@@ -52,7 +52,7 @@ LAB_BRIDGE = "luksbr0"
 LAB_DIR = Path("/srv/cluster-lab")
 NFS_MNT = Path("/srv/nfs-mnt")
 FSTAB = Path("/etc/fstab")
-FSTAB_LINE = f"{FRONT_IP}:/ {NFS_MNT} nfs4 rw,nofail,soft,timeo=50 0 0"
+FSTAB_LINE = f"{FRONT_IP}:/ {NFS_MNT} nfs4 rw,nosuid,nodev,nofail,soft,timeo=50 0 0"  # README, Cluster deployment, step 3
 EXPORTS_FILE = Path("/etc/exports.d/luksctl-cluster-test.exports")
 EXPORT_LINE = f"{MOUNTPOINT} {SUBNET}.0/24(rw,no_root_squash,fsid=0,no_subtree_check)"
 FRONT_TOKEN = Path("/etc/luks/cluster-token")

@@ -409,7 +409,7 @@ def test_cluster_token_certificates_exports_and_mounts_then_the_dashboards_unloc
         assert path.read_text() == token
         assert (path.stat().st_uid, path.stat().st_mode & 0o777) == (0, 0o640)
         assert json.loads((worker.luks_dir / "config.json").read_text()) == {"NFS_MOUNTPOINT_LIST": [str(NFS_MNT)]}
-        assert f"{FRONT_IP}:/ {NFS_MNT} nfs4 rw,nofail,_netdev,soft,timeo=50 0 0" in worker.fstab.read_text().splitlines()
+        assert f"{FRONT_IP}:/ {NFS_MNT} nfs4 rw,nofail,_netdev,soft,timeo=50,nosuid,nodev 0 0" in worker.fstab.read_text().splitlines()
     assert f" {NFS_MNT} " not in FSTAB.read_text()  # the workers' fstab, not the front end's
 
     # The dashboard's unlock on the front end reaches both workers, verified by the bundle and
