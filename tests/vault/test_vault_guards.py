@@ -6,13 +6,16 @@ LUKS headers in image files) and setup's client; API side: POST /open and fetch_
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import os
 import shutil
 import ssl
 import subprocess
 import threading
 
 import pytest
+from support.waiting import wait_until
 
 from luksctl import vault
 from luksctl.api.certs import build_certificate
@@ -109,12 +112,36 @@ def test_the_system_bundle_is_a_file_named_explicitly():
 # --- one deadline for the whole exchange -----------------------------------------------------------
 
 
+def lock_is_free(path) -> bool:
+    """Whether an open could take the volume lock now. flock(2) locks belong to the open file
+    description, so a probe in this process conflicts with a holder in it too."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("command", [["rotate"], ["decommission", "--yes"]])
 def test_root_commands_cut_a_trickling_vault_at_vault_timeout(lab, capsys, trickler, command):
+    """...and hold the volume lock for none of that time: the unwrap comes before the lock."""
+    lock_seen_free = []
+
+    def probe_the_lock_while_vault_trickles():
+        wait_until(lambda: trickler.seen, 10, "the trickling Vault to be asked", interval=0.02)
+        lock_seen_free.append(lock_is_free(lab.paths.lock_file))
+
+    prober = threading.Thread(target=probe_the_lock_while_vault_trickles, daemon=True)
+    prober.start()
     (code, answer), elapsed = run_in_lab(lab, capsys, [*command, *vault_args(trickler.url, "--vault-allow-http", "--vault-timeout", "1")])
+    prober.join(10)
 
     assert code == EXIT_VAULT_UNREACHABLE and "did not answer within 1 s" in answer["error"], answer
     assert elapsed < 1 + 1, elapsed
+    assert lock_seen_free == [True]
 
 
 def test_setups_client_cuts_a_trickling_vault_at_vault_timeout(trickler, tmp_path):
