@@ -449,8 +449,8 @@ def test_decommission_leaves_nothing_that_opens_the_volume(luks_volume, vault, d
                input=volume.passphrase, check=False).returncode == 0  # the backup opened it until now
 
     kill_at_cryptsetup(["header", "backup"], "luksHeaderBackup", "after")  # issue 24: its scratch copy outlived decommission
-    left = [str(path) for path in scratch_copies()]
-    assert left, "the killed header backup left no scratch copy to test with"
+    left = [str(path) for path in scratch_copies() if (path / "header").is_file()]
+    assert left, f"the killed header backup left no header copy to test with: {scratch_copies()}"
 
     code, answer, stderr = luksctl("decommission", "--yes", *vault_args(vault, secret_path, DELETE_ONLY))
 
