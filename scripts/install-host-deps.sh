@@ -5,6 +5,7 @@ packages=(
     python3 python3-venv            # the venvs are built from Debian's interpreter (see README, Testing)
     cryptsetup-bin e2fsprogs util-linux sudo kmod iproute2
     nfs-kernel-server nfs-common rpcbind
+    strace                          # VM tests: rotate SIGKILLed on entry to each of its file operations
     qemu-system-x86 linux-image-amd64 busybox-static
     wrk                             # make bench: HTTP load from inside the VM
     hyperfine                       # make bench: the root CLI's start-up against a bare interpreter, natively

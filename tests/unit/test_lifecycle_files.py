@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -393,7 +394,13 @@ def killed_runs_scratch(lab) -> list:
     older.mkdir(mode=0o700)
     subprocess.run(["cryptsetup", "luksHeaderBackup", str(lab.image), "--header-backup-file", str(older / "header")], check=True)
     assert (killed / "header").is_file()
-    return [killed, older]
+    # A run killed just before renaming the new backup (or its checksum) into place leaves its
+    # temporary, named as durable.write_atomically names them: a whole header copy.
+    backup_temporary = lab.backup.with_name(f".{lab.backup.name}.0123abcd.tmp")
+    shutil.copyfile(older / "header", backup_temporary)
+    checksum_temporary = lab.backup.with_name(f".{lab.backup.name}.sha256.89abcdef.tmp")
+    checksum_temporary.write_text("0" * 64 + f"  {lab.backup.name}\n")
+    return [killed, older, backup_temporary, checksum_temporary]
 
 
 def test_header_copies_a_killed_run_left_are_listed_by_report_and_removed_by_the_next_backup(lab, capsys):

@@ -106,6 +106,12 @@ class Volume:
     def by_uuid(self) -> Path:
         return Path("/dev/disk/by-uuid") / self.uuid
 
+    def link_by_uuid(self) -> None:
+        """No udev in the guest: make the link it would make for this header."""
+        self.by_uuid.parent.mkdir(parents=True, exist_ok=True)
+        self.by_uuid.unlink(missing_ok=True)
+        self.by_uuid.symlink_to(Path("../..") / Path(self.loop).name)
+
     def write_ini(self) -> None:
         """Describes this volume in /etc/luks/luks-cryptdev.ini, as fast-luks does."""
         VOLUME_INI.write_text(
@@ -154,10 +160,7 @@ class VolumeFactory:
         run(CRYPTSETUP, "open", "--key-file=-", loop, volume.cryptdev, input=secret)
         run("mkfs.ext4", "-q", volume.mapper)
         run(CRYPTSETUP, "close", volume.cryptdev)
-        # No udev in the guest: make the link it would make.
-        volume.by_uuid.parent.mkdir(parents=True, exist_ok=True)
-        volume.by_uuid.unlink(missing_ok=True)
-        volume.by_uuid.symlink_to(Path("../..") / Path(loop).name)
+        volume.link_by_uuid()
         HEADER_BACKUP.unlink(missing_ok=True)  # cryptsetup refuses to overwrite a backup
         run(CRYPTSETUP, "luksHeaderBackup", loop, "--header-backup-file", str(HEADER_BACKUP))
         volume.write_ini()

@@ -39,7 +39,7 @@ def decommission(vol: VolumeConfig, ini: Path, keystore: VaultClient | None, ref
         done.steps.append("erased every keyslot")
     done.removed_files += pending.remove_all(ini.parent)
     backup = backup_path(vol.header_path)
-    done.removed_files.extend(str(path) for path in remove_stale_copies(backup.parent))  # header copies of killed runs
+    done.removed_files.extend(str(path) for path in remove_stale_copies(backup))  # header copies of killed runs
     for target in (backup, checksum_path(backup), ini):
         for path in (target, *leftover_temporaries(target)):  # a temporary may be a killed write's copy of the file
             if path.exists():

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import VolumeConfig
-from ..durable import write_atomically
+from ..durable import leftover_temporaries, write_atomically
 from ..errors import CommandFailed, DeviceNotFound, Refused
 from . import blockdev, cryptsetup
 
@@ -50,24 +50,29 @@ def recorded_checksum(backup: Path) -> str | None:
         return None
 
 
-def stale_copies(directory: Path) -> list[Path]:
-    """Scratch directories of runs that are gone (a SIGKILL skips every `finally`): their header
-    copies open the volume with the keys of their day. A live run's own is left alone."""
+def stale_copies(backup: Path) -> list[Path]:
+    """Header copies a killed run left beside `backup` (a SIGKILL skips every `finally`): scratch
+    directories of runs that are gone, and temporaries of the backup and its checksum whose rename
+    never came. They open the volume with the keys of their day. A live run's own is left alone."""
     try:
-        candidates = [path for path in directory.iterdir() if path.name.startswith(SCRATCH_PREFIX) and path.is_dir()]
+        candidates = [path for path in backup.parent.iterdir() if path.name.startswith(SCRATCH_PREFIX) and path.is_dir()]
     except OSError:
-        return []
-    return sorted(path for path in candidates if not _alive(path.name[len(SCRATCH_PREFIX):].split("-")[0]))
+        candidates = []
+    scratch = [path for path in candidates if not _alive(path.name[len(SCRATCH_PREFIX):].split("-")[0])]
+    return sorted([*scratch, *leftover_temporaries(backup), *leftover_temporaries(checksum_path(backup))])
 
 
 def _alive(pid: str) -> bool:
     return pid.isdigit() and Path(f"/proc/{pid}").exists()
 
 
-def remove_stale_copies(directory: Path) -> list[Path]:
-    stale = stale_copies(directory)
+def remove_stale_copies(backup: Path) -> list[Path]:
+    stale = stale_copies(backup)
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale
 
 
@@ -78,7 +83,7 @@ def _private_dir(near: Path) -> Iterator[Path]:
     Its name carries our pid, so that the next run removes it if a kill leaves it behind.
     """
     near.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    remove_stale_copies(near.parent)
+    remove_stale_copies(near)
     path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=near.parent))
     try:
         yield path

@@ -57,7 +57,7 @@ def build_report(volume: VolumeConfig, passphrase: bytes | None, state_dir: Path
         "pending": pending_operations(state_dir),
     }
     backup = header.backup_path(volume.header_path)
-    report["stale_header_copies"] = [str(path) for path in header.stale_copies(backup.parent)]  # before check_backup removes them
+    report["stale_header_copies"] = [str(path) for path in header.stale_copies(backup)]  # before check_backup removes them
     if not report["device_present"]:
         report["header_backup"] = {"path": str(backup), "exists": backup.is_file()}
         return report
