@@ -563,8 +563,11 @@ def kill_at(monkeypatch, point: int | None) -> list[str]:
 
 
 def fresh_lab(tmp_path, name: str, patch) -> Lab:
+    """A volume as setup leaves it: its header backup opens with the passphrase Vault holds."""
     (tmp_path / name).mkdir()
-    return Lab(tmp_path / name, patch)
+    lab = Lab(tmp_path / name, patch)
+    header.write_backup(str(lab.image), lab.backup)
+    return lab
 
 
 def rotate_lab(lab, vault: MemoryVault):
@@ -572,7 +575,9 @@ def rotate_lab(lab, vault: MemoryVault):
 
 
 def assert_rotated(lab, vault: MemoryVault) -> None:
+    """The device and its header backup open with Vault's passphrase, and neither with the old one."""
     assert opens(lab.image, vault.value.encode()) and not opens(lab.image, PASSPHRASE)
+    assert opens(lab.backup, vault.value.encode()) and not opens(lab.backup, PASSPHRASE)
     assert sorted(p.name for p in lab.dir.iterdir() if p.is_file()) == ["disk.img", "luks-cryptdev.ini", "luks-header.bck", "luks-header.bck.sha256"]
 
 
@@ -600,6 +605,7 @@ def test_rotate_killed_at_each_of_its_pending_file_operations_finishes_on_a_reru
 def test_rotate_finishes_a_rotation_an_older_version_left_in_two_files(lab, old_form):
     """Killed between its two writes, the old form left the passphrase alone: exit 7 until a person came."""
     vault = MemoryVault(PASSPHRASE)
+    header.write_backup(str(lab.image), lab.backup)  # setup's, which opens with the old passphrase
     new = b"NewPassphraseSavedByAnOlderVersion0123456789"
     (lab.dir / "rotate-pending-passphrase").write_bytes(new)
     (lab.dir / "rotate-pending-passphrase").chmod(0o600)
