@@ -644,3 +644,17 @@ def test_report_lists_and_decommission_removes_a_killed_writes_temporary(lab, ca
 
     assert str(leftover) in done.removed_files and not leftover.exists()
     assert not (lab.dir / ".luks-header.bck.0123abcd.tmp").exists()
+
+
+def test_rotate_from_the_recovery_key_is_refused_and_changes_nothing(lab, capsys):
+    """Rotating away from the slot Vault's passphrase opens would kill the recovery key's slot."""
+    _, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+    recovery_key = answer["recovery_key"].encode()
+    before = hashlib.sha256(lab.image.read_bytes()).hexdigest()
+    vault = MemoryVault(recovery_key)  # someone stored the recovery key in Vault
+
+    with pytest.raises(Refused, match="recovery key"):
+        rotate_lab(lab, vault)
+
+    assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
+    assert vault.value.encode() == recovery_key and not (lab.dir / "rotate-pending.json").exists()
