@@ -658,3 +658,16 @@ def test_rotate_from_the_recovery_key_is_refused_and_changes_nothing(lab, capsys
 
     assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
     assert vault.value.encode() == recovery_key and not (lab.dir / "rotate-pending.json").exists()
+
+
+def test_decommission_removes_every_pending_passphrase_of_setup_and_rotate(lab):
+    """They hold passphrases that open the volume but not its UUID: a search for the UUID misses them."""
+    names = [*pending.FILES["setup"], *pending.FILES["rotate"]]
+    for name in names:
+        (lab.dir / name).write_bytes(b"a passphrase that opens it")
+        (lab.dir / name).chmod(0o600)
+
+    done = decommission(load_volume_config(lab.ini, root_owned=False), lab.ini, None, None)
+
+    assert sorted(name for name in names if (lab.dir / name).exists()) == []
+    assert {str(lab.dir / name) for name in names} <= set(done.removed_files)
