@@ -434,6 +434,18 @@ def test_kill_during_luks_format_formats_again(tmp_path, disk, vault):
     assert len(disk.argv_of("cryptsetup", "luksFormat")) == 1 and disk.key == vault.secrets[str(REF)].encode()
 
 
+def test_kill_during_luks_format_of_a_device_with_an_old_luks_header_formats_again(tmp_path, disk, vault):
+    """The old header is LUKS but not ours: only the pending passphrase opening it says luksFormat finished."""
+    disk.key, disk.signature = b"the previous owner's passphrase", "crypto_LUKS"
+    disk.kill_at = ("cryptsetup", "luksFormat")
+    with pytest.raises(Killed):
+        run(make_options(tmp_path, force=True))
+
+    run(make_options(tmp_path, token=None, force=True))
+
+    assert len(disk.argv_of("cryptsetup", "luksFormat")) == 1 and disk.key == vault.secrets[str(REF)].encode()
+
+
 def test_kill_right_after_the_header_backup_keeps_it_and_records_its_checksum(tmp_path, disk, vault, monkeypatch):
     real_record = journal.Journal.record
 
