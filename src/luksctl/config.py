@@ -308,7 +308,7 @@ class VolumeConfig(Settings):
     cipher_algorithm = Setting(None, optional(string))
     hash_algorithm = Setting(None, optional(string))
     keysize = Setting(None, optional(string))
-    header_path = Setting(None, optional(string))
+    header_path = Setting(None, optional(absolute_path))  # root restores a header from it: never relative to a cwd
 
     def conflicts(self) -> list[tuple[str, str]]:
         if self.mapper and self.mapper != self.mapper_path:
