@@ -27,7 +27,8 @@ def served(tmp_path_factory):
     """The front end under gunicorn with the shipped config, plain HTTP on 127.0.0.1."""
     directory = tmp_path_factory.mktemp("gunicorn")
     config = directory / "config.json"
-    config.write_text(json.dumps({"ALLOW_PLAIN_HTTP": True, "LOCK_FILE": str(directory / "open.lock")}))
+    config.write_text(json.dumps({"ALLOW_PLAIN_HTTP": True, "LOCK_FILE": str(directory / "open.lock"),
+                                  "CRYPTDEV_INI": str(directory / "luks-cryptdev.ini")}))  # none: status answers "unavailable"
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", str(DEPLOY / "gunicorn.conf.py"), "--workers", "1",
@@ -35,7 +36,7 @@ def served(tmp_path_factory):
         env={**os.environ, "LUKSCTL_API_CONFIG": str(config)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        wait_until(lambda: server.poll() is None and _accepts(port), 10, "gunicorn", interval=0.1)
+        wait_until(lambda: server.poll() is None and _accepts(port), 30, "gunicorn", interval=0.1)  # ~1 s; more on a loaded host
         yield port
     finally:
         server.terminate()
