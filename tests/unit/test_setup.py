@@ -461,6 +461,18 @@ def test_a_resumed_setup_refuses_another_disk_attached_under_the_same_name(tmp_p
     assert disk.argv_of("cryptsetup", "luksFormat") == [] and vault.secrets == {}
 
 
+def test_a_setup_resumed_after_its_format_refuses_another_disk_too(tmp_path, disk, vault):
+    disk.kill_at = ("cryptsetup", "luksHeaderBackup")
+    with pytest.raises(Killed):
+        run(make_options(tmp_path))
+    disk.identity["size"] = "4194304"
+    disk.calls.clear()
+
+    with pytest.raises(SetupConflict, match="not the disk the unfinished setup"):
+        run(make_options(tmp_path, token=None))
+    assert disk.calls == []
+
+
 def test_a_resumed_setup_refuses_a_device_no_longer_blank(tmp_path, disk, vault):
     """The journal skipped the blank check on resume: a device written to since was formatted."""
     vault.down = True
