@@ -18,6 +18,8 @@ from luksctl.root.cli import Paths, main
 LUKS_LAB_PASSPHRASE = b"stored \\ passphrase \xc3\xbc 'quoted' $HOME"
 LUKS_LAB_FAST = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]  # tests only; production keeps argon2id
 LUKS_LAB_FAST_NEW_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]  # luksctl's options for new keyslots
+WRONG_PASSPHRASE = 2  # cryptsetup(8) exit code: "no key available with this passphrase"
+NO_KEYSLOT = b"No usable keyslot is available."  # exit 1: every keyslot killed or erased
 
 
 class Lab:
@@ -44,8 +46,18 @@ class Lab:
 
     @staticmethod
     def opens(image: Path, passphrase: bytes) -> bool:
-        return subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file=-", str(image)],
-                              input=passphrase, capture_output=True).returncode == 0
+        """Whether `passphrase` opens a keyslot of `image` (a device or a header backup).
+
+        Only cryptsetup's "no key available with this passphrase" (exit 2), or a header with no
+        keyslot left at all, means no: any other failure (a missing or damaged file, a bad option)
+        raises, so it never passes for a refusal.
+        """
+        result = subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file=-", str(image)],
+                                input=passphrase, capture_output=True)
+        no_keyslot = result.returncode == 1 and result.stderr.strip() == NO_KEYSLOT
+        if result.returncode not in (0, WRONG_PASSPHRASE) and not no_keyslot:
+            raise RuntimeError(f"cryptsetup could not test a passphrase on {image} (exit {result.returncode}): {result.stderr.decode()}")
+        return result.returncode == 0
 
     def run(self, capsys, *argv: str, stdin: bytes = b"") -> tuple[int, dict]:
         """`luksctl --json ARGV` with `stdin`; its exit code and its one JSON line."""

@@ -308,7 +308,7 @@ class VolumeConfig(Settings):
     cipher_algorithm = Setting(None, optional(string))
     hash_algorithm = Setting(None, optional(string))
     keysize = Setting(None, optional(string))
-    header_path = Setting(None, optional(string))
+    header_path = Setting(None, optional(absolute_path))  # root restores a header from it: never relative to a cwd
 
     def conflicts(self) -> list[tuple[str, str]]:
         if self.mapper and self.mapper != self.mapper_path:
@@ -408,6 +408,24 @@ def ensure_root_owned(path: Path) -> None:
                 f"{checked} must be owned by root and not writable by group or others "
                 f"(owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o})"
             )
+
+
+def require_private_directory(directory: Path, owner: int) -> None:
+    """The services' runtime directory (the open lock, failed-opens.sqlite, the fan-out results)
+    must be `owner`'s and writable by nobody else: a local user who can write there could plant a
+    fan-out result, or a sqlite file with triggers. One not made yet must be one only root can
+    make (systemd's RuntimeDirectory= under /run)."""
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        parent = os.lstat(directory.parent) if directory.parent.is_dir() else None
+        if parent is None or parent.st_uid != 0 or parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(f"{directory} does not exist and {directory.parent} is not a directory only root may write to; "
+                              "the services' runtime directory must be private to the service user") from None
+        return
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != owner or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{directory} must be a directory of the service user (uid {owner}), writable by nobody else "
+                          f"(it has uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}{'' if stat.S_ISDIR(info.st_mode) else ', not a directory'})")
 
 
 def _read_text(path: Path, *, root_owned: bool) -> str:

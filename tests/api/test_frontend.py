@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -356,12 +357,14 @@ def test_post_to_status_is_json_405(client):
 def test_concurrent_opens_reach_vault_and_the_bridge_once(app, bridge, fake_vault):
     bridge.delay = 0.5
     start = threading.Barrier(2)
-    responses = []
+    responses, sent, answered = [], [], []
 
     def post_open():
         client = app.test_client()
         start.wait()
+        sent.append(time.monotonic())
         responses.append(client.post(OPEN, json=payload()))
+        answered.append(time.monotonic())
 
     threads = [threading.Thread(target=post_open) for _ in range(2)]
     for thread in threads:
@@ -369,6 +372,7 @@ def test_concurrent_opens_reach_vault_and_the_bridge_once(app, bridge, fake_vaul
     for thread in threads:
         thread.join(timeout=30)
 
+    assert max(sent) < min(answered), "the requests ran one after the other: nothing here was concurrent"
     assert [answer(response, 200) for response in responses] == [{"volume_state": "mounted"}] * 2
     assert bridge.passphrases == [PASSPHRASE]
     assert len(fake_vault.calls) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -142,14 +143,19 @@ def test_concurrent_nfs_mounts_share_one_remount(client, nfs, bridge):
     """Any number of requests at once cost one `mount -a`; every one answers its outcome."""
     bridge.delay = 0.3
     start = threading.Barrier(8)
+    sent, answered = [], []
 
     def request(_):
         start.wait()
-        return post_nfs_mount(client)
+        sent.append(time.monotonic())
+        response = post_nfs_mount(client)
+        answered.append(time.monotonic())
+        return response
 
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(request, range(8)))
 
+    assert max(sent) < min(answered), "the requests ran one after the other: nothing here was concurrent"
     assert bridge.nfs_mounts == 1
     assert [answer(response, 200)["nfs_state"] for response in responses] == ["mounted"] * 8
 

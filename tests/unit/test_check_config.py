@@ -42,3 +42,43 @@ def test_a_bad_config_exits_3_naming_the_file_and_the_key(tmp_path, command, con
     assert result.stdout == ""
     assert result.stderr.startswith(f"{command}: {path}"), result.stderr
     assert key in result.stderr, result.stderr
+
+
+def lock_file_config(tmp_path: Path, lock_file: Path) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"LOCK_FILE": str(lock_file)}))
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o777, 0o1777], ids=oct)
+def test_a_lock_directory_others_may_write_to_exits_3(tmp_path, mode):
+    """It holds the rate limiter's sqlite file and the fan-out results: anyone who writes there forges them."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+
+    result = check_config("luksctl-api", lock_file_config(tmp_path, shared / "open.lock"))
+
+    assert result.returncode == 3 and f"{shared} must be a directory of the service user" in result.stderr, result.stderr
+
+
+def test_a_lock_directory_not_made_yet_must_be_one_only_root_can_make(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp: anyone could make the directory first
+
+    refused = check_config("luksctl-api", lock_file_config(tmp_path, shared / "runtime" / "open.lock"))
+    shared.chmod(0o755)  # as /run, where systemd makes RuntimeDirectory=
+    accepted = check_config("luksctl-api", lock_file_config(tmp_path, shared / "runtime" / "open.lock"))
+
+    assert refused.returncode == 3 and "is not a directory only root may write to" in refused.stderr, refused.stderr
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_a_private_lock_directory_passes(tmp_path):
+    private = tmp_path / "runtime"
+    private.mkdir(mode=0o750)
+
+    result = check_config("luksctl-api", lock_file_config(tmp_path, private / "open.lock"))
+
+    assert result.returncode == 0, result.stderr

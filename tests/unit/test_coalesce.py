@@ -6,7 +6,10 @@ import multiprocessing
 import os
 import time
 
-from luksctl.api.coalesce import CoalescedCall
+import pytest
+
+from luksctl.api.coalesce import CoalescedCall, Outcome
+from luksctl.errors import ConfigError
 
 
 def _call_in_a_process(directory, counter, start, results) -> None:
@@ -43,3 +46,23 @@ def test_a_call_made_before_a_fresh_request_arrived_does_not_count(tmp_path):
 
     assert shared.run(lambda: "again").value == "before"
     assert shared.run(lambda: "after the change", fresh=True).value == "after the change"
+
+
+def test_a_shared_directory_is_refused(tmp_path):
+    tmp_path.chmod(0o777)
+
+    with pytest.raises(ConfigError, match="writable by nobody else"):
+        CoalescedCall(tmp_path, "fanout", min_interval=0, wait=10)
+
+
+def test_no_symlink_planted_beside_the_result_is_followed(tmp_path):
+    """Neither one at the result (read) nor one at the name its temporary had (written through)."""
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    (tmp_path / "fanout.json").symlink_to(victim)
+    (tmp_path / f".fanout.json.{os.getpid()}").symlink_to(victim)  # the temporary's name was predictable
+
+    outcome = CoalescedCall(tmp_path, "fanout", min_interval=60, wait=10).run(lambda: {"fresh": True})
+
+    assert outcome == Outcome({"fresh": True}, shared=False)
+    assert victim.read_text() == "untouched" and not (tmp_path / "fanout.json").is_symlink()

@@ -77,6 +77,8 @@ def test_mountpoint_is_normalised(tmp_path):
         ("cryptdev", "name with space"),
         ("mountpoint", "export"),
         ("mountpoint", "/export/../etc"),
+        ("header_path", "luks-header.bck"),  # header restore would read it relative to wherever root ran it
+        ("header_path", "/etc/luks/../../tmp/luks-header.bck"),
         ("filesystem", "ext4 -o exec"),
     ],
 )

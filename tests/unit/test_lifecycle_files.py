@@ -113,7 +113,7 @@ def test_header_restore_without_yes_on_a_pipe_refuses(lab, capsys):
 def test_header_restore_refuses_a_backup_of_another_volume(lab, tmp_path, capsys):
     other = tmp_path / "other.img"
     luks_format(other, b"other volume")
-    subprocess.run(["cryptsetup", "luksHeaderBackup", str(other), "--header-backup-file", str(lab.backup)], check=True)
+    header.write_backup(str(other), lab.backup)  # with its checksum: only the uuid tells it apart
     before = hashlib.sha256(lab.image.read_bytes()).hexdigest()
 
     code, answer = lab.run(capsys, "header", "restore", "--yes")
@@ -130,6 +130,79 @@ def test_header_restore_refuses_a_backup_that_changed_since_it_was_written(lab, 
     code, answer = lab.run(capsys, "header", "restore", "--yes")
 
     assert code == EXIT_REFUSED and "damaged or was replaced" in answer["error"]
+
+
+def untrusted(lab, what: str) -> None:
+    """Make the backup, its checksum or their directory something root must not restore from."""
+    checksum = lab.dir / "luks-header.bck.sha256"
+    match what:
+        case "no checksum":
+            checksum.unlink()
+        case "an empty checksum":
+            checksum.write_text("")
+        case "backup group-writable":
+            lab.backup.chmod(0o620)
+        case "checksum other-writable":
+            checksum.chmod(0o602)
+        case "directory group-writable":
+            lab.dir.chmod(0o770)
+        case "backup not root's":
+            os.chown(lab.backup, 1000, 1000)
+        case "backup a symlink":
+            lab.backup.rename(lab.dir / "elsewhere.bck")
+            lab.backup.symlink_to(lab.dir / "elsewhere.bck")
+
+
+REFUSAL = {"no checksum": "luks-header.bck.sha256 does not exist", "an empty checksum": "records no checksum"}
+
+
+@pytest.mark.parametrize("what", ["no checksum", "an empty checksum", "backup group-writable", "checksum other-writable", "directory group-writable",
+                                  "backup not root's", "backup a symlink"])
+def test_header_restore_refuses_a_backup_anyone_but_root_could_have_written(lab, capsys, what):
+    lab.run(capsys, "header", "backup")
+    subprocess.run(["cryptsetup", "luksErase", "--batch-mode", str(lab.image)], check=True, capture_output=True)
+    before = hashlib.sha256(lab.image.read_bytes()).hexdigest()
+    untrusted(lab, what)
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    expected = REFUSAL.get(what, "owned by root and not writable by group or others")
+    assert code == EXIT_REFUSED and expected in answer["error"], answer
+    assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
+
+
+def test_header_restore_restores_the_private_copy_it_checked_not_the_file(lab, capsys, monkeypatch):
+    """A backup swapped between the last check and luksHeaderRestore is not what gets written."""
+    lab.run(capsys, "header", "backup")
+    subprocess.run(["cryptsetup", "luksErase", "--batch-mode", str(lab.image)], check=True, capture_output=True)
+    restore = cryptsetup.restore_header
+    restored_from = []
+
+    def swapped_just_before(device, backup):
+        lab.backup.write_bytes(bytes(lab.backup.stat().st_size))  # replaced by zeros at the last moment
+        restored_from.append(backup)
+        restore(device, backup)
+
+    monkeypatch.setattr(cryptsetup, "restore_header", swapped_just_before)
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_OK and opens(lab.image, PASSPHRASE)
+    (copy,) = restored_from
+    assert copy != lab.backup and copy.parent.name.startswith(header.SCRATCH_PREFIX) and not copy.exists()
+
+
+def test_header_restore_warns_when_the_backups_keyslots_differ_from_the_devices(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+    assert code == EXIT_OK and "warnings" not in answer  # the same keyslots
+
+    subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(PASSPHRASE)}", *FAST_NEW_SLOT, str(lab.image)],
+                   input=PASSPHRASE + b"added since the backup", check=True, capture_output=True)
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_OK
+    assert answer["warnings"] == [f"the keyslots of {lab.backup} differ from the device's: restoring it brings back every passphrase "
+                                  "its keyslots held (one rotated out since opens the volume again) and drops any added since"]
 
 
 def destroy_header(image) -> None:
@@ -570,8 +643,11 @@ def kill_at(monkeypatch, point: int | None) -> list[str]:
 
 
 def fresh_lab(tmp_path, name: str, patch) -> Lab:
+    """A volume as setup leaves it: its header backup opens with the passphrase Vault holds."""
     (tmp_path / name).mkdir()
-    return Lab(tmp_path / name, patch)
+    lab = Lab(tmp_path / name, patch)
+    header.write_backup(str(lab.image), lab.backup)
+    return lab
 
 
 def rotate_lab(lab, vault: MemoryVault):
@@ -579,7 +655,9 @@ def rotate_lab(lab, vault: MemoryVault):
 
 
 def assert_rotated(lab, vault: MemoryVault) -> None:
+    """The device and its header backup open with Vault's passphrase, and neither with the old one."""
     assert opens(lab.image, vault.value.encode()) and not opens(lab.image, PASSPHRASE)
+    assert opens(lab.backup, vault.value.encode()) and not opens(lab.backup, PASSPHRASE)
     assert sorted(p.name for p in lab.dir.iterdir() if p.is_file()) == ["disk.img", "luks-cryptdev.ini", "luks-header.bck", "luks-header.bck.sha256"]
 
 
@@ -607,6 +685,7 @@ def test_rotate_killed_at_each_of_its_pending_file_operations_finishes_on_a_reru
 def test_rotate_finishes_a_rotation_an_older_version_left_in_two_files(lab, old_form):
     """Killed between its two writes, the old form left the passphrase alone: exit 7 until a person came."""
     vault = MemoryVault(PASSPHRASE)
+    header.write_backup(str(lab.image), lab.backup)  # setup's, which opens with the old passphrase
     new = b"NewPassphraseSavedByAnOlderVersion0123456789"
     (lab.dir / "rotate-pending-passphrase").write_bytes(new)
     (lab.dir / "rotate-pending-passphrase").chmod(0o600)
@@ -645,3 +724,30 @@ def test_report_lists_and_decommission_removes_a_killed_writes_temporary(lab, ca
 
     assert str(leftover) in done.removed_files and not leftover.exists()
     assert not (lab.dir / ".luks-header.bck.0123abcd.tmp").exists()
+
+
+def test_rotate_from_the_recovery_key_is_refused_and_changes_nothing(lab, capsys):
+    """Rotating away from the slot Vault's passphrase opens would kill the recovery key's slot."""
+    _, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+    recovery_key = answer["recovery_key"].encode()
+    before = hashlib.sha256(lab.image.read_bytes()).hexdigest()
+    vault = MemoryVault(recovery_key)  # someone stored the recovery key in Vault
+
+    with pytest.raises(Refused, match="recovery key"):
+        rotate_lab(lab, vault)
+
+    assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
+    assert vault.value.encode() == recovery_key and not (lab.dir / "rotate-pending.json").exists()
+
+
+def test_decommission_removes_every_pending_passphrase_of_setup_and_rotate(lab):
+    """They hold passphrases that open the volume but not its UUID: a search for the UUID misses them."""
+    names = [*pending.FILES["setup"], *pending.FILES["rotate"]]
+    for name in names:
+        (lab.dir / name).write_bytes(b"a passphrase that opens it")
+        (lab.dir / name).chmod(0o600)
+
+    done = decommission(load_volume_config(lab.ini, root_owned=False), lab.ini, None, None)
+
+    assert sorted(name for name in names if (lab.dir / name).exists()) == []
+    assert {str(lab.dir / name) for name in names} <= set(done.removed_files)

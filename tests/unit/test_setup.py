@@ -51,6 +51,7 @@ class Disk:
     mapper_open: bool = False
     filesystem: bool = False
     mounted: bool = False
+    identity: dict = field(default_factory=lambda: {"dev": "254:16", "size": "2097152", "serial": "vol-0a1b2c"})
     calls: list[tuple[list[str], bytes | None]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     kill_at: tuple[str, ...] | None = None  # argv prefix whose start kills setup
@@ -169,6 +170,7 @@ def disk(monkeypatch, tmp_path) -> Disk:
     fake = Disk()
     monkeypatch.setattr(runner, "run", fake.run)
     monkeypatch.setattr(blockdev, "block_device", lambda path: blockdev.BlockDevice(path, "254:16"))
+    monkeypatch.setattr(blockdev, "identity", lambda device: dict(fake.identity))
     monkeypatch.setattr(blockdev, "users", lambda device, allowed_holder=None: [])
     monkeypatch.setattr(blockdev, "holders", lambda device: {"dm-0": "crypt"} if fake.mapper_open else {})
     monkeypatch.setattr(setup, "find_mapper_device", lambda name: "253:0" if fake.mapper_open else None)
@@ -220,7 +222,8 @@ def test_fresh_setup_runs_every_command_in_order_with_the_passphrase_only_on_std
     assert len(passphrase) == 64 and passphrase.isalnum()
     assert vault.secrets == {str(REF): passphrase.decode()}
     assert disk.events == [
-        "blkid -p", "vault write", "cryptsetup luksFormat", "cryptsetup open", "cryptsetup luksUUID",
+        "blkid -p", "vault write", "blkid -p",  # still blank after the Vault exchange
+        "cryptsetup luksFormat", "cryptsetup open", "cryptsetup luksUUID",
         "cryptsetup luksHeaderBackup", "cryptsetup open", "mkfs.ext4 /dev/mapper/crypt", "mount -o nosuid,nodev",
     ]
     assert disk.argv_of("cryptsetup", "luksFormat") == [[
@@ -232,7 +235,7 @@ def test_fresh_setup_runs_every_command_in_order_with_the_passphrase_only_on_std
         ["cryptsetup", "open", "--test-passphrase", "--verbose", "--key-file=-", DEVICE],
         ["cryptsetup", "open", DEVICE, "crypt", "--key-file=-"],
     ]
-    assert disk.argv_of("blkid") == [["blkid", "-p", "-o", "export", DEVICE]]
+    assert disk.argv_of("blkid") == [["blkid", "-p", "-o", "export", DEVICE]] * 2
     assert disk.argv_of("mkfs.ext4") == [["mkfs.ext4", MAPPER]]
     assert all(passphrase.decode() not in arg for argv, _ in disk.calls for arg in argv)
     assert (report.volume_state, report.uuid, report.changed, report.resumed) == ("mounted", UUID, True, False)
@@ -432,6 +435,68 @@ def test_kill_during_luks_format_formats_again(tmp_path, disk, vault):
     run(make_options(tmp_path, token=None))
 
     assert len(disk.argv_of("cryptsetup", "luksFormat")) == 1 and disk.key == vault.secrets[str(REF)].encode()
+
+
+def test_kill_during_luks_format_of_a_device_with_an_old_luks_header_formats_again(tmp_path, disk, vault):
+    """The old header is LUKS but not ours: only the pending passphrase opening it says luksFormat finished."""
+    disk.key, disk.signature = b"the previous owner's passphrase", "crypto_LUKS"
+    disk.kill_at = ("cryptsetup", "luksFormat")
+    with pytest.raises(Killed):
+        run(make_options(tmp_path, force=True))
+
+    run(make_options(tmp_path, token=None, force=True))
+
+    assert len(disk.argv_of("cryptsetup", "luksFormat")) == 1 and disk.key == vault.secrets[str(REF)].encode()
+
+
+def test_a_resumed_setup_refuses_another_disk_attached_under_the_same_name(tmp_path, disk, vault):
+    vault.down = True  # the first run stops at the Vault step; the journal records the disk
+    with pytest.raises(VaultUnreachable):
+        run(make_options(tmp_path))
+    vault.down = False
+    disk.identity["serial"] = "vol-ffffff"  # same path, same major:minor, same size: another disk
+
+    with pytest.raises(SetupConflict, match="not the disk the unfinished setup"):
+        run(make_options(tmp_path, token="wrapping-2"))
+    assert disk.argv_of("cryptsetup", "luksFormat") == [] and vault.secrets == {}
+
+
+def test_a_setup_resumed_after_its_format_refuses_another_disk_too(tmp_path, disk, vault):
+    disk.kill_at = ("cryptsetup", "luksHeaderBackup")
+    with pytest.raises(Killed):
+        run(make_options(tmp_path))
+    disk.identity["size"] = "4194304"
+    disk.calls.clear()
+
+    with pytest.raises(SetupConflict, match="not the disk the unfinished setup"):
+        run(make_options(tmp_path, token=None))
+    assert disk.calls == []
+
+
+def test_a_resumed_setup_refuses_a_device_no_longer_blank(tmp_path, disk, vault):
+    """The journal skipped the blank check on resume: a device written to since was formatted."""
+    vault.down = True
+    with pytest.raises(VaultUnreachable):
+        run(make_options(tmp_path))
+    vault.down = False
+    disk.signature = "ext4"
+
+    with pytest.raises(DeviceNotBlank):
+        run(make_options(tmp_path, token="wrapping-2"))
+    assert disk.argv_of("cryptsetup", "luksFormat") == []
+
+
+def test_a_device_written_to_during_the_vault_exchange_is_not_formatted(tmp_path, disk, vault, monkeypatch):
+    write = _Client.write
+
+    def someone_uses_the_device_meanwhile(client, ref, value, *, cas):
+        disk.signature = "xfs"
+        return write(client, ref, value, cas=cas)
+
+    monkeypatch.setattr(_Client, "write", someone_uses_the_device_meanwhile)
+    with pytest.raises(DeviceNotBlank):
+        run(make_options(tmp_path))
+    assert disk.argv_of("cryptsetup", "luksFormat") == []
 
 
 def test_kill_right_after_the_header_backup_keeps_it_and_records_its_checksum(tmp_path, disk, vault, monkeypatch):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from luks_lab import LUKS_LAB_PASSPHRASE, Lab
 from support import shim
 from support.proc import ProcSampler, descends_from, processes
 from support.waiting import wait_until
@@ -92,3 +93,16 @@ def test_wait_until_gives_up_at_its_bound():
     with pytest.raises(TimeoutError, match="nothing: not ready after 0.2 s"):
         wait_until(lambda: False, 0.2, "nothing", interval=0.05)
     assert time.monotonic() - started < 2
+
+
+def test_lab_opens_says_no_only_for_a_wrong_passphrase_and_raises_on_any_other_failure(lab):
+    assert Lab.opens(lab.image, LUKS_LAB_PASSPHRASE) is True
+    assert Lab.opens(lab.image, b"not the passphrase") is False
+    with pytest.raises(RuntimeError, match="exit"):
+        Lab.opens(lab.dir / "no-such-image", LUKS_LAB_PASSPHRASE)  # exit 4: not "does not open"
+
+
+def test_lab_opens_says_no_for_a_header_without_keyslots(lab):
+    subprocess.run(["cryptsetup", "luksErase", "--batch-mode", str(lab.image)], check=True, capture_output=True)
+
+    assert Lab.opens(lab.image, LUKS_LAB_PASSPHRASE) is False

@@ -431,8 +431,8 @@ def test_header_verify_after_a_rotation_and_restore_refuses_another_volume(luks_
     code, answer, _ = luksctl("header", "verify")
     assert code == 0 and answer["header_backup"]["matches"] is True
 
-    HEADER_BACKUP.write_bytes(other_backup.read_bytes())  # as an older tool left it: no checksum recorded
-    Path(f"{HEADER_BACKUP}.sha256").unlink()
+    HEADER_BACKUP.write_bytes(other_backup.read_bytes())  # root's, with its checksum: only the uuid tells it apart
+    Path(f"{HEADER_BACKUP}.sha256").write_text(f"{hashlib.sha256(other_backup.read_bytes()).hexdigest()}  {HEADER_BACKUP.name}\n")
     device_before = Path(volume.loop).read_bytes()[:16 << 20]
     code, answer, _ = luksctl("header", "restore", "--yes")
     assert code == 7 and "not of this volume" in answer["error"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pwd
 import sys
 from pathlib import Path
 
-from ..config import FrontendConfig, WorkerConfig, api_config_path, load_json_config
+from ..config import FrontendConfig, WorkerConfig, api_config_path, load_json_config, require_private_directory
 from ..errors import EXIT_CONFIG, EXIT_USAGE, LuksctlError
 from . import certs
 
@@ -37,6 +39,8 @@ def _main(argv: list[str] | None, prog: str, model: type, default_owner: str) ->
         path = api_config_path()
         try:
             config = load_json_config(model, path)
+            if model is FrontendConfig:
+                require_private_directory(Path(config.LOCK_FILE).parent, _uid_of(default_owner))
         except LuksctlError as exc:
             print(f"{prog}: {exc.message}", file=sys.stderr)
             return EXIT_CONFIG
@@ -55,6 +59,14 @@ def _main(argv: list[str] | None, prog: str, model: type, default_owner: str) ->
         return EXIT_CONFIG
     print(f"wrote {args.cert} and {args.key} (owner {args.owner}, mode 0600)")
     return 0
+
+
+def _uid_of(user: str) -> int:
+    """The service user's uid; where it does not exist (a check before install), whoever runs the check."""
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return os.geteuid()
 
 
 def _write_config(prog: str, sample: Path, vault_urls: list[str]) -> int:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import require_private_directory
+from ..durable import write_atomically
 from ..locking import exclusive_lock
 
 
@@ -29,6 +31,7 @@ class Outcome:
 
 class CoalescedCall:
     def __init__(self, directory: Path, name: str, *, min_interval: float, wait: float):
+        require_private_directory(directory, os.geteuid())  # whoever can write there can answer for every node
         self.lock_path = directory / f"{name}.lock"
         self.result_path = directory / f"{name}.json"
         self.name = name
@@ -60,14 +63,13 @@ class CoalescedCall:
 
     def _last(self) -> dict | None:
         try:
-            last = json.loads(self.result_path.read_text())
+            with open(os.open(self.result_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as stream:
+                last = json.loads(stream.read())
             float(last["started"]), float(last["finished"]), last["value"]
             return last
         except (OSError, ValueError, KeyError, TypeError):
             return None  # none yet, or unreadable: make a new call
 
     def _store(self, result: dict) -> None:
-        """Written aside, then renamed: a reader sees the old result or the new one, never half."""
-        temporary = self.result_path.with_name(f".{self.result_path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(result))
-        os.replace(temporary, self.result_path)
+        """Written aside (O_EXCL | O_NOFOLLOW, an unpredictable name), then renamed: a reader sees the old result or the new one."""
+        write_atomically(self.result_path, json.dumps(result).encode(), mode=0o600)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..config import require_private_directory
 from ..errors import ConfigError, LuksctlError, TooManyFailures
 
 
@@ -25,6 +28,8 @@ class FailedOpenLimiter:
         self.window = window
         if not limit:
             return
+        require_private_directory(path.parent, os.geteuid())
+        _create_private_file(path)
         try:
             with self._connect() as db:
                 db.execute("CREATE TABLE IF NOT EXISTS failures (client TEXT NOT NULL, at REAL NOT NULL)")
@@ -35,7 +40,7 @@ class FailedOpenLimiter:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction; waits for other workers' transactions."""
-        db = sqlite3.connect(self.path, timeout=10, isolation_level="IMMEDIATE")
+        db = sqlite3.connect(f"{self.path.as_uri()}?mode=rw", uri=True, timeout=10, isolation_level="IMMEDIATE")  # made by __init__
         try:
             with db:
                 yield db
@@ -80,3 +85,13 @@ class FailedOpenLimiter:
             self.forget(row)  # a crash is ours, not the caller's
             raise
         self.forget(row)
+
+
+def _create_private_file(path: Path) -> None:
+    """The database file, made by us (O_EXCL | O_NOFOLLOW, 0600) or already ours: sqlite opens it, never makes it."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise ConfigError(f"{path} is not a file of the service user; move it away") from None

@@ -46,6 +46,18 @@ def block_device(path: str) -> BlockDevice:
     return BlockDevice(path, f"{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}")
 
 
+def identity(device: BlockDevice) -> dict[str, str]:
+    """What tells this disk from another attached later under the same name and numbers: its
+    major:minor, size, and the serial and WWN the hardware reports, where it reports them.
+    (No partition-table UUID: luksFormat replaces the table, and the identity must outlive it.)"""
+    found = {"dev": device.dev, "size": _read(device.sysfs / "size")}  # in 512-byte sectors
+    for key, names in (("serial", ("serial", "device/serial")), ("wwn", ("wwid", "device/wwid"))):
+        value = next((value for name in names if (value := _read(device.sysfs / name))), "")
+        if value:
+            found[key] = value
+    return found
+
+
 def _partitions(device: BlockDevice) -> list[Path]:
     """sysfs directories of the device's partitions (each has a `partition` file)."""
     try:

@@ -175,24 +175,52 @@ def find_device(volume: VolumeConfig, given: str | None = None) -> str:
     return device
 
 
-def check_restorable(device: str, backup: Path, expected_uuid: str, cryptdev: str) -> cryptsetup.LuksHeader:
-    """Refuse a damaged backup, a backup of another volume, or a device that is another volume, in use
-    by anything but the volume's own mapper, smaller than the backup, or holding another signature."""
-    if not backup.is_file():
-        raise Refused(f"there is no header backup at {backup}")
+def _require_trusted(path: Path, *, directory: bool = False) -> None:
+    """`path` (not a symlink) must be root's and writable by nobody else: root restores what it says."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise Refused(f"{path} does not exist; nothing was written") from None
+    kind, what = (stat.S_ISDIR, "directory") if directory else (stat.S_ISREG, "regular file")
+    if not kind(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise Refused(f"{path} must be a {what} owned by root and not writable by group or others "
+                      f"(uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}); nothing was written")
+
+
+@contextmanager
+def verified_copy(backup: Path) -> Iterator[Path]:
+    """The backup, copied into a private scratch directory and checked against the checksum recorded
+    when it was written: what a restore reads, so the file cannot be swapped after it was checked."""
+    _require_trusted(backup.parent, directory=True)
+    for path in (backup, checksum_path(backup)):
+        _require_trusted(path)
     recorded = recorded_checksum(backup)
-    if recorded is not None and recorded != sha256_of(backup):
-        raise Refused(f"{backup} no longer matches the checksum recorded in {checksum_path(backup)}; it is damaged or was replaced")
-    saved = cryptsetup.read_header(backup)
+    if recorded is None:
+        raise Refused(f"{checksum_path(backup)} records no checksum: nothing says {backup} is the backup luksctl wrote; nothing was written")
+    with _private_dir(backup) as scratch:
+        copy = scratch / "header"
+        fd = os.open(backup, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as source, copy.open("xb") as target:
+            shutil.copyfileobj(source, target)
+        if sha256_of(copy) != recorded:
+            raise Refused(f"{backup} no longer matches the checksum recorded in {checksum_path(backup)}; it is damaged or was replaced")
+        yield copy
+
+
+def check_restorable(device: str, copy: Path, backup: Path, expected_uuid: str, cryptdev: str) -> list[str]:
+    """Refuse a backup of another volume, or a device that is another volume, in use by anything but
+    the volume's own mapper, smaller than the backup, or holding another signature. `copy` is
+    verified_copy's of `backup`. The warnings: a backup whose keyslots differ from the device's."""
+    saved = cryptsetup.read_header(copy)
     if saved.uuid.lower() != expected_uuid.lower():
         raise Refused(f"{backup} is the header of volume {saved.uuid}, not of this volume ({expected_uuid}); nothing was written")
     try:
-        on_device = cryptsetup.read_header(device).uuid
+        on_device = cryptsetup.read_header(device)
     except CommandFailed:
         on_device = None  # a damaged header is why one restores: the by-uuid link and the ini named it
-    if on_device is not None and on_device.lower() != saved.uuid.lower():
-        raise Refused(f"{device} holds volume {on_device}, not {saved.uuid}; nothing was written")
-    if _size(device) < backup.stat().st_size:
+    if on_device is not None and on_device.uuid.lower() != saved.uuid.lower():
+        raise Refused(f"{device} holds volume {on_device.uuid}, not {saved.uuid}; nothing was written")
+    if _size(device) < copy.stat().st_size:
         raise Refused(f"{device} is smaller than the header in {backup}: it is not that volume's device; nothing was written")
     if stat.S_ISBLK(os.stat(device).st_mode):  # an image file (tests, recovery on a copy) has no users and no partitions
         target = blockdev.block_device(device)
@@ -202,7 +230,10 @@ def check_restorable(device: str, backup: Path, expected_uuid: str, cryptdev: st
         other = [found for found in blockdev.signatures(target) if found != "signature crypto_LUKS"]
         if other:
             raise Refused(f"{device} holds {', '.join(other)}, not only a LUKS header; nothing was written")
-    return saved
+    if on_device is not None and on_device.keyslots != saved.keyslots:
+        return [f"the keyslots of {backup} differ from the device's: restoring it brings back every passphrase "
+                "its keyslots held (one rotated out since opens the volume again) and drops any added since"]
+    return []
 
 
 def _size(device: str) -> int:

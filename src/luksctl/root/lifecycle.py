@@ -140,12 +140,14 @@ def cmd_header_restore(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
     device = header.find_device(volume, args.device)
     backup = header.backup_path(volume.header_path)
-    header.check_restorable(device, backup, volume.uuid, volume.cryptdev)  # before asking: a refusal needs no answer
-    context.confirm(args, volume, f"This overwrites the LUKS header of {device} with {backup}")
-    with context.locked():
-        header.check_restorable(device, backup, volume.uuid, volume.cryptdev)  # again: the backup may have changed while we asked
-        cryptsetup.restore_header(device, backup)
-    return Outcome({"restored_from": str(backup)}, [f"Header restored:  from {backup}"], changed=True)
+    with header.verified_copy(backup) as copy:  # before asking: a refusal needs no answer
+        warnings = header.check_restorable(device, copy, backup, volume.uuid, volume.cryptdev)
+    context.confirm(args, volume, "; ".join([f"This overwrites the LUKS header of {device} with {backup}", *warnings]))
+    with context.locked(), header.verified_copy(backup) as copy:  # again: the backup may have changed while we asked
+        warnings = header.check_restorable(device, copy, backup, volume.uuid, volume.cryptdev)
+        cryptsetup.restore_header(device, copy)  # the copy checked, which nobody else can write
+    details = {"restored_from": str(backup), **({"warnings": warnings} if warnings else {})}
+    return Outcome(details, [f"Header restored:  from {backup}", *(f"WARNING:          {warning}" for warning in warnings)], changed=True)
 
 
 def cmd_recovery_add(args: argparse.Namespace, context: Context) -> Outcome:

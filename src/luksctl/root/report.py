@@ -24,10 +24,12 @@ JOURNAL_LINES = 2000  # how far back the last open is looked for
 def last_open() -> str | None:
     """Time of the last successful `luksctl open`, from the CLI's audit lines in the journal.
 
+    Only lines root wrote: any local user can log under the identifier luksctl (`logger -t
+    luksctl`), but journald itself records the sender's uid (_UID), which no sender can set.
     None when there is no journal (no journalctl) or no open in its last lines.
     """
     try:
-        argv = ["journalctl", "--no-pager", "--output=cat", "--reverse", f"--lines={JOURNAL_LINES}", "SYSLOG_IDENTIFIER=luksctl"]
+        argv = ["journalctl", "--no-pager", "--output=cat", "--reverse", f"--lines={JOURNAL_LINES}", "SYSLOG_IDENTIFIER=luksctl", "_UID=0"]
         result = runner.run(argv, timeout=30, check=False)
     except CommandFailed:  # journalctl is not installed
         return None

@@ -218,20 +218,47 @@ def check_device(options: SetupOptions, device: blockdev.BlockDevice, resuming: 
     status = volume_status(options.cryptdev, options.mountpoint)
     if not status.mounted and any(m.mountpoint == options.mountpoint for m in read_mounts()):
         raise SetupConflict(f"something else is mounted on {options.mountpoint}; setup never unmounts what it did not mount")
+    if resuming is None or not resuming.done(journal.FORMAT_STARTED):  # nothing of ours on it yet
+        require_blank(options, device)
     if resuming is None:
-        found = blockdev.signatures(device)
-        if found and not options.force:
-            raise DeviceNotBlank(
-                f"{options.device} is not blank ({', '.join(found)}); setup changed nothing. "
-                "If its content may be destroyed, run again with --force"
-            )
         for path, what in ((options.header_path, "header backup"), (options.ini_path, "volume description")):
             if path.exists():
                 raise SetupConflict(f"a {what} already exists at {path}; setup never overwrites it. Move it away first")
 
 
+def require_blank(options: SetupOptions, device: blockdev.BlockDevice) -> None:
+    found = blockdev.signatures(device)
+    if found and not options.force:
+        raise DeviceNotBlank(
+            f"{options.device} is not blank ({', '.join(found)}); setup changed nothing. "
+            "If its content may be destroyed, run again with --force"
+        )
+
+
+def check_before_format(options: SetupOptions, record: Journal) -> None:
+    """The path resolved again just before luksFormat (the Vault exchange, or a whole reboot, came
+    between): the same disk as recorded, in use by nothing, and blank unless our format started."""
+    device = blockdev.block_device(options.device)
+    _require_same_disk(options, record.state, device)
+    busy = blockdev.users(device)
+    if busy:
+        raise DeviceInUse(f"{options.device} is in use: {'; '.join(busy)}. It was not formatted")
+    if not record.done(journal.FORMAT_STARTED):
+        require_blank(options, device)
+
+
+def _require_same_disk(options: SetupOptions, state: dict, device: blockdev.BlockDevice) -> None:
+    recorded = state.get("identity")  # None: a journal of a version that recorded none
+    if recorded is not None and recorded != blockdev.identity(device):
+        raise SetupConflict(
+            f"{options.device} is not the disk the unfinished setup in {options.state_dir / journal.STATE_FILE} began on "
+            f"(it recorded {recorded}, this one is {blockdev.identity(device)}); attach that disk, or move the journal away"
+        )
+
+
 def check_resume(options: SetupOptions, state: dict, device: blockdev.BlockDevice, description: dict) -> None:
-    mismatched = [key for key, value in description.items() if state.get(key) != value]
+    _require_same_disk(options, state, device)
+    mismatched = [key for key, value in description.items() if key != "identity" and state.get(key) != value]
     if mismatched:
         raise SetupConflict(
             f"an unfinished setup is recorded in {options.state_dir / journal.STATE_FILE} with other settings "
@@ -246,6 +273,7 @@ def _describe(options: SetupOptions, device: blockdev.BlockDevice) -> dict:
     return {
         "device": options.device,
         "dev": device.dev,
+        "identity": blockdev.identity(device),
         "cryptdev": options.cryptdev,
         "vault": str(options.vault.ref) if options.vault else None,
     }
@@ -312,6 +340,7 @@ def _confirm_earlier_write(keystore: VaultClient, target: VaultTarget, passphras
 def format_device(options: SetupOptions, passphrase: bytes, record: Journal) -> str:
     """luksFormat (unless a kill came after it: then the journal's passphrase opens the device), verify, UUID."""
     if not (record.done(journal.FORMAT_STARTED) and cryptsetup.is_luks(options.device) and cryptsetup.opens(options.device, passphrase)):
+        check_before_format(options, record)
         record.record(journal.FORMAT_STARTED)
         cryptsetup.luks_format(options.device, passphrase, options.luks_format())
         if not cryptsetup.opens(options.device, passphrase):
