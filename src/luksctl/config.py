@@ -413,15 +413,11 @@ def ensure_root_owned(path: Path) -> None:
 def require_private_directory(directory: Path, owner: int) -> None:
     """The services' runtime directory (the open lock, failed-opens.sqlite, the fan-out results)
     must be `owner`'s and writable by nobody else: a local user who can write there could plant a
-    fan-out result, or a sqlite file with triggers. One not made yet must be one only root can
-    make (systemd's RuntimeDirectory= under /run)."""
+    fan-out result, or a sqlite file with triggers. One not made yet passes: systemd makes it at
+    start (RuntimeDirectory=, the unit's user and mode), and the services check it again then."""
     try:
         info = os.lstat(directory)
     except FileNotFoundError:
-        parent = os.lstat(directory.parent) if directory.parent.is_dir() else None
-        if parent is None or parent.st_uid != 0 or parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise ConfigError(f"{directory} does not exist and {directory.parent} is not a directory only root may write to; "
-                              "the services' runtime directory must be private to the service user") from None
         return
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != owner or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{directory} must be a directory of the service user (uid {owner}), writable by nobody else "
