@@ -80,6 +80,27 @@ def bao(tmp_path_factory) -> Iterator[Bao]:
         yield server
 
 
+# Policies only the tests use, beside the dashboard's three (support.policies), defined once.
+READ_WRITE = "luksctl-test-read-write"
+ROTATE = "luksctl-test-rotate"  # read + update: what rotation needs
+UPDATE_ONLY = "luksctl-test-update-only"
+DELETE = "luksctl-test-delete"
+TEST_POLICIES = {
+    READ_WRITE: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["create", "read", "update"] }}',
+    ROTATE: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["read", "update"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["read", "update"] }}',
+    UPDATE_ONLY: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["update"] }}',
+    DELETE: f'path "{KV2_ROOT}/metadata/*" {{ capabilities = ["delete"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["delete", "read"] }}',
+}
+
+
+@pytest.fixture(scope="session")
+def policies(bao) -> Bao:
+    """The shared server with the tests' own policies too."""
+    for name, rules in TEST_POLICIES.items():
+        bao.put_policy(name, rules)
+    return bao
+
+
 @pytest.fixture
 def own_bao(tmp_path) -> Iterator[Bao]:
     """A server of the test's own, for what would break the shared one (sealing it, say)."""

@@ -22,23 +22,10 @@ from luksctl.root.journal import VAULT_WRITTEN, Journal
 from luksctl.root.setup import VaultTarget, store_in_vault
 from luksctl.vault import SecretRef
 
-from .conftest import KV1_ROOT, KV2_ROOT, SECRET_KEY
+from .conftest import KV1_ROOT, KV2_ROOT, ROTATE, SECRET_KEY, UPDATE_ONLY
 
 OLD = LUKS_LAB_PASSPHRASE.decode()
-ROTATE = "luksctl-test-rotate"  # read + update: what rotation needs
-UPDATE_ONLY = "luksctl-test-update-only"
 EXIT_VAULT_DENIED = 4  # VaultDenied keeps the generic "command failed" code
-
-
-@pytest.fixture(scope="module")
-def policies(bao):
-    rules = {
-        ROTATE: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["read", "update"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["read", "update"] }}',
-        UPDATE_ONLY: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["update"] }}',
-    }
-    for name, rule in rules.items():
-        bao.put_policy(name, rule)
-    return bao
 
 
 def token_file(bao, tmp_path, policy: str, *, wrapped: bool = False, client_token: str | None = None) -> str:

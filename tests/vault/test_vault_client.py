@@ -18,23 +18,7 @@ from support.policies import READ_POLICY, WRITE_ONLY
 from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
 from luksctl.vault import SecretRef, VaultClient
 
-from .conftest import KV1_ROOT, KV2_ROOT, SECRET_KEY
-
-READ_WRITE = "luksctl-test-read-write"
-DELETE = "luksctl-test-delete"
-
-
-@pytest.fixture(scope="module")
-def policies(bao):
-    """Two policies only the tests use, beside the dashboard's (support.policies)."""
-    rules = {
-        READ_WRITE: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["create", "read", "update"] }}',
-        DELETE: f'path "{KV2_ROOT}/metadata/*" {{ capabilities = ["delete"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["delete", "read"] }}',
-    }
-    for name, rule in rules.items():
-        bao.put_policy(name, rule)
-    return bao
-
+from .conftest import DELETE, KV1_ROOT, KV2_ROOT, READ_WRITE, SECRET_KEY
 
 def dashboard_wrapping_token(bao, policy: str = WRITE_ONLY) -> str:
     """`POST /v1/auth/token/create` as the dashboard sends it at deployment time."""
