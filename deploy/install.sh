@@ -33,6 +33,10 @@ case "$role" in
 esac
 [[ $(id -u) == 0 ]] || { echo "$0: run as root" >&2; exit 1; }
 [[ -f $sample ]] || { echo "$0: no sample config $sample" >&2; exit 64; }
+# The proxy on port 5000 (README, Security: slow clients). Only its binary is used: a system
+# nginx.service, if any, keeps its own configuration and is neither needed nor touched.
+[[ -x /usr/sbin/nginx ]] || { echo "$0: nginx is missing: apt-get install nginx (or dnf install nginx)" >&2; exit 1; }
+proxy_user=luksctl_proxy
 
 step() { printf '==> %s\n' "$*"; }
 
@@ -53,6 +57,12 @@ step "system user $user"
 if ! id -u "$user" >/dev/null 2>&1; then
     useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$user"
 fi
+
+step "proxy user $proxy_user, in group $user (to reach the service's socket)"
+if ! id -u "$proxy_user" >/dev/null 2>&1; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$proxy_user"
+fi
+id -nG "$proxy_user" | tr " " "\n" | grep -qx "$user" || usermod --append --groups "$user" "$proxy_user"
 
 step "sudoers rule /etc/sudoers.d/$unit (luksctl only)"
 install -m 0440 -o root -g root "$repo/deploy/sudoers.d/$unit" "/etc/sudoers.d/.$unit.new"
@@ -88,7 +98,7 @@ fi
 
 step "TLS certificate /etc/luks/gunicorn-cert.pem"
 if [[ ! -e /etc/luks/gunicorn-cert.pem ]]; then
-    "$prefix/venv/bin/$unit" gen-cert --owner "$user"
+    "$prefix/venv/bin/$unit" gen-cert
 fi
 
 step "cluster token /etc/luks/cluster-token"
@@ -106,13 +116,15 @@ fi
 step "validate config"
 LUKSCTL_API_CONFIG=/etc/luks/config.json "$prefix/venv/bin/$unit" check-config
 
-step "systemd unit $unit.service"
-install -m 0644 -o root -g root "$repo/deploy/$unit.service" "/etc/systemd/system/$unit.service"
+step "systemd units $unit.service and luksctl-proxy@$unit.service"
+install -m 0644 -o root -g root "$repo/deploy/$unit.service" "$repo/deploy/luksctl-proxy@.service" /etc/systemd/system/
 if [[ -d /run/systemd/system ]]; then
     systemctl daemon-reload
-    systemctl enable "$unit.service"
+    systemctl enable "$unit.service" "luksctl-proxy@$unit.service"
+    # The proxy is PartOf= the service: this restarts both, and the proxy regenerates its configuration.
     systemctl restart "$unit.service"
-    systemctl --no-pager --lines=5 status "$unit.service" || true
+    systemctl start "luksctl-proxy@$unit.service"
+    systemctl --no-pager --lines=5 status "$unit.service" "luksctl-proxy@$unit.service" || true
 else
-    echo "    systemd is not running here: start it later with systemctl enable --now $unit"
+    echo "    systemd is not running here: start it later with systemctl enable --now $unit luksctl-proxy@$unit"
 fi

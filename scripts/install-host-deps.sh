@@ -7,6 +7,7 @@ packages=(
     nfs-kernel-server nfs-common rpcbind
     strace                          # VM tests: rotate SIGKILLed on entry to each of its file operations
     qemu-system-x86 linux-image-amd64 busybox-static
+    nginx                           # the proxy in front of gunicorn (deploy/luksctl-proxy@.service)
     wrk                             # make bench: HTTP load from inside the VM
     hyperfine                       # make bench: the root CLI's start-up against a bare interpreter, natively
 )

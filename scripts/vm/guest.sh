@@ -25,13 +25,21 @@ ln -sfn /opt/luksctl/venv/bin/luksctl /usr/local/sbin/luksctl
 # useradd writes /etc/passwd, then fails to rewrite /etc/shadow on the overlay and stops
 # before writing /etc/group (groupadd alone works). Without a shadow entry PAM rejects the
 # account, so sudo fails. So: group first, then the user, then the shadow entry by hand.
-for user in luksctl_api luksctl_api_wn; do
+for user in luksctl_api luksctl_api_wn luksctl_proxy; do
     getent group "$user" >/dev/null || groupadd --system "$user"
     id -u "$user" >/dev/null 2>&1 || useradd --system --gid "$user" --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin "$user" 2>/dev/null || true
     id -u "$user" >/dev/null
     grep -q "^$user:" /etc/shadow || echo "$user:*:20000:0:99999:7:::" >>/etc/shadow
 done
+# The proxies' nginx workers (luksctl_proxy) reach each service's socket through its group;
+# usermod would rewrite /etc/gshadow as useradd does /etc/shadow, so /etc/group is edited directly.
+for group in luksctl_api luksctl_api_wn; do
+    members=$(getent group "$group" | cut -d: -f4)
+    [[ ,$members, == *,luksctl_proxy,* ]] ||
+        sed -i "s/^$group:\([^:]*\):\([^:]*\):\(.*\)\$/$group:\1:\2:\3${members:+,}luksctl_proxy/" /etc/group
+done
+id -nG luksctl_proxy | grep -qw luksctl_api_wn
 
 # The rules exactly as shipped (the front end's and the worker's), not copies of them.
 shopt -s nullglob

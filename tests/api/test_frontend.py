@@ -268,6 +268,20 @@ def test_clients_outside_allowed_clients_get_json_403(tmp_path, ini, bridge, fak
     assert fake_vault.calls == []
 
 
+@pytest.mark.parametrize(("peer", "forwarded_for", "expected"), [
+    ("", "10.0.0.7", 200),  # a Unix socket (the proxy's): its X-Forwarded-For is the client
+    ("", "192.0.2.9", 403),
+    ("", None, 403),  # over the socket with no header: no client address, no entry
+    ("10.0.0.7", "192.0.2.9", 200),  # over TCP the peer is the client, whatever it claims
+    ("192.0.2.9", "10.0.0.7", 403),
+])
+def test_the_client_is_the_proxys_forwarded_for_only_over_a_unix_socket(tmp_path, ini, bridge, peer, forwarded_for, expected):
+    client = make_client(tmp_path, ini, bridge, ALLOWED_CLIENTS=["10.0.0.0/24"])
+    headers = {} if forwarded_for is None else {"X-Forwarded-For": forwarded_for}
+
+    answer(client.get(STATUS, headers=headers, environ_base={"REMOTE_ADDR": peer}), expected)
+
+
 def test_open_uses_the_configured_ca_bundle_for_vault(tmp_path, ini, bridge, fake_vault):
     config = FrontendConfig(CRYPTDEV_INI=str(ini), LOCK_FILE=str(tmp_path / "l"), VAULT_CA_BUNDLE="/etc/luks/vault-ca.pem", VAULT_TIMEOUT=3, ALLOW_ANY_VAULT_URL=True)
     client = create_frontend_app(config, bridge=bridge).test_client()

@@ -19,6 +19,7 @@ from luksctl.config import LUKSCTL_BINARY, FrontendConfig
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SUDOERS = {"luksctl-api": ("luksctl_api", {"open", "status"}), "luksctl-api-wn": ("luksctl_api_wn", {"nfs-mount"})}
 UNITS = {"luksctl-api.service": ("luksctl_api", "create_frontend_app()"), "luksctl-api-wn.service": ("luksctl_api_wn", "create_worker_app()")}
+PROXY_UNIT = "luksctl-proxy@.service"
 
 
 def visudo() -> str:
@@ -76,11 +77,13 @@ def test_bridge_argv_is_what_the_frontend_sudoers_grants():
 
 
 def unit_settings(name: str) -> dict[str, str]:
-    settings = {}
+    """Each key's value; a key given more than once (ExecStartPre=) keeps its values joined by newlines."""
+    settings: dict[str, str] = {}
     for line in (DEPLOY / name).read_text().splitlines():
         if "=" in line and not line.startswith(("#", ";", "[")):
             key, _, value = line.partition("=")
-            settings[key.strip()] = value.strip()
+            key = key.strip()
+            settings[key] = f"{settings[key]}\n{value.strip()}" if key in settings else value.strip()
     return settings
 
 
@@ -90,19 +93,41 @@ def option(argv: list[str], flag: str) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(UNITS))
-def test_unit_execstart_keeps_the_historic_gunicorn_flags(name):
+def test_unit_serves_gunicorn_on_a_unix_socket_in_its_runtime_directory(name):
     user, factory = UNITS[name]
     settings = unit_settings(name)
     argv = shlex.split(settings["ExecStart"])
 
     assert Path(argv[0]).name == "gunicorn" and argv[0].startswith("/")
     assert option(argv, "--workers") == "2"
-    assert option(argv, "--bind") == "0.0.0.0:5000"
-    assert option(argv, "-m") == "007"
-    assert option(argv, "--certfile").startswith("/etc/luks/")
-    assert option(argv, "--keyfile").startswith("/etc/luks/")
+    assert option(argv, "--bind") == f"unix:/run/{settings['RuntimeDirectory']}/gunicorn.sock"
+    # 0770 socket in a 0750 directory: the service's group (the proxy's workers) and no one else.
+    assert option(argv, "-m") == "007" and settings["RuntimeDirectoryMode"] == "0750"
+    assert "--certfile" not in argv and "--keyfile" not in argv  # TLS is the proxy's
     assert argv[-1] == f"luksctl.api:{factory}"
     assert settings["User"] == user
+    assert "luksctl-proxy@%N.service" in settings["Wants"].split()
+
+
+def test_proxy_unit_writes_checks_and_runs_its_own_nginx_configuration():
+    settings = unit_settings(PROXY_UNIT)
+    config = f"/run/{settings['RuntimeDirectory']}/nginx.conf"
+
+    assert settings["RuntimeDirectory"] == "%i-proxy" and settings["PartOf"] == "%i.service"
+    assert [shlex.split(line) for line in settings["ExecStartPre"].splitlines()] == [
+        ["/opt/luksctl/venv/bin/%i", "proxy-config", "--output", config],
+        ["/usr/sbin/nginx", "-t", "-q", "-c", config],
+    ]
+    assert shlex.split(settings["ExecStart"]) == ["/usr/sbin/nginx", "-c", config]
+
+
+def test_proxy_unit_has_files_for_every_connection_nginx_allows():
+    from luksctl.api import proxy
+
+    settings = unit_settings(PROXY_UNIT)
+
+    assert int(settings["LimitNOFILE"]) >= 2 * 2 * proxy.WORKER_CONNECTIONS  # 2 workers, 2 descriptors per proxied request
+    assert settings["LimitCORE"] == "0" and settings["MemorySwapMax"] == "0"
 
 
 @pytest.mark.parametrize("name", sorted(UNITS))
@@ -130,6 +155,13 @@ BREAKS_MOUNT_OR_SUDO = {
 @pytest.mark.parametrize("name", sorted(UNITS))
 def test_unit_sets_nothing_that_would_hide_the_mount_or_stop_sudo(name):
     assert not BREAKS_MOUNT_OR_SUDO & set(unit_settings(name))
+
+
+def test_gunicorn_conf_runs_stock_gthread_with_its_connections_set():
+    conf = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
+
+    assert conf["worker_class"] == "gthread" and conf["threads"] == 8
+    assert conf["worker_connections"] == 64 and "post_worker_init" not in conf
 
 
 def test_gunicorn_conf_sets_tls_1_2_minimum():

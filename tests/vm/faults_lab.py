@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import re
+import resource
 import socket
 import ssl
 import threading
@@ -353,6 +354,22 @@ def same_gunicorn(master: int):
     expect_json_error(status, 200)
 
 
+def nginx_pids(master: int) -> tuple[int, tuple[int, ...]]:
+    """The proxy's master and its worker processes."""
+    workers = sorted(pid for pid, process in processes().items() if process.ppid == master)
+    return master, tuple(workers)
+
+
+@contextlib.contextmanager
+def same_proxy(master: int):
+    """Nothing in the block may kill or recycle nginx's master or workers."""
+    before = nginx_pids(master)
+    assert len(before[1]) >= 1, f"nginx {master} has no workers"
+    yield
+    after = nginx_pids(master)
+    assert after == before, f"nginx processes changed: {before} -> {after}"
+
+
 # --------------------------------------------------------------------------------------------
 # A cryptsetup that misbehaves for `open` only
 # --------------------------------------------------------------------------------------------
@@ -417,11 +434,18 @@ class SlowConnection:
 
 
 class SlowClients:
-    """Holds `count` connections per (source, stage) open, each sending one byte every
-    `interval` seconds, from one thread. A connection the server closes is replaced at once,
-    so the load stays the same; `lifetimes()` says how long the server let each one live."""
+    """Holds `count` connections per (source, stage) open, from one thread, each sending one
+    byte every `interval` seconds: "handshake" trickles a TLS ClientHello, "headers" a request
+    head, "chunked" a chunked request body (its head sent whole); "idle" connects and sends
+    nothing. A connection the server closes is replaced, at most REPLACE_PER_TICK per tick (the
+    attacker shares the VM's emulated CPUs with the server); `lifetimes()` says how long the
+    server let each one live."""
 
     REQUEST = b"GET /luksctl_api/v1.0/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
+    CHUNKED_HEAD = (b"POST /luksctl_api/v1.0/open HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n")
+    CHUNKED_BODY = b"1\r\na\r\n" * 4096  # ends before the last chunk: never complete
+    REPLACE_PER_TICK = 10
 
     def __init__(self, groups: list[tuple[str, str, int]], interval: float = 2.0) -> None:
         self.groups = groups
@@ -432,6 +456,10 @@ class SlowClients:
         self._stop = threading.Event()
         self.all_connected = threading.Event()  # every first connection made (or failed)
         self._thread = threading.Thread(target=self._run, daemon=True)
+        # 2,000 idle connections need more descriptors than the default 1,024.
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 4 + 2 * sum(count for _, _, count in groups)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(wanted, 1024), max(hard, wanted)))
 
     def _connect(self, source: str, stage: str) -> None:
         try:
@@ -439,22 +467,25 @@ class SlowClients:
         except OSError:
             self.connect_failures += 1
             return
-        if stage == "handshake":
-            sock, payload = raw, client_hello()
+        if stage in ("handshake", "idle"):
+            sock, payload = raw, client_hello() if stage == "handshake" else b""
         else:
             try:
-                sock, payload = insecure_context().wrap_socket(raw), self.REQUEST
+                sock = insecure_context().wrap_socket(raw)
+                if stage == "chunked":
+                    sock.sendall(self.CHUNKED_HEAD)
             except OSError:  # the handshake did not finish in 10 s
                 raw.close()
                 self.connect_failures += 1
                 return
+            payload = self.CHUNKED_BODY if stage == "chunked" else self.REQUEST
         self.live.append(SlowConnection(source, stage, sock, payload, time.monotonic()))
 
     def _closed_by_server(self, conn: SlowConnection) -> bool:
         try:
             conn.sock.setblocking(False)
             try:
-                return conn.sock.recv(1) == b""  # EOF; an answer would mean the request was whole
+                return conn.sock.recv(1) in (b"", b"H")  # EOF, or an answer (a refusal: 403, 429)
             finally:
                 conn.sock.setblocking(True)
         except (BlockingIOError, ssl.SSLWantReadError):
@@ -469,19 +500,25 @@ class SlowClients:
                     self._connect(source, stage)
         self.all_connected.set()
         while not self._stop.wait(self.interval):
+            replaced = 0
             for conn in list(self.live):
                 try:
-                    if not self._closed_by_server(conn) and conn.sent < len(conn.payload) - 1:
-                        conn.sock.send(conn.payload[conn.sent:conn.sent + 1])  # never the last byte
-                        conn.sent += 1
-                        continue
+                    if not self._closed_by_server(conn):
+                        if conn.stage == "idle":
+                            continue
+                        if conn.sent < len(conn.payload) - 1:
+                            conn.sock.send(conn.payload[conn.sent:conn.sent + 1])  # never the last byte
+                            conn.sent += 1
+                            continue
                 except OSError:
                     pass
                 conn.closed = time.monotonic()
                 conn.sock.close()
                 self.live.remove(conn)
                 self.ended.append(conn)
-                self._connect(conn.source, conn.stage)
+                if replaced < self.REPLACE_PER_TICK:
+                    replaced += 1
+                    self._connect(conn.source, conn.stage)
 
     def __enter__(self) -> "SlowClients":
         self._thread.start()

@@ -214,11 +214,15 @@ class ServiceUnit:
     operators run: User=, Group=, RuntimeDirectory=, RuntimeDirectoryMode=, Environment=,
     ExecStart=."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, instance: str | None = None) -> None:
+        """instance: for a template unit (name@.service), what %i stands for."""
         self.path = path
         self.settings: dict[str, list[str]] = {}
         section = ""
-        for line in path.read_text().replace("\\\n", " ").splitlines():
+        text = path.read_text()
+        if instance is not None:
+            text = text.replace("%i", instance)
+        for line in text.replace("\\\n", " ").splitlines():
             line = line.strip()
             if line.startswith("["):
                 section = line
@@ -236,18 +240,55 @@ class ServiceUnit:
         return shlex.split(self.one("ExecStart"))
 
     @property
+    def exec_start_pre(self) -> list[list[str]]:
+        return [shlex.split(line) for line in self.settings.get("ExecStartPre", [])]
+
+    @property
     def environment(self) -> dict[str, str]:
         pairs = [item.split("=", 1) for value in self.settings.get("Environment", []) for item in shlex.split(value)]
         return dict(pairs)
 
 
+class Proxy:
+    """luksctl-proxy@SERVICE.service as systemd would run it: its RuntimeDirectory=, each
+    ExecStartPre= (the configuration from config.json, `nginx -t`), then ExecStart=, as root."""
+
+    def __init__(self, service: str) -> None:
+        self.unit = ServiceUnit(REPO / "deploy" / "luksctl-proxy@.service", instance=service)
+        self.proc: subprocess.Popen | None = None
+        self.log = OUT / f"proxy-{service}.log"
+
+    def start(self) -> None:
+        runtime = Path("/run") / self.unit.one("RuntimeDirectory")
+        runtime.mkdir(exist_ok=True)
+        runtime.chmod(int(self.unit.one("RuntimeDirectoryMode"), 8))
+        env = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", **self.unit.environment}
+        for argv in self.unit.exec_start_pre:
+            result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=START_TIMEOUT)
+            assert result.returncode == 0, f"{argv}: exit {result.returncode}\n{result.stdout}{result.stderr}"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(shlex.split(self.unit.one("ExecStart")), env=env, cwd="/", stdout=log,
+                                         stderr=log, stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            stop_process(self.proc, 60)
+        self.proc = None
+
+
 class Api:
-    """The front-end API started as deploy/luksctl-api.service would start it."""
+    """The front-end API started as deploy/luksctl-api.service would start it, behind its proxy
+    (luksctl-proxy@luksctl-api.service), which serves port 5000."""
 
     base_url = f"https://127.0.0.1:{API_PORT}"
 
     def __init__(self) -> None:
         self.unit = ServiceUnit(REPO / "deploy" / "luksctl-api.service")
+        self.proxy = Proxy("luksctl-api")
         self.proc: subprocess.Popen | None = None
         self.config: dict | None = None
         self.env: dict[str, str] = {}
@@ -267,7 +308,7 @@ class Api:
         user = pwd.getpwnam(self.unit.one("User"))
         group = grp.getgrnam(self.unit.one("Group", user.pw_name))
         if not (LUKS_DIR / "gunicorn-key.pem").exists():
-            run(str(VENV_BIN / "luksctl-api"), "gen-cert", "--owner", user.pw_name)
+            run(str(VENV_BIN / "luksctl-api"), "gen-cert")
         # What systemd makes for RuntimeDirectory= (the open lock lives there).
         runtime = Path("/run") / self.unit.one("RuntimeDirectory")
         runtime.mkdir(exist_ok=True)
@@ -287,6 +328,7 @@ class Api:
             self.proc = subprocess.Popen(argv, env=env, cwd="/", stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL)
         try:
+            self.proxy.start()
             wait_until(self._answers, START_TIMEOUT, f"luksctl-api at {self.base_url}")
         except BaseException:
             self.stop()
@@ -295,22 +337,26 @@ class Api:
     def _answers(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"gunicorn exited {self.proc.returncode}:\n{tail(self.stderr_log)}")
+        if self.proxy.proc.poll() is not None:
+            raise RuntimeError(f"the proxy exited {self.proxy.proc.returncode}:\n{tail(self.proxy.log)}")
         try:
-            requests.get(f"{self.base_url}/luksctl_api/v1.0/status", verify=False, timeout=5)
-            return True
+            # 502: the proxy is up, gunicorn's socket not yet.
+            return requests.get(f"{self.base_url}/luksctl_api/v1.0/status", verify=False, timeout=5).status_code != 502
         except requests.RequestException:  # refused, or workers still importing
             return False
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
-        """Signals the gunicorn master, e.g. SIGKILL for a crash or SIGHUP for a reload."""
+        """Signals the gunicorn master, e.g. SIGKILL for a crash or SIGHUP for a reload (not the proxy)."""
         os.kill(self.pid, sig)
 
     def stop(self) -> None:
+        """Both, as `systemctl stop luksctl-api` does (the proxy is PartOf= it). A SIGKILLed
+        master's workers may finish their requests meanwhile: the next gunicorn binds a new
+        socket at the same path, and the proxy connects to that one."""
+        self.proxy.stop()
         if self.proc and self.proc.poll() is None:
             stop_process(self.proc, 60)
         self.proc = None
-        # Workers outlive a SIGKILLed master: each finishes its in-flight requests for up to
-        # gunicorn's graceful_timeout (30 s) before it lets go of the port the next start needs.
         wait_until(self._port_free, 90, f"port {API_PORT} to be released")
 
     @staticmethod

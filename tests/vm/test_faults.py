@@ -7,8 +7,8 @@ healthy) succeeds.
 
 Most tests share one service config (LAB_CONFIG): no failed-open limit (they fail on purpose),
 a short VAULT_TIMEOUT and VAULT_DEADLINE, a Vault allowlist holding OpenBao and two proxies in
-front of it, and ALLOWED_CLIENTS = 127.0.0.1 only, so 127.0.0.2 is a refused client without a
-restart. The service runs in a hostile environment (AMBIENT_ENV): Vault's root token in
+front of it, and ALLOWED_CLIENTS = 127.0.0.1 and 127.0.0.2, so 127.0.0.3 is a refused client
+without a restart. The service runs in a hostile environment (AMBIENT_ENV): Vault's root token in
 VAULT_TOKEN, and a HOME it cannot read holding ~/.vault-token and ~/.netrc, as when started
 from a root shell; every fault test then also shows that none of it gets in the way.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import signal
 import sqlite3
 import subprocess
@@ -40,6 +41,7 @@ from faults_lab import (
     post_json,
     raw_https,
     same_gunicorn,
+    same_proxy,
     volume_shape,
 )
 from helpers_vm import (
@@ -94,8 +96,12 @@ def lab_config(bao, proxies) -> dict:
         "VAULT_DEADLINE": VAULT_DEADLINE,
         "VAULT_URL_ALLOWLIST": [bao.url, proxies.main.url, proxies.allowed.url],
         "ALLOW_PLAIN_HTTP": True,  # OpenBao and the proxies listen on http://127.0.0.1
-        "ALLOWED_CLIENTS": ["127.0.0.1/32"],
+        "ALLOWED_CLIENTS": ["127.0.0.1/32", "127.0.0.2/32"],
     }
+
+
+# What the proxy (nginx) says of the volume in the answers it makes itself: it cannot know.
+PROXY_STATE = "unavailable"
 
 
 def ambient_home() -> None:
@@ -510,7 +516,7 @@ def test_bad_open_request(lab_api, paper_volume, proxies, bao_up, make, status):
     headers = {"Content-Type": content_type} if content_type else {}
     with same_gunicorn(lab_api.pid):
         answer = https("POST", OPEN, data, headers)
-    expect_json_error(answer, status, "unmounted")
+    expect_json_error(answer, status, PROXY_STATE if status == 413 else "unmounted")
     assert "hvs.CAESI" not in answer.body.decode(errors="replace"), "the token is echoed back"
     # Refused before any Vault was contacted, the allowlisted one included.
     assert proxies.allowed.connections == 0 and proxies.outside.connections == 0, (
@@ -538,12 +544,12 @@ def test_unknown_path_and_wrong_method(lab_api, paper_volume, method, path, stat
 
 def test_client_outside_allowed_clients_is_refused(lab_api, paper_volume, proxies):
     with same_gunicorn(lab_api.pid):
-        status = https("GET", STATUS, source="127.0.0.2")
-        expect_json_error(status, 403, "unmounted")
+        status = https("GET", STATUS, source="127.0.0.3")
+        expect_json_error(status, 403, PROXY_STATE)
         valid = {"vault_url": proxies.allowed.url, "vault_token": "hvs.faults", "secret_root": "secrets",
                  "secret_path": "sub/uuid/storage_encryption", "secret_key": "storage_encryption_key"}
-        opened = post_json(OPEN, valid, source="127.0.0.2")
-        body = expect_json_error(opened, 403, "unmounted")
+        opened = post_json(OPEN, valid, source="127.0.0.3")
+        body = expect_json_error(opened, 403, PROXY_STATE)
         assert "ALLOWED_CLIENTS" in body["error"], body
     assert proxies.allowed.connections == 0
     expect_json_error(https("GET", STATUS), 200, "unmounted")  # 127.0.0.1 is allowed
@@ -559,26 +565,27 @@ def test_chunked_body_over_16k_is_413(lab_api, paper_volume, proxies):
                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks + b"0\r\n\r\n")
     with same_gunicorn(lab_api.pid):
         answer = raw_https(request)
-    expect_json_error(answer, 413, "unmounted")
+    expect_json_error(answer, 413, PROXY_STATE)
     assert proxies.allowed.connections == 0
 
 
 MALFORMED_HTTP = [
     ("garbage-request-line", b"GARBAGE\r\n\r\n", 400),
     ("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
-    ("header-without-colon", b"GET " + STATUS.encode() + b" HTTP/1.1\r\nHost: x\r\nNoColonHere\r\nConnection: close\r\n\r\n", 400),
+    # nginx drops an invalid field line (ignore_invalid_headers) and serves the rest.
+    ("header-without-colon", b"GET " + STATUS.encode() + b" HTTP/1.1\r\nHost: x\r\nNoColonHere\r\nConnection: close\r\n\r\n", 200),
     ("nul-in-path", b"GET /luksctl_api/v1.0/sta\x00tus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 400),
     ("content-length-not-a-number", b"POST " + OPEN.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
      b"Content-Length: abc\r\nConnection: close\r\n\r\n{}", 400),
     ("content-length-and-chunked", b"POST " + OPEN.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
      b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400),
-    ("header-over-8k", b"GET " + STATUS.encode() + b" HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\nConnection: close\r\n\r\n", 431),
+    ("header-over-4k", b"GET " + STATUS.encode() + b" HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\nConnection: close\r\n\r\n", 400),
     ("request-line-over-4k", b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 414),
 ]
 
 
 def test_malformed_http_answers_json_with_volume_state(lab_api, paper_volume):
-    """Requests gunicorn itself rejects, before Flask sees them, over raw TLS."""
+    """Requests the proxy (nginx) rejects, before gunicorn sees them, over raw TLS."""
     not_json = []
     with same_gunicorn(lab_api.pid):
         for name, request, status in MALFORMED_HTTP:
@@ -612,25 +619,28 @@ def test_tls_1_1_is_refused_and_tls_1_2_works(lab_api):
     assert b'"volume_state"' in reply
 
 
-# 64 slow clients of ours plus 16 refused ones, for the issue's 20 s window; then the
-# deadline the worker gives a request (luksctl.api.gunicorn_worker.REQUEST_READ_DEADLINE,
-# 30 s) must have closed every one of them, with slack for emulation on a loaded host.
-SLOW_WINDOW = 20
-SLOW_DEADLINE = 30
-SLOW_DEADLINE_SLACK = 10
+# Issue 20's attacks at the review's sizes. 127.0.0.2 is an allowed address that attacks,
+# 127.0.0.3 a refused one; the dashboard's poller is 127.0.0.1. Each runs for ATTACK_WINDOW.
+ATTACKS = {
+    "chunked-body-from-a-refused-address": ([("127.0.0.3", "chunked", 120)], 0.2),
+    "chunked-body-from-an-allowed-address": ([("127.0.0.2", "chunked", 120)], 0.2),
+    "idle-connects-from-a-refused-address": ([("127.0.0.3", "idle", 2000)], 1.0),
+    "trickled-tls-handshakes": ([("127.0.0.3", "handshake", 64)], 0.2),
+}
+ATTACK_WINDOW = 20
 
 
-def test_slow_clients_do_not_block_status(lab_api, paper_volume):
-    """Issue 10 item 6: connections sending one byte every 2 s, half still in the TLS handshake,
-    half in the request head, and 16 from a refused address. Status, polled the dashboard's
-    way (a new connection per poll), must keep answering: p99 under 2 s. gthread gave each
-    slow connection a thread for as long as it trickled, and status stopped answering."""
-    groups = [("127.0.0.1", "handshake", 32), ("127.0.0.1", "headers", 32), ("127.0.0.2", "headers", 16)]
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_slow_and_hostile_clients_do_not_delay_status(lab_api, paper_volume, attack):
+    """While each attack runs, status polled the dashboard's way (a new connection per poll):
+    0 failures, p99 under 0.5 s, and no process of the stack (nginx or gunicorn) dies.
+    The old worker let 120 trickled chunked bodies from a refused address delay status to 14 s."""
+    groups, interval = ATTACKS[attack]
     latencies, failures, held = [], [], []
-    with same_gunicorn(lab_api.pid), SlowClients(groups) as slow:
-        slow.all_connected.wait(60)  # on a blocked server the TLS connects time out: poll anyway
+    with same_gunicorn(lab_api.pid), same_proxy(lab_api.proxy.pid), SlowClients(groups, interval) as slow:
+        slow.all_connected.wait(120)
         started = time.monotonic()
-        while time.monotonic() - started < SLOW_WINDOW:
+        while time.monotonic() - started < ATTACK_WINDOW:
             held.append(slow.open_count())
             try:
                 answer = https("GET", STATUS, timeout=10)
@@ -638,24 +648,18 @@ def test_slow_clients_do_not_block_status(lab_api, paper_volume):
                 latencies.append(answer.elapsed)
             except (OSError, AssertionError) as exc:
                 failures.append(repr(exc)[:200])
-        if not failures:  # trickling on must not buy more than the deadline
-            wait_until(lambda: len(slow.lifetimes()) >= 80, SLOW_DEADLINE + SLOW_DEADLINE_SLACK,
-                       "the server to close the first 80 slow connections")
-        lifetimes = slow.lifetimes()
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else float("inf")
-    figures = {"window_s": SLOW_WINDOW, "polls": len(latencies), "failed_polls": len(failures),
+    figures = {"attack": attack, "window_s": ATTACK_WINDOW, "polls": len(latencies), "failed_polls": len(failures),
                "p50_s": latencies[len(latencies) // 2] if latencies else None, "p99_s": p99,
-               "max_s": latencies[-1] if latencies else None, "slow_connections_held_min": min(held),
-               "slow_connections_held_max": max(held), "connect_failures": slow.connect_failures,
-               "closed_by_server": len(lifetimes), "shortest_lifetime_s": min(lifetimes, default=None),
-               "longest_lifetime_s": max(lifetimes, default=None)}
-    (OUT / "slow_clients.json").write_text(json.dumps(figures, indent=2))
-    assert not failures, f"status failed under slow clients: {failures[:3]} {figures}"
-    assert p99 < 2.0, figures
-    assert min(held) >= 64 and slow.connect_failures == 0, figures
-    # Measured from the client's connect to its noticing (it looks every 2 s).
-    assert SLOW_DEADLINE / 2 < min(lifetimes) and max(lifetimes) < SLOW_DEADLINE + SLOW_DEADLINE_SLACK, figures
+               "max_s": latencies[-1] if latencies else None, "attack_connections_held_min": min(held),
+               "attack_connections_held_max": max(held), "connect_failures": slow.connect_failures,
+               "closed_by_server": len(slow.lifetimes())}
+    with (OUT / "slow_clients.jsonl").open("a") as out:
+        out.write(json.dumps(figures) + "\n")
+    assert not failures, f"status failed under {attack}: {failures[:3]} {figures}"
+    assert p99 < 0.5, figures
+    assert max(held) >= min(count for _, _, count in groups) // 2, f"the attack never held its connections: {figures}"
 
 
 def test_repeated_failed_opens_get_429_with_retry_after(api_server, bao_up, paper_volume):
@@ -687,21 +691,15 @@ def test_repeated_failed_opens_get_429_with_retry_after(api_server, bao_up, pape
             db.execute("DELETE FROM failures WHERE client IN (?, ?)", (client, other))
 
 
-def test_gunicorn_without_certfile_refuses_plain_http(api_server):
-    """The unit's ExecStart without --certfile/--keyfile: no start unless ALLOW_PLAIN_HTTP."""
+def test_gunicorn_on_tcp_without_certfile_refuses_plain_http(api_server):
+    """The unit's ExecStart on a TCP port instead of its socket: no start unless ALLOW_PLAIN_HTTP
+    (the proxy refuses the same without its certificate: tests/unit/test_proxy.py)."""
     user = pwd.getpwnam(api_server.unit.one("User"))
     workdir = Path("/tmp/faults-plain")
     workdir.mkdir(exist_ok=True)
     workdir.chmod(0o755)
     port = free_port()
-    argv, skip = [], False
-    for arg in api_server.unit.exec_start:
-        if skip:
-            skip = False
-        elif arg in ("--certfile", "--keyfile"):
-            skip = True
-        else:
-            argv.append(arg.replace("0.0.0.0:5000", f"127.0.0.1:{port}"))
+    argv = [re.sub(r"^unix:.*", f"127.0.0.1:{port}", arg) for arg in api_server.unit.exec_start]
     assert "--certfile" not in argv and f"127.0.0.1:{port}" in argv, argv
     command = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--", *argv]
 

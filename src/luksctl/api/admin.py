@@ -10,22 +10,31 @@ import sys
 from pathlib import Path
 
 from ..config import FrontendConfig, WorkerConfig, api_config_path, load_json_config, require_private_directory
+from ..durable import write_atomically
 from ..errors import EXIT_CONFIG, EXIT_USAGE, LuksctlError
-from . import certs
+from . import certs, proxy
 
 
 def _main(argv: list[str] | None, prog: str, model: type, default_owner: str) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=f"Admin commands for the {prog} service (gunicorn runs the service itself).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    gen = commands.add_parser("gen-cert", help="write the self-signed TLS certificate and key gunicorn serves")
+    gen = commands.add_parser("gen-cert", help="write the self-signed TLS certificate and key the proxy serves")
     gen.add_argument("--cert", type=Path, default=certs.CERT_FILE, help="default: %(default)s")
     gen.add_argument("--key", type=Path, default=certs.KEY_FILE, help="default: %(default)s (mode 0600)")
-    gen.add_argument("--owner", default=default_owner, help="user that owns the key, the service user (default: %(default)s)")
+    gen.add_argument("--owner", default="root", help="user that owns the key; nginx's master reads it as root (default: %(default)s)")
     gen.add_argument("--hostname", action="append", help="DNS name for the certificate (repeatable; default: this host's names)")
     gen.add_argument("--ip", action="append", default=[], help="extra IP address for the certificate (this host's are always included)")
     gen.add_argument("--days", type=int, default=3650, help="validity (default: %(default)s)")
     gen.add_argument("--force", action="store_true", help="replace an existing certificate")
     commands.add_parser("check-config", help=f"validate the config file ($LUKSCTL_API_CONFIG or {api_config_path()})")
+    site = commands.add_parser("proxy-config", help="write nginx's configuration for the proxy in front of this service, from the config file")
+    site.add_argument("--output", type=Path, help="write here, atomically (default: standard output)")
+    site.add_argument("--listen", default=proxy.LISTEN, help="address:port (default: %(default)s)")
+    site.add_argument("--socket", type=Path, default=Path(f"/run/{prog}/gunicorn.sock"), help="gunicorn's Unix socket (default: %(default)s)")
+    site.add_argument("--runtime-dir", type=Path, default=Path(f"/run/{prog}-proxy"), help="nginx's pid and temporary paths (default: %(default)s)")
+    site.add_argument("--user", default=proxy.USER, help="nginx's worker user (default: %(default)s)")
+    site.add_argument("--cert", type=Path, default=certs.CERT_FILE, help="default: %(default)s")
+    site.add_argument("--key", type=Path, default=certs.KEY_FILE, help="default: %(default)s")
     if model is FrontendConfig:
         write = commands.add_parser("write-config", help="print a new config.json: a sample with the Vault URLs that open may contact")
         write.add_argument("--sample", type=Path, required=True, help="deploy/config/<profile>.json")
@@ -34,6 +43,9 @@ def _main(argv: list[str] | None, prog: str, model: type, default_owner: str) ->
 
     if args.command == "write-config":
         return _write_config(prog, args.sample, args.vault_url)
+
+    if args.command == "proxy-config":
+        return _proxy_config(prog, model, args)
 
     if args.command == "check-config":
         path = api_config_path()
@@ -67,6 +79,31 @@ def _uid_of(user: str) -> int:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
         return os.geteuid()
+
+
+def _proxy_config(prog: str, model: type, args: argparse.Namespace) -> int:
+    try:
+        config = load_json_config(model, api_config_path())
+    except LuksctlError as exc:
+        print(f"{prog}: {exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    cert, key = args.cert, args.key
+    if not (cert.exists() and key.exists()):
+        # The old tool fell back to plain HTTP when its certificate was missing; we refuse instead.
+        if not config.ALLOW_PLAIN_HTTP:
+            print(f"{prog}: refusing to serve plain HTTP: {cert} or {key} is missing (run `{prog} gen-cert`), "
+                  "or set ALLOW_PLAIN_HTTP in config.json", file=sys.stderr)
+            return EXIT_CONFIG
+        cert = key = None
+    site = proxy.ProxySite(service=prog, state_key="volume_state" if model is FrontendConfig else "nfs_state",
+                           upstream_socket=args.socket, runtime_dir=args.runtime_dir, cert=cert, key=key,
+                           listen=args.listen, user=args.user)
+    text = proxy.nginx_config(site, config)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        write_atomically(args.output, text.encode(), mode=0o644)
+    return 0
 
 
 def _write_config(prog: str, sample: Path, vault_urls: list[str]) -> int:

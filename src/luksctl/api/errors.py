@@ -30,7 +30,6 @@ def openapi_document(name: str) -> dict:
 
 def register_json_errors(app: Flask, current_state: Callable[[], dict]) -> None:
     """`current_state()` gives e.g. {"volume_state": "unmounted"}; it must never raise."""
-    app.extensions["luksctl_state_body"] = current_state  # for errors gunicorn answers itself
 
     def answer(exc: Exception, status: int, message: str, headers: dict | None = None):
         g.error_class = exc.__class__.__name__  # for the audit line

@@ -1,10 +1,11 @@
-"""Refuse callers outside ALLOWED_CLIENTS before any view runs."""
+"""Who the client is (behind the proxy), and refusing callers outside ALLOWED_CLIENTS."""
 
 from __future__ import annotations
 
 import ipaddress
 
 from flask import Flask, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ..errors import CallerRefused
 
@@ -23,10 +24,32 @@ def refusal_message(address: str | None) -> str:
     return f"client address {address} is not in ALLOWED_CLIENTS"
 
 
+def trust_the_proxy_on_unix_sockets(app: Flask) -> None:
+    """The client's address is the proxy's X-Forwarded-For (one hop, which nginx overwrites), but
+    only for a request that came over a Unix socket: only the proxy can reach gunicorn's
+    (deploy/luksctl-api.service). Over TCP a peer has an IP address, and the header is ignored."""
+    direct = app.wsgi_app
+    behind_proxy = ProxyFix(direct, x_for=1, x_proto=0, x_host=0, x_port=0, x_prefix=0)
+
+    def wsgi_app(environ, start_response):
+        via = direct if _is_ip_address(environ.get("REMOTE_ADDR")) else behind_proxy
+        return via(environ, start_response)
+
+    app.wsgi_app = wsgi_app
+
+
+def _is_ip_address(value: str | None) -> bool:
+    try:
+        ipaddress.ip_address(value or "")
+    except ValueError:
+        return False
+    return True
+
+
 def install_client_allowlist(app: Flask, networks: list | None) -> None:
-    # gunicorn's worker (gunicorn_worker.py) refuses from its event loop once the request is
-    # read, before a thread is spent; this hook is the same rule for any other server.
-    app.extensions["luksctl_allowed_clients"] = networks
+    # nginx refuses these addresses before anything is proxied (api/proxy.py); this is the same
+    # rule again, for a request that reaches gunicorn some other way.
+    trust_the_proxy_on_unix_sockets(app)
     if networks is None:
         return
 

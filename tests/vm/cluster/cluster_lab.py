@@ -22,6 +22,7 @@ import json
 import os
 import pwd
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -64,7 +65,7 @@ WORKER_PORT = 5000
 NFS_GRACE = 10
 
 # Runs as root inside `ip netns exec wnN unshare --uts`: $1 hostname, $2 private /etc/luks,
-# then the argv to exec (setpriv ... gunicorn ...).
+# then the argv to exec (WITH_PROXY ... setpriv ... gunicorn ...).
 WORKER_BOOT = r"""
 set -e
 hostname "$1"
@@ -76,6 +77,19 @@ if [ ! -s /etc/luks/gunicorn-cert.pem ]; then
     /opt/luksctl/venv/bin/luksctl-api-wn gen-cert --hostname "$1"
 fi
 shift 2
+exec "$@"
+"""
+
+# Runs as root inside the node: the service's proxy, luksctl-proxy@luksctl-api-wn.service, as
+# systemd would start it ($1 its RuntimeDirectory=, private to this node; $2 its ExecStartPre=
+# lines; $3 its ExecStart=), in the background, then execs the argv of the service itself.
+WITH_PROXY = r"""
+set -e
+mkdir -p "$1"
+mount -t tmpfs -o mode=0755 tmpfs "$1"
+eval "$2"
+eval "$3" &
+shift 3
 exec "$@"
 """
 
@@ -189,6 +203,7 @@ class WorkerNode:
         self.luks_dir = LAB_DIR / self.name / "luks"
         self.token = token
         self.unit = ServiceUnit(REPO / "deploy" / "luksctl-api-wn.service")
+        self.proxy_unit = ServiceUnit(REPO / "deploy" / "luksctl-proxy@.service", instance="luksctl-api-wn")
         # None: the unit's ExecStart exactly. The benchmark may lower it to fit 16 nodes in RAM.
         self.gunicorn_workers = gunicorn_workers
         self.proc: subprocess.Popen | None = None
@@ -245,13 +260,18 @@ class WorkerNode:
         return ["ip", "netns", "exec", self.name, "unshare", "--uts", "sh", "-c", WORKER_BOOT, "wn-boot",
                 self.name, str(self.luks_dir)]
 
+    def with_proxy(self) -> list[str]:
+        proxy = self.proxy_unit
+        return ["sh", "-c", WITH_PROXY, "with-proxy", f"/run/{proxy.one('RuntimeDirectory')}",
+                " && ".join(shlex.join(argv) for argv in proxy.exec_start_pre), proxy.one("ExecStart")]
+
     def spawn(self) -> None:
         """Starts the process tree; wait_ready() waits for it to answer."""
         user = pwd.getpwnam(self.unit.one("User"))
         group = grp.getgrnam(self.unit.one("Group"))
         service = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={group.gr_gid}", "--init-groups", "--",
                    *self.exec_start()]
-        argv = [*self.enter_node(), *service]
+        argv = [*self.enter_node(), *self.with_proxy(), *service]
         env = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": user.pw_dir, "USER": user.pw_name,
                "LOGNAME": user.pw_name, "SHELL": user.pw_shell, **self.unit.environment}
         self.starts += 1
@@ -269,8 +289,8 @@ class WorkerNode:
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name}: exited {self.proc.returncode}:\n{tail(self.log)}")
         try:
-            requests.get(self.url("status"), verify=False, timeout=10)
-            return True
+            # 502: the proxy is up, gunicorn's socket not yet.
+            return requests.get(self.url("status"), verify=False, timeout=10).status_code != 502
         except requests.RequestException:
             return False
 

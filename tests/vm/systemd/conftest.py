@@ -42,7 +42,7 @@ class Systemd:
         for path in self.installed:
             self.systemctl("stop", path.name, check=False)
             path.unlink(missing_ok=True)
-        self.installed.clear()
+        self.installed.clear()  # a template unit (name@.service) has no state: its instances stop with their service
         run("systemctl", "daemon-reload")
 
 
@@ -58,8 +58,10 @@ def systemd():
 
 @pytest.fixture
 def api_unit(systemd):
-    """deploy/luksctl-api.service, installed unchanged; tests write config.json and restart it.
-    Installed for each test: test_install.py's operator machine removes it when it is done."""
+    """deploy/luksctl-api.service and its proxy's template unit, installed unchanged; tests write
+    config.json and restart it (which restarts the proxy: PartOf=). Installed for each test:
+    test_install.py's operator machine removes them when it is done."""
+    systemd.install("luksctl-proxy@.service", (REPO / "deploy" / "luksctl-proxy@.service").read_text())
     systemd.install("luksctl-api.service", (REPO / "deploy" / "luksctl-api.service").read_text())
     yield "luksctl-api.service"
     systemd.save_journal("luksctl-api.service")
@@ -73,7 +75,7 @@ def frontend(api_unit, systemd, bao):
     def configure(config: dict) -> Dashboard:
         config = {"VAULT_URL_ALLOWLIST": [bao.url], "ALLOW_PLAIN_HTTP": True, **config}
         if not (LUKS_DIR / "gunicorn-key.pem").exists():
-            run(str(VENV_BIN / "luksctl-api"), "gen-cert", "--owner", systemd.show(api_unit, "User"))
+            run(str(VENV_BIN / "luksctl-api"), "gen-cert")
         API_CONFIG.write_text(json.dumps(config))
         API_CONFIG.chmod(0o644)
         systemd.systemctl("restart", api_unit)

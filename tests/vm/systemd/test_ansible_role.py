@@ -48,7 +48,9 @@ SUCCESS_FILES = {Path("/var/run/fast-luks-encryption.success"): "LUKS encryption
 # With what a failed setup leaves: its journal and the passphrase it keeps until it completes.
 SETUP_FILES = [VOLUME_INI, LUKS_DIR / "luks-header.bck", LUKS_DIR / "setup-state.json",
                LUKS_DIR / "setup-pending-passphrase", *SUCCESS_FILES]
+PROXY = "luksctl-proxy@luksctl-api.service"
 ROLE_FILES = [API_CONFIG, Path("/etc/systemd/system") / UNIT, Path("/etc/systemd/system/luksctl-api-wn.service"),
+              Path("/etc/systemd/system/luksctl-proxy@.service"),
               LUKS_DIR / "gunicorn-cert.pem", LUKS_DIR / "gunicorn-key.pem"]
 # guest.sh installs them for the other tests; the role must install them itself.
 SUDOERS = [Path("/etc/sudoers.d/luksctl-api"), Path("/etc/sudoers.d/luksctl-api-wn")]
@@ -121,7 +123,8 @@ def operator_machine(systemd):
         yield Playbook(vm_prefix, workdir)
     finally:
         systemd.save_journal(UNIT)
-        systemd.systemctl("disable", "--now", UNIT, check=False)
+        systemd.save_journal(PROXY)
+        systemd.systemctl("disable", "--now", UNIT, PROXY, check=False)
         for path in ROLE_FILES:
             path.unlink(missing_ok=True)
         run("systemctl", "daemon-reload")
@@ -227,6 +230,7 @@ def test_single_vm_from_a_blank_device_to_the_dashboards_unlock_then_a_rerun_cha
     main_pid = systemd.show(UNIT, "MainPID")
     uid = int(Path(f"/proc/{main_pid}/status").read_text().split("Uid:")[1].split()[0])
     assert pwd.getpwuid(uid).pw_name == "luksctl_api"
+    assert systemd.systemctl("is-enabled", PROXY) == "enabled"  # port 5000 is the proxy's
     dashboard = Dashboard("https://127.0.0.1:5000")
     wait_until(lambda: answers(dashboard), 120, UNIT)
     assert dashboard.status().state == "mounted"  # setup leaves it mounted

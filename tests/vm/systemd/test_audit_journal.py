@@ -27,7 +27,6 @@ WORKER_UNIT = "luksctl-api-wn.service"
 LUKSCTL = "/usr/local/sbin/luksctl"
 WORKER_URL = "https://127.0.0.1:5000/luksctl_api_wn/v1.0"
 CLUSTER_TOKEN = LUKS_DIR / "cluster-token"
-GUNICORN_KEY = LUKS_DIR / "gunicorn-key.pem"
 # The fields README's example and list name; nothing else may appear in a line.
 DOCUMENTED = {"audit", "time", "client", "action", "outcome", "status", "duration_ms", "volume", "vault_path",
               "nodes", "fanout", "error_class", "alert"}
@@ -115,8 +114,9 @@ def test_open_close_and_a_refused_open_each_leave_exactly_one_audit_line(fronten
 
 @pytest.fixture
 def worker(systemd, api_unit, frontend):
-    """deploy/luksctl-api-wn.service, unchanged, on the port the API leaves free; it shares /etc/luks
-    with the API, so its key is lent to it (and given back) and its token is removed after."""
+    """deploy/luksctl-api-wn.service, unchanged, behind its proxy on the port the API's proxy leaves
+    free (stopping the API stops it: PartOf=); it shares /etc/luks with the API (the certificate
+    and key, read by nginx's master as root), and its token is removed after."""
     frontend({"INFRASTRUCTURE_CONFIGURATION": "single_vm"})  # for its certificate
     systemd.systemctl("stop", api_unit)
     systemd.install(WORKER_UNIT, (REPO / "deploy" / WORKER_UNIT).read_text())
@@ -124,7 +124,6 @@ def worker(systemd, api_unit, frontend):
     CLUSTER_TOKEN.write_text(token)
     CLUSTER_TOKEN.chmod(0o640)
     shutil.chown(CLUSTER_TOKEN, "root", "luksctl_api_wn")
-    shutil.chown(GUNICORN_KEY, "luksctl_api_wn", "luksctl_api_wn")
     # A share that no fstab entry mounts: the remount runs, and the share stays unmounted.
     share = str(OUT / "audit-nfs-share")
     (LUKS_DIR / "config.json").write_text(json.dumps({"NFS_MOUNTPOINT_LIST": [share]}))
@@ -140,7 +139,6 @@ def worker(systemd, api_unit, frontend):
     yield token, share
     systemd.save_journal(WORKER_UNIT)
     systemd.systemctl("stop", WORKER_UNIT, check=False)
-    shutil.chown(GUNICORN_KEY, "luksctl_api", "luksctl_api")
     CLUSTER_TOKEN.unlink()
 
 

@@ -16,9 +16,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers_vm import API_CONFIG, LUKS_DIR, OUT, PREFIX, REPO, SERVICE_PATH, Dashboard, assert_fastluks_on_roots_path, wait_until
+from helpers_vm import API_CONFIG, LUKS_DIR, OUT, PREFIX, REPO, SERVICE_PATH, Dashboard, assert_fastluks_on_roots_path, run, wait_until
 
 UNIT = "luksctl-api.service"
+PROXY_UNIT_FILE, PROXY = "luksctl-proxy@.service", "luksctl-proxy@luksctl-api.service"
 UNIT_DIR = Path("/etc/systemd/system")
 SOURCE = Path("/srv/luksctl-src")  # the operator's clone; pip builds the package inside it
 WHEELHOUSE = PREFIX.resolve() / "wheelhouse"  # next to the test venv guest.sh links /opt/luksctl to
@@ -92,8 +93,10 @@ def operator_machine(systemd):
         ".git", ".venv", "vm-out*", "build", "*.egg-info", "__pycache__", ".pytest_cache", "tests"))
     yield
     systemd.save_journal(UNIT)
-    systemd.systemctl("disable", "--now", UNIT, check=False)
+    systemd.save_journal(PROXY)
+    systemd.systemctl("disable", "--now", UNIT, PROXY, check=False)
     (UNIT_DIR / UNIT).unlink(missing_ok=True)
+    (UNIT_DIR / PROXY_UNIT_FILE).unlink(missing_ok=True)
     systemd.systemctl("daemon-reload")
     if PREFIX.is_symlink() or not PREFIX.exists():
         PREFIX.unlink(missing_ok=True)
@@ -130,11 +133,15 @@ def test_install_sh_installs_a_running_service_and_a_reinstall_keeps_config_cert
     assert "wrote /etc/luks/config.json" in first.stdout
     assert owner_and_mode(API_CONFIG) == ("root", "root", "0o644")
     assert owner_and_mode(CERT)[::2] == ("root", "0o644")
-    assert owner_and_mode(KEY)[::2] == ("luksctl_api", "0o600")
+    assert owner_and_mode(KEY)[::2] == ("root", "0o600")  # nginx's master reads it as root
     assert (TOKEN.read_text(), owner_and_mode(TOKEN)) == (token, ("root", "luksctl_api", "0o640"))
     assert (UNIT_DIR / UNIT).read_bytes() == (SOURCE / "deploy" / UNIT).read_bytes()
     assert systemd.systemctl("is-enabled", UNIT) == "enabled"
     assert systemd.systemctl("is-active", UNIT) == "active"
+    assert (UNIT_DIR / PROXY_UNIT_FILE).read_bytes() == (SOURCE / "deploy" / PROXY_UNIT_FILE).read_bytes()
+    assert systemd.systemctl("is-enabled", PROXY) == "enabled"
+    assert systemd.systemctl("is-active", PROXY) == "active"
+    assert "luksctl_api" in run("id", "-nG", "luksctl_proxy").stdout.decode().split()
     dashboard = answering(systemd)
     assert "volume_state" in dashboard.status().response.json()
     first_pid, user = main_pid_user(systemd)
