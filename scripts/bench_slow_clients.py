@@ -1,13 +1,15 @@
-"""Status while slow clients trickle, natively or in the VM (issue 10, item 6).
+"""Status while slow and hostile clients attack, natively or in the VM (issue 20).
 
-The load of the VM test test_slow_clients_do_not_block_status (tests/vm/faults_lab.SlowClients:
-32 connections trickling a TLS ClientHello and 32 a request head from 127.0.0.1, 16 more from
-127.0.0.2 outside ALLOWED_CLIENTS, one byte every 2 s each) against the front end started as
-scripts/bench_status.py starts it, while status is polled with a new TLS connection per poll.
-Runs as root. Results: stdout and vm-out/bench_slow_clients[_host].json.
+Each attack of tests/vm/faults_lab.ATTACKS (the review's sizes: 120 connections trickling a
+chunked body one byte every 0.2 s from a refused address, the same from an allowed one, 2,000
+idle connects from a refused address, 64 trickled TLS handshakes) against each serving
+configuration of scripts/bench_status.py ("proxy" as deployed; "direct-old-worker", the tree
+before issue 20, with BENCH_OLD_TREE), while status is polled from 127.0.0.1 with a new TLS
+connection per poll. ALLOWED_CLIENTS: 127.0.0.1 and 127.0.0.2. Runs as root.
+Results: stdout (a Markdown table) and vm-out/bench_slow_clients[_host].json.
 
-usage: bench_slow_clients.py [gunicorn arguments...]   e.g. --worker-class gthread (the old way)
-knobs: BENCH_SECONDS (20)
+usage: bench_slow_clients.py [CONFIG...]   (default: every configuration bench_status.py has)
+knobs: BENCH_SECONDS (20), BENCH_OLD_TREE
 """
 
 from __future__ import annotations
@@ -28,51 +30,57 @@ import bench_status  # noqa: E402  (scripts/, this script's own directory)
 import faults_lab  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "20"))
-GROUPS = [("127.0.0.1", "handshake", 32), ("127.0.0.1", "headers", 32), ("127.0.0.2", "headers", 16)]
+ALLOWED = {"ALLOWED_CLIENTS": ["127.0.0.1/32", "127.0.0.2/32"]}
 
 
-def main(extra: list[str]) -> int:
+def attack(name: str, url: str) -> dict:
+    groups, interval = faults_lab.ATTACKS[name]
+    latencies, failures, held = [], [], []
+    with faults_lab.SlowClients(groups, interval) as slow:
+        slow.all_connected.wait(120)
+        started = time.monotonic()
+        while time.monotonic() - started < SECONDS:
+            held.append(slow.open_count())
+            try:
+                answer = faults_lab.https("GET", bench_status.STATUS, port=bench_status.PORT, timeout=10)
+                assert answer.status == 200, answer
+                latencies.append(answer.elapsed)
+            except (OSError, AssertionError) as exc:
+                failures.append(repr(exc)[:200])
+        connect_failures = slow.connect_failures
+    latencies.sort()
+    return {"polls": len(latencies), "failed_polls": len(failures),
+            "p50_ms": statistics.median(latencies) * 1000 if latencies else None,
+            "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000 if latencies else None,
+            "max_ms": latencies[-1] * 1000 if latencies else None,
+            "attack_connections_held": [min(held), max(held)], "attack_connect_failures": connect_failures,
+            "first_failures": failures[:3]}
+
+
+def main(configs: list[str]) -> int:
     faults_lab.API_PORT = bench_status.PORT  # SlowClients connects to faults_lab.API_PORT
     bench_status.OUT.mkdir(parents=True, exist_ok=True)
-    latencies, failures, held = [], [], []
+    results: dict = {"seconds": SECONDS, "configs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-slow-") as tmp:
         workdir = Path(tmp)
+        workdir.chmod(0o755)
         subprocess.run([str(Path(sys.executable).with_name("luksctl-api")), "gen-cert", "--owner", "root",
                         "--cert", str(workdir / "cert.pem"), "--key", str(workdir / "key.pem")],
                        check=True, capture_output=True)
-        config = bench_status.write_config(workdir, tls=True)
-        config.write_text(json.dumps({**json.loads(config.read_text()), "ALLOWED_CLIENTS": ["127.0.0.1/32"]}))
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": tmp,
-               "LUKSCTL_API_CONFIG": str(config)}
-        proc = subprocess.Popen(bench_status.serving_argv(workdir, extra, tls=True), env=env, cwd="/",
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            bench_status.wait_answering(f"https://127.0.0.1:{bench_status.PORT}{bench_status.STATUS}", proc)
-            with faults_lab.SlowClients(GROUPS) as slow:
-                slow.all_connected.wait(60)
-                started = time.monotonic()
-                while time.monotonic() - started < SECONDS:
-                    held.append(slow.open_count())
-                    try:
-                        answer = faults_lab.https("GET", bench_status.STATUS, port=bench_status.PORT, timeout=10)
-                        assert answer.status == 200, answer
-                        latencies.append(answer.elapsed)
-                    except (OSError, AssertionError) as exc:
-                        failures.append(repr(exc)[:200])
-                connect_failures = slow.connect_failures
-        finally:
-            proc.terminate()
-            proc.wait(60)
-            bench_status.wait_port_free()
-    latencies.sort()
-    figures = {"gunicorn_extra_args": extra, "seconds": SECONDS, "polls": len(latencies), "failed_polls": len(failures),
-               "p50_ms": statistics.median(latencies) * 1000 if latencies else None,
-               "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000 if latencies else None,
-               "slow_connections_held": [min(held), max(held)], "slow_connect_failures": connect_failures,
-               "first_failures": failures[:3]}
-    name = "bench_slow_clients.json" if bench_status.IN_VM else "bench_slow_clients_host.json"
-    (bench_status.OUT / name).write_text(json.dumps(figures, indent=2))
-    print(json.dumps(figures, indent=2))
+        for config in configs or bench_status.CONFIGS:
+            results["configs"][config] = {}
+            for name in faults_lab.ATTACKS:
+                with bench_status.serving(config, workdir, ALLOWED) as url:
+                    figures = attack(name, url)
+                results["configs"][config][name] = figures
+                print(f"{config:18} {name:40} {figures}", flush=True)
+    out = bench_status.OUT / ("bench_slow_clients.json" if bench_status.IN_VM else "bench_slow_clients_host.json")
+    out.write_text(json.dumps(results, indent=2))
+    print("\n| configuration | attack | failed polls | p50 / p99 / max ms |\n|---|---|---|---|")
+    for config, by_attack in results["configs"].items():
+        for name, r in by_attack.items():
+            timing = " / ".join("-" if r[k] is None else f"{r[k]:.0f}" for k in ("p50_ms", "p99_ms", "max_ms"))
+            print(f"| {config} | {name} | {r['failed_polls']} of {r['polls'] + r['failed_polls']} | {timing} |")
     return 0
 
 

@@ -1,28 +1,31 @@
 """Status throughput under concurrency, per serving configuration, natively or in the VM.
 
-Issue 11 item 5: status throughput fell as clients were added, in the VM only. This starts
-the front end with the unit's ExecStart (deploy/luksctl-api.service) and the repo's
-deploy/gunicorn.conf.py, then varies one thing at a time: the worker class, TLS, the number
-of workers, and whether wrk keeps connections alive. wrk (C, little CPU) runs 1, 8, 32 and
-64 connections per configuration, each for BENCH_SECONDS after BENCH_WARMUP seconds.
+Issue 20: the deployment puts nginx (luksctl-proxy@.service) in front of stock gunicorn on a
+Unix socket. This serves status three ways, one at a time, and measures each the same way:
+- "proxy": as deployed: the unit's ExecStart on its socket, behind nginx with the configuration
+  `luksctl-api proxy-config` writes (TLS at nginx);
+- "direct": the same gunicorn on a TCP port with TLS, no proxy;
+- "direct-old-worker": with BENCH_OLD_TREE=<a checkout of the tree before issue 20>, that tree's
+  unit and gunicorn.conf.py (our own event-loop worker), the deployment the proxy replaced.
+wrk (C, little CPU) runs 1, 8, 32 and 64 connections per configuration, each for BENCH_SECONDS
+after BENCH_WARMUP seconds.
 
 Two rates per window: wrk's own (requests over the whole run, the connections' TLS
-handshakes included, as earlier tables measured) and the steady rate (scripts/wrk_steady.lua:
-only responses after the warm-up, when every connection is open). Under emulation a
-handshake costs many requests' worth, so the two differ most there.
+handshakes included) and the steady rate (scripts/wrk_steady.lua: only responses after the
+warm-up, when every connection is open).
 
 The volume description points at a device that does not exist, so status reads
 /proc/self/mountinfo and /sys/block/dm-*/dm/name and answers "unmounted": the same work as a
 poll of a real volume. Runs as root. Results: stdout (a Markdown table) and
 vm-out/bench_status.json (VM) or vm-out/bench_status_host.json (host).
 
-usage: bench_status.py [CONFIG...]   (default: BENCH_CONFIGS, else every configuration in CONFIGS)
-knobs: BENCH_SECONDS (20), BENCH_WARMUP (10), BENCH_LEVELS ("1 8 32 64"), BENCH_CONFIGS (the
-guest passes no arguments: make bench BENCH="BENCH_CONFIGS=deployed bench_status")
+usage: bench_status.py [CONFIG...]   (default: BENCH_CONFIGS, else every configuration available)
+knobs: BENCH_SECONDS (20), BENCH_WARMUP (10), BENCH_LEVELS ("1 8 32 64"), BENCH_OLD_TREE
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -32,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,74 +46,106 @@ import wrk_output  # noqa: E402
 SECONDS = int(os.environ.get("BENCH_SECONDS", "20"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "10"))
 LEVELS = tuple(int(n) for n in os.environ.get("BENCH_LEVELS", "1 8 32 64").split())
+OLD_TREE = Path(os.environ["BENCH_OLD_TREE"]) if os.environ.get("BENCH_OLD_TREE") else None
 PORT = 15000
 STATUS = "/luksctl_api/v1.0/status"
 IN_VM = "LUKSCTL_VM_OUT" in os.environ
 # On the host, next to the VM's results (as bench_fanout.py), but under a name of its own.
 OUT = Path(os.environ["LUKSCTL_VM_OUT"] if IN_VM else os.environ.get("VM_OUT", REPO / "vm-out"))
 RESULT = OUT / ("bench_status.json" if IN_VM else "bench_status_host.json")
-
-# name -> (extra gunicorn arguments, TLS, wrk arguments, client levels). Later gunicorn flags
-# win. The one-change-each variants run at 8 and 32 clients only, to keep the VM run short.
-ALL = None
-PAIR = (8, 32)
-CONFIGS = {
-    "deployed": ([], True, [], ALL),
-    "gthread": (["--worker-class", "gthread"], True, [], ALL),
-    "deployed-new-conn": ([], True, ["-H", "Connection: close"], PAIR),
-    "gthread-new-conn": (["--worker-class", "gthread"], True, ["-H", "Connection: close"], PAIR),
-    "gthread-1-worker": (["--worker-class", "gthread", "--workers", "1"], True, [], PAIR),
-    "gthread-plain-http": (["--worker-class", "gthread"], False, [], PAIR),
-    "gthread-1-thread": (["--worker-class", "gthread", "--threads", "1"], True, [], PAIR),
-}
+CONFIGS = ["proxy", "direct"] + (["direct-old-worker"] if OLD_TREE else [])
 
 
-def unit_argv() -> list[str]:
-    for line in (REPO / "deploy" / "luksctl-api.service").read_text().splitlines():
+def unit_argv(tree: Path) -> list[str]:
+    for line in (tree / "deploy" / "luksctl-api.service").read_text().splitlines():
         if line.startswith("ExecStart="):
             return shlex.split(line.removeprefix("ExecStart="))
-    raise SystemExit("no ExecStart= in deploy/luksctl-api.service")
+    raise SystemExit(f"no ExecStart= in {tree}/deploy/luksctl-api.service")
 
 
-def serving_argv(workdir: Path, extra: list[str], tls: bool) -> list[str]:
-    """The unit's command line with this machine's paths, on a loopback port."""
-    argv = unit_argv()
+def gunicorn_argv(workdir: Path, bind: str, tls: bool, tree: Path = REPO) -> list[str]:
+    """The unit's command line with this machine's paths: its config, `bind`, TLS or not."""
+    argv = unit_argv(tree)
     app = argv.pop()
     argv[0] = str(Path(sys.executable).with_name("gunicorn"))
-    replaced = {"--config": str(REPO / "deploy" / "gunicorn.conf.py"), "--bind": f"127.0.0.1:{PORT}",
-                "--certfile": str(workdir / "cert.pem"), "--keyfile": str(workdir / "key.pem")}
+    replaced = {"--config": str(tree / "deploy" / "gunicorn.conf.py"), "--bind": bind}
     out: list[str] = []
     skip = False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
-            continue
-        if arg in replaced:
+        elif arg in ("--certfile", "--keyfile"):
             skip = True
-            if tls or arg not in ("--certfile", "--keyfile"):
-                out += [arg, replaced[arg]]
-            continue
-        out.append(arg)
-    return out + extra + [app]
+        elif arg in replaced:
+            skip = True
+            out += [arg, replaced[arg]]
+        else:
+            out.append(arg)
+    if tls:
+        out += ["--certfile", str(workdir / "cert.pem"), "--keyfile", str(workdir / "key.pem")]
+    return out + [app]
 
 
-def write_config(workdir: Path, tls: bool) -> Path:
+@contextlib.contextmanager
+def serving(name: str, workdir: Path, config: dict | None = None) -> Iterator[str]:
+    """Status served as `name` on 127.0.0.1:PORT over TLS; yields its URL."""
+    config_file = write_config(workdir, config or {})
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(workdir),
+           "LUKSCTL_API_CONFIG": str(config_file)}
+    log = (OUT / f"bench.{name}{'' if IN_VM else '.host'}.log").open("ab")
+    processes = []
+    try:
+        if name == "proxy":
+            sockets = workdir / "sockets"
+            sockets.mkdir(exist_ok=True)
+            conf = workdir / "nginx.conf"
+            subprocess.run([str(Path(sys.executable).with_name("luksctl-api")), "proxy-config", "--output", str(conf),
+                            "--listen", f"127.0.0.1:{PORT}", "--socket", str(sockets / "gunicorn.sock"),
+                            "--runtime-dir", str(workdir), "--user", "root", "--cert", str(workdir / "cert.pem"),
+                            "--key", str(workdir / "key.pem")], env=env, check=True)
+            processes.append(subprocess.Popen(gunicorn_argv(workdir, f"unix:{sockets / 'gunicorn.sock'}", tls=False),
+                                              env=env, cwd="/", stdout=log, stderr=log))
+            processes.append(subprocess.Popen(["/usr/sbin/nginx", "-c", str(conf)], cwd="/", stdout=log, stderr=log))
+        elif name == "direct":
+            processes.append(subprocess.Popen(gunicorn_argv(workdir, f"127.0.0.1:{PORT}", tls=True), env=env, cwd="/",
+                                              stdout=log, stderr=log))
+        elif name == "direct-old-worker":
+            processes.append(subprocess.Popen(gunicorn_argv(workdir, f"127.0.0.1:{PORT}", tls=True, tree=OLD_TREE),
+                                              env={**env, "PYTHONPATH": str(OLD_TREE / "src")}, cwd="/", stdout=log,
+                                              stderr=log))
+        else:
+            raise SystemExit(f"no configuration {name!r}: {CONFIGS}")
+        url = f"https://127.0.0.1:{PORT}{STATUS}"
+        wait_answering(url, processes)
+        yield url
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(60)
+        log.close()
+        wait_port_free()
+
+
+def write_config(workdir: Path, extra: dict) -> Path:
     ini = workdir / "luks-cryptdev.ini"
     ini.write_text("[luks]\nuuid = 0b2e6f5e-0000-4000-8000-00000000b0b0\ncryptdev = benchvol\n"
                    "mountpoint = /srv/bench-status\nfilesystem = ext4\n")
+    runtime = workdir / "run"  # the service's private directory (lock, failed-open counter)
+    runtime.mkdir(mode=0o700, exist_ok=True)
     config = workdir / "config.json"
-    config.write_text(json.dumps({"CRYPTDEV_INI": str(ini), "LOCK_FILE": str(workdir / "open.lock"),
-                                  "ALLOW_PLAIN_HTTP": not tls}))
+    config.write_text(json.dumps({"CRYPTDEV_INI": str(ini), "LOCK_FILE": str(runtime / "open.lock"), **extra}))
     return config
 
 
-def wait_answering(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+def wait_answering(url: str, processes: list[subprocess.Popen], timeout: float = 600) -> None:
     """A loaded host can make the VM take minutes to import the app."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited {proc.returncode}")
-        if subprocess.run(["curl", "-sk", "-m", "5", "-o", "/dev/null", url]).returncode == 0:
+        for proc in processes:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}")
+        answer = subprocess.run(["curl", "-sk", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", url], capture_output=True, text=True)
+        if answer.returncode == 0 and answer.stdout == "200":
             return
         time.sleep(0.5)
     raise TimeoutError(f"{url} not answering after {timeout} s")
@@ -125,28 +161,15 @@ def wait_port_free() -> None:
 
 
 def measure(name: str, workdir: Path) -> dict:
-    extra, tls, wrk_args, levels = CONFIGS[name]
-    config = write_config(workdir, tls)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(workdir),
-           "LUKSCTL_API_CONFIG": str(config)}
-    log = (OUT / f"bench_status.{name}{'' if IN_VM else '.host'}.log").open("wb")
-    proc = subprocess.Popen(serving_argv(workdir, extra, tls), env=env, cwd="/", stdout=log, stderr=log)
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{PORT}{STATUS}"
     results = {}
-    try:
-        wait_answering(url, proc)
-        for level in levels or LEVELS:
+    with serving(name, workdir) as url:
+        for level in LEVELS:
             out = subprocess.run(["wrk", f"-t{min(level, 2)}", f"-c{level}", f"-d{WARMUP + SECONDS}s", "--timeout", "60s",
-                                  "--latency", "-s", str(REPO / "scripts" / "wrk_steady.lua"), *wrk_args, url,
+                                  "--latency", "-s", str(REPO / "scripts" / "wrk_steady.lua"), url,
                                   "--", str(WARMUP)], capture_output=True, text=True, check=True).stdout
             figures = wrk_output.parse(out)
             results[level] = {k: figures.get(k, 0.0) for k in ("rps", "steady_rps", "p50_ms", "p99_ms", "failed_requests")}
             print(f"{name:22} c={level:2}: {results[level]}", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()
-        wait_port_free()
     return results
 
 
@@ -159,7 +182,8 @@ def main(names: list[str]) -> int:
         subprocess.run([str(Path(sys.executable).with_name("luksctl-api")), "gen-cert", "--owner", "root",
                         "--cert", str(workdir / "cert.pem"), "--key", str(workdir / "key.pem")],
                        check=True, capture_output=True)
-        for name in names or list(CONFIGS):
+        workdir.chmod(0o755)
+        for name in names or CONFIGS:
             results["configs"][name] = measure(name, workdir)
     RESULT.write_text(json.dumps(results, indent=2))
     print(f"\n{where}, {SECONDS} s after {WARMUP} s of warm-up; steady req/s, wrk's req/s (p50 / p99 ms)\n")

@@ -433,6 +433,17 @@ class SlowConnection:
     closed: float | None = None
 
 
+# Issue 20's attacks at the review's sizes, for the VM test and scripts/bench_slow_clients.py:
+# name -> ([(source, stage, connections)], seconds between two bytes of each). 127.0.0.2 is an
+# allowed address that attacks, 127.0.0.3 a refused one.
+ATTACKS = {
+    "chunked-body-from-a-refused-address": ([("127.0.0.3", "chunked", 120)], 0.2),
+    "chunked-body-from-an-allowed-address": ([("127.0.0.2", "chunked", 120)], 0.2),
+    "idle-connects-from-a-refused-address": ([("127.0.0.3", "idle", 2000)], 1.0),
+    "trickled-tls-handshakes": ([("127.0.0.3", "handshake", 64)], 0.2),
+}
+
+
 class SlowClients:
     """Holds `count` connections per (source, stage) open, from one thread, each sending one
     byte every `interval` seconds: "handshake" trickles a TLS ClientHello, "headers" a request
