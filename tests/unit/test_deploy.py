@@ -131,6 +131,13 @@ def test_proxy_unit_has_files_for_every_connection_nginx_allows():
 
 
 @pytest.mark.parametrize("name", sorted(UNITS))
+def test_unit_has_files_for_every_connection_gunicorn_allows(name):
+    conf = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
+
+    assert int(unit_settings(name)["LimitNOFILE"]) >= 8 * conf["worker_connections"]
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
 def test_unit_keeps_secrets_out_of_core_dumps_and_swap(name):
     settings = unit_settings(name)
 
