@@ -9,6 +9,7 @@ packages=(
     qemu-system-x86 linux-image-amd64 busybox-static
     wrk                             # make bench: HTTP load from inside the VM
     hyperfine                       # make bench: the root CLI's start-up against a bare interpreter, natively
+    prometheus prometheus-node-exporter  # promtool (the alert rules' tests); tests/vm/test_metrics.py's scraper and node exporter
 )
 missing=()
 for p in "${packages[@]}"; do
