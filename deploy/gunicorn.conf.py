@@ -67,10 +67,8 @@ def when_ready(server):
     from pathlib import Path
 
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if directory:
-        Path(directory).mkdir(mode=0o700, exist_ok=True)
-        for stale in Path(directory).glob("*.db"):
-            stale.unlink()
+    for stale in Path(directory).glob("*.db") if directory else ():
+        stale.unlink()
 
 
 def child_exit(server, worker):

@@ -1,12 +1,14 @@
 """/metrics under a real gunicorn with the shipped config and two worker processes: every scrape,
 whichever worker answers it, counts the requests of both (prometheus_client's multiprocess mode,
 PROMETHEUS_MULTIPROC_DIR as the units set it), and deploy/gunicorn.conf.py's hooks empty the
-directory at start and keep a dead worker's counts."""
+directory at start and keep a dead worker's counts. The directory is not made beforehand: systemd
+makes only the unit's RuntimeDirectory= above it."""
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -39,9 +41,7 @@ def served(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"ALLOW_PLAIN_HTTP": True, "LOCK_FILE": str(tmp_path / "open.lock"), "FAILED_OPEN_LIMIT": 0,
                                   "CRYPTDEV_INI": str(tmp_path / "luks-cryptdev.ini")}))
-    multiproc = tmp_path / "metrics"
-    multiproc.mkdir()
-    (multiproc / "counter_1.db").write_bytes(b"a previous run's")
+    multiproc = tmp_path / "metrics"  # not made yet: systemd makes only the RuntimeDirectory= above it
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", str(DEPLOY / "gunicorn.conf.py"), "--workers", "2",
@@ -68,7 +68,6 @@ def served(tmp_path):
 
 def test_every_scrape_counts_the_requests_of_both_workers_and_of_one_that_died(served):
     base, master, multiproc = served
-    assert not (multiproc / "counter_1.db").exists(), "when_ready empties the directory"
 
     for _ in range(BAD_OPENS):  # a new connection each: the two workers take turns accepting
         response = requests.post(f"{base}/luksctl_api/v1.0/open", data=b"not json", timeout=10,
@@ -85,14 +84,22 @@ def test_every_scrape_counts_the_requests_of_both_workers_and_of_one_that_died(s
     assert [bad_open_count(base) for _ in range(6)] == [BAD_OPENS] * 6
 
 
-def test_child_exit_marks_the_worker_dead_for_prometheus_client(tmp_path, monkeypatch):
-    import runpy
-
+@pytest.fixture
+def previous_run(tmp_path, monkeypatch) -> Path:
+    """A multiprocess directory with the files of a run whose workers were 4242 and 4343."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     for name in ("gauge_livemax_4242.db", "counter_4242.db", "gauge_livemax_4343.db"):
         (tmp_path / name).write_bytes(b"")
-    conf = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
+    return tmp_path
 
-    conf["child_exit"](None, type("Worker", (), {"pid": 4242})())
 
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["counter_4242.db", "gauge_livemax_4343.db"]
+def test_child_exit_marks_the_worker_dead_for_prometheus_client(previous_run):
+    runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))["child_exit"](None, type("Worker", (), {"pid": 4242})())
+
+    assert sorted(path.name for path in previous_run.iterdir()) == ["counter_4242.db", "gauge_livemax_4343.db"]
+
+
+def test_when_ready_empties_the_directory_of_a_previous_run(previous_run):
+    runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))["when_ready"](None)
+
+    assert list(previous_run.iterdir()) == []

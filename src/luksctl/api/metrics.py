@@ -23,6 +23,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..status import VolumeState
 
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # gunicorn's master imports this (through the worker class) before any hook runs, and the
+    # metrics below write there from their creation on; systemd made only its parent.
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], mode=0o700, exist_ok=True)
+
 COUNTED = CollectorRegistry()  # this process's own samples: what a scrape reads without multiprocess mode
 
 OPENS = Counter("luksctl_api_opens", "Open requests by outcome (ok; denied: a 4xx; error: a 5xx) and error class (none when ok).",
