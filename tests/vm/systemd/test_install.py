@@ -19,6 +19,7 @@ import pytest
 from helpers_vm import API_CONFIG, LUKS_DIR, OUT, PREFIX, REPO, SERVICE_PATH, Dashboard, assert_fastluks_on_roots_path, wait_until
 
 UNIT = "luksctl-api.service"
+REPORT_TIMER, REPORT_SERVICE = "luksctl-report.timer", "luksctl-report.service"  # install.sh frontend enables the timer too
 UNIT_DIR = Path("/etc/systemd/system")
 SOURCE = Path("/srv/luksctl-src")  # the operator's clone; pip builds the package inside it
 WHEELHOUSE = PREFIX.resolve() / "wheelhouse"  # next to the test venv guest.sh links /opt/luksctl to
@@ -92,8 +93,9 @@ def operator_machine(systemd):
         ".git", ".venv", "vm-out*", "build", "*.egg-info", "__pycache__", ".pytest_cache", "tests"))
     yield
     systemd.save_journal(UNIT)
-    systemd.systemctl("disable", "--now", UNIT, check=False)
-    (UNIT_DIR / UNIT).unlink(missing_ok=True)
+    systemd.systemctl("disable", "--now", UNIT, REPORT_TIMER, check=False)
+    for unit in (UNIT, REPORT_TIMER, REPORT_SERVICE):
+        (UNIT_DIR / unit).unlink(missing_ok=True)
     systemd.systemctl("daemon-reload")
     if PREFIX.is_symlink() or not PREFIX.exists():
         PREFIX.unlink(missing_ok=True)
