@@ -12,7 +12,6 @@ no Vault path, no user and nothing from a secret, whatever the report holds.
 from __future__ import annotations
 
 import datetime
-import math
 from pathlib import Path
 
 from ..durable import leftover_temporaries, remove_durably, write_atomically
@@ -54,11 +53,7 @@ def _escape(value: str) -> str:
 
 
 def _value(value: float | bool) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-        return str(int(value))
-    return repr(float(value)) if math.isfinite(value) else "NaN"
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _timestamp(iso_time: str | None) -> float | None:
