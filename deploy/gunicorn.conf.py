@@ -58,3 +58,25 @@ def on_starting(server):
     tcp = [address for address in server.cfg.bind if not address.startswith("unix:")]
     if tcp and not server.cfg.is_ssl and not plain_http_allowed():
         raise SystemExit("luksctl: refusing to serve plain HTTP: pass --certfile/--keyfile, or set ALLOW_PLAIN_HTTP in config.json")
+
+
+# /metrics across the workers (prometheus_client's multiprocess mode): the units set
+# PROMETHEUS_MULTIPROC_DIR to a directory under their RuntimeDirectory=. The master empties it
+# before any worker starts (a previous run's counts are not this run's), and drops the live
+# values of each worker that exits.
+def when_ready(server):
+    import os
+    from pathlib import Path
+
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    for stale in Path(directory).glob("*.db") if directory else ():
+        stale.unlink()
+
+
+def child_exit(server, worker):
+    import os
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

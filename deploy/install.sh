@@ -128,3 +128,12 @@ if [[ -d /run/systemd/system ]]; then
 else
     echo "    systemd is not running here: start it later with systemctl enable --now $unit luksctl-proxy@$unit"
 fi
+
+if [[ $role == frontend ]]; then
+    step "systemd timer luksctl-report.timer (the volume's root-only facts for the node exporter)"
+    install -m 0644 -o root -g root -t /etc/systemd/system "$repo/deploy/luksctl-report.service" "$repo/deploy/luksctl-report.timer"
+    if [[ -d /run/systemd/system ]]; then
+        systemctl daemon-reload
+        systemctl enable --now luksctl-report.timer
+    fi
+fi

@@ -10,6 +10,7 @@ packages=(
     nginx                           # the proxy in front of gunicorn (deploy/luksctl-proxy@.service)
     wrk                             # make bench: HTTP load from inside the VM
     hyperfine                       # make bench: the root CLI's start-up against a bare interpreter, natively
+    prometheus prometheus-node-exporter  # promtool (the alert rules' tests); tests/vm/test_metrics.py's scraper and node exporter
 )
 missing=()
 for p in "${packages[@]}"; do

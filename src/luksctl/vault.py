@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from .errors import (
@@ -287,6 +288,7 @@ class VaultClient:
         timeout: float = DEFAULT_TIMEOUT,
         deadline: float | None = None,
         allow_http: bool = False,
+        on_request: Callable[[str, float], None] | None = None,
     ):
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.username or parsed.query or parsed.fragment:
@@ -303,6 +305,7 @@ class VaultClient:
         self._tls = tls_context(ca_bundle, verify=verify) if parsed.scheme == "https" else None
         self._token = token
         self._who = "the token"
+        self._on_request = on_request  # (step, seconds) after each request: the API's latency metric
 
     def __repr__(self) -> str:
         return f"VaultClient({self.url!r}, token={'set' if self._token else 'none'})"
@@ -448,7 +451,10 @@ class VaultClient:
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut off mid-answer, TLS
             raise self._failed(step, exc) from None
         finally:
-            self._spent += time.monotonic() - started
+            elapsed = time.monotonic() - started
+            self._spent += elapsed
+            if self._on_request is not None:
+                self._on_request(step, elapsed)
         if len(raw) > MAX_RESPONSE_BYTES:
             raise VaultError(f"Vault at {self.url} sent more than {MAX_RESPONSE_BYTES} bytes ({step})")
         try:
@@ -494,6 +500,7 @@ class VaultSettings:
     creation_paths: tuple[str, ...] = ("auth/token/create",)  # () skips the wrapping lookup
     deadline: float = 30  # the whole exchange; the revoke gets at least REVOKE_GRACE
     allow_http: bool = False
+    on_request: Callable[[str, float], None] | None = None  # VaultClient's
 
 
 def fetch_passphrase(url: str, ref: SecretRef, wrapping_token: str, settings: VaultSettings) -> str:
@@ -507,6 +514,7 @@ def fetch_passphrase(url: str, ref: SecretRef, wrapping_token: str, settings: Va
             timeout=settings.timeout,
             deadline=settings.deadline,
             allow_http=settings.allow_http,
+            on_request=settings.on_request,
         )
         if settings.creation_paths:
             _check_creation_path(client.wrapping_lookup(wrapping_token), settings.creation_paths)

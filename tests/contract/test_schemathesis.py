@@ -81,7 +81,11 @@ def case_strategy(schema) -> st.SearchStrategy:
 
 
 def check_state_key(response, state_key: str, case) -> None:
-    """PROTOCOL §3: every body, errors included, is JSON carrying the state (the document itself excepted)."""
+    """PROTOCOL §3: every body, errors included, is JSON carrying the state (the document itself and
+    the metrics, Prometheus's text format, excepted)."""
+    if case.path == "/metrics" and response.status_code == 200:
+        assert response.text.startswith("# HELP luksctl_api_"), f"not the metrics: {response.text[:200]!r}"
+        return
     body = json.loads(response.text)
     if case.path.endswith("/openapi.json") and response.status_code == 200:
         assert isinstance(body, dict) and body.get("openapi", "").startswith("3.1"), "openapi.json is not the document"

@@ -1,4 +1,4 @@
-"""report's "last open": read from the journal at the runner seam, by a fake journalctl that
+"""report's "last open" and "last key change": read from the journal at the runner seam, by a fake journalctl that
 applies the FIELD=VALUE matches it is given, as journald does (all of them must hold)."""
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from luksctl.root import report
 ROOT_OPEN = {"SYSLOG_IDENTIFIER": "luksctl", "_UID": "0", "MESSAGE": json.dumps({"action": "open", "outcome": "ok", "time": "2026-12-01T10:00:00Z"})}
 # `logger -t luksctl '{...}'` by a local user: the identifier is the sender's to choose, _UID is journald's.
 FORGED_OPEN = {"SYSLOG_IDENTIFIER": "luksctl", "_UID": "1000", "MESSAGE": json.dumps({"action": "open", "outcome": "ok", "time": "2026-12-05T04:00:00Z"})}
+ROOT_ROTATE = {"SYSLOG_IDENTIFIER": "luksctl", "_UID": "0", "MESSAGE": json.dumps({"action": "rotate", "outcome": "ok", "time": "2026-12-02T10:00:00Z"})}
+FAILED_ROTATE = {"SYSLOG_IDENTIFIER": "luksctl", "_UID": "0", "MESSAGE": json.dumps({"action": "rotate", "outcome": "error", "time": "2026-12-03T10:00:00Z"})}
+FORGED_KEY_CHANGE = {"SYSLOG_IDENTIFIER": "luksctl", "_UID": "1000", "MESSAGE": json.dumps({"action": "recovery-key add", "outcome": "ok", "time": "2026-12-04T10:00:00Z"})}
 
 
 def journal(monkeypatch, entries: list[dict]) -> list[list[str]]:
@@ -30,7 +33,7 @@ def journal(monkeypatch, entries: list[dict]) -> list[list[str]]:
 def test_last_open_is_the_newest_open_root_logged(monkeypatch):
     calls = journal(monkeypatch, [ROOT_OPEN, FORGED_OPEN])
 
-    assert report.last_open() == "2026-12-01T10:00:00Z"
+    assert report.last_successes() == ("2026-12-01T10:00:00Z", None)
     assert calls == [["journalctl", "--no-pager", "--output=cat", "--reverse", f"--lines={report.JOURNAL_LINES}",
                       "SYSLOG_IDENTIFIER=luksctl", "_UID=0"]]
 
@@ -38,4 +41,10 @@ def test_last_open_is_the_newest_open_root_logged(monkeypatch):
 def test_last_open_is_unknown_when_only_another_user_logged_one(monkeypatch):
     journal(monkeypatch, [FORGED_OPEN])
 
-    assert report.last_open() is None
+    assert report.last_successes() == (None, None)
+
+
+def test_last_key_change_is_the_newest_successful_one_root_logged(monkeypatch):
+    journal(monkeypatch, [ROOT_OPEN, ROOT_ROTATE, FAILED_ROTATE, FORGED_KEY_CHANGE])
+
+    assert report.last_successes() == ("2026-12-01T10:00:00Z", "2026-12-02T10:00:00Z")

@@ -16,6 +16,7 @@ import secrets
 import shlex
 import signal
 import socket
+import sqlite3
 import string
 import subprocess
 import sys
@@ -49,6 +50,7 @@ VOLUME_INI = LUKS_DIR / "luks-cryptdev.ini"
 API_CONFIG = LUKS_DIR / "config.json"
 HEADER_BACKUP = LUKS_DIR / "luks-header.bck"
 API_PORT = 5000
+FAILED_OPENS_DB = Path("/run/luksctl-api/failed-opens.sqlite")  # in the unit's RuntimeDirectory=
 # Not /export: the guest's root is the host's, read-only, so a new top-level directory is impossible.
 MOUNTPOINT = Path("/srv/export")
 # The real binary: the harness's own calls must not show up in CryptsetupCounter's count.
@@ -199,6 +201,14 @@ def kernel_state(volume: Volume) -> tuple[str, bool]:
             if fields[2] == device and fields[4] == str(MOUNTPOINT):
                 mounted = True
     return ("mounted" if mounted else "unmounted"), device is not None
+
+
+def clear_failed_opens() -> None:
+    """Empties the API's failed-open counter (per client address, shared by the workers)."""
+    if FAILED_OPENS_DB.exists():
+        with sqlite3.connect(FAILED_OPENS_DB, timeout=10) as db:
+            db.execute("DELETE FROM failures")
+        db.close()
 
 
 def put_back_closed(volume: Volume) -> None:

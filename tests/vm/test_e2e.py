@@ -17,7 +17,6 @@ import pwd
 import secrets
 import signal
 import socket
-import sqlite3
 import string
 import subprocess
 import threading
@@ -37,6 +36,7 @@ from helpers_vm import (
     Reply,
     Volume,
     VolumeFactory,
+    clear_failed_opens,
     kernel_state,
     put_back_closed,
     run,
@@ -50,7 +50,6 @@ LUKSCTL = "/usr/local/sbin/luksctl"
 SHARED_PASSPHRASE = "e2e shared volume passphrase " + secrets.token_hex(8)
 SUB = "e2e-user-sub"
 RUNTIME_DIR = Path("/run/luksctl-api")
-FAILED_OPENS_DB = RUNTIME_DIR / "failed-opens.sqlite"
 API_LOCK = RUNTIME_DIR / "open.lock"
 DEFAULT_VAULT_TIMEOUT = 10  # FrontendConfig.VAULT_TIMEOUT; the tests keep the default config
 PWNED = Path("/tmp/pwned")
@@ -67,14 +66,6 @@ def privileged_opens() -> list[int]:
 def open_directly(volume: Volume) -> None:
     run(CRYPTSETUP, "open", "--key-file=-", str(volume.by_uuid), volume.cryptdev, input=volume.passphrase)
     run("mount", volume.mapper, str(MOUNTPOINT))
-
-
-def clear_failed_opens() -> None:
-    """Empties the API's failed-open counter (per client address, shared by the workers)."""
-    if FAILED_OPENS_DB.exists():
-        with sqlite3.connect(FAILED_OPENS_DB, timeout=10) as db:
-            db.execute("DELETE FROM failures")
-        db.close()
 
 
 def assert_json_error(reply, status: int, state: str) -> None:

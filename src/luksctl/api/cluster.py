@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import vault
+from . import metrics
 from ..config import FrontendConfig, ensure_root_owned
 from ..errors import ConfigError, VaultError
 
@@ -131,9 +132,11 @@ def fan_out(client: WorkerClient, hosts: list[str], method: str, endpoint: str) 
     try:
         futures = {host: pool.submit(client.call, host, method, endpoint) for host in hosts}
         concurrent.futures.wait(futures.values(), timeout=client.deadline)
-        return {host: future.result() if future.done() else "timeout" for host, future in futures.items()}
+        answers = {host: future.result() if future.done() else "timeout" for host, future in futures.items()}
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # a stuck call must not hold the answer
+    metrics.count_fanout(endpoint, answers)
+    return answers
 
 
 def remount_workers(client: WorkerClient, hosts: list[str]) -> dict[str, str]:

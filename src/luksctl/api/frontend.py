@@ -28,7 +28,7 @@ from ..errors import BadRequest, BodyTooLarge, ConfigError, LuksctlError, Unsupp
 from ..locking import exclusive_lock
 from ..status import VolumeState, volume_status
 from .. import vault
-from . import cluster
+from . import cluster, metrics
 from .auditing import install_audit, note
 from .coalesce import CoalescedCall, Outcome
 from .errors import openapi_document, register_json_errors
@@ -110,7 +110,8 @@ class Frontend:
         self.volumes = VolumeConfigCache(Path(config.CRYPTDEV_INI))
         verify = config.VAULT_CA_BUNDLE or config.VAULT_TLS_VERIFY
         self.vault_settings = vault.VaultSettings(
-            verify, config.VAULT_TIMEOUT, tuple(config.WRAPPING_CREATION_PATHS), config.VAULT_DEADLINE, config.ALLOW_PLAIN_HTTP
+            verify, config.VAULT_TIMEOUT, tuple(config.WRAPPING_CREATION_PATHS), config.VAULT_DEADLINE, config.ALLOW_PLAIN_HTTP,
+            on_request=metrics.observe_vault_request,
         )
         self.workers = cluster.WorkerClient.from_config(config) if config.is_cluster else None
         runtime = Path(config.LOCK_FILE).parent
@@ -158,12 +159,15 @@ class Frontend:
 
     def _unlock(self, unlock: OpenRequest) -> None:
         try:
-            passphrase = vault.fetch_passphrase(unlock.vault_url, unlock.ref, unlock.vault_token, self.vault_settings)
+            with metrics.timed_stage("vault"):
+                passphrase = vault.fetch_passphrase(unlock.vault_url, unlock.ref, unlock.vault_token, self.vault_settings)
         except WrappingTokenInvalid as exc:
             if exc.possible_interception:
                 note(alert="wrapping token already unwrapped or expired: possible interception")
             raise
-        self.bridge.open_volume(passphrase)
+        with metrics.timed_stage("privileged"):
+            self.bridge.open_volume(passphrase)
+        metrics.LAST_OPEN.set_to_current_time()
 
     def nodes(self) -> dict:
         """The operator's view of every worker, fetched on demand (never on a status poll)."""
@@ -239,7 +243,8 @@ def create_frontend_app(config: FrontendConfig | None = None, bridge: Privileged
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["luksctl_frontend"] = frontend
     register_json_errors(app, frontend.state_body)
-    install_audit(app, {"frontend.open_volume": "open", "frontend.status": "status", "frontend.nodes": "nodes"})
+    install_audit(app, {"frontend.open_volume": "open", "frontend.status": "status", "frontend.nodes": "nodes", "metrics.metrics": "metrics"})
     install_client_allowlist(app, config.ALLOWED_CLIENTS)
     app.register_blueprint(bp)
+    metrics.install_metrics(app, "luksctl_api_volume_state", lambda: frontend.state_body()["volume_state"], open_endpoint="frontend.open_volume")
     return app

@@ -15,6 +15,7 @@ from .cluster import TOKEN_HEADER, read_token
 from .coalesce import CoalescedCall
 from .errors import openapi_document, register_json_errors
 from .guards import install_client_allowlist
+from .metrics import install_metrics
 from .privileged import PrivilegedBridge, SudoBridge
 
 PREFIX = "/luksctl_api_wn/v1.0"
@@ -101,7 +102,8 @@ def create_worker_app(
     app = Flask(__name__)
     app.extensions["luksctl_worker"] = worker
     register_json_errors(app, worker.state_body)
-    install_audit(app, {"worker.nfs_mount": "nfs-mount", "worker.status": "status"})
+    install_audit(app, {"worker.nfs_mount": "nfs-mount", "worker.status": "status", "metrics.metrics": "metrics"})
     install_client_allowlist(app, config.ALLOWED_CLIENTS)
     app.register_blueprint(bp)
+    install_metrics(app, "luksctl_api_nfs_state", lambda: worker.state_body()["nfs_state"])
     return app

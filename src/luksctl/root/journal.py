@@ -27,6 +27,7 @@ INI_WRITTEN = "ini-written"
 WIPED = "wiped"
 MKFS_STARTED = "mkfs-started"
 MKFS_DONE = "mkfs-done"
+STEPS = (VAULT_WRITE_STARTED, VAULT_WRITTEN, FORMAT_STARTED, FORMATTED, HEADER_SAVED, INI_WRITTEN, WIPED, MKFS_STARTED, MKFS_DONE)
 
 
 class Journal:
@@ -58,6 +59,16 @@ class Journal:
             )
         self.state = state
         return state
+
+    def recorded_steps(self) -> list[str] | None:
+        """The known steps an unfinished setup recorded, read only (load() may clean up or refuse);
+        None when there is no readable state."""
+        try:
+            state = json.loads(self.store.read(STATE_FILE) or b"null")
+        except (ValueError, SetupConflict):
+            return None
+        steps = state.get("steps") if isinstance(state, dict) else None
+        return [step for step in steps if step in STEPS] if isinstance(steps, list) else None
 
     def passphrase(self) -> bytes:
         passphrase = self.store.read(PASSPHRASE_FILE)

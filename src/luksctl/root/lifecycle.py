@@ -19,7 +19,7 @@ from ..config import VolumeConfig, load_volume_config
 from ..errors import EXIT_OK, EXIT_STALE_BACKUP, Refused
 from ..locking import exclusive_lock
 from ..secret_input import read_passphrase
-from . import cryptsetup, header, keys, report
+from . import cryptsetup, header, keys, report, textfile
 from .decommission import decommission
 from .keystore_options import add_vault_arguments, keystore_from_args, secret_ref
 from .rotate import rotate
@@ -82,6 +82,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     report_parser = add(commands, "report", "the volume, its keyslots, header backup and last open at a glance")
     report_parser.add_argument("--check-passphrase", action="store_true", help="read a passphrase on stdin and say which keyslot it opens")
+    report_parser.add_argument("--prometheus", action="store_true", help="also write the report as metrics for the node exporter's textfile collector")
+    report_parser.add_argument("--textfile-dir", type=Path, default=textfile.TEXTFILE_DIR, metavar="DIR",
+                               help=f"the textfile collector's directory (default: {textfile.TEXTFILE_DIR})")
 
     header_actions = add(commands, "header", "back up, verify or restore the LUKS header").add_subparsers(dest="action", required=True, metavar="ACTION")
     add(header_actions, "backup", "write the header to header_path (0600) and record its checksum")
@@ -113,7 +116,12 @@ def run(args: argparse.Namespace, context: Context) -> Outcome:
 def cmd_report(args: argparse.Namespace, context: Context) -> Outcome:
     passphrase = context.read_passphrase() if args.check_passphrase else None
     details = report.build_report(context.volume(), passphrase, context.state_dir)
-    return Outcome(details, report.report_lines(details))
+    lines = report.report_lines(details)
+    if args.prometheus:
+        written = textfile.write(textfile.metrics(details, time.time()), args.textfile_dir)
+        details["textfile"] = str(written)
+        lines.append(f"Metrics:          written to {written}")
+    return Outcome(details, lines)
 
 
 def _refresh_backup(volume: VolumeConfig) -> dict:

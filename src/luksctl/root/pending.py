@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 from ..durable import leftover_temporaries, remove_durably, write_atomically
@@ -95,15 +96,27 @@ class PendingStore:
         return [path for name in self.names for path in (self.directory / name, *leftover_temporaries(self.directory / name)) if path.exists()]
 
 
-def pending_operations(directory: Path) -> list[str]:
-    """Unfinished setups and rotations whose passphrase is on disk, and temporaries a kill left (for `report`)."""
-    found = []
-    for operation in FILES:
-        store = PendingStore(directory, operation)
-        files = store.leftovers()
-        if files:
-            found.append(f"{operation} ({', '.join(str(path) for path in files)}); {RERUN[operation]}")
-    return found
+def unfinished(directory: Path) -> dict[str, list[Path]]:
+    """Each unfinished setup and rotation whose passphrase is on disk, with its files and the
+    temporaries a kill left (for `report`)."""
+    found = {operation: PendingStore(directory, operation).leftovers() for operation in FILES}
+    return {operation: files for operation, files in found.items() if files}
+
+
+def describe(unfinished: dict[str, list[Path]]) -> list[str]:
+    return [f"{operation} ({', '.join(str(path) for path in files)}); {RERUN[operation]}" for operation, files in unfinished.items()]
+
+
+def started(unfinished: dict[str, list[Path]]) -> dict[str, float]:
+    """When each unfinished operation began, as far as its files tell: the oldest one's mtime."""
+    return {operation: min(map(_mtime, files)) for operation, files in unfinished.items()}
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # finished since it was listed
+        return time.time()
 
 
 def remove_all(directory: Path) -> list[str]:

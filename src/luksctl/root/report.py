@@ -14,33 +14,46 @@ from pathlib import Path
 from .. import runner
 from ..config import VolumeConfig
 from ..errors import CommandFailed, DeviceNotFound
-from . import cryptsetup, header
-from .pending import pending_operations
+from . import cryptsetup, header, pending
+from .journal import Journal
 from .volume import current_status
 
 JOURNAL_LINES = 2000  # how far back the last open is looked for
 
 
-def last_open() -> str | None:
-    """Time of the last successful `luksctl open`, from the CLI's audit lines in the journal.
+# The commands that change what a header backup opens with: a backup older than the last of them
+# opens with keys rotated out, or lacks a key added since.
+KEY_CHANGES = frozenset({"setup", "rotate", "recovery-key add", "recovery-key remove", "header restore"})
+
+
+def last_successes() -> tuple[str | None, str | None]:
+    """Times of the last successful `luksctl open` and of the last key change, from the CLI's
+    audit lines in the journal (one read for both).
 
     Only lines root wrote: any local user can log under the identifier luksctl (`logger -t
     luksctl`), but journald itself records the sender's uid (_UID), which no sender can set.
-    None when there is no journal (no journalctl) or no open in its last lines.
+    None when there is no journal (no journalctl) or no such line in its last lines.
     """
     try:
         argv = ["journalctl", "--no-pager", "--output=cat", "--reverse", f"--lines={JOURNAL_LINES}", "SYSLOG_IDENTIFIER=luksctl", "_UID=0"]
         result = runner.run(argv, timeout=30, check=False)
     except CommandFailed:  # journalctl is not installed
-        return None
+        return None, None
+    opened = changed = None
     for line in result.stdout.splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and entry.get("action") == "open" and entry.get("outcome") == "ok":
-            return entry.get("time")
-    return None
+        if not isinstance(entry, dict) or entry.get("outcome") != "ok":
+            continue
+        if opened is None and entry.get("action") == "open":
+            opened = entry.get("time")
+        elif changed is None and entry.get("action") in KEY_CHANGES:
+            changed = entry.get("time")
+        if opened and changed:
+            break
+    return opened, changed
 
 
 def build_report(volume: VolumeConfig, passphrase: bytes | None, state_dir: Path) -> dict:
@@ -55,9 +68,13 @@ def build_report(volume: VolumeConfig, passphrase: bytes | None, state_dir: Path
         "mounted": status.mounted,
         "device": device,
         "device_present": present,
-        "last_open": last_open(),
-        "pending": pending_operations(state_dir),
     }
+    report["last_open"], report["last_key_change"] = last_successes()
+    unfinished = pending.unfinished(state_dir)
+    report["pending"] = pending.describe(unfinished)
+    report["pending_since"] = pending.started(unfinished)
+    if "setup" in unfinished:
+        report["setup_steps"] = Journal(state_dir).recorded_steps()
     backup = header.backup_path(volume.header_path)
     report["stale_header_copies"] = [str(path) for path in header.stale_copies(backup)]  # before check_backup removes them
     if not report["device_present"]:

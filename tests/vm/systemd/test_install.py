@@ -20,6 +20,7 @@ from helpers_vm import API_CONFIG, LUKS_DIR, OUT, PREFIX, REPO, SERVICE_PATH, Da
 
 UNIT = "luksctl-api.service"
 PROXY_UNIT_FILE, PROXY = "luksctl-proxy@.service", "luksctl-proxy@luksctl-api.service"
+REPORT_TIMER, REPORT_SERVICE = "luksctl-report.timer", "luksctl-report.service"  # install.sh frontend enables the timer too
 UNIT_DIR = Path("/etc/systemd/system")
 SOURCE = Path("/srv/luksctl-src")  # the operator's clone; pip builds the package inside it
 WHEELHOUSE = PREFIX.resolve() / "wheelhouse"  # next to the test venv guest.sh links /opt/luksctl to
@@ -94,9 +95,9 @@ def operator_machine(systemd):
     yield
     systemd.save_journal(UNIT)
     systemd.save_journal(PROXY)
-    systemd.systemctl("disable", "--now", UNIT, PROXY, check=False)
-    (UNIT_DIR / UNIT).unlink(missing_ok=True)
-    (UNIT_DIR / PROXY_UNIT_FILE).unlink(missing_ok=True)
+    systemd.systemctl("disable", "--now", UNIT, PROXY, REPORT_TIMER, check=False)
+    for unit in (UNIT, PROXY_UNIT_FILE, REPORT_TIMER, REPORT_SERVICE):
+        (UNIT_DIR / unit).unlink(missing_ok=True)
     systemd.systemctl("daemon-reload")
     if PREFIX.is_symlink() or not PREFIX.exists():
         PREFIX.unlink(missing_ok=True)
