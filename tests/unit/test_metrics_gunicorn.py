@@ -55,7 +55,7 @@ def served(tmp_path):
         assert server.poll() is None, "gunicorn exited"
         try:
             return len(workers_of(server.pid)) == 2 and requests.get(f"{base}/metrics", timeout=2).ok
-        except requests.ConnectionError:
+        except requests.RequestException:  # refused, or a worker still importing on a loaded host
             return False
 
     try:
