@@ -1,4 +1,4 @@
-"""The key lifecycle subcommands of `luksctl`: report, header, recovery-key, rotate, decommission.
+"""The key lifecycle subcommands of `luksctl`: report, header, recovery-key, rotate, reencrypt, decommission.
 
 cli.py registers them (add_commands) and runs them like the others: errors, exit
 codes, --json and the audit line stay in one place there. Commands that change the
@@ -9,6 +9,7 @@ reads its passphrase or token, unwraps, and asks for confirmation before it take
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..config import VolumeConfig, load_volume_config
-from ..errors import EXIT_OK, EXIT_STALE_BACKUP, Refused
+from ..errors import EXIT_OK, EXIT_STALE_BACKUP, Refused, UsageError
 from ..locking import exclusive_lock
-from ..secret_input import read_passphrase
+from ..secret_input import read_passphrase, read_token
 from . import cryptsetup, header, keys, report
 from .decommission import decommission
 from .keystore_options import add_vault_arguments, keystore_from_args, secret_ref
+from .reencrypt import Keys, NewCipher, progress_lines, reencrypt
 from .rotate import rotate
 
 
@@ -100,6 +102,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rotate_parser = add(commands, "rotate", "replace the passphrase with a new one, stored as a new version in Vault (works while mounted)")
     add_vault_arguments(rotate_parser, "Vault (the token needs read and update on the secret)", required=True)
     add_pbkdf_arguments(rotate_parser)
+
+    reencrypt_parser = add(commands, "reencrypt", "a new volume key: re-encrypt every sector, online while mounted (a re-run resumes)")
+    add_vault_arguments(reencrypt_parser, "Vault, to read the passphrase from (without --vault-url: the passphrase on stdin)", required=False)
+    reencrypt_parser.add_argument("--cipher", type=_cipher_name, help="a new cipher, e.g. aes-xts-plain64; default: keep the volume's")
+    reencrypt_parser.add_argument("--key-size", type=int, metavar="BITS", help="of the new volume key; default: keep the volume's")
+    others = reencrypt_parser.add_mutually_exclusive_group()
+    others.add_argument("--recovery-key-file", metavar="FILE", help="keep the recovery key: its key, read from FILE (not '-')")
+    others.add_argument("--drop-other-keyslots", action="store_true", help="remove every keyslot but the passphrase's, the recovery key's too")
+    add_pbkdf_arguments(reencrypt_parser)
 
     decommission_parser = add(commands, "decommission", "close the volume, erase every keyslot, delete the secret in Vault, the header backup and the ini")
     add_vault_arguments(decommission_parser, "Vault (the token needs delete on <root>/metadata/<path>: the dashboard's delete_only policy)", required=True)
@@ -193,6 +204,42 @@ def cmd_rotate(args: argparse.Namespace, context: Context) -> Outcome:
     return Outcome(details, text, changed=True)
 
 
+def _cipher_name(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9:-]*", value):  # aes-xts-plain64, aes-cbc-essiv:sha256; never an option
+        raise argparse.ArgumentTypeError(f"{value!r} is not a cipher name such as aes-xts-plain64")
+    return value
+
+
+def _stored_passphrase(args: argparse.Namespace, context: Context) -> bytes:
+    """From Vault with --vault-url (the token unwrapped and revoked before the lock), else on stdin."""
+    if args.vault_url is None:
+        return context.read_passphrase()
+    if not (args.wrapping_token_file or args.token_file) or not args.secret_path:
+        raise UsageError("--vault-url needs --secret-path and --wrapping-token-file or --token-file")
+    with keystore_from_args(args, context.stdin) as keystore:
+        return keystore.read(secret_ref(args)).value.encode()
+
+
+def cmd_reencrypt(args: argparse.Namespace, context: Context) -> Outcome:
+    volume = context.volume()
+    cryptsetup.require_device(volume.device_path)
+    if args.recovery_key_file == "-":
+        raise UsageError("--recovery-key-file takes a file (or a FIFO such as <(...)): stdin carries the passphrase or the token")
+    recovery_key = read_token(args.recovery_key_file, context.stdin, "recovery key").encode() if args.recovery_key_file else None
+    secrets = Keys(_stored_passphrase(args, context), recovery_key, args.drop_other_keyslots)
+    on_progress = progress_lines(sys.stdout) if args.json else None  # else cryptsetup's own bar, on a terminal
+    with context.locked():
+        done = reencrypt(volume, secrets, NewCipher(args.cipher, args.key_size), cryptsetup.Pbkdf(args.pbkdf, args.iter_time),
+                         context.state_dir, on_progress)
+    details = {"reencrypted": True, "online": done.online, "resumed": done.resumed, "cipher": done.cipher, "key_size": done.key_size,
+               "keyslots": done.keyslots, "header_backup": done.header_backup, "header_checksum": done.header_checksum, "steps": done.steps}
+    text = [f"Re-encrypted:     {volume.device_path} with a new volume key ({done.cipher}, {done.key_size}-bit), "
+            + ("online" if done.online else "offline") + (", resumed" if done.resumed else ""),
+            f"Keyslots:         {', '.join(map(str, done.keyslots))}",
+            f"Header backup:    rewritten ({done.header_backup})"]
+    return Outcome(details, text, changed=True)
+
+
 def cmd_decommission(args: argparse.Namespace, context: Context) -> Outcome:
     volume = context.volume()
     header.find_device(volume)
@@ -212,5 +259,6 @@ HANDLERS = {
     "recovery-key add": cmd_recovery_add,
     "recovery-key remove": cmd_recovery_remove,
     "rotate": cmd_rotate,
+    "reencrypt": cmd_reencrypt,
     "decommission": cmd_decommission,
 }

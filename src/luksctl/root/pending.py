@@ -30,13 +30,17 @@ ROTATION = "rotate-pending.json"  # passphrase and state in one file: a kill can
 # a rotation an upgrade interrupted), never written.
 OLD_ROTATE_PASSPHRASE = "rotate-pending-passphrase"
 OLD_ROTATE_STATE = "rotate-state.json"
+# A re-encryption keeps no secret here, only the digest of the volume key it replaces: a re-run that
+# finds a new digest knows cryptsetup had finished and only the header backup is left to write.
+REENCRYPTION = "reencrypt-state.json"
 
 FILES = {
     "setup": (SETUP_PASSPHRASE, SETUP_STATE),
     "rotate": (ROTATION, OLD_ROTATE_PASSPHRASE, OLD_ROTATE_STATE),
+    "reencrypt": (REENCRYPTION,),
 }
-RERUN = {"setup": "run luksctl setup again", "rotate": "run luksctl rotate again"}
-CONFLICT = {"setup": SetupConflict, "rotate": Refused}  # each operation's exit code for "a person must look"
+RERUN = {"setup": "run luksctl setup again", "rotate": "run luksctl rotate again", "reencrypt": "run luksctl reencrypt again"}
+CONFLICT = {"setup": SetupConflict, "rotate": Refused, "reencrypt": Refused}  # each operation's exit code for "a person must look"
 
 
 class PendingStore:
@@ -95,10 +99,11 @@ class PendingStore:
         return [path for name in self.names for path in (self.directory / name, *leftover_temporaries(self.directory / name)) if path.exists()]
 
 
-def pending_operations(directory: Path) -> list[str]:
-    """Unfinished setups and rotations whose passphrase is on disk, and temporaries a kill left (for `report`)."""
+def pending_operations(directory: Path, *, other_than: str | None = None) -> list[str]:
+    """Unfinished setups, rotations and re-encryptions, and temporaries a kill left (for `report`,
+    and for a command that must not start over another's unfinished work)."""
     found = []
-    for operation in FILES:
+    for operation in (name for name in FILES if name != other_than):
         store = PendingStore(directory, operation)
         files = store.leftovers()
         if files:
