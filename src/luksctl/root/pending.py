@@ -1,4 +1,5 @@
-"""The one store of pending secrets: the passphrase of an unfinished setup or rotation, on disk.
+"""The one store of pending secrets: the passphrase of an unfinished setup or rotation, on disk
+(and the secret-free state of an unfinished re-encryption, kept as carefully).
 
 setup and rotate save a new passphrase here before anything depends on it and delete it
 once it is stored where it belongs, so no kill or power loss leaves a volume whose
