@@ -280,3 +280,17 @@ def test_an_open_mapping_is_reencrypted_online_through_its_name(lab, capsys, mon
     assert code == EXIT_OK and lines[-1]["online"] is True
     assert calls == [(["cryptsetup", "reencrypt", "--batch-mode", "--key-file=-", *FAST_NEW_SLOT, "--progress-json", "--active-name", "labvol"],
                       PASSPHRASE)]
+
+
+def test_keeping_the_recovery_key_refuses_a_stored_passphrase_with_a_newline(tmp_path, monkeypatch, capsys):
+    lab = Lab(tmp_path, monkeypatch, passphrase=b"first line\nsecond line")
+    code, recovery = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=b"first line\nsecond line")
+    assert code == EXIT_OK, recovery
+    key_file = tmp_path / "recovery-key"
+    key_file.write_text(recovery["recovery_key"])
+    before = cryptsetup.read_header(str(lab.image))
+
+    code, lines = run_json(lab, capsys, "reencrypt", "--recovery-key-file", str(key_file), *FAST_NEW_SLOT, stdin=b"first line\nsecond line")
+
+    assert code == EXIT_REFUSED and "newline" in lines[-1]["error"] and "--drop-other-keyslots" in lines[-1]["error"]
+    assert cryptsetup.read_header(str(lab.image)) == before

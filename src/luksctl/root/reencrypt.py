@@ -94,6 +94,9 @@ def passphrases_for(device: str, header: LuksHeader, keys: Keys) -> tuple[list[b
     if unknown:
         raise Refused(f"keyslots {unknown} of {device} hold neither the stored passphrase nor the recovery key; remove them "
                       "(cryptsetup luksKillSlot) or re-encrypt with --drop-other-keyslots; nothing was changed")
+    if b"\n" in keys.passphrase:
+        raise Refused("the stored passphrase holds a newline, and cryptsetup reads one passphrase a line when it keeps several "
+                      "keyslots; re-encrypt with --drop-other-keyslots, or rotate first; nothing was changed")
     by_slot = {slot: keys.passphrase, recovery_slot: keys.recovery_key}
     return [by_slot[number] for number in sorted(by_slot)], None
 
