@@ -60,9 +60,9 @@ def token_file(bao) -> str:
     return str(path)
 
 
-def reencrypt_argv(bao, secret_path: str) -> list[str]:
+def reencrypt_argv(bao, secret_path: str, token_path: str | None = None) -> list[str]:
     return [LUKSCTL, "--json", "reencrypt", *FAST_SLOT, "--vault-url", bao.url, "--vault-allow-http",
-            "--secret-path", secret_path, "--token-file", token_file(bao)]
+            "--secret-path", secret_path, "--token-file", token_path or token_file(bao)]
 
 
 def luks_metadata(volume: Volume) -> dict:
@@ -84,18 +84,34 @@ def old_key_fits(volume: Volume) -> bool:
 
 
 def capture_old_key(volume: Volume) -> str:
-    """The volume key (a file, for cryptsetup) and the live dm table holding it, as an administrator could have kept them."""
+    """The volume key, as an administrator could have kept it: in a file (for cryptsetup), and as the
+    dm table of the open volume with that key in it (LUKS2 keeps the key in the kernel keyring, so
+    the live table names the keyring instead: the key from the dump goes in its place)."""
     OLD_KEY_FILE.unlink(missing_ok=True)
     run(CRYPTSETUP, "luksDump", "--dump-volume-key", "--volume-key-file", str(OLD_KEY_FILE), "--batch-mode", "--key-file=-", volume.loop,
         input=volume.passphrase)
     assert old_key_fits(volume)
-    return run("dmsetup", "table", "--showkeys", volume.cryptdev).stdout.decode()
+    fields = run("dmsetup", "table", volume.cryptdev).stdout.decode().split()
+    assert fields[2] == "crypt", fields
+    fields[4] = OLD_KEY_FILE.read_bytes().hex()  # start length crypt cipher KEY iv_offset device offset [options]
+    table = " ".join(fields) + "\n"
+    assert ext4_magic_with(table) == EXT4_MAGIC, "the table built from the old key decrypts the volume now"
+    return table
 
 
 def ext4_magic(device: str) -> bytes:
     with open(device, "rb") as stream:
         stream.seek(EXT4_MAGIC_AT)
         return stream.read(2)
+
+
+def ext4_magic_with(table: str) -> bytes:
+    """The filesystem's magic as a read-only mapping with this table (a key, a device) decrypts it."""
+    run("dmsetup", "create", "--readonly", OLD_KEY_VIEW, input=table.encode())
+    try:
+        return ext4_magic(f"/dev/mapper/{OLD_KEY_VIEW}")
+    finally:
+        run("dmsetup", "remove", OLD_KEY_VIEW)
 
 
 def write_reference() -> str:
@@ -163,10 +179,11 @@ def test_a_mounted_volume_written_to_the_whole_time_gets_a_new_volume_key(luks_v
                               stdout=subprocess.PIPE, text=True)
     poller = StatusPoller(dashboard)
     poller.start()
-    token = Path(token_file(vault)).read_text().strip()
+    token_path = token_file(vault)
+    token = Path(token_path).read_text().strip()
     try:
         with watch_for_leaks({"passphrase": passphrase.encode(), "token": token.encode()}) as watch:
-            command = subprocess.Popen(reencrypt_argv(vault, secret_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            command = subprocess.Popen(reencrypt_argv(vault, secret_path, token_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             during = dashboard.open(vault.open_payload(secret_path))  # mounted all along: the answer says so
             stdout, stderr = command.communicate(timeout=1800)
     finally:
@@ -187,12 +204,8 @@ def test_a_mounted_volume_written_to_the_whole_time_gets_a_new_volume_key(luks_v
     assert blocks_written > 0
 
     put_back_closed(volume)
-    run("dmsetup", "create", "--readonly", OLD_KEY_VIEW, input=old_table.encode())
-    try:
-        assert ext4_magic(f"/dev/mapper/{OLD_KEY_VIEW}") != EXT4_MAGIC, "the old volume key still decrypts the device"
-    finally:
-        run("dmsetup", "remove", OLD_KEY_VIEW)
-        OLD_KEY_FILE.unlink(missing_ok=True)
+    assert ext4_magic_with(old_table) != EXT4_MAGIC, "the old volume key still decrypts the device"
+    OLD_KEY_FILE.unlink(missing_ok=True)
     reply = dashboard.open(vault.open_payload(secret_path))
     assert reply.state == "mounted", reply.response.text
     assert ext4_magic(volume.mapper) == EXT4_MAGIC
