@@ -13,7 +13,7 @@ from luksctl.errors import EXIT_OK, EXIT_USAGE, EXIT_WRONG_PASSPHRASE
 from luksctl.root import cryptsetup
 from luksctl.root.cli import main
 
-from .test_lifecycle_vault import token_file, vault_args, vault_value
+from .conftest import token_file, vault_args, vault_value
 
 STORED = LUKS_LAB_PASSPHRASE.decode()
 
