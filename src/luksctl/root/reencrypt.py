@@ -144,6 +144,11 @@ def reencrypt(volume: VolumeConfig, keys: Keys, new: NewCipher, pbkdf: Pbkdf, st
     return Reencrypted(online, resumed, after.cipher, after.key_size, sorted(after.keyslots), str(backup), checksum, steps)
 
 
+def reencryption_unfinished(device: str, state_dir: Path) -> bool:
+    """Started and not done: cryptsetup's requirement in the header, or our state file (rotate --reencrypt resumes from either)."""
+    return read_header(device).reencrypting or PendingStore(state_dir, "reencrypt").exists(REENCRYPTION)
+
+
 def _load_state(store: PendingStore) -> dict | None:
     text = store.read(REENCRYPTION)
     if text is None:
