@@ -8,6 +8,9 @@ only on stdin. Logged argv never holds a secret because argv never does.
 from __future__ import annotations
 
 import logging
+import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import CommandFailed
@@ -71,3 +74,53 @@ def run(argv: list[str], *, timeout: float, stdin: bytes | None = None, check: b
     if check and result.returncode != 0:
         raise CommandFailed(f"{argv[0]} failed with exit code {result.returncode}", full_argv, result.returncode, result.stderr)
     return result
+
+
+def run_streaming(argv: list[str], *, timeout: float, stdin: bytes, on_line: Callable[[str], None] | None) -> Result:
+    """run() for a long command whose progress the user watches as it goes.
+
+    on_line gets each stdout line as it comes; with None the command writes to our own stdout
+    (a terminal shows its progress bar). stderr is kept for the Result. At the deadline the
+    command is killed and CommandFailed raised, as in run(); the caller decides what the exit
+    code means.
+    """
+    import selectors
+    import subprocess
+
+    full_argv = [resolve(argv[0]), *argv[1:]]
+    log.debug("running %s", full_argv)
+    deadline = time.monotonic() + timeout
+    try:
+        process = subprocess.Popen(full_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE if on_line else None,
+                                   stderr=subprocess.PIPE, env=ENVIRONMENT, close_fds=True)
+    except OSError as exc:
+        raise CommandFailed(f"{argv[0]} could not be started: {exc.strerror}", full_argv, None, "") from None
+    with process, selectors.DefaultSelector() as selector:
+        try:
+            process.stdin.write(stdin)  # a passphrase or two: far below a pipe's buffer
+            process.stdin.close()
+        except BrokenPipeError:  # it exited without reading them: its exit code says why
+            pass
+        selector.register(process.stderr, selectors.EVENT_READ)
+        if on_line:
+            selector.register(process.stdout, selectors.EVENT_READ)
+        errors, pending_line = b"", b""
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                process.kill()
+                raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s", full_argv, None, errors.decode("utf-8", "replace"))
+            for key, _ in selector.select(remaining):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                if key.fileobj is process.stderr:
+                    errors += chunk
+                    continue
+                *lines, pending_line = (pending_line + chunk).split(b"\n")
+                if not chunk and pending_line:  # a last line without its newline
+                    lines, pending_line = [pending_line], b""
+                for line in lines:
+                    on_line(line.decode("utf-8", "replace"))
+        returncode = process.wait(max(deadline - time.monotonic(), 1))
+    return Result(full_argv, returncode, "", errors.decode("utf-8", "replace"))

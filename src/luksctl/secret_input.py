@@ -35,23 +35,24 @@ def read_passphrase(stream: BinaryIO, is_tty: bool) -> bytes:
     return data
 
 
-def read_token(source: str, stdin: BinaryIO) -> str:
-    """A token from a file, a FIFO or stdin ("-"): never from argv, where every user can see it."""
+def read_token(source: str, stdin: BinaryIO, what: str = "token") -> str:
+    """A token (or a recovery key: `what`) from a file, a FIFO or stdin ("-"): never from argv,
+    where every user can see it."""
     if source == "-":
-        data = _read_stream(stdin, MAX_TOKEN_BYTES + 1, "end the token with end of file")
+        data = _read_stream(stdin, MAX_TOKEN_BYTES + 1, f"end the {what} with end of file")
     else:
         try:  # O_NONBLOCK: opening a FIFO nobody writes to must not block before the deadline starts
             fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            raise LuksctlError(f"the token file {source} cannot be read: {exc.strerror}") from None
+            raise LuksctlError(f"the {what} file {source} cannot be read: {exc.strerror}") from None
         try:
             os.set_blocking(fd, True)
-            data = read_until_eof(fd, MAX_TOKEN_BYTES + 1, STDIN_DEADLINE, "end the token with end of file", what=source)
+            data = read_until_eof(fd, MAX_TOKEN_BYTES + 1, STDIN_DEADLINE, f"end the {what} with end of file", what=source)
         finally:
             os.close(fd)
     token = data.strip()
     if not token or len(data) > MAX_TOKEN_BYTES or not all(33 <= byte < 127 for byte in token):
-        raise LuksctlError(f"the token from {'stdin' if source == '-' else source} is empty, too long or not one printable word")
+        raise LuksctlError(f"the {what} from {'stdin' if source == '-' else source} is empty, too long or not one printable word")
     return token.decode()
 
 

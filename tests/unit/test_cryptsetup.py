@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tokenize
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,3 +171,82 @@ def test_no_module_but_cryptsetup_py_speaks_cryptsetup():
     ]
 
     assert found == []
+
+
+class StreamingRecorder:
+    """runner.run_streaming's seam: the argv and stdin of each `cryptsetup reencrypt`, and progress lines it prints."""
+
+    def __init__(self, monkeypatch, returncode: int = 0, lines: tuple[str, ...] = ()) -> None:
+        self.calls: list[tuple[list[str], bytes]] = []
+        self.returncode, self.lines = returncode, lines
+        monkeypatch.setattr(runner, "run_streaming", self.run)
+        monkeypatch.setattr(cryptsetup, "size_in_bytes", lambda device: 64 << 30)
+
+    def run(self, argv, *, timeout, stdin, on_line):
+        assert timeout >= 64 << 30 >> 20, "a deadline that grows with the device"
+        self.calls.append((list(argv), stdin))
+        for line in self.lines:
+            on_line(line)
+        return runner.Result(list(argv), self.returncode, "", "")
+
+
+ONLINE = cryptsetup.Reencryption(DEVICE, "crypt")
+
+
+def test_reencryption_of_the_only_keyslot_sends_its_passphrase_as_a_key_file(monkeypatch):
+    recorder = StreamingRecorder(monkeypatch)
+
+    cryptsetup.start_reencryption(ONLINE, [STORED], keep_only_slot=None, cipher=None, key_size=None, pbkdf=cryptsetup.Pbkdf())
+
+    assert recorder.calls == [(["cryptsetup", "reencrypt", "--batch-mode", "--key-file=-", "--active-name", "crypt"], STORED)]
+
+
+def test_reencryption_keeping_every_keyslot_sends_one_passphrase_a_line_in_slot_order(monkeypatch):
+    recorder = StreamingRecorder(monkeypatch)
+
+    cryptsetup.start_reencryption(ONLINE, [b"slot 0", b"slot 1"], keep_only_slot=None, cipher="aes-xts-plain64", key_size=256,
+                                  pbkdf=cryptsetup.Pbkdf("pbkdf2", 10))
+
+    assert recorder.calls == [(["cryptsetup", "reencrypt", "--batch-mode", "--cipher", "aes-xts-plain64", "--key-size", "256",
+                                "--pbkdf", "pbkdf2", "--iter-time", "10", "--active-name", "crypt"], b"slot 0\nslot 1\n")]
+    with pytest.raises(ValueError):
+        cryptsetup.start_reencryption(ONLINE, [STORED, b"recovery"], keep_only_slot=None, cipher=None, key_size=None, pbkdf=cryptsetup.Pbkdf())
+
+
+def test_reencryption_keeping_one_keyslot_names_it(monkeypatch):
+    recorder = StreamingRecorder(monkeypatch)
+
+    cryptsetup.start_reencryption(ONLINE, [STORED], keep_only_slot=3, cipher=None, key_size=None, pbkdf=cryptsetup.Pbkdf())
+
+    assert recorder.calls[0][0] == ["cryptsetup", "reencrypt", "--batch-mode", "--key-slot", "3", "--key-file=-", "--active-name", "crypt"]
+
+
+def test_resumed_offline_reencryption_of_a_block_device_leaves_the_check_for_a_mapping_to_cryptsetup(monkeypatch):
+    recorder = StreamingRecorder(monkeypatch, lines=("Some message", '{"device_bytes":"1","device_size":"2"}'))
+    progress = []
+
+    cryptsetup.resume_reencryption(cryptsetup.Reencryption("/dev/loop0", None, progress.append), STORED)
+
+    assert recorder.calls == [(["cryptsetup", "reencrypt", "--batch-mode", "--resume-only", "--key-file=-", "--progress-json", "/dev/loop0"], STORED)]
+    assert progress == [{"device_bytes": "1", "device_size": "2"}]
+
+
+def test_reencryption_with_a_wrong_passphrase(monkeypatch):
+    StreamingRecorder(monkeypatch, returncode=cryptsetup.NO_KEY)
+
+    with pytest.raises(WrongPassphrase, match="nothing was changed"):
+        cryptsetup.resume_reencryption(ONLINE, b"wrong")
+
+
+def test_a_started_reencryption_is_read_from_the_luks2_requirements(recorder):
+    metadata = {"keyslots": {"0": {"type": "luks2", "key_size": 64, "kdf": {"type": "pbkdf2", "iterations": 1000, "salt": "s"}},
+                             "1": {"type": "reencrypt", "key_size": 1, "mode": "reencrypt"}},
+                "segments": {"0": {"encryption": "aes-xts-plain64"}},
+                "digests": {"0": {"segments": ["0"], "digest": "old"}, "1": {"segments": ["2"], "digest": "new"}},
+                "config": {"requirements": {"mandatory": ["online-reencrypt-v2"]}}}
+    recorder.stdout = json.dumps(metadata)
+
+    header = cryptsetup.read_header(DEVICE)
+
+    assert header.reencrypting is True and list(header.keyslots) == [0] and header.key_size == 512
+    assert header.volume_key_digest == "old"

@@ -96,3 +96,29 @@ def test_missing_absolute_binary_raises_command_failed():
 
     assert caught.value.returncode is None
     assert caught.value.argv == ["/nonexistent/bin/tool"]
+
+
+def test_streaming_hands_over_each_line_as_it_comes_and_keeps_stderr():
+    seen = []
+    script = "read secret; echo \"one $secret\"; sleep 0.3; printf 'two'; echo oops >&2; exit 3"
+
+    result = runner.run_streaming(["sh", "-c", script], stdin=b"s3cret\n", timeout=10, on_line=lambda line: seen.append((line, time.monotonic())))
+
+    assert [line for line, _ in seen] == ["one s3cret", "two"], "a last line without its newline too"
+    assert seen[1][1] - seen[0][1] >= 0.25, "the first line came before the command ended"
+    assert result.returncode == 3 and result.stderr == "oops\n"
+
+
+def test_streaming_without_a_line_reader_leaves_stdout_to_the_command(capfd):
+    result = runner.run_streaming(["sh", "-c", "echo progress bar; echo err >&2"], stdin=b"", timeout=10, on_line=None)
+
+    assert capfd.readouterr().out == "progress bar\n" and result.stderr == "err\n"
+
+
+def test_streaming_is_killed_at_its_deadline():
+    started = time.monotonic()
+
+    with pytest.raises(CommandFailed, match="did not finish within 0.5 s") as failed:
+        runner.run_streaming(["sh", "-c", "echo started >&2; exec sleep 30"], stdin=b"", timeout=0.5, on_line=lambda line: None)
+
+    assert time.monotonic() - started < 5 and failed.value.returncode is None

@@ -22,35 +22,10 @@ from luksctl.root.journal import VAULT_WRITTEN, Journal
 from luksctl.root.setup import VaultTarget, store_in_vault
 from luksctl.vault import SecretRef
 
-from .conftest import KV1_ROOT, KV2_ROOT, ROTATE, SECRET_KEY, UPDATE_ONLY
+from .conftest import KV1_ROOT, KV2_ROOT, ROTATE, SECRET_KEY, UPDATE_ONLY, token_file, vault_args, vault_value
 
 OLD = LUKS_LAB_PASSPHRASE.decode()
 EXIT_VAULT_DENIED = 4  # VaultDenied keeps the generic "command failed" code
-
-
-def token_file(bao, tmp_path, policy: str, *, wrapped: bool = False, client_token: str | None = None) -> str:
-    """A token made as the dashboard makes them, in a 0600 file (never argv); client_token: its chosen id."""
-    body = {"policies": [policy], "ttl": "1h", **({"id": client_token} if client_token else {})}
-    if wrapped:
-        value = bao.request("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": "60s"}, json=body).json()["wrap_info"]["token"]
-    else:
-        value = bao.request("POST", "auth/token/create", json=body).json()["auth"]["client_token"]
-    path = tmp_path / f"token-{policy}-{'wrapped' if wrapped else 'plain'}"
-    path.write_text(value + "\n")
-    path.chmod(0o600)
-    return str(path)
-
-
-def vault_args(bao, secret_path: str, token: str, *, wrapped: bool = False, root: str = KV2_ROOT, kv_version: int = 2) -> list[str]:
-    return ["--vault-url", bao.url, "--vault-allow-http", "--secret-root", root, "--secret-path", secret_path, "--kv-version", str(kv_version),
-            "--wrapping-token-file" if wrapped else "--token-file", token]
-
-
-def vault_value(bao, secret_path: str, root: str = KV2_ROOT, kv_version: int = 2) -> tuple[str, int | None]:
-    if kv_version == 1:
-        return bao.request("GET", f"{root}/{secret_path}").json()["data"][SECRET_KEY], None
-    data = bao.request("GET", f"{root}/data/{secret_path}").json()["data"]
-    return data["data"][SECRET_KEY], data["metadata"]["version"]
 
 
 def digest(path) -> str:

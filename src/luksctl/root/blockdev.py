@@ -33,6 +33,12 @@ class BlockDevice:
         return SYS_DEV_BLOCK / self.dev
 
 
+def size_in_bytes(path: str) -> int:
+    """Of a block device (whose stat() size is 0) or an image file."""
+    with open(path, "rb") as stream:
+        return stream.seek(0, os.SEEK_END)
+
+
 def block_device(path: str) -> BlockDevice:
     """The block device at `path` (symlinks followed); anything else is refused."""
     try:

@@ -276,6 +276,7 @@ COMMANDS = {
     "header": _LIFECYCLE,
     "recovery-key": _LIFECYCLE,
     "rotate": _LIFECYCLE,
+    "reencrypt": _LIFECYCLE,
     "decommission": _LIFECYCLE,
 }
 CORE_COMMANDS = ("status", "open", "close", "nfs-mount")  # what sudo lets the services run

@@ -15,21 +15,30 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import runner
 from ..errors import CommandFailed, DeviceNotFound, Refused, VolumeBusy, WrongPassphrase
+from .blockdev import size_in_bytes
 
 BINARY = "cryptsetup"
 PBKDF_CHOICES = ("argon2id", "argon2i", "pbkdf2")
 DEFAULT_HEADER_BACKUP = Path("/etc/luks/luks-header.bck")  # PROTOCOL §7: fast-luks' default header_path
 RECOVERY_TOKEN = "luksctl-recovery"  # LUKS2 token type that labels the recovery key's keyslot
+# What a started re-encryption writes into the LUKS2 requirements until it is done ("-v2" since 2.2.1):
+# cryptsetup's own resilience data, which a re-run resumes from.
+REENCRYPT_REQUIREMENT = "online-reencrypt"
 
 # The PBKDF costs ~2 s by design on a fast machine; slow VMs take many times that.
 KEY_TIMEOUT = 150
 FORMAT_TIMEOUT = 900  # argon2id wants ~2 s and 1 GiB to benchmark and to verify; slow VMs take many times that
 HEADER_TIMEOUT = 60  # commands that run no PBKDF
+# A re-encryption reads and writes the whole device: its deadline grows with the size, at a rate far
+# below any disk's (slow VMs under emulation included), never under the time the PBKDFs take.
+REENCRYPT_SLOWEST_RATE = 1 << 20  # bytes per second
 
 # cryptsetup(8) EXIT STATUS
 NO_KEY = 2  # "no permission (bad passphrase)": no keyslot opens with the key given
@@ -85,6 +94,8 @@ class LuksHeader:
     key_size: int  # bits
     keyslots: dict[int, Keyslot]
     recovery_tokens: dict[int, list[int]]  # LUKS2 token id -> the keyslots it labels as recovery keys
+    reencrypting: bool = False  # a re-encryption was started and has not finished (LUKS2 requirement)
+    volume_key_digest: str = ""  # LUKS2: the digest of the key the data segment is encrypted with; a new key, a new digest
 
     @property
     def recovery_slots(self) -> set[int]:
@@ -232,19 +243,23 @@ def read_header(device: str | Path) -> LuksHeader:
 
 def _parse_luks2(uuid: str, metadata: dict) -> LuksHeader:
     keyslots = {}
-    for slot, info in metadata["keyslots"].items():
+    passphrase_slots = {slot: info for slot, info in metadata["keyslots"].items() if info.get("type") == "luks2"}
+    for slot, info in passphrase_slots.items():  # not a re-encryption's own (type "reencrypt": no passphrase)
         kdf = info["kdf"]
         cost_keys = ("iterations",) if kdf["type"] == "pbkdf2" else ("time", "memory", "cpus")
         cost = {key: int(kdf[key]) for key in cost_keys if key in kdf}
         keyslots[int(slot)] = Keyslot(int(slot), kdf["type"], cost, kdf.get("salt", ""))
     segment = metadata["segments"].get("0", {})
-    key_size = next(iter(metadata["keyslots"].values()), {}).get("key_size", 0) * 8
+    key_size = next(iter(passphrase_slots.values()), {}).get("key_size", 0) * 8
     tokens = {
         int(token_id): [int(slot) for slot in token.get("keyslots", [])]
         for token_id, token in metadata.get("tokens", {}).items()
         if token.get("type") == RECOVERY_TOKEN
     }
-    return LuksHeader(2, uuid, segment.get("encryption", "unknown"), key_size, keyslots, tokens)
+    requirements = metadata.get("config", {}).get("requirements", {}).get("mandatory", [])
+    reencrypting = any(requirement.startswith(REENCRYPT_REQUIREMENT) for requirement in requirements)
+    digest = next((digest["digest"] for digest in metadata.get("digests", {}).values() if "0" in digest.get("segments", [])), "")
+    return LuksHeader(2, uuid, segment.get("encryption", "unknown"), key_size, keyslots, tokens, reencrypting, digest)
 
 
 def _parse_luks1(uuid: str, text: str) -> LuksHeader:
@@ -267,3 +282,63 @@ def backup_header(device: str, target: Path) -> None:
 
 def restore_header(device: str, backup: Path) -> None:
     _checked(["luksHeaderRestore", device, "--header-backup-file", str(backup), "--batch-mode"], f"restore the header of {device}")
+
+
+# --- re-encryption --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reencryption:
+    """One `cryptsetup reencrypt` run: online through `active_name` (the open mapping) or offline."""
+
+    device: str
+    active_name: str | None
+    on_progress: Callable[[dict], None] | None = None  # cryptsetup's --progress-json lines; None: its bar on our stdout
+
+    def target(self) -> list[str]:
+        if self.active_name:
+            return ["--active-name", self.active_name]
+        if not stat.S_ISBLK(os.stat(self.device).st_mode):
+            # An image file (the host tests): cryptsetup cannot look for a mapping of it, and refuses
+            # unless told it is offline. A block device is checked by cryptsetup itself.
+            return ["--force-offline-reencrypt", self.device]
+        return [self.device]
+
+    def run(self, args: list[str], stdin: bytes, what: str) -> None:
+        progress = ["--progress-json"] if self.on_progress else []
+        result = runner.run_streaming([BINARY, "reencrypt", *args, *progress, *self.target()], stdin=stdin,
+                                      on_line=self._progress_line if self.on_progress else None,
+                                      timeout=KEY_TIMEOUT + size_in_bytes(self.device) / REENCRYPT_SLOWEST_RATE)
+        if result.returncode == NO_KEY:
+            raise WrongPassphrase(f"the passphrase given does not open {self.device}; nothing was changed")
+        if result.returncode != 0:
+            raise _failed(f"{what} {self.device}", result)
+
+    def _progress_line(self, line: str) -> None:
+        if line.startswith("{"):  # the JSON lines; cryptsetup may print a plain message too
+            self.on_progress(json.loads(line))
+
+
+def start_reencryption(job: Reencryption, passphrases: list[bytes], *, keep_only_slot: int | None,
+                       cipher: str | None, key_size: int | None, pbkdf: Pbkdf) -> None:
+    """A new volume key for the whole device.
+
+    keep_only_slot: that keyslot's passphrase (the only one given) opens the new key, and every
+    other keyslot is removed. Otherwise `passphrases` are those of every keyslot, in slot order:
+    cryptsetup asks for each, one line each from a stdin that is not a terminal, and keeps them all.
+    """
+    if keep_only_slot is not None:
+        key_args, stdin = ["--key-slot", str(keep_only_slot), "--key-file=-"], passphrases[0]
+    elif len(passphrases) == 1:
+        key_args, stdin = ["--key-file=-"], passphrases[0]
+    else:
+        if any(b"\n" in passphrase for passphrase in passphrases):
+            raise ValueError("passphrases sent one a line must not contain a newline")
+        key_args, stdin = [], b"".join(passphrase + b"\n" for passphrase in passphrases)
+    new_cipher = (["--cipher", cipher] if cipher else []) + (["--key-size", str(key_size)] if key_size else [])
+    job.run(["--batch-mode", *key_args, *new_cipher, *pbkdf.argv()], stdin, "re-encrypt")
+
+
+def resume_reencryption(job: Reencryption, passphrase: bytes) -> None:
+    """Carry on from cryptsetup's resilience data in the header (after a kill or a power cut)."""
+    job.run(["--batch-mode", "--resume-only", "--key-file=-"], passphrase, "resume the re-encryption of")

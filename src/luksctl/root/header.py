@@ -220,7 +220,7 @@ def check_restorable(device: str, copy: Path, backup: Path, expected_uuid: str, 
         on_device = None  # a damaged header is why one restores: the by-uuid link and the ini named it
     if on_device is not None and on_device.uuid.lower() != saved.uuid.lower():
         raise Refused(f"{device} holds volume {on_device.uuid}, not {saved.uuid}; nothing was written")
-    if _size(device) < copy.stat().st_size:
+    if blockdev.size_in_bytes(device) < copy.stat().st_size:
         raise Refused(f"{device} is smaller than the header in {backup}: it is not that volume's device; nothing was written")
     if stat.S_ISBLK(os.stat(device).st_mode):  # an image file (tests, recovery on a copy) has no users and no partitions
         target = blockdev.block_device(device)
@@ -234,11 +234,6 @@ def check_restorable(device: str, copy: Path, backup: Path, expected_uuid: str, 
         return [f"the keyslots of {backup} differ from the device's: restoring it brings back every passphrase "
                 "its keyslots held (one rotated out since opens the volume again) and drops any added since"]
     return []
-
-
-def _size(device: str) -> int:
-    with open(device, "rb") as stream:
-        return stream.seek(0, os.SEEK_END)
 
 
 def describe(header: cryptsetup.LuksHeader) -> dict:

@@ -67,7 +67,7 @@ def open_keystore(url: str, token: str, *, wrapped: bool, ca_bundle: str | None,
 
 
 def keystore_from_args(args: argparse.Namespace, stdin: BinaryIO):
-    """open_keystore for rotate and decommission, whose Vault options are required."""
+    """open_keystore for rotate, decommission and reencrypt (which checks its optional ones first)."""
     token = read_vault_token(args, stdin)
     return open_keystore(args.vault_url, token, wrapped=bool(args.wrapping_token_file), ca_bundle=args.vault_ca_bundle,
                          timeout=args.vault_timeout, allow_http=args.vault_allow_http)

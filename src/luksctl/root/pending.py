@@ -1,4 +1,5 @@
-"""The one store of pending secrets: the passphrase of an unfinished setup or rotation, on disk.
+"""The one store of pending secrets: the passphrase of an unfinished setup or rotation, on disk
+(and the secret-free state of an unfinished re-encryption, kept as carefully).
 
 setup and rotate save a new passphrase here before anything depends on it and delete it
 once it is stored where it belongs, so no kill or power loss leaves a volume whose
@@ -31,13 +32,17 @@ ROTATION = "rotate-pending.json"  # passphrase and state in one file: a kill can
 # a rotation an upgrade interrupted), never written.
 OLD_ROTATE_PASSPHRASE = "rotate-pending-passphrase"
 OLD_ROTATE_STATE = "rotate-state.json"
+# A re-encryption keeps no secret here, only the digest of the volume key it replaces: a re-run that
+# finds a new digest knows cryptsetup had finished and only the header backup is left to write.
+REENCRYPTION = "reencrypt-state.json"
 
 FILES = {
     "setup": (SETUP_PASSPHRASE, SETUP_STATE),
     "rotate": (ROTATION, OLD_ROTATE_PASSPHRASE, OLD_ROTATE_STATE),
+    "reencrypt": (REENCRYPTION,),
 }
-RERUN = {"setup": "run luksctl setup again", "rotate": "run luksctl rotate again"}
-CONFLICT = {"setup": SetupConflict, "rotate": Refused}  # each operation's exit code for "a person must look"
+RERUN = {"setup": "run luksctl setup again", "rotate": "run luksctl rotate again", "reencrypt": "run luksctl reencrypt again"}
+CONFLICT = {"setup": SetupConflict, "rotate": Refused, "reencrypt": Refused}  # each operation's exit code for "a person must look"
 
 
 class PendingStore:
@@ -96,10 +101,10 @@ class PendingStore:
         return [path for name in self.names for path in (self.directory / name, *leftover_temporaries(self.directory / name)) if path.exists()]
 
 
-def unfinished(directory: Path) -> dict[str, list[Path]]:
-    """Each unfinished setup and rotation whose passphrase is on disk, with its files and the
-    temporaries a kill left (for `report`)."""
-    found = {operation: PendingStore(directory, operation).leftovers() for operation in FILES}
+def unfinished(directory: Path, *, other_than: str | None = None) -> dict[str, list[Path]]:
+    """Each unfinished setup, rotation and re-encryption, with its files and the temporaries a
+    kill left (for `report`, and for a command that must not start over another's unfinished work)."""
+    found = {operation: PendingStore(directory, operation).leftovers() for operation in FILES if operation != other_than}
     return {operation: files for operation, files in found.items() if files}
 
 

@@ -81,7 +81,9 @@ def build_report(volume: VolumeConfig, passphrase: bytes | None, state_dir: Path
         report["header_backup"] = {"path": str(backup), "exists": backup.is_file()}
         return report
     if cryptsetup.is_luks(device):
-        report.update(header.describe(cryptsetup.read_header(device)))
+        luks = cryptsetup.read_header(device)
+        report.update(header.describe(luks))
+        report["reencrypting"] = luks.reencrypting
     else:
         report["device_header_missing"] = True  # zeroed or overwritten: `header restore` is for this
     report["header_backup"] = {k: v for k, v in vars(header.check_backup(device, backup, time.time())).items() if v is not None}
@@ -104,6 +106,8 @@ def report_lines(report: dict) -> list[str]:
             cost = ", ".join(f"{k} {v}" for k, v in slot.items() if k not in ("slot", "pbkdf", "recovery_key"))
             role = " (recovery key)" if slot["recovery_key"] else ""
             lines.append(f"Keyslot {slot['slot']}:{' ' * (9 - len(str(slot['slot'])))}{slot['pbkdf']} ({cost}){role}")
+    if report.get("reencrypting"):
+        lines.append("RE-ENCRYPTING:    started and not finished (a kill or a power cut?): luksctl reencrypt resumes it")
     if "passphrase_opens_slot" in report:
         opened = report["passphrase_opens_slot"]
         lines.append(f"Given passphrase: {'opens keyslot ' + str(opened) if opened is not None else 'opens no keyslot'}")

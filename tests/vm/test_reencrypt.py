@@ -1,0 +1,265 @@
+"""`luksctl reencrypt` on a real kernel: a new volume key while the volume stays mounted and written
+to, and a run SIGKILLed mid-way that a re-run resumes, the dashboard's open working throughout.
+
+Cheap by design: the 64 MiB volumes of VolumeFactory (48 MiB of data), pbkdf2 at 1000 iterations
+for the volume and `--pbkdf pbkdf2 --iter-time 1` for the new keyslots, the session's OpenBao and API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers_vm import CRYPTSETUP, MOUNTPOINT, Volume, put_back_closed, run
+from leaks import watch_for_leaks
+from support.policies import READ_POLICY
+
+LUKSCTL = "/usr/local/sbin/luksctl"
+FAST_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
+SUB = "reencrypt-user-sub"
+OLD_KEY_FILE = Path("/run/reencrypt-test-old-volume-key")  # test only: what `dmsetup table --showkeys` showed an administrator
+OLD_KEY_VIEW = "reencrypt-old-key-view"
+EXT4_MAGIC_AT, EXT4_MAGIC = 1024 + 56, b"\x53\xef"  # the superblock's s_magic, little-endian
+BLOCK = 4096
+REFERENCE_SIZE = 4 << 20
+
+# Writes blocks of 4 KiB, each its sha256 then random bytes, 64 to a file, each file fsynced, until
+# the stop file appears or the cap is reached (the filesystem is 48 MiB); then prints how many.
+WRITER = """
+import hashlib, os, sys
+directory, stop, cap = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.makedirs(directory, exist_ok=True)
+written = 0
+while not os.path.exists(stop):
+    if written < cap:
+        blocks = b"".join(hashlib.sha256(body).digest() + body for body in (os.urandom(4096 - 32) for _ in range(64)))
+        with open(os.path.join(directory, f"blocks-{written // 64:05d}"), "wb") as stream:
+            stream.write(blocks)
+            stream.flush()
+            os.fsync(stream.fileno())
+        written += 64
+print(written, flush=True)
+"""
+
+
+def token_file(bao) -> str:
+    """A plain token that reads the secret (the dashboard's read policy), in a root-only file."""
+    token = bao.request("POST", "auth/token/create", json={"policies": [READ_POLICY], "ttl": "1h"}).json()["auth"]["client_token"]
+    path = Path("/run/reencrypt-token")
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def reencrypt_argv(bao, secret_path: str, token_path: str | None = None) -> list[str]:
+    return [LUKSCTL, "--json", "reencrypt", *FAST_SLOT, "--vault-url", bao.url, "--vault-allow-http",
+            "--secret-path", secret_path, "--token-file", token_path or token_file(bao)]
+
+
+def luks_metadata(volume: Volume) -> dict:
+    return json.loads(run(CRYPTSETUP, "luksDump", "--dump-json-metadata", volume.loop).stdout)
+
+
+def volume_key_digest(volume: Volume) -> str:
+    return next(digest["digest"] for digest in luks_metadata(volume)["digests"].values() if "0" in digest["segments"])
+
+
+def reencrypting(volume: Volume) -> bool:
+    return any(requirement.startswith("online-reencrypt") for requirement in luks_metadata(volume)["config"].get("requirements", {}).get("mandatory", []))
+
+
+def old_key_fits(volume: Volume) -> bool:
+    result = run(CRYPTSETUP, "open", "--test-passphrase", "--volume-key-file", str(OLD_KEY_FILE), volume.loop, check=False)
+    assert result.returncode in (0, 2), result.stderr
+    return result.returncode == 0
+
+
+def capture_old_key(volume: Volume) -> str:
+    """The volume key, as an administrator could have kept it: in a file (for cryptsetup), and as the
+    dm table of the open volume with that key in it (LUKS2 keeps the key in the kernel keyring, so
+    the live table names the keyring instead: the key from the dump goes in its place)."""
+    OLD_KEY_FILE.unlink(missing_ok=True)
+    run(CRYPTSETUP, "luksDump", "--dump-volume-key", "--volume-key-file", str(OLD_KEY_FILE), "--batch-mode", "--key-file=-", volume.loop,
+        input=volume.passphrase)
+    assert old_key_fits(volume)
+    fields = run("dmsetup", "table", volume.cryptdev).stdout.decode().split()
+    assert fields[2] == "crypt", fields
+    fields[4] = OLD_KEY_FILE.read_bytes().hex()  # start length crypt cipher KEY iv_offset device offset [options]
+    table = " ".join(fields) + "\n"
+    assert ext4_magic_with(table) == EXT4_MAGIC, "the table built from the old key decrypts the volume now"
+    return table
+
+
+def ext4_magic(device: str) -> bytes:
+    with open(device, "rb") as stream:
+        stream.seek(EXT4_MAGIC_AT)
+        return stream.read(2)
+
+
+def ext4_magic_with(table: str) -> bytes:
+    """The filesystem's magic as a read-only mapping with this table (a key, a device) decrypts it."""
+    run("dmsetup", "create", "--readonly", OLD_KEY_VIEW, input=table.encode())
+    try:
+        return ext4_magic(f"/dev/mapper/{OLD_KEY_VIEW}")
+    finally:
+        run("dmsetup", "remove", OLD_KEY_VIEW)
+
+
+def write_reference() -> str:
+    data = os.urandom(REFERENCE_SIZE)
+    (MOUNTPOINT / "reference.bin").write_bytes(data)
+    run("sync")
+    return hashlib.sha256(data).hexdigest()
+
+
+def bad_blocks(directory: Path) -> tuple[int, list[str]]:
+    """(blocks read, those whose sha256 does not match their content)."""
+    count, bad = 0, []
+    for path in sorted(directory.iterdir()):
+        data = path.read_bytes()
+        for at in range(0, len(data), BLOCK):
+            block = data[at:at + BLOCK]
+            count += 1
+            if hashlib.sha256(block[32:]).digest() != block[:32]:
+                bad.append(f"{path.name}@{at}")
+    return count, bad
+
+
+class StatusPoller(threading.Thread):
+    """Asks the API for the status the whole time, as the dashboard does; counts what failed."""
+
+    def __init__(self, dashboard) -> None:
+        super().__init__(daemon=True)
+        self.dashboard, self.answers, self.failures = dashboard, 0, []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                reply = self.dashboard.status()
+                if reply.response.status_code != 200 or reply.state != "mounted":
+                    self.failures.append(f"{reply.response.status_code} {reply.response.text[:200]}")
+            except Exception as exc:  # noqa: BLE001 - any failure is what this counts
+                self.failures.append(repr(exc))
+            self.answers += 1
+            self.stopping.wait(0.2)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(120)
+
+
+def mounted_volume(luks_volume, vault, dashboard, passphrase: str) -> tuple[Volume, str]:
+    volume = luks_volume(passphrase)
+    secret_path = vault.store_passphrase(SUB, volume.uuid, passphrase)
+    reply = dashboard.open(vault.open_payload(secret_path))
+    assert reply.state == "mounted", reply.response.text
+    return volume, secret_path
+
+
+def test_a_mounted_volume_written_to_the_whole_time_gets_a_new_volume_key(luks_volume, bao_up, dashboard):
+    vault = bao_up
+    passphrase = "reencrypt mounted passphrase"
+    volume, secret_path = mounted_volume(luks_volume, vault, dashboard, passphrase)
+    reference = write_reference()
+    digest_before = volume_key_digest(volume)
+    old_table = capture_old_key(volume)
+
+    stop = MOUNTPOINT / "stop-writing"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(MOUNTPOINT / "blocks"), str(stop), str((16 << 20) // BLOCK)],
+                              stdout=subprocess.PIPE, text=True)
+    poller = StatusPoller(dashboard)
+    poller.start()
+    token_path = token_file(vault)
+    token = Path(token_path).read_text().strip()
+    try:
+        with watch_for_leaks({"passphrase": passphrase.encode(), "token": token.encode()}) as watch:
+            command = subprocess.Popen(reencrypt_argv(vault, secret_path, token_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            during = dashboard.open(vault.open_payload(secret_path))  # mounted all along: the answer says so
+            stdout, stderr = command.communicate(timeout=1800)
+    finally:
+        stop.touch()
+        blocks_written = int(writer.communicate(timeout=300)[0])
+        poller.stop()
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert command.returncode == 0, (lines[-1:], stderr)
+    answer = lines[-1]
+    assert answer["online"] is True and answer["resumed"] is False and answer["volume_state"] == "mounted"
+    assert lines[:-1] and all(line["event"] == "reencrypt" for line in lines[:-1]) and lines[-2]["percent"] == 100
+    assert during.state == "mounted", during.response.text
+    assert poller.answers > 0 and poller.failures == [], poller.failures
+    watch.assert_nothing_leaked()
+
+    assert volume_key_digest(volume) != digest_before and not reencrypting(volume)
+    assert not old_key_fits(volume), "the old volume key still matches the header"
+    assert blocks_written > 0
+
+    put_back_closed(volume)
+    assert ext4_magic_with(old_table) != EXT4_MAGIC, "the old volume key still decrypts the device"
+    OLD_KEY_FILE.unlink(missing_ok=True)
+    reply = dashboard.open(vault.open_payload(secret_path))
+    assert reply.state == "mounted", reply.response.text
+    assert ext4_magic(volume.mapper) == EXT4_MAGIC
+    count, bad = bad_blocks(MOUNTPOINT / "blocks")
+    assert count == blocks_written and bad == [], f"{len(bad)} of {count} blocks differ: {bad[:10]}"
+    assert hashlib.sha256((MOUNTPOINT / "reference.bin").read_bytes()).hexdigest() == reference
+
+
+def run_until_mid_way(argv: list[str]) -> dict:
+    """Runs luksctl in its own session and SIGKILLs all of it (luksctl and its cryptsetup, as a power cut
+    or `systemctl kill` would) at its first progress line short of 100%: that line."""
+    command = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    watchdog = threading.Timer(900, lambda: os.killpg(command.pid, signal.SIGKILL))
+    watchdog.start()
+    try:
+        for line in command.stdout:
+            event = json.loads(line)
+            if event.get("event") == "reencrypt" and event["percent"] < 100:
+                os.killpg(command.pid, signal.SIGKILL)
+                command.wait(60)
+                return event
+        pytest.fail(f"luksctl reencrypt ended before a progress line short of 100% (exit {command.wait(60)}): "
+                    f"nothing was killed mid-way; {command.stderr.read()[-2000:]}")
+    finally:
+        watchdog.cancel()
+
+
+@pytest.mark.parametrize("mounted", [True, False], ids=["online", "offline"])
+def test_killed_mid_way_the_dashboard_still_opens_and_a_rerun_resumes(luks_volume, bao_up, dashboard, mounted):
+    vault = bao_up
+    passphrase = f"reencrypt kill passphrase {'online' if mounted else 'offline'}"
+    volume, secret_path = mounted_volume(luks_volume, vault, dashboard, passphrase)
+    reference = write_reference()
+    digest_before = volume_key_digest(volume)
+    if not mounted:
+        put_back_closed(volume)
+
+    killed_at = run_until_mid_way(reencrypt_argv(vault, secret_path))
+
+    assert reencrypting(volume), f"killed at {killed_at} but the header records no re-encryption in progress"
+    assert dashboard.status().response.status_code == 200
+    reply = dashboard.open(vault.open_payload(secret_path))  # offline: cryptsetup opens a device mid-way through
+    assert reply.state == "mounted", reply.response.text
+    assert hashlib.sha256((MOUNTPOINT / "reference.bin").read_bytes()).hexdigest() == reference
+
+    done = subprocess.run(reencrypt_argv(vault, secret_path), capture_output=True, timeout=1800)
+    answer = json.loads(done.stdout.splitlines()[-1])
+    assert done.returncode == 0, (answer, done.stderr)
+    assert answer["resumed"] is True and answer["online"] is True and "resumed the re-encryption" in answer["steps"]
+    assert volume_key_digest(volume) != digest_before and not reencrypting(volume)
+
+    put_back_closed(volume)
+    reply = dashboard.open(vault.open_payload(secret_path))
+    assert reply.state == "mounted", reply.response.text
+    assert hashlib.sha256((MOUNTPOINT / "reference.bin").read_bytes()).hexdigest() == reference, "data not byte-exact after the resume"
+    code = subprocess.run([LUKSCTL, "header", "verify"], capture_output=True, timeout=300).returncode
+    assert code == 0, "the header backup is the header after the re-encryption"
