@@ -262,8 +262,12 @@ class WorkerNode:
 
     def with_proxy(self) -> list[str]:
         proxy = self.proxy_unit
+        # The proxy unit's own environment, not the service's this script inherits (systemd gives
+        # each unit its own): the service's PROMETHEUS_MULTIPROC_DIR, say, is not the proxy's.
+        env = ["env", "-i", f"PATH={SERVICE_PATH}", "LANG=C.UTF-8", *(f"{k}={v}" for k, v in proxy.environment.items())]
         return ["sh", "-c", WITH_PROXY, "with-proxy", f"/run/{proxy.one('RuntimeDirectory')}",
-                " && ".join(shlex.join(argv) for argv in proxy.exec_start_pre), proxy.one("ExecStart")]
+                " && ".join(shlex.join([*env, *argv]) for argv in proxy.exec_start_pre),
+                shlex.join([*env, *shlex.split(proxy.one("ExecStart"))])]
 
     def spawn(self) -> None:
         """Starts the process tree; wait_ready() waits for it to answer."""
