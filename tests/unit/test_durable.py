@@ -94,3 +94,26 @@ def test_the_new_file_is_private_from_its_creation_on(tmp_path, monkeypatch):
         os.umask(old_umask)
 
     assert at_creation == [0o600]
+
+
+def test_a_file_planted_at_the_temporary_name_is_refused_not_written_through(tmp_path, monkeypatch):
+    target = tmp_path / "pending"
+    monkeypatch.setattr(durable.secrets, "token_hex", lambda n: "deadbeef")
+    planted = tmp_path / ".pending.deadbeef.tmp"
+    planted.write_bytes(b"planted")
+
+    with pytest.raises(FileExistsError):
+        durable.write_atomically(target, b"secret", mode=0o600)
+
+    assert planted.read_bytes() == b"planted" and not target.exists()
+
+
+def test_a_failed_write_raises_its_own_error_and_leaves_no_temporary(tmp_path, monkeypatch):
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        durable.write_atomically(tmp_path / "pending", b"secret", mode=0o600)
+
+    assert list(tmp_path.iterdir()) == []
