@@ -64,9 +64,10 @@ lock:
 		--build-deps-for wheel --only-build-deps --output-file requirements-build.lock pyproject.toml
 
 # Mutation testing (mutmut; [tool.mutmut] in pyproject.toml), not part of `make test`: every
-# module listed there, or only MUTANTS (e.g. MUTANTS=src/luksctl/root/rotate.py). At the lowest CPU
-# priority, resumable (mutants/ keeps the results). Prints the score; tests/mutants-survivors.md
-# lists each survivor with its reason.
+# module listed there, or only MUTANTS (e.g. MUTANTS=src/luksctl/root/rotate.py), at the lowest CPU
+# priority. A run of every module resumes where an interrupted one stopped (mutants/ keeps the
+# results); MUTANTS re-tests its modules. Prints the score of what was run;
+# tests/mutants-survivors.md lists each survivor with its reason.
 MUTANTS ?=
 mutants: $(VENV)/.stamp
 	$(VENV)/bin/pip install -q -e '.[mutants]'
