@@ -1,0 +1,32 @@
+"""journal.py: what an unfinished setup's state says when its passphrase file is gone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from luksctl.errors import SetupConflict
+from luksctl.root import journal
+
+
+def saved_state(directory, steps: list[str]) -> journal.Journal:
+    setup = journal.Journal(directory)
+    setup.store.write(journal.STATE_FILE, json.dumps({"device": "/dev/vdb", "steps": steps}).encode())
+    return setup
+
+
+def test_a_state_without_its_passphrase_names_the_steps_done_and_stays(tmp_path):
+    setup = saved_state(tmp_path, [journal.VAULT_WRITE_STARTED, journal.VAULT_WRITTEN])
+
+    with pytest.raises(SetupConflict, match=rf"\(vault-write-started, vault-written\) but {setup.passphrase_path} is gone; restore"):
+        setup.load()
+    assert setup.state_path.exists()
+
+
+@pytest.mark.parametrize("steps", [[], [journal.FORMATTED, journal.MKFS_DONE]])
+def test_a_state_without_its_passphrase_before_any_step_or_after_the_last_is_removed(tmp_path, steps):
+    setup = saved_state(tmp_path, steps)
+
+    assert setup.load() is None
+    assert not setup.state_path.exists()
