@@ -30,3 +30,23 @@ def test_a_state_without_its_passphrase_before_any_step_or_after_the_last_is_rem
 
     assert setup.load() is None
     assert not setup.state_path.exists()
+
+
+@pytest.mark.parametrize("text", [b'{"device": "/dev/vdb"}', b'["formatted"]', b"{"])
+def test_a_damaged_state_is_refused(tmp_path, text):
+    setup = journal.Journal(tmp_path)
+    setup.store.write(journal.STATE_FILE, text)
+
+    with pytest.raises(SetupConflict, match=f"^{setup.state_path} is damaged; compare it with the device, then move it away$"):
+        setup.load()
+
+
+def test_after_finish_no_step_is_done_and_nothing_is_left(tmp_path):
+    setup = journal.Journal(tmp_path)
+    setup.begin(b"passphrase", {"device": "/dev/vdb"})
+    setup.record(journal.FORMATTED)
+
+    setup.finish()
+
+    assert not setup.done(journal.FORMATTED)
+    assert list(tmp_path.iterdir()) == [] and journal.Journal(tmp_path).load() is None
