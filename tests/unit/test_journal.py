@@ -19,9 +19,9 @@ def saved_state(directory, steps: list[str]) -> journal.Journal:
 def test_a_state_without_its_passphrase_names_the_steps_done_and_stays(tmp_path):
     setup = saved_state(tmp_path, [journal.VAULT_WRITE_STARTED, journal.VAULT_WRITTEN])
 
-    with pytest.raises(SetupConflict, match=rf"\(vault-write-started, vault-written\) but {setup.passphrase_path} is gone; restore"):
+    with pytest.raises(SetupConflict, match=rf"\(vault-write-started, vault-written\) but {tmp_path / journal.PASSPHRASE_FILE} is gone; restore"):
         setup.load()
-    assert setup.state_path.exists()
+    assert (tmp_path / journal.STATE_FILE).exists()
 
 
 @pytest.mark.parametrize("steps", [[], [journal.FORMATTED, journal.MKFS_DONE]])
@@ -29,7 +29,7 @@ def test_a_state_without_its_passphrase_before_any_step_or_after_the_last_is_rem
     setup = saved_state(tmp_path, steps)
 
     assert setup.load() is None
-    assert not setup.state_path.exists()
+    assert not (tmp_path / journal.STATE_FILE).exists()
 
 
 @pytest.mark.parametrize("text", [b'{"device": "/dev/vdb"}', b'["formatted"]', b"{"])
@@ -37,12 +37,13 @@ def test_a_damaged_state_is_refused(tmp_path, text):
     setup = journal.Journal(tmp_path)
     setup.store.write(journal.STATE_FILE, text)
 
-    with pytest.raises(SetupConflict, match=f"^{setup.state_path} is damaged; compare it with the device, then move it away$"):
+    with pytest.raises(SetupConflict, match=f"^{tmp_path / journal.STATE_FILE} is damaged; compare it with the device, then move it away$"):
         setup.load()
 
 
-def test_after_finish_no_step_is_done_and_nothing_is_left(tmp_path):
+def test_no_step_is_done_before_begin_nor_after_finish_and_finish_leaves_nothing(tmp_path):
     setup = journal.Journal(tmp_path)
+    assert not setup.done(journal.FORMATTED)
     setup.begin(b"passphrase", {"device": "/dev/vdb"})
     setup.record(journal.FORMATTED)
 
