@@ -516,6 +516,31 @@ def test_decommission_finds_the_device_by_the_ini_when_the_uuid_link_is_gone(lab
     assert done.steps == ["erased every keyslot"] and not opens(lab.image, PASSPHRASE)
 
 
+
+def test_decommission_of_a_mounted_volume_closes_it_first_and_says_so(lab, monkeypatch):
+    """The kernel's side is faked at the runner seam (the lab's image has no mapping to close):
+    umount and cryptsetup close succeed and change the state read; every other command is real."""
+    from luksctl import runner
+    from luksctl.root import volume
+    from luksctl.status import VolumeStatus
+
+    kernel = {"mapped": True, "mounted": True}
+    real_run = runner.run
+
+    def run(argv, **kwargs):
+        if argv[0] == "umount" or argv[:2] == ["cryptsetup", "close"]:
+            kernel["mounted" if argv[0] == "umount" else "mapped"] = False
+            return runner.Result(list(argv), 0, "", "")
+        return real_run(argv, **kwargs)
+
+    monkeypatch.setattr(runner, "run", run)
+    monkeypatch.setattr(volume, "current_status", lambda vol: VolumeStatus("254:0" if kernel["mapped"] else None, kernel["mounted"]))
+
+    done = decommission(load_volume_config(lab.ini), lab.ini, None, None)
+
+    assert kernel == {"mapped": False, "mounted": False}
+    assert done.steps == ["closed", "erased every keyslot"] and not opens(lab.image, PASSPHRASE)
+
 def test_no_secret_in_any_argv_or_log_line(lab, capsys, monkeypatch, caplog):
     from luksctl import runner
 
