@@ -9,7 +9,8 @@ import pytest
 
 from luksctl.errors import Refused, SetupConflict
 from luksctl.root import pending
-from luksctl.root.pending import ROTATION, SETUP_PASSPHRASE, PendingStore
+from luksctl.root.pending import OLD_ROTATE_PASSPHRASE, OLD_ROTATE_STATE, ROTATION, SETUP_PASSPHRASE, PendingStore
+from luksctl.root.rotate import Pending
 
 NOBODY = 65534
 
@@ -60,3 +61,14 @@ def test_pending_operations_names_every_file_of_an_operation(tmp_path):
     leftover.write_bytes(b"{}")
 
     assert pending.pending_operations(tmp_path) == [f"rotate ({store.path(ROTATION)}, {leftover}); run luksctl rotate again"]
+
+
+def test_rotate_saving_the_one_file_form_removes_both_files_of_the_old_form(tmp_path):
+    store = PendingStore(tmp_path, "rotate")
+    store.write(OLD_ROTATE_PASSPHRASE, b"new")
+    store.write(OLD_ROTATE_STATE, b'{"old_slot": 0, "new_slot": 1}')
+
+    Pending(tmp_path).save(b"new", {"old_slot": 0, "new_slot": 1})
+
+    assert [path.name for path in tmp_path.iterdir()] == [ROTATION]
+    assert Pending(tmp_path).load() == (b"new", {"old_slot": 0, "new_slot": 1})
