@@ -72,3 +72,11 @@ def test_rotate_saving_the_one_file_form_removes_both_files_of_the_old_form(tmp_
 
     assert [path.name for path in tmp_path.iterdir()] == [ROTATION]
     assert Pending(tmp_path).load() == (b"new", {"old_slot": 0, "new_slot": 1})
+
+
+@pytest.mark.parametrize("text", [b"{", b'{"old_slot": 0, "new_slot": 1}', b'["passphrase"]'])
+def test_rotate_refuses_a_damaged_pending_rotation(tmp_path, text):
+    PendingStore(tmp_path, "rotate").write(ROTATION, text)
+
+    with pytest.raises(Refused, match=f"^{tmp_path / ROTATION} is damaged; compare it with the device, then move it away$"):
+        Pending(tmp_path).load()
