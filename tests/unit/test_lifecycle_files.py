@@ -706,7 +706,7 @@ def test_rotate_killed_at_each_of_its_pending_file_operations_finishes_on_a_reru
             assert_rotated(lab, vault)
 
 
-@pytest.mark.parametrize("old_form", ["passphrase only", "passphrase and state", "after luksAddKey"])
+@pytest.mark.parametrize("old_form", ["passphrase only", "passphrase and state", "after luksAddKey", "after the Vault write"])
 def test_rotate_finishes_a_rotation_an_older_version_left_in_two_files(lab, old_form):
     """Killed between its two writes, the old form left the passphrase alone: exit 7 until a person came."""
     vault = MemoryVault(PASSPHRASE)
@@ -717,9 +717,11 @@ def test_rotate_finishes_a_rotation_an_older_version_left_in_two_files(lab, old_
     if old_form != "passphrase only":
         (lab.dir / "rotate-state.json").write_text('{"old_slot": 0, "new_slot": 1}\n')
         (lab.dir / "rotate-state.json").chmod(0o600)
-    if old_form == "after luksAddKey":
+    if old_form in ("after luksAddKey", "after the Vault write"):
         subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(PASSPHRASE)}", *FAST_NEW_SLOT, str(lab.image)],
                        input=PASSPHRASE + new, check=True, capture_output=True)
+    if old_form == "after the Vault write":  # its state file is what tells the old slot from the new
+        vault.value = new.decode()
 
     rotation = rotate_lab(lab, vault)
 
