@@ -9,7 +9,7 @@ VM_PREFIX ?= /opt/luksctl-test
 PYTEST_ARGS ?=
 BENCH ?=
 
-.PHONY: test test-host test-vm demo bench lock deps vm-prefix clean
+.PHONY: test test-host test-vm demo bench lock deps vm-prefix clean mutants
 
 test: test-host test-vm
 
@@ -63,5 +63,16 @@ lock:
 	"$$tmp/bin/pip-compile" --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --allow-unsafe \
 		--build-deps-for wheel --only-build-deps --output-file requirements-build.lock pyproject.toml
 
+# Mutation testing (mutmut; [tool.mutmut] in pyproject.toml), not part of `make test`: every
+# module listed there, or only MUTANTS (e.g. MUTANTS=src/luksctl/root/rotate.py), at the lowest CPU
+# priority. A run of every module resumes where an interrupted one stopped (mutants/ keeps the
+# results); MUTANTS re-tests its modules. Prints the score of what was run;
+# tests/mutants-survivors.md lists each survivor with its reason.
+MUTANTS ?=
+mutants: $(VENV)/.stamp
+	$(VENV)/bin/pip install -q -e '.[mutants]'
+	nice -n 19 $(VENV)/bin/mutmut run --max-children 2 $(foreach m,$(MUTANTS),'$(subst /,.,$(patsubst src/%.py,%,$(m))).*')
+	$(VENV)/bin/mutmut results --all true | $(VENV)/bin/python scripts/mutants-score.py tests/mutants-survivors.md $(MUTANTS)
+
 clean:
-	rm -rf $(VENV) vm-out vm-out-systemd build src/*.egg-info
+	rm -rf $(VENV) vm-out vm-out-systemd build src/*.egg-info mutants

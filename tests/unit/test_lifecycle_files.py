@@ -516,6 +516,31 @@ def test_decommission_finds_the_device_by_the_ini_when_the_uuid_link_is_gone(lab
     assert done.steps == ["erased every keyslot"] and not opens(lab.image, PASSPHRASE)
 
 
+
+def test_decommission_of_a_mounted_volume_closes_it_first_and_says_so(lab, monkeypatch):
+    """The kernel's side is faked at the runner seam (the lab's image has no mapping to close):
+    umount and cryptsetup close succeed and change the state read; every other command is real."""
+    from luksctl import runner
+    from luksctl.root import volume
+    from luksctl.status import VolumeStatus
+
+    kernel = {"mapped": True, "mounted": True}
+    real_run = runner.run
+
+    def run(argv, **kwargs):
+        if argv[0] == "umount" or argv[:2] == ["cryptsetup", "close"]:
+            kernel["mounted" if argv[0] == "umount" else "mapped"] = False
+            return runner.Result(list(argv), 0, "", "")
+        return real_run(argv, **kwargs)
+
+    monkeypatch.setattr(runner, "run", run)
+    monkeypatch.setattr(volume, "current_status", lambda vol: VolumeStatus("254:0" if kernel["mapped"] else None, kernel["mounted"]))
+
+    done = decommission(load_volume_config(lab.ini), lab.ini, None, None)
+
+    assert kernel == {"mapped": False, "mounted": False}
+    assert done.steps == ["closed", "erased every keyslot"] and not opens(lab.image, PASSPHRASE)
+
 def test_no_secret_in_any_argv_or_log_line(lab, capsys, monkeypatch, caplog):
     from luksctl import runner
 
@@ -681,7 +706,7 @@ def test_rotate_killed_at_each_of_its_pending_file_operations_finishes_on_a_reru
             assert_rotated(lab, vault)
 
 
-@pytest.mark.parametrize("old_form", ["passphrase only", "passphrase and state", "after luksAddKey"])
+@pytest.mark.parametrize("old_form", ["passphrase only", "passphrase and state", "after luksAddKey", "after the Vault write"])
 def test_rotate_finishes_a_rotation_an_older_version_left_in_two_files(lab, old_form):
     """Killed between its two writes, the old form left the passphrase alone: exit 7 until a person came."""
     vault = MemoryVault(PASSPHRASE)
@@ -692,9 +717,11 @@ def test_rotate_finishes_a_rotation_an_older_version_left_in_two_files(lab, old_
     if old_form != "passphrase only":
         (lab.dir / "rotate-state.json").write_text('{"old_slot": 0, "new_slot": 1}\n')
         (lab.dir / "rotate-state.json").chmod(0o600)
-    if old_form == "after luksAddKey":
+    if old_form in ("after luksAddKey", "after the Vault write"):
         subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(PASSPHRASE)}", *FAST_NEW_SLOT, str(lab.image)],
                        input=PASSPHRASE + new, check=True, capture_output=True)
+    if old_form == "after the Vault write":  # its state file is what tells the old slot from the new
+        vault.value = new.decode()
 
     rotation = rotate_lab(lab, vault)
 

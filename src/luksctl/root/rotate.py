@@ -58,7 +58,7 @@ class Pending:
             try:
                 saved = json.loads(text)
                 return saved.pop("passphrase").encode(), saved
-            except (ValueError, KeyError, AttributeError):
+            except (ValueError, KeyError, AttributeError, TypeError):  # TypeError: a JSON list
                 raise Refused(f"{self.store.path(ROTATION)} is damaged; compare it with the device, then move it away") from None
         passphrase = self.store.read(OLD_ROTATE_PASSPHRASE)
         if passphrase is None:
