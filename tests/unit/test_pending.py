@@ -54,13 +54,13 @@ def test_write_makes_a_missing_directory_private_parents_included(tmp_path):
     assert store.read(ROTATION) == b"{}"
 
 
-def test_pending_operations_names_every_file_of_an_operation(tmp_path):
+def test_unfinished_names_every_file_of_an_operation(tmp_path):
     store = PendingStore(tmp_path, "rotate")
     store.write(ROTATION, b"{}")
     leftover = tmp_path / f".{ROTATION}.0123abcd.tmp"
     leftover.write_bytes(b"{}")
 
-    assert pending.pending_operations(tmp_path) == [f"rotate ({store.path(ROTATION)}, {leftover}); run luksctl rotate again"]
+    assert pending.describe(pending.unfinished(tmp_path)) == [f"rotate ({store.path(ROTATION)}, {leftover}); run luksctl rotate again"]
 
 
 def test_rotate_saving_the_one_file_form_removes_both_files_of_the_old_form(tmp_path):
