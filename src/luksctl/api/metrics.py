@@ -24,8 +24,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from ..status import VolumeState
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    # gunicorn's master imports this (through the worker class) before any hook runs, and the
-    # metrics below write there from their creation on; systemd made only its parent.
+    # Each gunicorn worker imports this as the service user, and the metrics below write there
+    # from their creation on; systemd made only its parent (RuntimeDirectory=).
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], mode=0o700, exist_ok=True)
 
 COUNTED = CollectorRegistry()  # this process's own samples: what a scrape reads without multiprocess mode

@@ -74,7 +74,8 @@ mount --bind "$2" /etc/luks
 mkdir -p /run/luksctl-api-wn
 mount -t tmpfs -o mode=0750,uid="$(id -u luksctl_api_wn)",gid="$(id -g luksctl_api_wn)" tmpfs /run/luksctl-api-wn
 if [ ! -s /etc/luks/gunicorn-cert.pem ]; then
-    /opt/luksctl/venv/bin/luksctl-api-wn gen-cert --hostname "$1"
+    # In root's environment, as an operator or install.sh runs it, not the service's.
+    env -i PATH="$PATH" LANG=C.UTF-8 /opt/luksctl/venv/bin/luksctl-api-wn gen-cert --hostname "$1"
 fi
 shift 2
 exec "$@"
