@@ -294,3 +294,36 @@ def test_keeping_the_recovery_key_refuses_a_stored_passphrase_with_a_newline(tmp
 
     assert code == EXIT_REFUSED and "newline" in lines[-1]["error"] and "--drop-other-keyslots" in lines[-1]["error"]
     assert cryptsetup.read_header(str(lab.image)) == before
+
+
+def test_a_killed_online_run_is_unmounted_recovered_by_an_open_mounted_and_resumed(lab, capsys, monkeypatch):
+    """What a SIGKILLed online run leaves (the mapping pointing through its hotzone devices, one of them
+    suspended) is put back before the resume: resumed, unmounted, removed top-down, opened, mounted."""
+    interrupt_a_reencryption(lab.image)
+    calls = []
+    left = {"labvol": "254:0", "labvol-hotzone-forward": "254:1", "labvol-overlay": "254:2"}
+    monkeypatch.setattr(reencrypt, "find_mapper_device", left.get)
+    monkeypatch.setattr(reencrypt, "_suspended", lambda name: name == "labvol-hotzone-forward")
+    monkeypatch.setattr(reencrypt, "current_status", lambda volume: VolumeStatus("254:0", True))
+    real_run = runner.run
+
+    def dmsetup_recorded(argv, *, timeout, **kwargs):
+        if argv[0] != "dmsetup":
+            return real_run(argv, timeout=timeout, **kwargs)  # cryptsetup still reads the header
+        calls.append(argv)
+        return runner.Result(argv, 0, "", "")
+
+    monkeypatch.setattr(runner, "run", dmsetup_recorded)
+    monkeypatch.setattr(reencrypt, "umount", lambda volume: calls.append("umount"))
+    monkeypatch.setattr(reencrypt, "luks_open", lambda volume, passphrase: calls.append(("open", passphrase)))
+    monkeypatch.setattr(reencrypt, "mount", lambda volume, options: calls.append(("mount", options)))
+    monkeypatch.setattr(runner, "run_streaming", lambda argv, *, stdin, **kwargs: calls.append((argv, stdin)) or runner.Result(argv, 0, "", ""))
+
+    code, lines = run_json(lab, capsys, "reencrypt", *FAST_NEW_SLOT)
+
+    assert code == EXIT_OK, lines[-1]
+    assert calls == [["dmsetup", "resume", "labvol-hotzone-forward"], "umount",
+                     ["dmsetup", "remove", "labvol"], ["dmsetup", "remove", "labvol-overlay"], ["dmsetup", "remove", "labvol-hotzone-forward"],
+                     ("open", PASSPHRASE), ("mount", "nosuid,nodev"),
+                     (["cryptsetup", "reencrypt", "--batch-mode", "--resume-only", "--key-file=-", "--progress-json", "--active-name", "labvol"], PASSPHRASE)]
+    assert lines[-1]["steps"][0] == "unmounted, recovered the killed run's hotzone and mounted again"

@@ -8,7 +8,8 @@ header, so what is left here is to decide, then do:
 
 1. refuse LUKS1 (cryptsetup cannot re-encrypt it online; converting it first is the operator's call),
    and a setup or rotation that has not finished;
-2. if the header records a re-encryption already started, resume it (`--resume-only`);
+2. if the header records a re-encryption already started, resume it (`--resume-only`); when a killed
+   online run left its device stack active, first recover it (below);
 3. if the state file says one ran and the volume key has changed since, cryptsetup had finished;
 4. otherwise decide what becomes of the other keyslots: cryptsetup keeps only those whose passphrase
    it is given, so the recovery key is kept when its key is given, removed when
@@ -26,12 +27,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import runner
 from ..config import VolumeConfig
 from ..errors import Refused, WrongPassphrase
-from .cryptsetup import LuksHeader, Pbkdf, Reencryption, opening_slot, read_header, remove_token, resume_reencryption, start_reencryption
+from ..status import find_mapper_device
+from .cryptsetup import LuksHeader, Pbkdf, Reencryption, opening_slot, opens, read_header, remove_token, resume_reencryption, start_reencryption
 from .header import backup_path, write_backup
 from .pending import REENCRYPTION, PendingStore, describe, unfinished
-from .volume import current_status
+from .setup import mount_options
+from .volume import current_status, luks_open, mount, umount
+
+# What a killed online `cryptsetup reencrypt` leaves active besides the mapping, which it had
+# reloaded to point through them (libcryptsetup's names), in the order they can be removed:
+# the mapping points at the overlay, the overlay at the hotzone device (seen with dmsetup table).
+KILLED_RUN_DEVICES = ("{}-overlay", "{}-hotzone-forward", "{}-hotzone-backward")
+DMSETUP_TIMEOUT = 60
+SYS_DEV_BLOCK = Path("/sys/dev/block")
 
 
 @dataclass(frozen=True)
@@ -117,12 +128,16 @@ def reencrypt(volume: VolumeConfig, keys: Keys, new: NewCipher, pbkdf: Pbkdf, st
     others = describe(unfinished(state_dir, other_than="reencrypt"))
     if others:
         raise Refused(f"finish this first: {'; '.join(others)}; nothing was changed")
+    steps = []
+    stack = killed_run_stack(volume.cryptdev) if header.reencrypting else []
+    if stack:
+        recover_killed_online_run(volume, keys.passphrase, stack)
+        steps.append("unmounted, recovered the killed run's hotzone and mounted again")
     online = current_status(volume).mapper_open
     job = Reencryption(device, volume.cryptdev if online else None, on_progress)
     store = PendingStore(state_dir, "reencrypt")
     state = _load_state(store)
     resumed = header.reencrypting or state is not None
-    steps = []
     if header.reencrypting:
         resume_reencryption(job, keys.passphrase)
         steps.append("resumed the re-encryption")
@@ -142,6 +157,38 @@ def reencrypt(volume: VolumeConfig, keys: Keys, new: NewCipher, pbkdf: Pbkdf, st
     steps.append("wrote header backup")
     store.remove(REENCRYPTION)
     return Reencrypted(online, resumed, after.cipher, after.key_size, sorted(after.keyslots), str(backup), checksum, steps)
+
+
+def killed_run_stack(cryptdev: str) -> list[str]:
+    return [name for name in (pattern.format(cryptdev) for pattern in KILLED_RUN_DEVICES) if find_mapper_device(name)]
+
+
+def recover_killed_online_run(volume: VolumeConfig, passphrase: bytes, stack: list[str]) -> None:
+    """Put back the mapping a SIGKILLed online run left pointing through its hotzone devices.
+
+    `--resume-only --active-name` refuses such a mapping ("Mismatching parameters"), and cryptsetup
+    recovers the hotzone from its resilience data only when it activates the device. So: unmount
+    (refused, nothing changed, while something uses the volume), remove the mapping and its stack,
+    open (cryptsetup recovers), mount. The volume is unmounted for that long. Each step looks
+    first, so a run killed during this one picks up where it stopped.
+    """
+    if not opens(volume.device_path, passphrase):
+        raise WrongPassphrase(f"the passphrase given does not open {volume.device_path}; nothing was changed")
+    for name in stack:  # a device killed while suspended would hang the unmount and everyone's I/O
+        if _suspended(name):
+            runner.run(["dmsetup", "resume", name], timeout=DMSETUP_TIMEOUT)
+    status = current_status(volume)
+    if status.mounted:
+        umount(volume)
+    for name in [volume.cryptdev] * status.mapper_open + stack:
+        runner.run(["dmsetup", "remove", name], timeout=DMSETUP_TIMEOUT)
+    luks_open(volume, passphrase)
+    mount(volume, mount_options())
+
+
+def _suspended(name: str) -> bool:
+    device = find_mapper_device(name)  # major:minor
+    return device is not None and (SYS_DEV_BLOCK / device / "dm" / "suspended").read_text().strip() == "1"
 
 
 def reencryption_unfinished(device: str, state_dir: Path) -> bool:
