@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from support.net import free_port  # noqa: E402
-from support.serving import FAKE_FRONTEND, Stack  # noqa: E402
+from support.serving import running_stack  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "10"))
 LEVELS = tuple(int(n) for n in os.environ.get("BENCH_LEVELS", "1 8 32").split())
 CLIENT = Path(sys.executable).parent / "luksctl-client"
-INI = "[luks]\nuuid = 0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10\ncryptdev = xkqzbmwe\nmountpoint = /export\n"
 
 
 def timed_status(hosts: list[str], known_hosts: Path) -> float:
@@ -45,22 +41,11 @@ def timed_status(hosts: list[str], known_hosts: Path) -> float:
 
 
 def main() -> None:
-    directory = Path(tempfile.mkdtemp(prefix="luksctl-bench-client."))
-    (directory / "cryptdev.ini").write_text(INI)
-    stack = Stack(directory, app=FAKE_FRONTEND, config={"CRYPTDEV_INI": str(directory / "cryptdev.ini")})
-    stack.write_files()
-    known_hosts = directory / "known_hosts"
-    try:
-        stack.start_gunicorn()
-        ports = [stack.port] + [free_port() for _ in range(max(LEVELS) - 1)]
-        for index, port in enumerate(ports):
-            stack.start_nginx(f"nginx-{index}", stack.sockets / "gunicorn.sock", port)
-        hosts = [f"127.0.0.1:{port}" for port in ports]
+    with running_stack("luksctl-bench-client.", fake_volume=True, nginx_ports=max(LEVELS)) as stack:
+        known_hosts = stack.directory / "known_hosts"
+        hosts = [f"127.0.0.1:{port}" for port in stack.ports]
         timed_status(hosts, known_hosts)  # records every certificate once
         results = {n: [timed_status(hosts[:n], known_hosts) for _ in range(RUNS)] for n in LEVELS}
-    finally:
-        stack.stop()
-        shutil.rmtree(directory)
 
     one = statistics.median(results[LEVELS[0]])
     print(f"luksctl-client status, {RUNS} runs per N, local nginx+gunicorn, {os.cpu_count()} CPUs, {platform.python_implementation()} "

@@ -8,11 +8,15 @@ proxy's tests and by luksctl-client's (tests and benchmark).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from support.net import free_port
@@ -29,6 +33,7 @@ ALLOWED, ALSO_ALLOWED, REFUSED = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 PROXY_USER = "daemon"
 REAL_FRONTEND = "luksctl.api:create_frontend_app()"
 FAKE_FRONTEND = "support.fake_frontend:create()"  # the fake bridge and a scripted volume
+FAKE_VOLUME_INI = "[luks]\nuuid = 0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10\ncryptdev = xkqzbmwe\nmountpoint = /export\n"
 
 
 class Stack:
@@ -100,3 +105,27 @@ def accepts(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def running_stack(prefix: str, *, fake_volume: bool = False, config: dict | None = None, nginx_ports: int = 1) -> Iterator[Stack]:
+    """A Stack serving on `nginx_ports` ports (stack.ports; the first is stack.port, its nginx
+    named "nginx"), stopped and removed on exit. fake_volume: the fake front end with a described
+    volume. Not under pytest's base directory: that is root's only (0700), and nginx's workers,
+    which are not root, must reach gunicorn's socket."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    config, app = dict(config or {}), REAL_FRONTEND
+    if fake_volume:
+        (directory / "cryptdev.ini").write_text(FAKE_VOLUME_INI)
+        config["CRYPTDEV_INI"], app = str(directory / "cryptdev.ini"), FAKE_FRONTEND
+    stack = Stack(directory, app, config)
+    stack.write_files()
+    try:
+        stack.start_gunicorn()
+        stack.ports = [stack.port] + [free_port() for _ in range(nginx_ports - 1)]
+        for index, port in enumerate(stack.ports):
+            stack.start_nginx(f"nginx-{index}" if index else "nginx", stack.sockets / "gunicorn.sock", port)
+        yield stack
+    finally:
+        stack.stop()
+        shutil.rmtree(directory)

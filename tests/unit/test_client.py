@@ -6,12 +6,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,32 +17,21 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from support.net import free_port
-from support.serving import FAKE_FRONTEND, Stack
+from support.serving import running_stack
 
 from luksctl.api.admin import main_frontend
 from luksctl.client.pinning import fingerprint
 
 CLIENT = Path(sys.executable).parent / "luksctl-client"
 SRC = Path(__file__).resolve().parents[2] / "src"
-INI = "[luks]\nuuid = 0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10\ncryptdev = xkqzbmwe\nmountpoint = /export\n"
 
 
 @pytest.fixture(scope="module")
 def stack():
     """One gunicorn behind two nginx ports: two hosts for the client."""
-    directory = Path(tempfile.mkdtemp(prefix="luksctl-client-test."))
-    (directory / "cryptdev.ini").write_text(INI)
-    stack = Stack(directory, app=FAKE_FRONTEND, config={"CRYPTDEV_INI": str(directory / "cryptdev.ini")})
-    stack.write_files()
-    stack.second_port = free_port()
-    try:
-        stack.start_gunicorn()
-        stack.start_nginx("nginx", stack.sockets / "gunicorn.sock", stack.port)
-        stack.start_nginx("nginx-2", stack.sockets / "gunicorn.sock", stack.second_port)
+    with running_stack("luksctl-client-test.", fake_volume=True, nginx_ports=2) as stack:
+        stack.second_port = stack.ports[1]
         yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(directory)
 
 
 def der(cert: Path) -> bytes:

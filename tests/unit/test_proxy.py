@@ -8,18 +8,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from support.net import free_port
-from support.serving import ALLOWED, ALSO_ALLOWED, NGINX, PROXY_USER, REFUSED, Stack
+from support.serving import ALLOWED, ALSO_ALLOWED, NGINX, PROXY_USER, REFUSED, running_stack
 from support.waiting import wait_until
 
 from luksctl.api import proxy
@@ -31,18 +29,8 @@ TLS = ssl._create_unverified_context()  # the self-signed certificate, as the da
 
 @pytest.fixture(scope="module")
 def stack():
-    # Not under pytest's base directory: that is root's only (0700), and nginx's workers, which
-    # are not root, must reach gunicorn's socket.
-    directory = Path(tempfile.mkdtemp(prefix="luksctl-proxy-test."))
-    stack = Stack(directory)
-    stack.write_files()
-    try:
-        stack.start_gunicorn()
-        stack.start_nginx("nginx", stack.sockets / "gunicorn.sock", stack.port)
+    with running_stack("luksctl-proxy-test.") as stack:
         yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(directory)
 
 
 def connect(port: int, source: str = ALLOWED, tls: bool = True) -> socket.socket:

@@ -4,36 +4,23 @@ it, may only create the wrapping token; the front end unwraps it, reads the secr
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 from support.policies import READ_POLICY
-from support.serving import FAKE_FRONTEND, Stack
+from support.serving import running_stack
 
 CLIENT = Path(sys.executable).parent / "luksctl-client"
-INI = "[luks]\nuuid = 0b2e6f5e-4a1c-4f4e-9a57-3c8d2b1e7f10\ncryptdev = xkqzbmwe\nmountpoint = /export\n"
 PASSPHRASE = "client passphrase 7f3a"
 CREATE_TOKEN = "luksctl-test-create-token"  # the user's: token create, and nothing else of its own
 
 
 @pytest.fixture(scope="module")
 def stack(bao):
-    directory = Path(tempfile.mkdtemp(prefix="luksctl-client-vault."))
-    (directory / "cryptdev.ini").write_text(INI)
-    stack = Stack(directory, app=FAKE_FRONTEND, config={
-        "CRYPTDEV_INI": str(directory / "cryptdev.ini"), "VAULT_URL_ALLOWLIST": [bao.url], "ALLOW_PLAIN_HTTP": True})
-    stack.write_files()
-    try:
-        stack.start_gunicorn()
-        stack.start_nginx("nginx", stack.sockets / "gunicorn.sock", stack.port)
+    with running_stack("luksctl-client-vault.", fake_volume=True, config={"VAULT_URL_ALLOWLIST": [bao.url], "ALLOW_PLAIN_HTTP": True}) as stack:
         yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(directory)
 
 
 def user_token(bao, policies: list[str]) -> str:
