@@ -18,9 +18,12 @@ import pytest
 from packaging.requirements import Requirement
 from support.net import free_port
 from support.serving import running_stack
+from support.waiting import wait_until
 
 from luksctl.api.admin import main_frontend
+from luksctl.client import cli
 from luksctl.client.pinning import fingerprint
+from luksctl.client.transport import parse_target
 
 CLIENT = Path(sys.executable).parent / "luksctl-client"
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -260,3 +263,20 @@ def test_the_client_runs_on_the_standard_library_alone(stack, known_hosts):
 
     assert done.returncode == 0, done.stderr
     assert "unmounted" in done.stdout
+
+
+def test_open_says_it_is_still_waiting_until_the_answer_comes(monkeypatch):
+    said: list[str] = []
+    monkeypatch.setattr(cli, "say", said.append)
+    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.05)
+    answered = threading.Event()
+    notice = threading.Thread(target=cli.waiting_notice, args=(parse_target("vm.example"), answered))
+    notice.start()
+    wait_until(lambda: len(said) >= 3, 10, "three notices", interval=0.01)
+    answered.set()
+    notice.join(5)
+    after_the_answer = len(said)
+    time.sleep(0.2)
+
+    assert not notice.is_alive() and len(said) == after_the_answer
+    assert said[:3] == [f"still waiting for vm.example:5000 to open the volume ({s:g} s)" for s in (0.05, 0.1, 0.15)]
