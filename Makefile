@@ -19,7 +19,7 @@ deps:
 $(VENV)/.stamp: pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test,vm]'
+	$(VENV)/bin/pip install -q -e '.[server,test,vm]'
 	touch $@
 
 # A skip, an xfail or an xpass fails this run too, unless ALLOWED_SKIPS in tests/conftest.py names
@@ -53,13 +53,13 @@ bench: vm-prefix
 	$(VENV)/bin/python scripts/bench_status.py
 	scripts/bench_startup.sh $(VM_PREFIX)/venv/bin/luksctl
 
-# requirements.lock: pyproject.toml's runtime dependencies pinned with hashes, for Debian's python3
+# requirements.lock: pyproject.toml's runtime dependencies (the services': the `server` extra) pinned with hashes, for Debian's python3
 # (what install.sh uses); requirements-build.lock: its build backend, which install.sh builds luksctl
 # with. pip-tools runs in a throwaway venv, so it is no dependency of the project.
 lock:
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(PYTHON) -m venv "$$tmp" && \
 	"$$tmp/bin/pip" install -q pip-tools && \
-	"$$tmp/bin/pip-compile" --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --output-file requirements.lock pyproject.toml && \
+	"$$tmp/bin/pip-compile" --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --extra server --output-file requirements.lock pyproject.toml && \
 	"$$tmp/bin/pip-compile" --quiet --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --allow-unsafe \
 		--build-deps-for wheel --only-build-deps --output-file requirements-build.lock pyproject.toml
 

@@ -47,7 +47,7 @@ install -d -m 0755 -o root -g root "$prefix"
 # same bytes); then luksctl alone, built by that backend: without --no-build-isolation pip would
 # fetch an unpinned setuptools and run it here, as root.
 "$prefix/venv/bin/pip" install --quiet --require-hashes -r "$repo/requirements.lock" -r "$repo/requirements-build.lock"
-"$prefix/venv/bin/pip" install --quiet --upgrade --no-deps --no-build-isolation "$repo"
+"$prefix/venv/bin/pip" install --quiet --upgrade --no-deps --no-build-isolation "$repo[server]"
 install -m 0644 -o root -g root "$repo/deploy/gunicorn.conf.py" "$repo/README.md" "$prefix/"
 ln -sfn "$prefix/venv/bin/luksctl" /usr/local/sbin/luksctl
 # Deployments call fastluks by name, as they called pyluks' (on root's PATH, beside luksctl).

@@ -18,7 +18,7 @@ if [[ ! -x $venv/bin/python || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
     rm -rf "$venv"
     "$python" -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q "$repo[test]"
+    "$venv/bin/pip" install -q "$repo[server,test]"
     echo "$want" >"$stamp"
 else
     # The source changes on every edit; reinstalling only the package itself takes seconds.

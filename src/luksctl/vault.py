@@ -130,17 +130,21 @@ def _cut(sock: socket.socket) -> None:
 class _Connection(http.client.HTTPConnection):
     """http.client reads no proxy, .netrc or redirect; this one also registers its socket with the deadline."""
 
-    def __init__(self, host: str, port: int, *, connect_timeout: float, timeout: float, deadline: Deadline, tls: ssl.SSLContext | None):
+    def __init__(self, host: str, port: int, *, connect_timeout: float, timeout: float, deadline: Deadline, tls: ssl.SSLContext | None,
+                 check_peer: Callable[[bytes], None] | None = None):
         super().__init__(host, port, timeout=connect_timeout)
         self._read_timeout = timeout
         self._deadline = deadline
         self._tls = tls
+        self._check_peer = check_peer
 
     def connect(self) -> None:
         super().connect()  # TCP only
         self._deadline.track(self.sock)  # before the handshake: a stalled handshake is cut too
         if self._tls is not None:  # the handshake runs under the connect timeout, as part of connecting
             self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.host)
+            if self._check_peer is not None:  # after the handshake, before a byte of the request
+                self._check_peer(self.sock.getpeercert(binary_form=True))
         self.sock.settimeout(min(self._read_timeout, self._deadline.left()))
 
 
@@ -172,14 +176,17 @@ def request(
     headers: dict[str, str],
     body: bytes | None = None,
     connect_timeout: float | None = None,
+    check_peer: Callable[[bytes], None] | None = None,
 ) -> tuple[int, bytes]:
     """(status, body of at most MAX_RESPONSE_BYTES + 1 bytes). `timeout` bounds each socket
     operation (`connect_timeout`, if given, the connect), `deadline` all of them together.
-    Raises OSError (TimeoutError, DeadlineExceeded, ssl errors), HTTPException or RedirectRefused."""
+    `check_peer` gets the server's DER certificate before the request is sent, and may raise
+    (luksctl-client's pinning). Raises OSError (TimeoutError, DeadlineExceeded, ssl errors),
+    HTTPException or RedirectRefused, or what `check_peer` raises."""
     parts = urllib.parse.urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     connect_timeout = min(connect_timeout or timeout, deadline.left())
-    connection = _Connection(parts.hostname, port, connect_timeout=connect_timeout, timeout=timeout, deadline=deadline, tls=tls)
+    connection = _Connection(parts.hostname, port, connect_timeout=connect_timeout, timeout=timeout, deadline=deadline, tls=tls, check_peer=check_peer)
     try:
         connection.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=body, headers=headers)
         answer = connection.getresponse()
@@ -404,6 +411,15 @@ class VaultClient:
         if response.status == 403:
             raise VaultDenied(f"the token may not delete {ref}")
 
+    def create_wrapped_token(self, policy: str, wrap_ttl: str) -> str:
+        """`token create -policy=<policy> -wrap-ttl=<wrap_ttl>` with our token: the single-use
+        wrapping token an open posts, made as the dashboard makes it (luksctl-client open)."""
+        response = self._call("POST", "auth/token/create", body={"policies": [policy]}, headers={"X-Vault-Wrap-TTL": wrap_ttl}, step="token create")
+        token = response.get("wrap_info", "token")
+        if not isinstance(token, str) or not token:
+            raise VaultError(f"Vault at {self.url} created no wrapping token (no wrap_info.token in its answer)")
+        return token
+
     def revoke_self(self) -> None:
         """Best effort: a failure is logged, and the token still dies with its TTL. Gets at least REVOKE_GRACE."""
         if not self._token:
@@ -427,11 +443,12 @@ class VaultClient:
         token: str | None = None,
         ok_statuses: tuple[int, ...] = (200, 204),
         grace: float = 0.0,
+        headers: dict[str, str] | None = None,
     ) -> _Response:
         token = self._token if token is None else token
         if token is None:
             raise VaultError(f"no Vault token for the {step}")
-        headers = {"X-Vault-Request": "true"}
+        headers = {"X-Vault-Request": "true", **(headers or {})}
         if token:
             headers["X-Vault-Token"] = token
         data = json.dumps(body).encode() if body is not None else None

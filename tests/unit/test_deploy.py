@@ -283,7 +283,7 @@ def test_install_sh_installs_only_hash_pinned_code_and_builds_luksctl_with_the_p
     assert unpinned_pip_calls(script) == []
     assert [argv[1:] for argv in pip_calls(script)] == [
         ["install", "--quiet", "--require-hashes", "-r", "$repo/requirements.lock", "-r", "$repo/requirements-build.lock"],
-        ["install", "--quiet", "--upgrade", "--no-deps", "--no-build-isolation", "$repo"],
+        ["install", "--quiet", "--upgrade", "--no-deps", "--no-build-isolation", "$repo[server]"],
     ]
 
 

@@ -23,7 +23,9 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def runtime_requirements() -> list[Requirement]:
-    return [Requirement(text) for text in PYPROJECT["project"]["dependencies"]]
+    """The services' dependencies: the base ones (none today) and the `server` extra's."""
+    project = PYPROJECT["project"]
+    return [Requirement(text) for text in project["dependencies"] + project["optional-dependencies"]["server"]]
 
 
 def build_requirements() -> list[Requirement]:

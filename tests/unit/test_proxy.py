@@ -1,8 +1,6 @@
 """The proxy as shipped: nginx with the configuration `luksctl-api proxy-config` writes, in front
-of gunicorn with deploy/gunicorn.conf.py on a Unix socket, both real, on loopback.
-
-127.0.0.1 and 127.0.0.2 are in ALLOWED_CLIENTS, 127.0.0.3 is not (the kernel routes all of
-127/8 to lo, so a client picks its address by binding it).
+of gunicorn with deploy/gunicorn.conf.py on a Unix socket, both real, on loopback (support.serving's
+Stack; 127.0.0.1 and 127.0.0.2 are in ALLOWED_CLIENTS, 127.0.0.3 is not).
 """
 
 from __future__ import annotations
@@ -10,114 +8,29 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
-import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from support.net import free_port
+from support.serving import ALLOWED, ALSO_ALLOWED, NGINX, PROXY_USER, REFUSED, running_stack
 from support.waiting import wait_until
 
 from luksctl.api import proxy
 from luksctl.api.admin import main_frontend, main_worker
 from luksctl.errors import EXIT_CONFIG
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-NGINX = "/usr/sbin/nginx"
-ALLOWED, ALSO_ALLOWED, REFUSED = "127.0.0.1", "127.0.0.2", "127.0.0.3"
-# nginx's workers drop to this user here; in a deployment to luksctl_proxy (both have a group of
-# the same name, as nginx's `user` directive needs).
-PROXY_USER = "daemon"
 TLS = ssl._create_unverified_context()  # the self-signed certificate, as the dashboard's verify=False
-
-
-class Stack:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.config = directory / "config.json"
-        self.runtime = directory / "run"  # the service's private directory (lock, sqlite)
-        self.sockets = directory / "sockets"  # gunicorn's socket, reachable by nginx's workers
-        self.cert, self.key = directory / "cert.pem", directory / "key.pem"
-        self.gunicorn_log = directory / "gunicorn.log"
-        self.port = free_port()
-        self.processes: list[subprocess.Popen] = []
-
-    def write_files(self) -> None:
-        self.runtime.mkdir(mode=0o700)
-        self.sockets.mkdir(mode=0o755)
-        self.directory.chmod(0o755)
-        self.config.write_text(json.dumps({
-            "ALLOW_PLAIN_HTTP": False, "ALLOWED_CLIENTS": [f"{ALLOWED}/32", f"{ALSO_ALLOWED}/32"],
-            "LOCK_FILE": str(self.runtime / "open.lock"), "CRYPTDEV_INI": str(self.directory / "none.ini")}))
-        assert main_frontend(["gen-cert", "--cert", str(self.cert), "--key", str(self.key), "--hostname", "localhost"]) == 0
-
-    def nginx_conf(self, name: str, socket_path: Path, port: int) -> Path:
-        out = self.directory / f"{name}.conf"
-        runtime = self.directory / f"{name}-proxy"
-        runtime.mkdir(exist_ok=True)
-        os.environ["LUKSCTL_API_CONFIG"] = str(self.config)
-        try:
-            assert main_frontend(["proxy-config", "--output", str(out), "--socket", str(socket_path), "--runtime-dir", str(runtime),
-                                  "--user", PROXY_USER, "--cert", str(self.cert), "--key", str(self.key),
-                                  "--listen", f"127.0.0.1:{port}"]) == 0
-        finally:
-            del os.environ["LUKSCTL_API_CONFIG"]
-        return out
-
-    def start(self, argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        with log.open("ab") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=out, env=env, stdin=subprocess.DEVNULL)
-        self.processes.append(process)
-        return process
-
-    def start_nginx(self, name: str, socket_path: Path, port: int) -> None:
-        conf = self.nginx_conf(name, socket_path, port)
-        process = self.start([NGINX, "-c", str(conf)], self.directory / f"{name}.log")
-        wait_until(lambda: process.poll() is None and _accepts(port), 30, f"nginx {name}", interval=0.1)
-
-    def start_gunicorn(self) -> None:
-        socket_path = self.sockets / "gunicorn.sock"
-        process = self.start(
-            [sys.executable, "-m", "gunicorn", "-c", str(DEPLOY / "gunicorn.conf.py"), "--workers", "1",
-             "--bind", f"unix:{socket_path}", "-m", "000", "luksctl.api:create_frontend_app()"],
-            self.gunicorn_log, env={**os.environ, "LUKSCTL_API_CONFIG": str(self.config)})
-        wait_until(lambda: process.poll() is None and socket_path.exists(), 30, "gunicorn", interval=0.1)
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            process.wait(timeout=30)
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
 def stack():
-    # Not under pytest's base directory: that is root's only (0700), and nginx's workers, which
-    # are not root, must reach gunicorn's socket.
-    directory = Path(tempfile.mkdtemp(prefix="luksctl-proxy-test."))
-    stack = Stack(directory)
-    stack.write_files()
-    try:
-        stack.start_gunicorn()
-        stack.start_nginx("nginx", stack.sockets / "gunicorn.sock", stack.port)
+    with running_stack("luksctl-proxy-test.") as stack:
         yield stack
-    finally:
-        stack.stop()
-        shutil.rmtree(directory)
 
 
 def connect(port: int, source: str = ALLOWED, tls: bool = True) -> socket.socket:
