@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -215,13 +216,25 @@ def test_a_mounted_volume_written_to_the_whole_time_gets_a_new_volume_key(luks_v
 
 
 def mapped(name: str) -> bool:
-    return any(path.read_text().strip() == name for path in Path("/sys/block").glob("dm-*/dm/name"))
+    for path in Path("/sys/block").glob("dm-*/dm/name"):
+        try:
+            if path.read_text().strip() == name:
+                return True
+        except OSError:  # removed while we read it
+            continue
+    return False
 
 
 def header_says_reencrypting(volume: Volume) -> bool:
-    """From the header's bytes, without a process: cheap enough to poll every few milliseconds."""
-    with open(volume.loop, "rb") as stream:
-        return b'"online-reencrypt' in stream.read(16384)
+    """From the header's bytes, without a process: cheap enough to poll every few milliseconds.
+    O_DIRECT: cryptsetup writes the header around the page cache, which would show the old one."""
+    buffer = mmap.mmap(-1, 16384)  # page-aligned, as O_DIRECT wants
+    descriptor = os.open(volume.loop, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.readv(descriptor, [buffer])
+    finally:
+        os.close(descriptor)
+    return b'"online-reencrypt' in buffer
 
 
 def killed_when(argv: list[str], ready, what: str) -> None:
