@@ -290,3 +290,18 @@ def test_every_code_nginx_may_answer_has_a_json_page(stack):
     pages = {int(code) for code in re.findall(r"error_page (\d+) ", text)}
 
     assert pages == set(proxy.ERRORS)
+
+
+def test_proxy_config_as_in_exec_start_pre_creates_no_metric_files(tmp_path):
+    """Root renders the proxy's configuration under the service's environment: importing the
+    app's metrics there would leave root-owned files in the workers' multiprocess directory."""
+    multiproc = tmp_path / "metrics"
+    multiproc.mkdir()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"ALLOW_PLAIN_HTTP": True}))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc), "LUKSCTL_API_CONFIG": str(config)}
+
+    subprocess.run([str(Path(sys.executable).with_name("luksctl-api")), "proxy-config", "--output", str(tmp_path / "nginx.conf"),
+                    "--user", PROXY_USER, "--runtime-dir", str(tmp_path)], env=env, check=True)
+
+    assert (tmp_path / "nginx.conf").exists() and list(multiproc.iterdir()) == []
