@@ -14,7 +14,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -22,14 +21,13 @@ from pathlib import Path
 
 import pytest
 from support.net import free_port
+from support.serving import NGINX, Serving, gunicorn_argv, installed
 from support.waiting import wait_until
 
 from luksctl.api import proxy
 from luksctl.api.admin import main_frontend, main_worker
 from luksctl.errors import EXIT_CONFIG
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-NGINX = "/usr/sbin/nginx"
 ALLOWED, ALSO_ALLOWED, REFUSED = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 # nginx's workers drop to this user here; in a deployment to luksctl_proxy (both have a group of
 # the same name, as nginx's `user` directive needs).
@@ -37,16 +35,17 @@ PROXY_USER = "daemon"
 TLS = ssl._create_unverified_context()  # the self-signed certificate, as the dashboard's verify=False
 
 
-class Stack:
+class Stack(Serving):
+    """nginx in front of the front end's gunicorn (one worker), with a config that names none.ini."""
+
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
+        super().__init__(directory, directory / "config.json")
         self.config = directory / "config.json"
         self.runtime = directory / "run"  # the service's private directory (lock, sqlite)
         self.sockets = directory / "sockets"  # gunicorn's socket, reachable by nginx's workers
         self.cert, self.key = directory / "cert.pem", directory / "key.pem"
         self.gunicorn_log = directory / "gunicorn.log"
         self.port = free_port()
-        self.processes: list[subprocess.Popen] = []
 
     def write_files(self) -> None:
         self.runtime.mkdir(mode=0o700)
@@ -57,63 +56,23 @@ class Stack:
             "LOCK_FILE": str(self.runtime / "open.lock"), "CRYPTDEV_INI": str(self.directory / "none.ini")}))
         assert main_frontend(["gen-cert", "--cert", str(self.cert), "--key", str(self.key), "--hostname", "localhost"]) == 0
 
-    def nginx_conf(self, name: str, socket_path: Path, port: int) -> Path:
-        out = self.directory / f"{name}.conf"
-        runtime = self.directory / f"{name}-proxy"
-        runtime.mkdir(exist_ok=True)
-        os.environ["LUKSCTL_API_CONFIG"] = str(self.config)
-        try:
-            assert main_frontend(["proxy-config", "--output", str(out), "--socket", str(socket_path), "--runtime-dir", str(runtime),
-                                  "--user", PROXY_USER, "--cert", str(self.cert), "--key", str(self.key),
-                                  "--listen", f"127.0.0.1:{port}"]) == 0
-        finally:
-            del os.environ["LUKSCTL_API_CONFIG"]
-        return out
+    def start_proxy(self, name: str, socket_path: Path, port: int) -> None:
+        self.start_nginx(name, socket_path, port, cert=self.cert, key=self.key, user=PROXY_USER)
 
-    def start(self, argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        with log.open("ab") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=out, env=env, stdin=subprocess.DEVNULL)
-        self.processes.append(process)
-        return process
-
-    def start_nginx(self, name: str, socket_path: Path, port: int) -> None:
-        conf = self.nginx_conf(name, socket_path, port)
-        process = self.start([NGINX, "-c", str(conf)], self.directory / f"{name}.log")
-        wait_until(lambda: process.poll() is None and _accepts(port), 30, f"nginx {name}", interval=0.1)
-
-    def start_gunicorn(self) -> None:
+    def start_app(self) -> None:
         socket_path = self.sockets / "gunicorn.sock"
-        process = self.start(
-            [sys.executable, "-m", "gunicorn", "-c", str(DEPLOY / "gunicorn.conf.py"), "--workers", "1",
-             "--bind", f"unix:{socket_path}", "-m", "000", "luksctl.api:create_frontend_app()"],
-            self.gunicorn_log, env={**os.environ, "LUKSCTL_API_CONFIG": str(self.config)})
-        wait_until(lambda: process.poll() is None and socket_path.exists(), 30, "gunicorn", interval=0.1)
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            process.wait(timeout=30)
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+        self.start_gunicorn(gunicorn_argv("luksctl.api:create_frontend_app()", socket_path, "--workers", "1", "-m", "000"),
+                            socket_path, self.gunicorn_log)
 
 
 @pytest.fixture(scope="module")
 def stack():
-    # Not under pytest's base directory: that is root's only (0700), and nginx's workers, which
-    # are not root, must reach gunicorn's socket.
     directory = Path(tempfile.mkdtemp(prefix="luksctl-proxy-test."))
     stack = Stack(directory)
     stack.write_files()
     try:
-        stack.start_gunicorn()
-        stack.start_nginx("nginx", stack.sockets / "gunicorn.sock", stack.port)
+        stack.start_app()
+        stack.start_proxy("nginx", stack.sockets / "gunicorn.sock", stack.port)
         yield stack
     finally:
         stack.stop()
@@ -232,7 +191,7 @@ def test_past_the_requests_in_progress_one_address_may_have_the_next_gets_429(st
 
 def test_502_in_json_when_gunicorn_is_not_running(stack):
     port = free_port()
-    stack.start_nginx("nginx-no-upstream", stack.directory / "no-such.sock", port)
+    stack.start_proxy("nginx-no-upstream", stack.directory / "no-such.sock", port)
 
     status, body = exchange(port, get(STATUS))
 
@@ -301,7 +260,7 @@ def test_proxy_config_as_in_exec_start_pre_creates_no_metric_files(tmp_path):
     config.write_text(json.dumps({"ALLOW_PLAIN_HTTP": True}))
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc), "LUKSCTL_API_CONFIG": str(config)}
 
-    subprocess.run([str(Path(sys.executable).with_name("luksctl-api")), "proxy-config", "--output", str(tmp_path / "nginx.conf"),
+    subprocess.run([installed("luksctl-api"), "proxy-config", "--output", str(tmp_path / "nginx.conf"),
                     "--user", PROXY_USER, "--runtime-dir", str(tmp_path)], env=env, check=True)
 
     assert (tmp_path / "nginx.conf").exists() and list(multiproc.iterdir()) == []
