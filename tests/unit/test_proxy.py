@@ -1,8 +1,7 @@
 """The proxy as shipped: nginx with the configuration `luksctl-api proxy-config` writes, in front
 of gunicorn with deploy/gunicorn.conf.py on a Unix socket, both real, on loopback.
 
-127.0.0.1 and 127.0.0.2 are in ALLOWED_CLIENTS, 127.0.0.3 is not (the kernel routes all of
-127/8 to lo, so a client picks its address by binding it).
+ALLOWED and ALSO_ALLOWED are in ALLOWED_CLIENTS, REFUSED is not (support/raw_http.py).
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import ssl
 import subprocess
 import tempfile
 import time
@@ -21,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from support.net import free_port
+from support.raw_http import ALLOWED, ALSO_ALLOWED, NGINX_ANSWERS, OPEN_HEAD, REFUSED, STATUS, connect, exchange, get
 from support.serving import NGINX, Serving, gunicorn_argv, installed
 from support.waiting import wait_until
 
@@ -28,11 +26,9 @@ from luksctl.api import proxy
 from luksctl.api.admin import main_frontend, main_worker
 from luksctl.errors import EXIT_CONFIG
 
-ALLOWED, ALSO_ALLOWED, REFUSED = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 # nginx's workers drop to this user here; in a deployment to luksctl_proxy (both have a group of
 # the same name, as nginx's `user` directive needs).
 PROXY_USER = "daemon"
-TLS = ssl._create_unverified_context()  # the self-signed certificate, as the dashboard's verify=False
 
 
 class Stack(Serving):
@@ -77,51 +73,6 @@ def stack():
     finally:
         stack.stop()
         shutil.rmtree(directory)
-
-
-def connect(port: int, source: str = ALLOWED, tls: bool = True) -> socket.socket:
-    sock = socket.socket()
-    sock.settimeout(20)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    return TLS.wrap_socket(sock) if tls else sock
-
-
-def exchange(port: int, request: bytes, source: str = ALLOWED, tls: bool = True) -> tuple[int, dict]:
-    """(status, JSON body) of one raw request; fails if the body is not JSON."""
-    with connect(port, source, tls) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert b"content-type: application/json" in head.lower(), head
-    return int(head.split(b" ")[1]), json.loads(body)
-
-
-def get(path: str, *headers: str) -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + "".join(f"{h}\r\n" for h in headers) + "\r\n").encode()
-
-
-STATUS = "/luksctl_api/v1.0/status"
-OPEN_HEAD = b"POST /luksctl_api/v1.0/open HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
-
-# Each answer nginx makes itself, and a request that makes it.
-NGINX_ANSWERS = {
-    "malformed request line": (b"GARBAGE\r\n\r\n", 400, ALLOWED, True),
-    "NUL in the path": (b"GET /luksctl_api/v1.0/sta\x00tus HTTP/1.1\r\nHost: x\r\n\r\n", 400, ALLOWED, True),
-    "two Host fields": (get(STATUS, "Host: y"), 400, ALLOWED, True),
-    "a 5,000-byte field": (get(STATUS, "X-Big: " + "a" * 5000), 400, ALLOWED, True),
-    "a 5,000-byte request line": (get("/" + "a" * 5000), 414, ALLOWED, True),
-    "HTTP/2.5": (b"GET / HTTP/2.5\r\nHost: x\r\n\r\n", 505, ALLOWED, True),
-    "plain HTTP on the HTTPS port": (get(STATUS), 400, ALLOWED, False),
-    "TRACE": (b"TRACE / HTTP/1.1\r\nHost: x\r\n\r\n", 405, ALLOWED, True),
-    "an error page's own path": (get("/luksctl-proxy-error-500"), 404, ALLOWED, True),
-    "a body over 16 KiB": (OPEN_HEAD + b"Content-Length: 16385\r\n\r\n", 413, ALLOWED, True),
-    "an unknown transfer coding": (OPEN_HEAD + b"Transfer-Encoding: gzip\r\n\r\n", 501, ALLOWED, True),
-    "Content-Length with chunked": (OPEN_HEAD + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, ALLOWED, True),
-    "an address outside ALLOWED_CLIENTS": (get(STATUS), 403, REFUSED, True),
-}
 
 
 @pytest.mark.parametrize("case", sorted(NGINX_ANSWERS))
