@@ -20,6 +20,9 @@ from pathlib import Path
 from .waiting import wait_until
 
 NGINX = "/usr/sbin/nginx"
+# nginx's workers drop to this user here; in a deployment to luksctl_proxy (both have a group of
+# the same name, as nginx's `user` directive needs).
+PROXY_USER = "daemon"
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 

@@ -19,16 +19,13 @@ from pathlib import Path
 import pytest
 from support.net import free_port
 from support.raw_http import ALLOWED, ALSO_ALLOWED, NGINX_ANSWERS, OPEN_HEAD, REFUSED, STATUS, connect, exchange, get
-from support.serving import NGINX, Serving, gunicorn_argv, installed
+from support.serving import NGINX, PROXY_USER, Serving, gunicorn_argv, installed
 from support.waiting import wait_until
 
 from luksctl.api import proxy
 from luksctl.api.admin import main_frontend, main_worker
 from luksctl.errors import EXIT_CONFIG
 
-# nginx's workers drop to this user here; in a deployment to luksctl_proxy (both have a group of
-# the same name, as nginx's `user` directive needs).
-PROXY_USER = "daemon"
 
 
 class Stack(Serving):
