@@ -100,7 +100,7 @@ def serving(name: str, workdir: Path, config: dict | None = None) -> Iterator[st
             sockets.mkdir(exist_ok=True)
             socket_path = sockets / "gunicorn.sock"
             stack.start_gunicorn(gunicorn_argv(workdir, f"unix:{socket_path}", tls=False), socket_path, log)
-            stack.start_nginx("nginx", socket_path, PORT, cert=workdir / "cert.pem", key=workdir / "key.pem", user="root")
+            stack.start_nginx("nginx", socket_path, PORT, cert=workdir / "cert.pem", key=workdir / "key.pem", user="root", log=log)
         elif name == "direct":
             stack.start(gunicorn_argv(workdir, f"127.0.0.1:{PORT}", tls=True), log)
         elif name == "direct-old-worker":

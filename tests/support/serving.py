@@ -1,8 +1,8 @@
 """A service as deployed, on loopback: gunicorn on a Unix socket behind nginx with the
 configuration `luksctl-api proxy-config` (or `luksctl-api-wn proxy-config`) writes.
 
-Used by the proxy's tests (tests/unit/test_proxy.py, tests/contract/test_schemathesis_proxy.py)
-and scripts/bench_status.py. One nginx per listen port: start_nginx as often as ports are
+Used by the proxy's tests (tests/unit/test_proxy.py, tests/contract/test_schemathesis.py's
+proxied runs) and scripts/bench_status.py. One nginx per listen port: start_nginx as often as ports are
 needed, each in front of any socket (one that does not exist gives nginx's own 502).
 
 The directory must be reachable by nginx's workers, which are not root: not under pytest's
@@ -82,9 +82,11 @@ class Serving:
                         "--listen", f"127.0.0.1:{port}"], env=self.env, check=True)
         return out
 
-    def start_nginx(self, name: str, socket_path: Path, port: int, *, cert: Path, key: Path, user: str) -> subprocess.Popen:
+    def start_nginx(self, name: str, socket_path: Path, port: int, *, cert: Path, key: Path, user: str,
+                    log: Path | None = None) -> subprocess.Popen:
+        """nginx as `name` (its configuration, runtime directory and, by default, log in `directory`)."""
         conf = self.proxy_config(name, socket_path, port, cert=cert, key=key, user=user)
-        process = self.start([NGINX, "-c", str(conf)], self.directory / f"{name}.log")
+        process = self.start([NGINX, "-c", str(conf)], log or self.directory / f"{name}.log")
         wait_until(lambda: process.poll() is None and accepts(port), self.ready_timeout, f"nginx {name}", interval=0.1)
         return process
 
