@@ -40,8 +40,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests"))
 
 import wrk_output  # noqa: E402
+from support.serving import Serving, installed  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "20"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "10"))
@@ -67,7 +69,7 @@ def gunicorn_argv(workdir: Path, bind: str, tls: bool, tree: Path = REPO) -> lis
     """The unit's command line with this machine's paths: its config, `bind`, TLS or not."""
     argv = unit_argv(tree)
     app = argv.pop()
-    argv[0] = str(Path(sys.executable).with_name("gunicorn"))
+    argv[0] = installed("gunicorn")
     replaced = {"--config": str(tree / "deploy" / "gunicorn.conf.py"), "--bind": bind}
     out: list[str] = []
     skip = False
@@ -89,40 +91,28 @@ def gunicorn_argv(workdir: Path, bind: str, tls: bool, tree: Path = REPO) -> lis
 @contextlib.contextmanager
 def serving(name: str, workdir: Path, config: dict | None = None) -> Iterator[str]:
     """Status served as `name` on 127.0.0.1:PORT over TLS; yields its URL."""
-    config_file = write_config(workdir, config or {})
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(workdir),
-           "LUKSCTL_API_CONFIG": str(config_file)}
-    log = (OUT / f"bench.{name}{'' if IN_VM else '.host'}.log").open("ab")
-    processes = []
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(workdir)}
+    stack = Serving(workdir, write_config(workdir, config or {}), env=env, ready_timeout=600)
+    log = OUT / f"bench.{name}{'' if IN_VM else '.host'}.log"
     try:
         if name == "proxy":
             sockets = workdir / "sockets"
             sockets.mkdir(exist_ok=True)
-            conf = workdir / "nginx.conf"
-            subprocess.run([str(Path(sys.executable).with_name("luksctl-api")), "proxy-config", "--output", str(conf),
-                            "--listen", f"127.0.0.1:{PORT}", "--socket", str(sockets / "gunicorn.sock"),
-                            "--runtime-dir", str(workdir), "--user", "root", "--cert", str(workdir / "cert.pem"),
-                            "--key", str(workdir / "key.pem")], env=env, check=True)
-            processes.append(subprocess.Popen(gunicorn_argv(workdir, f"unix:{sockets / 'gunicorn.sock'}", tls=False),
-                                              env=env, cwd="/", stdout=log, stderr=log))
-            processes.append(subprocess.Popen(["/usr/sbin/nginx", "-c", str(conf)], cwd="/", stdout=log, stderr=log))
+            socket_path = sockets / "gunicorn.sock"
+            stack.start_gunicorn(gunicorn_argv(workdir, f"unix:{socket_path}", tls=False), socket_path, log)
+            stack.start_nginx("nginx", socket_path, PORT, cert=workdir / "cert.pem", key=workdir / "key.pem", user="root", log=log)
         elif name == "direct":
-            processes.append(subprocess.Popen(gunicorn_argv(workdir, f"127.0.0.1:{PORT}", tls=True), env=env, cwd="/",
-                                              stdout=log, stderr=log))
+            stack.start(gunicorn_argv(workdir, f"127.0.0.1:{PORT}", tls=True), log)
         elif name == "direct-old-worker":
-            processes.append(subprocess.Popen(gunicorn_argv(workdir, f"127.0.0.1:{PORT}", tls=True, tree=OLD_TREE),
-                                              env={**env, "PYTHONPATH": str(OLD_TREE / "src")}, cwd="/", stdout=log,
-                                              stderr=log))
+            stack.start(gunicorn_argv(workdir, f"127.0.0.1:{PORT}", tls=True, tree=OLD_TREE), log,
+                        env={**stack.env, "PYTHONPATH": str(OLD_TREE / "src")})
         else:
             raise SystemExit(f"no configuration {name!r}: {CONFIGS}")
         url = f"https://127.0.0.1:{PORT}{STATUS}"
-        wait_answering(url, processes)
+        wait_answering(url, stack.processes)
         yield url
     finally:
-        for process in reversed(processes):
-            process.terminate()
-            process.wait(60)
-        log.close()
+        stack.stop()
         wait_port_free()
 
 
@@ -179,7 +169,7 @@ def main(names: list[str]) -> int:
     results: dict = {"where": where, "seconds_per_window": SECONDS, "warmup_seconds": WARMUP, "configs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-status-") as tmp:
         workdir = Path(tmp)
-        subprocess.run([str(Path(sys.executable).with_name("luksctl-api")), "gen-cert", "--owner", "root",
+        subprocess.run([installed("luksctl-api"), "gen-cert", "--owner", "root",
                         "--cert", str(workdir / "cert.pem"), "--key", str(workdir / "key.pem")],
                        check=True, capture_output=True)
         workdir.chmod(0o755)

@@ -28,6 +28,9 @@ API_CONFIG = Path("/etc/luks/config.json")
 API_CONFIG_ENV = "LUKSCTL_API_CONFIG"
 LUKSCTL_BINARY = "/usr/local/sbin/luksctl"
 CLUSTER_TOKEN = "/etc/luks/cluster-token"
+# The largest request body the front end reads (open's JSON): the app refuses more, and the
+# proxy (api/proxy.py) sizes its buffers and its own 413 by it.
+MAX_BODY_BYTES = 16 * 1024
 
 _HOSTNAME = r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*"
 _VAULT_PATH = r"[A-Za-z0-9_@:+=.-]+(/[A-Za-z0-9_@:+=.-]+)*"

@@ -41,6 +41,26 @@ def resolve(binary: str) -> str:
     return found
 
 
+# Both ways of running: the fixed environment, and no descriptor of ours inherited.
+PROCESS_OPTIONS = {"env": ENVIRONMENT, "close_fds": True}
+
+
+def _resolved(argv: list[str]) -> list[str]:
+    full_argv = [resolve(argv[0]), *argv[1:]]
+    log.debug("running %s", full_argv)
+    return full_argv
+
+
+# The two failures without an exit code, worded alike for both ways of running. `argv` as the
+# caller gave it names the command; `full_argv` is what ran.
+def _timed_out(argv: list[str], full_argv: list[str], timeout: float, stderr: bytes) -> CommandFailed:
+    return CommandFailed(f"{argv[0]} did not finish within {timeout:g} s", full_argv, None, stderr.decode("utf-8", "replace"))
+
+
+def _not_started(argv: list[str], full_argv: list[str], exc: OSError) -> CommandFailed:
+    return CommandFailed(f"{argv[0]} could not be started: {exc.strerror}", full_argv, None, "")
+
+
 def run(argv: list[str], *, timeout: float, stdin: bytes | None = None, check: bool = True) -> Result:
     """Run argv[0] (resolved) with `stdin` bytes as its standard input.
 
@@ -49,22 +69,20 @@ def run(argv: list[str], *, timeout: float, stdin: bytes | None = None, check: b
     """
     import subprocess
 
-    full_argv = [resolve(argv[0]), *argv[1:]]
-    log.debug("running %s", full_argv)
+    full_argv = _resolved(argv)
     try:
         completed = subprocess.run(
             full_argv,
             input=stdin if stdin is not None else b"",
             capture_output=True,
-            env=ENVIRONMENT,
             timeout=timeout,
-            close_fds=True,
             check=False,
+            **PROCESS_OPTIONS,
         )
     except subprocess.TimeoutExpired:
-        raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s", full_argv, None, "") from None
+        raise _timed_out(argv, full_argv, timeout, b"") from None
     except OSError as exc:
-        raise CommandFailed(f"{argv[0]} could not be started: {exc.strerror}", full_argv, None, "") from None
+        raise _not_started(argv, full_argv, exc) from None
     result = Result(
         full_argv,
         completed.returncode,
@@ -87,14 +105,13 @@ def run_streaming(argv: list[str], *, timeout: float, stdin: bytes, on_line: Cal
     import selectors
     import subprocess
 
-    full_argv = [resolve(argv[0]), *argv[1:]]
-    log.debug("running %s", full_argv)
+    full_argv = _resolved(argv)
     deadline = time.monotonic() + timeout
     try:
         process = subprocess.Popen(full_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE if on_line else None,
-                                   stderr=subprocess.PIPE, env=ENVIRONMENT, close_fds=True)
+                                   stderr=subprocess.PIPE, **PROCESS_OPTIONS)
     except OSError as exc:
-        raise CommandFailed(f"{argv[0]} could not be started: {exc.strerror}", full_argv, None, "") from None
+        raise _not_started(argv, full_argv, exc) from None
     with process, selectors.DefaultSelector() as selector:
         try:
             process.stdin.write(stdin)  # a passphrase or two: far below a pipe's buffer
@@ -109,7 +126,7 @@ def run_streaming(argv: list[str], *, timeout: float, stdin: bytes, on_line: Cal
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 process.kill()
-                raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s", full_argv, None, errors.decode("utf-8", "replace"))
+                raise _timed_out(argv, full_argv, timeout, errors)
             for key, _ in selector.select(remaining):
                 chunk = os.read(key.fd, 65536)
                 if not chunk:

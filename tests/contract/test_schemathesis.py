@@ -14,13 +14,19 @@ a JSON object carrying the state key (`volume_state` / `nfs_state`).
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 import schemathesis
-from contract_fakes import ALLOWED_VAULT, CLUSTER_TOKEN, NFS_MOUNTPOINTS, Host
+from contract_fakes import ALLOWED_VAULT, CLUSTER_TOKEN, INI, NFS_MOUNTPOINTS, Host
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -34,6 +40,9 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from support.net import free_port
+from support.raw_http import ALLOWED, ALSO_ALLOWED, NGINX_ANSWERS, exchange
+from support.serving import PROXY_USER, Serving, gunicorn_argv, installed
 
 from luksctl import errors
 from luksctl.api.frontend import PREFIX as FRONTEND_PREFIX
@@ -97,14 +106,16 @@ def check_state_key(response, state_key: str, case) -> None:
         assert isinstance(body.get("error"), str) and body["error"], f"error body without 'error': {body}"
 
 
-def fuzz(schema, state_key: str, prepare: Callable[[int, object], None]) -> tuple[int, dict[str, list[str]], dict]:
-    """Run the service's cases; returns (count, failures by first line of the message, status histogram)."""
+def fuzz(schema, state_key: str, prepare: Callable[[int, object], None], *, examples: int = EXAMPLES_PER_SERVICE,
+         call: Callable = lambda case: case.call(), checks: list = CHECKS) -> tuple[int, dict[str, list[str]], dict]:
+    """Run the service's cases, each sent by `call`; returns (count, failures by first line of the
+    message, status histogram)."""
     executed = 0
     failures: dict[str, list[str]] = {}
     statuses: dict[tuple[str, int], int] = {}
 
     @settings(
-        max_examples=EXAMPLES_PER_SERVICE,
+        max_examples=examples,
         derandomize=True,
         database=None,
         deadline=None,
@@ -116,12 +127,12 @@ def fuzz(schema, state_key: str, prepare: Callable[[int, object], None]) -> tupl
     def run(script, case):
         nonlocal executed
         prepare(script, case)
-        response = case.call()
+        response = call(case)
         executed += 1
         key = (f"{case.method} {case.path}", response.status_code)
         statuses[key] = statuses.get(key, 0) + 1
         try:
-            case.validate_response(response, checks=CHECKS)
+            case.validate_response(response, checks=checks)
             check_state_key(response, state_key, case)
         except (Exception, FailureGroup) as exc:  # noqa: BLE001 - collected and reported below (FailureGroup is a BaseException)
             message = str(exc).strip()
@@ -149,15 +160,25 @@ def report(service: str, executed: int, failures: dict[str, list[str]], statuses
     return "\n".join(lines)
 
 
+def name_the_allowed_vault(script: int, case) -> None:
+    """Every third open names the allowed Vault, so the unlock path (fake Vault -> bridge ->
+    mounted) runs, not only the 400s."""
+    if case.path.endswith("/open") and isinstance(case.body, dict) and script % 3 == 0:
+        case.body = {**case.body, "vault_url": ALLOWED_VAULT}
+
+
+def send_the_cluster_token(script: int, case) -> None:
+    """Two cases in three carry the right cluster token; the rest keep the generated (wrong or missing) one -> 403."""
+    if case.path.endswith("/nfs-mount") and script % 3 != 0:
+        case.headers = {**(case.headers or {}), "X-Luksctl-Token": CLUSTER_TOKEN}
+
+
 def test_frontend_fuzz(frontend_app, host: Host):
     schema = load_served(frontend_app, FRONTEND_PREFIX)
 
     def prepare(script: int, case) -> None:
-        # Scripted state: alternate mounted / unmounted; every third open names the allowed
-        # Vault, so the unlock path (fake Vault -> bridge -> mounted) runs, not only the 400s.
-        host.mounted = script % 2 == 1
-        if case.path.endswith("/open") and isinstance(case.body, dict) and script % 3 == 0:
-            case.body = {**case.body, "vault_url": ALLOWED_VAULT}
+        host.mounted = script % 2 == 1  # scripted state: alternate mounted / unmounted
+        name_the_allowed_vault(script, case)
 
     started = time.monotonic()
     executed, failures, statuses = fuzz(schema, "volume_state", prepare)
@@ -175,11 +196,8 @@ def test_worker_fuzz(worker_app, host: Host):
     schema = load_served(worker_app, WORKER_PREFIX)
 
     def prepare(script: int, case) -> None:
-        # Scripted state: none, some or all NFS mountpoints mounted. Two cases in three carry
-        # the right cluster token; the rest keep the generated (wrong or missing) one -> 403.
-        host.nfs_mounted = set(NFS_MOUNTPOINTS[: script % (len(NFS_MOUNTPOINTS) + 1)])
-        if case.path.endswith("/nfs-mount") and script % 3 != 0:
-            case.headers = {**(case.headers or {}), "X-Luksctl-Token": CLUSTER_TOKEN}
+        host.nfs_mounted = set(NFS_MOUNTPOINTS[: script % (len(NFS_MOUNTPOINTS) + 1)])  # none, some or all mounted
+        send_the_cluster_token(script, case)
 
     started = time.monotonic()
     executed, failures, statuses = fuzz(schema, "nfs_state", prepare)
@@ -323,3 +341,87 @@ def test_worker_unavailable_conforms(worker_app, host: Host):
         assert response.json()["nfs_state"] == "unavailable"
     status = schema[f"{WORKER_PREFIX}/status"]["GET"].Case().call()
     assert status.status_code == 200 and status.json()["error"]
+
+
+# --- Through the proxy: real HTTPS to nginx as proxy-config writes it, gunicorn on its socket. ---
+
+PROXIED_EXAMPLES = 300  # per service: each is a real HTTPS request
+PROXIED_MIN_CASES = 250
+CONTRACT_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Proxied:
+    schema: object
+    state_key: str
+    port: int
+    cert: Path
+
+
+SERVICES = {
+    # service: (admin command, gunicorn app, state key, prefix, config.json but for the paths)
+    "frontend": ("luksctl-api", "served_apps:frontend()", "volume_state", FRONTEND_PREFIX,
+                 {"FAILED_OPEN_LIMIT": 0, "VAULT_URL_ALLOWLIST": [ALLOWED_VAULT], "PRIVILEGED_TIMEOUT": 5}),
+    "worker": ("luksctl-api-wn", "served_apps:worker()", "nfs_state", WORKER_PREFIX, {"NFS_MOUNTPOINT_LIST": NFS_MOUNTPOINTS}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SERVICES))
+def proxied(request):
+    """One service behind its proxy, in a directory nginx's workers (not root) can reach."""
+    admin, app, state_key, prefix, settings_ = SERVICES[request.param]
+    directory = Path(tempfile.mkdtemp(prefix=f"luksctl-proxied-{request.param}."))
+    directory.chmod(0o755)
+    (directory / "run").mkdir(mode=0o700)
+    ini, token = directory / "luks-cryptdev.ini", directory / "cluster-token"
+    ini.write_text(INI)
+    token.write_text(CLUSTER_TOKEN + "\n")
+    token.chmod(0o640)  # as install.sh leaves it
+    config = directory / "config.json"
+    volume = {"CRYPTDEV_INI": str(ini), "LOCK_FILE": str(directory / "run" / "open.lock")} if request.param == "frontend" else {}
+    config.write_text(json.dumps({"ALLOWED_CLIENTS": [f"{ALLOWED}/32", f"{ALSO_ALLOWED}/32"], "CLUSTER_TOKEN_FILE": str(token),
+                                  **volume, **settings_}))
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run([installed(admin), "gen-cert", "--cert", str(cert), "--key", str(key), "--hostname", "localhost"],
+                   check=True, capture_output=True)
+    stack = Serving(directory, config, admin, env={**os.environ, "PYTHONPATH": str(CONTRACT_DIR)})
+    socket_path, port = directory / "gunicorn.sock", free_port()
+    try:
+        stack.start_gunicorn(gunicorn_argv(app, socket_path, "--workers", "1", "-m", "000"), socket_path, directory / "gunicorn.log")
+        stack.start_nginx("nginx", socket_path, port, cert=cert, key=key, user=PROXY_USER)
+        document = requests.get(f"https://localhost:{port}{prefix}/openapi.json", verify=str(cert), timeout=30)
+        document.raise_for_status()
+        yield Proxied(schemathesis.openapi.from_dict(document.json(), config=CONFIG), state_key, port, cert)
+    finally:
+        stack.stop()
+        shutil.rmtree(directory)
+
+
+def test_fuzz_through_the_proxy(proxied: Proxied):
+    """Issue 20: through nginx, no 5xx, and every answer, nginx's own included, JSON with the state key."""
+    session = requests.Session()  # kept-alive connections, as the dashboard's
+    base_url = f"https://localhost:{proxied.port}"
+
+    def prepare(script: int, case) -> None:
+        name_the_allowed_vault(script, case)
+        send_the_cluster_token(script, case)
+
+    started = time.monotonic()
+    executed, failures, statuses = fuzz(proxied.schema, proxied.state_key, prepare, examples=PROXIED_EXAMPLES,
+                                        call=lambda case: case.call(base_url=base_url, session=session, verify=str(proxied.cert), timeout=30))
+    summary = report(f"{proxied.state_key} through the proxy", executed, failures, statuses, time.monotonic() - started)
+    print(summary)
+    assert not failures, summary
+    assert executed >= PROXIED_MIN_CASES, summary
+    assert min(runs_per_operation(proxied.schema, statuses).values()) >= 5, "some operations were barely exercised\n" + summary
+
+
+@pytest.mark.parametrize("case", sorted(NGINX_ANSWERS))
+def test_every_answer_nginx_makes_itself_carries_the_service_state_key(proxied: Proxied, case):
+    """What schemathesis cannot send (support/raw_http.py, as test_proxy sends it to the front end)."""
+    request, expected, source, tls = NGINX_ANSWERS[case]
+
+    status, body = exchange(proxied.port, request, source, tls)
+
+    assert status == expected
+    assert body[proxied.state_key] == "unavailable" and body["error"]

@@ -1,6 +1,7 @@
 """The proxy as shipped: nginx with the configuration `luksctl-api proxy-config` writes, in front
-of gunicorn with deploy/gunicorn.conf.py on a Unix socket, both real, on loopback (support.serving's
-Stack; 127.0.0.1 and 127.0.0.2 are in ALLOWED_CLIENTS, 127.0.0.3 is not).
+of gunicorn with deploy/gunicorn.conf.py on a Unix socket, both real, on loopback.
+
+ALLOWED and ALSO_ALLOWED are in ALLOWED_CLIENTS, REFUSED is not (support/raw_http.py).
 """
 
 from __future__ import annotations
@@ -8,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import ssl
 import subprocess
 import time
 from contextlib import ExitStack
@@ -17,65 +16,20 @@ from pathlib import Path
 
 import pytest
 from support.net import free_port
-from support.serving import ALLOWED, ALSO_ALLOWED, NGINX, PROXY_USER, REFUSED, running_stack
+from support.raw_http import ALLOWED, ALSO_ALLOWED, NGINX_ANSWERS, OPEN_HEAD, REFUSED, STATUS, connect, exchange, get
+from support.serving import NGINX, PROXY_USER, installed, running_stack
 from support.waiting import wait_until
 
 from luksctl.api import proxy
 from luksctl.api.admin import main_frontend, main_worker
 from luksctl.errors import EXIT_CONFIG
 
-TLS = ssl._create_unverified_context()  # the self-signed certificate, as the dashboard's verify=False
 
 
 @pytest.fixture(scope="module")
 def stack():
     with running_stack("luksctl-proxy-test.") as stack:
         yield stack
-
-
-def connect(port: int, source: str = ALLOWED, tls: bool = True) -> socket.socket:
-    sock = socket.socket()
-    sock.settimeout(20)
-    sock.bind((source, 0))
-    sock.connect(("127.0.0.1", port))
-    return TLS.wrap_socket(sock) if tls else sock
-
-
-def exchange(port: int, request: bytes, source: str = ALLOWED, tls: bool = True) -> tuple[int, dict]:
-    """(status, JSON body) of one raw request; fails if the body is not JSON."""
-    with connect(port, source, tls) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert b"content-type: application/json" in head.lower(), head
-    return int(head.split(b" ")[1]), json.loads(body)
-
-
-def get(path: str, *headers: str) -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + "".join(f"{h}\r\n" for h in headers) + "\r\n").encode()
-
-
-STATUS = "/luksctl_api/v1.0/status"
-OPEN_HEAD = b"POST /luksctl_api/v1.0/open HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
-
-# Each answer nginx makes itself, and a request that makes it.
-NGINX_ANSWERS = {
-    "malformed request line": (b"GARBAGE\r\n\r\n", 400, ALLOWED, True),
-    "NUL in the path": (b"GET /luksctl_api/v1.0/sta\x00tus HTTP/1.1\r\nHost: x\r\n\r\n", 400, ALLOWED, True),
-    "two Host fields": (get(STATUS, "Host: y"), 400, ALLOWED, True),
-    "a 5,000-byte field": (get(STATUS, "X-Big: " + "a" * 5000), 400, ALLOWED, True),
-    "a 5,000-byte request line": (get("/" + "a" * 5000), 414, ALLOWED, True),
-    "HTTP/2.5": (b"GET / HTTP/2.5\r\nHost: x\r\n\r\n", 505, ALLOWED, True),
-    "plain HTTP on the HTTPS port": (get(STATUS), 400, ALLOWED, False),
-    "TRACE": (b"TRACE / HTTP/1.1\r\nHost: x\r\n\r\n", 405, ALLOWED, True),
-    "an error page's own path": (get("/luksctl-proxy-error-500"), 404, ALLOWED, True),
-    "a body over 16 KiB": (OPEN_HEAD + b"Content-Length: 16385\r\n\r\n", 413, ALLOWED, True),
-    "an unknown transfer coding": (OPEN_HEAD + b"Transfer-Encoding: gzip\r\n\r\n", 501, ALLOWED, True),
-    "Content-Length with chunked": (OPEN_HEAD + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, ALLOWED, True),
-    "an address outside ALLOWED_CLIENTS": (get(STATUS), 403, REFUSED, True),
-}
 
 
 @pytest.mark.parametrize("case", sorted(NGINX_ANSWERS))
@@ -145,7 +99,7 @@ def test_past_the_requests_in_progress_one_address_may_have_the_next_gets_429(st
 
 def test_502_in_json_when_gunicorn_is_not_running(stack):
     port = free_port()
-    stack.start_nginx("nginx-no-upstream", stack.directory / "no-such.sock", port)
+    stack.start_proxy("nginx-no-upstream", stack.directory / "no-such.sock", port)
 
     status, body = exchange(port, get(STATUS))
 
@@ -203,3 +157,18 @@ def test_every_code_nginx_may_answer_has_a_json_page(stack):
     pages = {int(code) for code in re.findall(r"error_page (\d+) ", text)}
 
     assert pages == set(proxy.ERRORS)
+
+
+def test_proxy_config_as_in_exec_start_pre_creates_no_metric_files(tmp_path):
+    """Root renders the proxy's configuration under the service's environment: importing the
+    app's metrics there would leave root-owned files in the workers' multiprocess directory."""
+    multiproc = tmp_path / "metrics"
+    multiproc.mkdir()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"ALLOW_PLAIN_HTTP": True}))
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc), "LUKSCTL_API_CONFIG": str(config)}
+
+    subprocess.run([installed("luksctl-api"), "proxy-config", "--output", str(tmp_path / "nginx.conf"),
+                    "--user", PROXY_USER, "--runtime-dir", str(tmp_path)], env=env, check=True)
+
+    assert (tmp_path / "nginx.conf").exists() and list(multiproc.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -122,3 +123,24 @@ def test_streaming_is_killed_at_its_deadline():
         runner.run_streaming(["sh", "-c", "echo started >&2; exec sleep 30"], stdin=b"", timeout=0.5, on_line=lambda line: None)
 
     assert time.monotonic() - started < 5 and failed.value.returncode is None
+
+
+
+def streaming(argv, **kwargs) -> runner.Result:
+    """run_streaming with its lines as the Result's stdout, as run() has it."""
+    lines: list[str] = []
+    result = runner.run_streaming(argv, stdin=b"", on_line=lines.append, **kwargs)
+    return dataclasses.replace(result, stdout="".join(f"{line}\n" for line in lines))
+
+
+@pytest.mark.parametrize("run", [runner.run, streaming], ids=["run", "run_streaming"])
+def test_both_ways_give_the_same_environment_and_the_same_start_failure(run, monkeypatch):
+    monkeypatch.setenv("VAULT_TOKEN", "s.leak")
+
+    result = run(["env"], timeout=10)
+    with pytest.raises(CommandFailed) as caught:
+        run(["/nonexistent/bin/tool"], timeout=10)
+
+    assert sorted(result.stdout.splitlines()) == sorted([f"PATH={runner.SAFE_PATH}", "LC_ALL=C"])
+    assert caught.value.message == "/nonexistent/bin/tool could not be started: No such file or directory"
+    assert (caught.value.returncode, caught.value.argv) == (None, ["/nonexistent/bin/tool"])

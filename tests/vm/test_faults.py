@@ -620,7 +620,9 @@ def test_tls_1_1_is_refused_and_tls_1_2_works(lab_api):
     assert b'"volume_state"' in reply
 
 
-ATTACK_WINDOW = 20
+# Seconds of polling per attack: about 150 polls in the VM (300 in 20 s, BENCHMARKS.md), so the
+# p99 is the second-slowest poll, and one failed poll still fails the test.
+ATTACK_WINDOW = 10
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))

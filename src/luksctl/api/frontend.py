@@ -10,6 +10,7 @@ from pathlib import Path
 from flask import Blueprint, Flask, current_app, request
 
 from ..config import (
+    MAX_BODY_BYTES,
     REQUIRED,
     FrontendConfig,
     InvalidSettings,
@@ -39,7 +40,6 @@ from .ratelimit import FailedOpenLimiter
 log = logging.getLogger(__name__)
 
 PREFIX = "/luksctl_api/v1.0"
-MAX_BODY_BYTES = 16 * 1024
 
 
 class OpenRequest(Settings):

@@ -13,9 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import JsonConfig
+from ..config import MAX_BODY_BYTES, JsonConfig
 from ..status import VolumeState
-from .frontend import MAX_BODY_BYTES
 
 LISTEN = "0.0.0.0:5000"
 USER = "luksctl_proxy"

@@ -126,9 +126,7 @@ def _mtime(path: Path) -> float:
 
 def remove_all(directory: Path) -> list[str]:
     """decommission: every pending file and temporary of every operation; the paths removed."""
-    removed = []
-    for operation in FILES:
-        for path in PendingStore(directory, operation).leftovers():
-            remove_durably(path)
-            removed.append(str(path))
-    return removed
+    removed = [path for files in unfinished(directory).values() for path in files]
+    for path in removed:
+        remove_durably(path)
+    return [str(path) for path in removed]
