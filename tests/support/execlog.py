@@ -1,9 +1,11 @@
 """Every exec on the machine, recorded by the kernel as it starts: the audit subsystem's execve
 records, written by an auditd of our own, then searched for secrets on argv.
 
-Unlike a /proc sampler this misses no process however short, and says when it did miss one: the
-kernel counts each record it drops (`auditctl -s`, "lost"), and the recorder fails if that count
-moved or if it recorded no exec at all. Audit does not record the environment (envp)."""
+Unlike a /proc sampler this misses no exec however short-lived the process, and says when it did
+miss one: the kernel counts each record it drops (`auditctl -s`, "lost"), and the recorder fails
+if that count moved or if it recorded no exec at all. Two limits: only processes forked after
+audit was first enabled on this boot are recorded (see audit_every_new_process), and audit does
+not record the environment (envp)."""
 
 from __future__ import annotations
 
@@ -39,6 +41,15 @@ def auditctl(*args: str) -> None:
     subprocess.run(["auditctl", *args], capture_output=True, check=True)
 
 
+def audit_every_new_process() -> None:
+    """The kernel gives a process an audit context only if it was forked after audit was first
+    enabled on this boot; an older process's execs are never recorded. Enabling audit once (then
+    putting the setting back) makes every process forked from now on recordable."""
+    enabled = audit_status()["enabled"]
+    auditctl("-e", "1")
+    auditctl("-e", str(enabled))
+
+
 def daemon_config(directory: Path) -> str:
     # One log that never rotates and no action on disk space: the test reads it whole afterwards.
     return "\n".join([
@@ -72,7 +83,7 @@ class ExecRecorder:
                 assert self.daemon.poll() is None and time.monotonic() < deadline, \
                     f"auditd did not register: {(self.directory / 'auditd.err').read_text()}"
                 time.sleep(0.05)
-            auditctl("-e", "1", "-b", str(BACKLOG), "-f", "1")  # -f 1: a dropped record is counted and logged
+            auditctl("-e", "1", "-b", str(BACKLOG), "-f", "1")  # -f 1: a dropped record is also printed by the kernel
             for rule in RULES:
                 auditctl("-a", *rule)
             self.lost_before = audit_status()["lost"]

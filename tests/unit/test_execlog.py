@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from support.execlog import ExecRecorder, audit_status, auditctl
+from support.execlog import ExecRecorder, audit_every_new_process, audit_status, auditctl
 
 
 def canary(argv: list[str]) -> None:
@@ -43,6 +43,15 @@ def test_the_recording_says_which_process_ran_with_which_argv():
         child = subprocess.Popen(["/bin/true", "marker-argv"])
         child.wait()
     assert (child.pid, [b"/bin/true", b"marker-argv"]) in recorder.execs
+
+
+def test_a_process_started_before_the_recording_is_recorded_when_it_execs_during_it():
+    audit_every_new_process()
+    secret = secrets.token_hex(16)
+    older = subprocess.Popen(["/bin/sh", "-c", f"read go; exec /bin/true {secret}"], stdin=subprocess.PIPE)
+    with ExecRecorder() as recorder:
+        older.communicate(b"go\n")
+    assert recorder.hits({"secret": secret.encode()}) == [("secret", older.pid, [b"/bin/true", secret.encode()])]
 
 
 def test_the_audit_rules_and_settings_are_gone_afterwards_even_when_the_block_fails():
