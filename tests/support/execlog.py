@@ -3,7 +3,8 @@ records, written by an auditd of our own, then searched for secrets on argv.
 
 Unlike a /proc sampler this misses no exec however short-lived the process, and says when it did
 miss one: the kernel counts each record it drops (`auditctl -s`, "lost"), and the recorder fails
-if that count moved or if it recorded no exec at all. Two limits: only processes forked after
+if that count moved or if it did not record the canary execs it makes itself right after it
+starts and right before it stops (so a recorder that saw nothing cannot pass). Two limits: only processes forked after
 audit was first enabled on this boot are recorded (see audit_every_new_process), and audit does
 not record the environment (envp)."""
 
@@ -22,6 +23,7 @@ KEY = "luksctl-leak"
 RULES = [["always,exit", "-F", f"arch={arch}", "-S", "execve", "-S", "execveat", "-k", KEY] for arch in ("b64", "b32")]
 BACKLOG = 65536  # records the kernel queues for auditd before it waits or drops
 OWN_EXECS = [[b"auditctl", b"-d", *(arg.encode() for arg in rule)] for rule in RULES]  # stop's, recorded
+CANARY_PROGRAM = b"/bin/true"  # run with a unique argument: proof that the recording works
 DECODER = Path(__file__).with_name("execlog_decode.py")
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, with python3-audit's auparse
 
@@ -66,6 +68,8 @@ class ExecRecorder:
     def __init__(self) -> None:
         self.execs: list[Exec] = []
         self.lost = 0
+        self.canaries: list[bytes] = []  # the argument of each canary exec
+        self.canaries_missed: list[bytes] = []
 
     def start(self) -> None:
         self.before = audit_status()
@@ -87,6 +91,7 @@ class ExecRecorder:
             for rule in RULES:
                 auditctl("-a", *rule)
             self.lost_before = audit_status()["lost"]
+            self._canary()
         except BaseException:
             self._shut_down()
             raise
@@ -94,6 +99,7 @@ class ExecRecorder:
     def stop(self) -> None:
         """Removes the rules, stops auditd (which flushes its log), then decodes the log."""
         try:
+            self._canary()
             self.lost = audit_status()["lost"] - self.lost_before
         finally:
             self._shut_down()
@@ -101,7 +107,9 @@ class ExecRecorder:
                                  capture_output=True, text=True, check=True).stdout
         records = [Exec(record["pid"], [arg.encode("utf-8", "surrogateescape") for arg in record["argv"]])
                    for record in map(json.loads, decoded.splitlines())]
-        self.execs = [record for record in records if record.argv not in OWN_EXECS]  # seen whatever happened
+        canaries = [[CANARY_PROGRAM, canary] for canary in self.canaries]
+        self.canaries_missed = [canary for canary, argv in zip(self.canaries, canaries) if argv not in (r.argv for r in records)]
+        self.execs = [record for record in records if record.argv not in OWN_EXECS + canaries]  # without our own
         shutil.rmtree(self.directory)
 
     def _shut_down(self) -> None:
@@ -114,10 +122,15 @@ class ExecRecorder:
             self.daemon.terminate()
             self.daemon.wait(30)
 
+    def _canary(self) -> None:
+        canary = f"execlog-canary-{os.getpid()}-{time.monotonic_ns()}".encode()
+        self.canaries.append(canary)
+        subprocess.run([CANARY_PROGRAM, canary], check=True)
+
     def check(self) -> None:
-        """Fails unless the recording is complete: no record lost, and at least one exec seen."""
+        """Fails unless the recording is complete: no record lost, and both canaries recorded."""
         assert self.lost == 0, f"the kernel lost {self.lost} audit records: an exec may have gone unrecorded"
-        assert self.execs, "the recorder saw no exec at all"
+        assert not self.canaries_missed, f"the recorder missed its own canary execs {self.canaries_missed}: it was not recording"
 
     def ran(self, program: bytes) -> bool:
         """Whether a recorded exec's argv[0] names `program` (b"cryptsetup", with or without its path)."""
