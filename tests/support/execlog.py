@@ -10,6 +10,7 @@ not record the environment (envp)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ RULES = [["always,exit", "-F", f"arch={arch}", "-S", "execve", "-S", "execveat",
 BACKLOG = 65536  # records the kernel queues for auditd before it waits or drops
 OWN_EXECS = [[b"auditctl", b"-d", *(arg.encode() for arg in rule)] for rule in RULES]  # stop's, recorded
 CANARY_PROGRAM = b"/bin/true"  # run with a unique argument: proof that the recording works
+LOCK = Path("/run/luksctl-execlog.lock")  # one recorder at a time on a machine: the kernel has one audit
 DECODER = Path(__file__).with_name("execlog_decode.py")
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, with python3-audit's auparse
 
@@ -72,6 +74,15 @@ class ExecRecorder:
         self.canaries_missed: list[bytes] = []
 
     def start(self) -> None:
+        self.lock = LOCK.open("a")
+        fcntl.flock(self.lock, fcntl.LOCK_EX)  # another test run's recorder: wait for it
+        try:
+            self._start()
+        except BaseException:
+            self.lock.close()
+            raise
+
+    def _start(self) -> None:
         self.before = audit_status()
         if self.before["pid"]:
             raise RuntimeError(f"an audit daemon (pid {self.before['pid']}) already holds the kernel's audit; the recorder needs its own")
@@ -121,6 +132,7 @@ class ExecRecorder:
         finally:
             self.daemon.terminate()
             self.daemon.wait(30)
+            self.lock.close()
 
     def _canary(self) -> None:
         canary = f"execlog-canary-{os.getpid()}-{time.monotonic_ns()}".encode()

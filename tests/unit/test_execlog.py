@@ -6,6 +6,7 @@ import os
 import secrets
 import signal
 import subprocess
+import threading
 
 import pytest
 
@@ -91,3 +92,21 @@ def test_the_recording_holds_what_ran_and_not_the_recorders_own_execs():
         pass
     assert all(b"execlog-canary" not in b"".join(run.argv) for run in recorder.execs)
     assert len(recorder.canaries) == 2 and not recorder.canaries_missed
+
+
+def test_a_second_recorder_waits_for_the_first_to_stop():
+    first = ExecRecorder()
+    first.start()
+    second = ExecRecorder()
+    waiting = threading.Thread(target=second.start)
+    waiting.start()
+    waiting.join(2)
+    assert waiting.is_alive() and audit_status()["pid"] == first.daemon.pid
+    first.stop()
+    waiting.join(30)
+    try:
+        assert audit_status()["pid"] == second.daemon.pid
+    finally:
+        second.stop()
+    first.check()
+    second.check()
