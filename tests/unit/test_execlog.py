@@ -95,14 +95,15 @@ def test_the_recording_holds_what_ran_and_not_the_recorders_own_execs():
 
 
 def test_a_second_recorder_waits_for_the_first_to_stop():
-    first = ExecRecorder()
+    first, second = ExecRecorder(), ExecRecorder()
     first.start()
-    second = ExecRecorder()
     waiting = threading.Thread(target=second.start)
-    waiting.start()
-    waiting.join(2)
-    assert waiting.is_alive() and audit_status()["pid"] == first.daemon.pid
-    first.stop()
+    try:
+        waiting.start()
+        waiting.join(2)
+        assert waiting.is_alive() and audit_status()["pid"] == first.daemon.pid
+    finally:
+        first.stop()
     waiting.join(30)
     try:
         assert audit_status()["pid"] == second.daemon.pid
