@@ -4,9 +4,9 @@ records, written by an auditd of our own, then searched for secrets on argv.
 Unlike a /proc sampler this misses no exec however short-lived the process, and says when it did
 miss one: the kernel counts each record it drops (`auditctl -s`, "lost"), and the recorder fails
 if that count moved or if it did not record the canary execs it makes itself right after it
-starts and right before it stops (so a recorder that saw nothing cannot pass). Two limits: only processes forked after
-audit was first enabled on this boot are recorded (see audit_every_new_process), and audit does
-not record the environment (envp)."""
+starts and right before it stops (so a recorder that saw nothing cannot pass). Two limits: only
+processes forked after audit was first enabled on this boot are recorded (see
+audit_every_new_process), and audit does not record the environment (envp)."""
 
 from __future__ import annotations
 
