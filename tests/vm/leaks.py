@@ -119,8 +119,8 @@ class Watch:
 def watch_for_leaks(needles: dict[str, bytes]) -> Iterator[Watch]:
     """Records every exec, samples /proc and catches syslog while the block runs; then lists the
     logs written meanwhile, and the API's (all its starts). The caller asserts on the Watch, after
-    adding to its needles any secret made during the block. A recording that lost a record or saw
-    no exec fails here."""
+    adding to its needles any secret made during the block. A recording that lost a record or
+    missed its own canary execs (it was not recording) fails here."""
     started = time.time() - 2
     execs = ExecRecorder()
     execs.start()
