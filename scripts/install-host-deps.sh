@@ -11,6 +11,7 @@ packages=(
     wrk                             # make bench: HTTP load from inside the VM
     hyperfine                       # make bench: the root CLI's start-up against a bare interpreter, natively
     prometheus prometheus-node-exporter  # promtool (the alert rules' tests); tests/vm/test_metrics.py's scraper and node exporter
+    auditd python3-audit            # tests/support/execlog.py: every exec's argv, recorded by the kernel's audit
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,5 +1,7 @@
 """The process table (/proc) as the VM tests read it: a snapshot, and a sampler that keeps every
-argv and environment it saw, to search for secrets afterwards."""
+argv and environment it saw, to search for secrets afterwards. The sampler misses short-lived
+processes; argv is recorded at exec time by support.execlog instead, and the sampler is kept
+for the environment, which the kernel's audit does not record."""
 
 from __future__ import annotations
 
@@ -82,3 +84,6 @@ class ProcSampler(threading.Thread):
         return sorted({(name, pid, where, cmdline[:200]) for pid, cmdline, environ in self.seen
                        for where, data in (("cmdline", cmdline), ("environ", environ))
                        for name, needle in needles.items() if needle in data})
+
+    def environ_hits(self, needles: dict[str, bytes]) -> list[tuple[str, int, str, bytes]]:
+        return [hit for hit in self.hits(needles) if hit[2] == "environ"]

@@ -75,7 +75,8 @@ def test_the_proc_sampler_sees_an_argv_while_it_runs_and_the_snapshot_its_parent
     sampler = ProcSampler()
     sampler.start()
     argv = [sys.executable, "-c", "import time; time.sleep(30)", marker]
-    child = subprocess.Popen(argv)
+    in_env = f"planted-{time.monotonic_ns()}"
+    child = subprocess.Popen(argv, env={**os.environ, "PLANTED": in_env})
     try:
         wait_until(lambda: sampler.hits({"marker": marker.encode()}), 10, "the sampler to see the child", interval=0.05)
         table = processes()
@@ -86,6 +87,9 @@ def test_the_proc_sampler_sees_an_argv_while_it_runs_and_the_snapshot_its_parent
         child.wait()
         sampler.stop()
     assert sampler.hits({"marker": marker.encode()})[0][:3] == ("marker", child.pid, "cmdline")
+    # Only the environment's sightings, for what the exec recorder (support.execlog) cannot see.
+    needles = {"marker": marker.encode(), "in env": in_env.encode()}
+    assert {hit[:3] for hit in sampler.environ_hits(needles)} == {("in env", child.pid, "environ")}
 
 
 def test_wait_until_gives_up_at_its_bound():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers_vm import OUT, Api, Bao, CryptsetupCounter, Dashboard, VolumeFactory, single_vm_config
+from support.execlog import audit_every_new_process
 
 
 def pytest_configure(config):
@@ -39,6 +40,13 @@ def pytest_collection_finish(session):
     if "LUKSCTL_VM_OUT" in os.environ:
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "selected-tests.txt").write_text(f"{len(session.items)}\n")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def recordable_processes():
+    # Before any process the tests start: the exec recorder (support.execlog) sees only processes
+    # forked after audit was first enabled on this boot.
+    audit_every_new_process()
 
 
 @pytest.fixture(scope="session")

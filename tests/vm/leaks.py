@@ -1,5 +1,6 @@
-"""Watching a request for secrets where they must never be: any process's argv or environment
-(/proc, sampled while it runs), the CLI's syslog lines, and every log file written meanwhile."""
+"""Watching a request for secrets where they must never be: any process's argv (every exec,
+recorded by the kernel's audit as it starts), any process's environment (/proc, sampled while it
+runs: audit does not record it), the CLI's syslog lines, and every log file written meanwhile."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers_vm import OUT
+from support.execlog import ExecRecorder
 from support.proc import ProcSampler
 
 # Every log the system writes: the API's stdout/stderr, /var/log, the service's runtime files.
@@ -88,6 +90,7 @@ def files_written_since(roots: list[Path], since: float, skip: set[Path]) -> lis
 @dataclass
 class Watch:
     needles: dict[str, bytes]
+    execs: ExecRecorder
     sampler: ProcSampler
     catcher: SyslogCatcher
     logs: list[Path] = field(default_factory=list)
@@ -104,25 +107,36 @@ class Watch:
         leaks = [(name, str(path)) for path in self.logs for name, needle in self.needles.items() if needle in path.read_bytes()]
         leaks += [(name, "syslog") for m in self.catcher.messages for name, needle in self.needles.items() if needle in m]
         assert not leaks, f"secrets written to logs: {leaks}"
-        hits = self.sampler.hits(self.needles)
-        assert not hits, f"secrets in /proc: {hits}"
+        assert not self.argv_hits(), f"secrets on an argv: {self.argv_hits()}"
+        hits = self.sampler.environ_hits(self.needles)
+        assert not hits, f"secrets in an environment: {hits}"
+
+    def argv_hits(self) -> list[tuple[str, int, list[bytes]]]:
+        return self.execs.hits(self.needles)
 
 
 @contextmanager
 def watch_for_leaks(needles: dict[str, bytes]) -> Iterator[Watch]:
-    """Samples /proc and catches syslog while the block runs; then lists the logs written
-    meanwhile, and the API's (all its starts). The caller asserts on the Watch, after adding
-    to its needles any secret made during the block."""
+    """Records every exec, samples /proc and catches syslog while the block runs; then lists the
+    logs written meanwhile, and the API's (all its starts). The caller asserts on the Watch, after
+    adding to its needles any secret made during the block. A recording that lost a record or
+    missed its own canary execs (it was not recording) fails here."""
     started = time.time() - 2
-    catcher = SyslogCatcher()
-    catcher.start()
-    sampler = ProcSampler()
-    sampler.start()
-    watch = Watch(needles, sampler, catcher)
+    execs = ExecRecorder()
+    execs.start()
     try:
-        yield watch
+        catcher = SyslogCatcher()
+        catcher.start()
+        sampler = ProcSampler()
+        sampler.start()
+        watch = Watch(needles, execs, sampler, catcher)
+        try:
+            yield watch
+        finally:
+            sampler.stop()
+            catcher.close()
     finally:
-        sampler.stop()
-        catcher.close()
+        execs.stop()  # the kernel's audit rules go, whatever happened
+    execs.check()
     watch.logs = files_written_since(LOG_ROOTS, started, NOT_THE_PRODUCTS)
     watch.logs += [path for path in OUT.glob("api.*.log") if path not in watch.logs]

@@ -199,6 +199,7 @@ def test_wrong_passphrase_in_vault_leaves_nothing_open_and_no_secret_anywhere(ba
         reply = dashboard.open(bao_up.open_payload(wrong_path, wrapping))
     assert_json_error(reply, 422, "unmounted")
     assert watch.sampler.cryptsetup_seen, f"the sampler never saw cryptsetup at work ({watch.sampler.sweeps} sweeps)"
+    assert watch.execs.ran(b"cryptsetup"), "no exec of cryptsetup recorded"
     watch.assert_nothing_leaked()
     assert watch.cli_audit_lines() == [("open", f"uid {service_uid(api)}", "error", 2)]  # exit 2: wrong passphrase
     assert kernel_state(volume) == ("unmounted", False)
@@ -357,6 +358,7 @@ def test_no_secret_in_processes_or_logs(bao_up, volume, dashboard, api):
         reply = dashboard.open(bao_up.open_payload(path, wrapping))
     assert reply.state == "mounted", reply.response.text
     assert watch.sampler.privileged_seen, f"the sampler never saw sudo/luksctl at work ({watch.sampler.sweeps} sweeps)"
+    assert any(is_privileged_open(started.argv) for started in watch.execs.execs), "no exec of sudo/luksctl open recorded"
     watch.assert_nothing_leaked()
     # The unwrapped token was revoked after the read.
     lookup = requests.post(f"{bao_up.url}/v1/auth/token/lookup", json={"token": unwrapped},

@@ -98,7 +98,8 @@ def test_rotate_a_mounted_volume_then_the_dashboard_opens_with_the_new_secret(lu
     assert opens(volume, new) and not opens(volume, old)
 
     watch.needles["new passphrase"] = new.encode()
-    watch.assert_nothing_leaked()  # /proc, syslog and every log written meanwhile
+    assert watch.execs.ran(b"cryptsetup"), "no exec of cryptsetup recorded"
+    watch.assert_nothing_leaked()  # every argv, the environments, syslog and every log written meanwhile
     assert not [s for s in (old, new, token) if s.encode() in done.stdout + done.stderr]
 
     put_back_closed(volume)
@@ -398,6 +399,7 @@ def test_recovery_key_add_open_with_it_remove(luks_volume, dashboard):
     assert code == 0, (added, stderr)
     key = added["recovery_key"]
     watch.needles["recovery key"] = key.encode()
+    assert watch.execs.ran(b"cryptsetup"), "no exec of cryptsetup recorded"
     watch.assert_nothing_leaked()
     assert key not in stderr
 

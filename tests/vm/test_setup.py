@@ -32,6 +32,7 @@ import pytest
 import requests
 
 from helpers_vm import CRYPTSETUP, HEADER_BACKUP, LUKS_DIR, MOUNTPOINT, OUT, SERVICE_PATH, VENV_BIN, VOLUME_INI, run, wait_until
+from support.execlog import ExecRecorder
 from support.proc import ProcSampler, descends_from, processes
 from support.shim import install_shim, remove_shim
 
@@ -259,12 +260,13 @@ def test_setup_then_dashboard_unlock_close_and_reopen(vault, dashboard, api, bla
     disk = blank_disk
     unwrapped = "setupunwrapped" + secrets.token_hex(10)
     wrapping = vault.write_only_wrapping_token(unwrapped)
-    recorder = ProcSampler()
-    recorder.start()
+    sampler = ProcSampler()  # for the environments; every argv is recorded at exec time
+    sampler.start()
     try:
-        result = setup_once(setup_argv(disk, vault.url, token_file(wrapping), "--wipe", "--json"), "setup-main")
+        with ExecRecorder() as execs:
+            result = setup_once(setup_argv(disk, vault.url, token_file(wrapping), "--wipe", "--json"), "setup-main")
     finally:
-        recorder.stop()
+        sampler.stop()
     assert_set_up(disk, result)
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[-1]["event"] == "result" and lines[-1]["volume_state"] == "mounted"
@@ -275,9 +277,11 @@ def test_setup_then_dashboard_unlock_close_and_reopen(vault, dashboard, api, bla
     passphrase = stored_passphrase(vault, disk)
     assert len(passphrase) == 64
     # Neither the passphrase nor the unwrapped token was in any argv, environment or log.
-    assert recorder.sweeps >= 3
+    assert sampler.sweeps >= 3
+    assert execs.ran(b"cryptsetup"), "no exec of cryptsetup recorded"
     for needle in (passphrase.encode(), unwrapped.encode(), wrapping.encode()):
-        assert not recorder.hits({"secret": needle})
+        assert not execs.hits({"secret": needle})
+        assert not sampler.environ_hits({"secret": needle})
         for log in (OUT / "setup-main.stdout.log", OUT / "setup-main.stderr.log"):
             assert needle not in log.read_bytes()
     assert not vault.lookup_wrapping(wrapping)
@@ -413,29 +417,32 @@ def test_sigkill_during_mkfs_of_fastluks_then_rerun(vault, dashboard, api, blank
             "-c", "aes-xts-plain64", "-s", "256", "--hash", "sha256", "--header-backup-file", str(HEADER_BACKUP),
             "--cryptdev-file", str(VOLUME_INI), "-l", "64", "--vault", "--vault-url", vault.url, "--vault-allow-http",
             "--wrapping-token", wrapping, "--secret-path", disk.secret_path, "--user-key", KEY, *FAST_PBKDF]
-    recorder = ProcSampler()
-    recorder.start()
+    sampler = ProcSampler()  # for the environments; every argv is recorded at exec time
+    sampler.start()
     try:
-        # Killed once mkfs has written its filesystem but before setup saw it finish: the journal
-        # says mkfs-started, not mkfs-done, as for a kill halfway through.
-        with stopping_at("mkfs.ext4", "/sbin/mkfs.ext4", when=f"/dev/mapper/{disk.cryptdev}", after=True):
-            Setup(argv, "fastluks-kill-mkfs").kill_when_stopped_at("mkfs.ext4")
-        steps = json.loads(JOURNAL[1].read_text())["steps"]
-        assert "mkfs-started" in steps and "mkfs-done" not in steps, steps
-        killed_fs = run("blkid", "-p", "-s", "UUID", "-o", "value", f"/dev/mapper/{disk.cryptdev}").stdout.strip()
-        assert killed_fs  # mkfs did write a filesystem before the kill
-        result = setup_once(argv, "fastluks-kill-mkfs-rerun")
+        with ExecRecorder() as execs:
+            # Killed once mkfs has written its filesystem but before setup saw it finish: the journal
+            # says mkfs-started, not mkfs-done, as for a kill halfway through.
+            with stopping_at("mkfs.ext4", "/sbin/mkfs.ext4", when=f"/dev/mapper/{disk.cryptdev}", after=True):
+                Setup(argv, "fastluks-kill-mkfs").kill_when_stopped_at("mkfs.ext4")
+            steps = json.loads(JOURNAL[1].read_text())["steps"]
+            assert "mkfs-started" in steps and "mkfs-done" not in steps, steps
+            killed_fs = run("blkid", "-p", "-s", "UUID", "-o", "value", f"/dev/mapper/{disk.cryptdev}").stdout.strip()
+            assert killed_fs  # mkfs did write a filesystem before the kill
+            result = setup_once(argv, "fastluks-kill-mkfs-rerun")
     finally:
-        recorder.stop()
+        sampler.stop()
     assert_set_up(disk, result)
     # The re-run did not trust the filesystem it found: it wiped it and made a new one.
     assert run("blkid", "-p", "-s", "UUID", "-o", "value", f"/dev/mapper/{disk.cryptdev}").stdout.strip() not in (killed_fs, b"")
     dump = run(CRYPTSETUP, "luksDump", disk.loop).stdout.decode()
     assert re.search(r"Key:\s+256 bits", dump) and "aes-xts-plain64" in dump  # the older tools' defaults
     passphrase = stored_passphrase(vault, disk).encode()
-    # The argv token shows in /proc while fastluks runs: the one documented exception. Nothing else does.
-    assert recorder.hits({"wrapping token": wrapping.encode()})
-    assert not recorder.hits({"passphrase": passphrase, "unwrapped token": unwrapped.encode()})
+    # The argv token shows on fastluks's argv: the one documented exception. Nothing else does.
+    assert execs.hits({"wrapping token": wrapping.encode()})
+    assert not execs.hits({"passphrase": passphrase, "unwrapped token": unwrapped.encode()})
+    assert not sampler.environ_hits({"wrapping token": wrapping.encode(), "passphrase": passphrase,
+                                     "unwrapped token": unwrapped.encode()})
     for name in ("fastluks-kill-mkfs", "fastluks-kill-mkfs-rerun"):
         for suffix in ("stdout", "stderr"):
             log = (OUT / f"{name}.{suffix}.log").read_bytes()
