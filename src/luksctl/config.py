@@ -337,6 +337,9 @@ class JsonConfig(Settings):
     ALLOW_PLAIN_HTTP = Setting(False, boolean)
     # How long the privileged call may take: cryptsetup's PBKDF alone is ~2 s by design.
     PRIVILEGED_TIMEOUT = Setting(180.0, number(gt=0, le=600))
+    # GET /metrics shares ALLOWED_CLIENTS with the dashboard: a site that cannot scrape it
+    # from there, or will not show those clients its worker addresses and failure counts, turns it off.
+    METRICS = Setting(True, boolean)
 
 
 class FrontendConfig(JsonConfig):

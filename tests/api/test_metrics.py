@@ -160,3 +160,18 @@ def test_the_worker_serves_its_nfs_state_and_refuses_other_callers_in_json(worke
     assert value(text, "luksctl_api_nfs_state", state="mounted") == 1 and value(text, "luksctl_api_nfs_state", state="unavailable") == 0
     refused = worker_client.get(METRICS, environ_base={"REMOTE_ADDR": "192.0.2.9"})
     assert refused.status_code == 403 and refused.json["nfs_state"] == "mounted" and "ALLOWED_CLIENTS" in refused.json["error"]
+
+
+def test_metrics_false_serves_no_metrics_and_opens_still_answer(tmp_path, ini, bridge, fake_vault, kernel):
+    client = make_client(tmp_path, ini, bridge, METRICS=False)
+
+    assert answer(client.get(METRICS), 404)["volume_state"] == "unmounted"
+    assert answer(client.post(OPEN, json=payload()), 200)["volume_state"] == "mounted"
+
+
+def test_metrics_false_on_a_worker_serves_no_metrics(tmp_path):
+    config = WorkerConfig(NFS_MOUNTPOINT_LIST=["/home"], METRICS=False)
+    client = create_worker_app(config, FakeBridge(), runtime_dir=tmp_path).test_client()
+
+    refused = client.get(METRICS)
+    assert refused.status_code == 404 and "nfs_state" in refused.json

@@ -94,3 +94,20 @@ def test_workers_fstab_lines_mount_the_export_nosuid_nodev_whatever_the_options(
         "fe:/export /export nfs4 rw,nofail,_netdev,nosuid,nodev 0 0",
         "fe:/home /home nfs4 rw,soft,nosuid,nodev 0 0",
     ]
+
+
+def test_the_front_end_gets_the_report_timer_install_sh_installs_enabled_and_started():
+    """install.sh frontend installs luksctl-report.service and .timer and runs `enable --now` on the
+    timer; the role must do the same on a front end, and only there. (The systemd VM boot runs it.)"""
+    tasks = yaml.safe_load((ROLE / "tasks" / "service.yml").read_text())
+    install_sh = (REPO / "deploy" / "install.sh").read_text()
+    copied, = [task for task in tasks if "luksctl-report.timer" in task.get("loop", [])]
+    started, = [task for task in tasks if task.get("ansible.builtin.systemd_service", {}).get("name") == "luksctl-report.timer"]
+
+    assert copied["loop"] == re.findall(r'"\$repo/deploy/(luksctl-report\.\w+)"', install_sh)
+    assert copied["ansible.builtin.copy"]["dest"] == "/etc/systemd/system/{{ item }}"
+    assert "systemctl enable --now luksctl-report.timer" in install_sh
+    assert started["ansible.builtin.systemd_service"] == {
+        "name": "luksctl-report.timer", "enabled": True, "state": "started", "daemon_reload": True}
+    assert copied["when"] == "luksctl_node_role == 'frontend'"
+    assert started["when"] == "luksctl_node_role == 'frontend' and luksctl_manage_service"

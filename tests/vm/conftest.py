@@ -8,12 +8,17 @@ and tests put it back the way they found it.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from helpers_vm import OUT, Api, Bao, CryptsetupCounter, Dashboard, VolumeFactory, single_vm_config
 from support.execlog import audit_every_new_process
+
+sys.path.insert(0, str(Path(__file__).parent / "cluster"))
+from cluster_lab import Lab, record_timing  # noqa: E402
 
 
 def pytest_configure(config):
@@ -76,6 +81,22 @@ def luks_volume():
     factory = VolumeFactory()
     yield factory
     factory.cleanup()
+
+
+@pytest.fixture(scope="session")
+def worker_lab():
+    """Three worker hosts in network namespaces, with the NFS server (cluster/cluster_lab.py), set
+    up once: the cluster tests use them, and test_metrics.py's Prometheus scrapes one."""
+    started = time.monotonic()
+    lab = Lab(3)
+    try:
+        lab.setup()
+    except BaseException:
+        lab.teardown()
+        raise
+    record_timing("lab_setup_s", time.monotonic() - started)
+    yield lab
+    lab.teardown()
 
 
 @pytest.fixture(scope="session")

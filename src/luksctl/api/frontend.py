@@ -246,5 +246,6 @@ def create_frontend_app(config: FrontendConfig | None = None, bridge: Privileged
     install_audit(app, {"frontend.open_volume": "open", "frontend.status": "status", "frontend.nodes": "nodes", "metrics.metrics": "metrics"})
     install_client_allowlist(app, config.ALLOWED_CLIENTS)
     app.register_blueprint(bp)
-    metrics.install_metrics(app, "luksctl_api_volume_state", lambda: frontend.state_body()["volume_state"], open_endpoint="frontend.open_volume")
+    if config.METRICS:
+        metrics.install_metrics(app, "luksctl_api_volume_state", lambda: frontend.state_body()["volume_state"], open_endpoint="frontend.open_volume")
     return app

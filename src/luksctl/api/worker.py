@@ -105,5 +105,6 @@ def create_worker_app(
     install_audit(app, {"worker.nfs_mount": "nfs-mount", "worker.status": "status", "metrics.metrics": "metrics"})
     install_client_allowlist(app, config.ALLOWED_CLIENTS)
     app.register_blueprint(bp)
-    install_metrics(app, "luksctl_api_nfs_state", lambda: worker.state_body()["nfs_state"])
+    if config.METRICS:
+        install_metrics(app, "luksctl_api_nfs_state", lambda: worker.state_body()["nfs_state"])
     return app

@@ -66,6 +66,12 @@ NFS_GRACE = 10
 
 # Runs as root inside `ip netns exec wnN unshare --uts`: $1 hostname, $2 private /etc/luks,
 # then the argv to exec (WITH_PROXY ... setpriv ... gunicorn ...).
+
+def record_timing(name: str, value) -> None:
+    with (OUT / "cluster-timings.jsonl").open("a") as out:
+        out.write(json.dumps({name: value}) + "\n")
+
+
 WORKER_BOOT = r"""
 set -e
 hostname "$1"
@@ -420,6 +426,15 @@ class Lab:
         self._done.append(self.stop_workers)
         self._done.append(lambda: CA_BUNDLE.unlink(missing_ok=True))
         self.start_workers(self.workers)
+
+    def restart_stale_workers(self) -> None:
+        """Every worker running with the lab's token: a test may have killed one or changed its token."""
+        stale = [worker for worker in self.workers if not worker.running or worker.token != self.token]
+        for worker in stale:
+            worker.kill()
+            worker.write_token(self.token)
+        if stale:
+            self.start_workers(stale)
 
     def start_workers(self, workers: list[WorkerNode]) -> None:
         """In parallel: under software emulation each start costs many CPU-seconds."""

@@ -1,47 +1,27 @@
 """Fixtures for the cluster tests: a front end and three worker hosts in one VM (cluster_lab.py).
 
-The lab (network namespaces, NFS server, three worker services) is started once per session;
-each test gets every worker running with the right token and unmounted, the NFS server up, and
+The lab (network namespaces, NFS server, three worker services) is started once per session
+(../conftest.py's worker_lab, which the metrics test scrapes too); each test gets every worker running with the right token and unmounted, the NFS server up, and
 a fresh encrypted volume, and leaves the workers unmounted and the NFS server stopped so the
 volume can be unmounted.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
 import pytest
 import requests
 
-from cluster_lab import Lab, WorkerNode
-from helpers_vm import OUT, Api, Bao, Dashboard
+from cluster_lab import Lab, WorkerNode, record_timing  # noqa: F401 (test_cluster.py imports record_timing from here)
+from helpers_vm import Api, Bao, Dashboard
 
 # The connect timeout is small; the read timeout must cover a real remount under software
 # emulation: three concurrent `sudo luksctl nfs-mount` took ~31 s each here, so 20 s was too
 # short. 60 s is the product's default.
 WN_CONNECT_TIMEOUT = 2
 WN_READ_TIMEOUT = 60
-
-
-@pytest.fixture(scope="session")
-def lab():
-    started = time.monotonic()
-    cluster_lab = Lab(3)
-    try:
-        cluster_lab.setup()
-    except BaseException:
-        cluster_lab.teardown()
-        raise
-    record_timing("lab_setup_s", time.monotonic() - started)
-    yield cluster_lab
-    cluster_lab.teardown()
-
-
-def record_timing(name: str, value) -> None:
-    with (OUT / "cluster-timings.jsonl").open("a") as out:
-        out.write(json.dumps({name: value}) + "\n")
 
 
 @dataclass
@@ -70,14 +50,10 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(lab, api_server, luks_volume, bao_up):
+def cluster(worker_lab, api_server, luks_volume, bao_up):
     """Every worker up with the front end's token, unmounted; the front end in cluster mode."""
-    stale = [w for w in lab.workers if not w.running or w.token != lab.token]
-    for worker in stale:
-        worker.kill()
-        worker.write_token(lab.token)
-    if stale:
-        lab.start_workers(stale)
+    lab = worker_lab
+    lab.restart_stale_workers()
     lab.unmount_workers()
     # FANOUT_MIN_INTERVAL 0: each test asks for the workers' state after changing it.
     config = lab.frontend_config(WN_CONNECT_TIMEOUT=WN_CONNECT_TIMEOUT, WN_READ_TIMEOUT=WN_READ_TIMEOUT,

@@ -49,8 +49,10 @@ SUCCESS_FILES = {Path("/var/run/fast-luks-encryption.success"): "LUKS encryption
 SETUP_FILES = [VOLUME_INI, LUKS_DIR / "luks-header.bck", LUKS_DIR / "setup-state.json",
                LUKS_DIR / "setup-pending-passphrase", *SUCCESS_FILES]
 PROXY = "luksctl-proxy@luksctl-api.service"
+REPORT_TIMER = "luksctl-report.timer"  # the front end's, as install.sh frontend enables it
 ROLE_FILES = [API_CONFIG, Path("/etc/systemd/system") / UNIT, Path("/etc/systemd/system/luksctl-api-wn.service"),
-              Path("/etc/systemd/system/luksctl-proxy@.service"),
+              Path("/etc/systemd/system/luksctl-proxy@.service"), Path("/etc/systemd/system") / REPORT_TIMER,
+              Path("/etc/systemd/system/luksctl-report.service"),
               LUKS_DIR / "gunicorn-cert.pem", LUKS_DIR / "gunicorn-key.pem"]
 # guest.sh installs them for the other tests; the role must install them itself.
 SUDOERS = [Path("/etc/sudoers.d/luksctl-api"), Path("/etc/sudoers.d/luksctl-api-wn")]
@@ -124,7 +126,7 @@ def operator_machine(systemd):
     finally:
         systemd.save_journal(UNIT)
         systemd.save_journal(PROXY)
-        systemd.systemctl("disable", "--now", UNIT, PROXY, check=False)
+        systemd.systemctl("disable", "--now", UNIT, PROXY, REPORT_TIMER, check=False)
         for path in ROLE_FILES:
             path.unlink(missing_ok=True)
         run("systemctl", "daemon-reload")
@@ -231,6 +233,7 @@ def test_single_vm_from_a_blank_device_to_the_dashboards_unlock_then_a_rerun_cha
     uid = int(Path(f"/proc/{main_pid}/status").read_text().split("Uid:")[1].split()[0])
     assert pwd.getpwuid(uid).pw_name == "luksctl_api"
     assert systemd.systemctl("is-enabled", PROXY) == "enabled"  # port 5000 is the proxy's
+    assert systemd.systemctl("is-enabled", REPORT_TIMER) == "enabled" and systemd.systemctl("is-active", REPORT_TIMER) == "active"
     dashboard = Dashboard("https://127.0.0.1:5000")
     wait_until(lambda: answers(dashboard), 120, UNIT)
     assert dashboard.status().state == "mounted"  # setup leaves it mounted
