@@ -290,3 +290,13 @@ def test_every_code_nginx_may_answer_has_a_json_page(stack):
     pages = {int(code) for code in re.findall(r"error_page (\d+) ", text)}
 
     assert pages == set(proxy.ERRORS)
+
+
+def test_a_head_nginx_lets_through_reaches_the_app_whole(stack):
+    """gunicorn's own head limits (deploy/gunicorn.conf.py) must not be tighter than nginx's: 150
+    short fields fit nginx's 17 KiB but not gunicorn's default of 100 fields."""
+    fields = [f"X-Field-{n}: {n}" for n in range(150)]
+
+    status, body = exchange(stack.port, get(STATUS, *fields))
+
+    assert status == 200 and "none.ini" in body["error"]  # the app's own answer
