@@ -344,6 +344,15 @@ def test_recovery_key_add_to_a_file_refuses_to_overwrite(lab, capsys):
     assert code == EXIT_REFUSED and "already exists" in answer["error"]
 
 
+def test_recovery_key_add_to_a_file_that_cannot_be_made_says_why_and_adds_no_keyslot(lab, capsys):
+    target = lab.dir / "no-such-directory" / "recovery.key"
+
+    code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, "--output", str(target), stdin=PASSPHRASE)
+
+    assert code == EXIT_REFUSED and answer["error"] == f"cannot create {target}: No such file or directory"
+    assert not cryptsetup.read_header(str(lab.image)).recovery_slots, "the file comes before the keyslot"
+
+
 def test_recovery_key_file_holds_exactly_the_key_and_works_with_cryptsetups_key_file(lab, capsys, monkeypatch):
     key = b"abcdef-ghjkmn-pqrstu-vwxyz2-345678-9abcde-fghjkm-npqrst"
     monkeypatch.setattr(keys, "new_recovery_key", lambda: key)
