@@ -373,6 +373,7 @@ def test_recovery_key_add_with_a_wrong_passphrase_changes_nothing(lab, capsys):
     code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=b"wrong")
 
     assert code == EXIT_WRONG_PASSPHRASE
+    assert answer["error"] == f"the passphrase given does not open {lab.image}; nothing was changed"
     assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
 
 
@@ -404,6 +405,16 @@ def test_recovery_key_remove_refuses_the_recovery_key_itself(lab, capsys):
 
     assert code == EXIT_REFUSED and "recovery key itself" in answer["error"]
     assert opens(lab.image, key)
+
+
+def test_recovery_key_remove_with_a_wrong_passphrase_says_so_and_keeps_the_key(lab, capsys):
+    _, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+
+    code, refused = lab.run(capsys, "recovery-key", "remove", stdin=b"wrong")
+
+    assert code == EXIT_WRONG_PASSPHRASE
+    assert refused["error"] == f"the passphrase given does not open {lab.image}; nothing was changed"
+    assert opens(lab.image, answer["recovery_key"].encode())
 
 
 def test_recovery_key_remove_without_one_changes_nothing(lab, capsys):
