@@ -377,6 +377,19 @@ def test_recovery_key_add_with_a_wrong_passphrase_changes_nothing(lab, capsys):
     assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
 
 
+def test_recovery_key_add_stops_if_the_new_key_does_not_open_its_slot(lab, capsys, monkeypatch):
+    """The check after luksAddKey, made to fail at the cryptsetup seam: a key cryptsetup added but
+    that does not open its slot is never labelled nor shown."""
+    real = keys.opening_slot
+    monkeypatch.setattr(keys, "opening_slot", lambda device, passphrase, slot=None: None if slot is not None else real(device, passphrase))
+
+    code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+
+    assert code == EXIT_COMMAND_FAILED and "recovery_key" not in answer
+    assert answer["error"].startswith(f"the new recovery key does not open keyslot 1 of {lab.image}")
+    assert not cryptsetup.read_header(str(lab.image)).recovery_tokens
+
+
 def test_a_second_recovery_key_is_refused(lab, capsys):
     lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
 
