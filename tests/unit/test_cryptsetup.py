@@ -97,6 +97,16 @@ def test_kill_slot_refused_when_no_other_slot_opens(recorder):
         cryptsetup.kill_slot(DEVICE, 2, STORED)
 
 
+@pytest.mark.parametrize("remaining", [b"", None])
+def test_kill_slot_without_a_passphrase_runs_nothing(recorder, remaining):
+    """cryptsetup 2.x's luksKillSlot reads an empty --key-file=- ("Nothing to read on input.") and
+    kills the slot with exit 0, checking nothing: the check that another slot opens is ours here."""
+    with pytest.raises(Refused, match="slot 2 was kept"):
+        cryptsetup.kill_slot(DEVICE, 2, remaining)
+
+    assert recorder.calls == []
+
+
 def test_recovery_label_is_a_luks2_token_on_stdin(recorder):
     keys.label_recovery_slot(DEVICE, 5)
 

@@ -344,6 +344,15 @@ def test_recovery_key_add_to_a_file_refuses_to_overwrite(lab, capsys):
     assert code == EXIT_REFUSED and "already exists" in answer["error"]
 
 
+def test_recovery_key_add_to_a_file_that_cannot_be_made_says_why_and_adds_no_keyslot(lab, capsys):
+    target = lab.dir / "no-such-directory" / "recovery.key"
+
+    code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, "--output", str(target), stdin=PASSPHRASE)
+
+    assert code == EXIT_REFUSED and answer["error"] == f"cannot create {target}: No such file or directory"
+    assert not cryptsetup.read_header(str(lab.image)).recovery_slots, "the file comes before the keyslot"
+
+
 def test_recovery_key_file_holds_exactly_the_key_and_works_with_cryptsetups_key_file(lab, capsys, monkeypatch):
     key = b"abcdef-ghjkmn-pqrstu-vwxyz2-345678-9abcde-fghjkm-npqrst"
     monkeypatch.setattr(keys, "new_recovery_key", lambda: key)
@@ -364,7 +373,21 @@ def test_recovery_key_add_with_a_wrong_passphrase_changes_nothing(lab, capsys):
     code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=b"wrong")
 
     assert code == EXIT_WRONG_PASSPHRASE
+    assert answer["error"] == f"the passphrase given does not open {lab.image}; nothing was changed"
     assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
+
+
+def test_recovery_key_add_stops_if_the_new_key_does_not_open_its_slot(lab, capsys, monkeypatch):
+    """The check after luksAddKey, made to fail at the cryptsetup seam: a key cryptsetup added but
+    that does not open its slot is never labelled nor shown."""
+    real = keys.opening_slot
+    monkeypatch.setattr(keys, "opening_slot", lambda device, passphrase, slot=None: None if slot is not None else real(device, passphrase))
+
+    code, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+
+    assert code == EXIT_COMMAND_FAILED and "recovery_key" not in answer
+    assert answer["error"].startswith(f"the new recovery key does not open keyslot 1 of {lab.image}")
+    assert not cryptsetup.read_header(str(lab.image)).recovery_tokens
 
 
 def test_a_second_recovery_key_is_refused(lab, capsys):
@@ -393,8 +416,19 @@ def test_recovery_key_remove_refuses_the_recovery_key_itself(lab, capsys):
 
     code, answer = lab.run(capsys, "recovery-key", "remove", stdin=key)
 
-    assert code == EXIT_REFUSED and "recovery key itself" in answer["error"]
+    assert code == EXIT_REFUSED
+    assert answer["error"] == "the passphrase given is the recovery key itself; give the stored passphrase, which must open another keyslot"
     assert opens(lab.image, key)
+
+
+def test_recovery_key_remove_with_a_wrong_passphrase_says_so_and_keeps_the_key(lab, capsys):
+    _, answer = lab.run(capsys, "recovery-key", "add", *FAST_NEW_SLOT, stdin=PASSPHRASE)
+
+    code, refused = lab.run(capsys, "recovery-key", "remove", stdin=b"wrong")
+
+    assert code == EXIT_WRONG_PASSPHRASE
+    assert refused["error"] == f"the passphrase given does not open {lab.image}; nothing was changed"
+    assert opens(lab.image, answer["recovery_key"].encode())
 
 
 def test_recovery_key_remove_without_one_changes_nothing(lab, capsys):

@@ -172,3 +172,13 @@ def test_proxy_config_as_in_exec_start_pre_creates_no_metric_files(tmp_path):
                     "--user", PROXY_USER, "--runtime-dir", str(tmp_path)], env=env, check=True)
 
     assert (tmp_path / "nginx.conf").exists() and list(multiproc.iterdir()) == []
+
+
+def test_a_head_nginx_lets_through_reaches_the_app_whole(stack):
+    """gunicorn's own head limits (deploy/gunicorn.conf.py) must not be tighter than nginx's: 150
+    short fields fit nginx's 17 KiB but not gunicorn's default of 100 fields."""
+    fields = [f"X-Field-{n}: {n}" for n in range(150)]
+
+    status, body = exchange(stack.port, get(STATUS, *fields))
+
+    assert status == 200 and "none.ini" in body["error"]  # the app's own answer

@@ -198,6 +198,8 @@ def add_key(device: str, authorising: bytes, new_key: bytes, slot: int, pbkdf: P
 
 def kill_slot(device: str, slot: int, remaining: bytes) -> None:
     """Wipe `slot`; cryptsetup itself checks that `remaining` opens another slot."""
+    if not remaining:  # an empty key file: cryptsetup then kills the slot without checking anything
+        raise Refused(f"no passphrase of another keyslot of {device} was given; slot {slot} was kept")
     result = _run(["luksKillSlot", "--key-file=-", device, str(slot)], stdin=remaining, timeout=KEY_TIMEOUT)
     if result.returncode == NO_KEY:
         raise Refused(f"the passphrase given opens no keyslot of {device} other than {slot}; slot {slot} was kept")
