@@ -114,9 +114,10 @@ class ExecRecorder:
             self.lost = audit_status()["lost"] - self.lost_before
         finally:
             self._shut_down()
-        decoded = subprocess.run([SYSTEM_PYTHON, str(DECODER), str(self.directory / "audit.log")],
-                                 capture_output=True, text=True, check=True).stdout
-        records = [Exec(record["pid"], [arg.encode("utf-8", "surrogateescape") for arg in record["argv"]])
+        decoding = subprocess.run([SYSTEM_PYTHON, str(DECODER), str(self.directory / "audit.log")], capture_output=True, text=True)
+        assert decoding.returncode == 0, f"the audit log did not decode: {decoding.stderr[-2000:]}"
+        decoded = decoding.stdout
+        records = [Exec(record["pid"], [bytes.fromhex(arg) for arg in record["argv"]])
                    for record in map(json.loads, decoded.splitlines())]
         canaries = [[CANARY_PROGRAM, canary] for canary in self.canaries]
         self.canaries_missed = [canary for canary, argv in zip(self.canaries, canaries) if argv not in (r.argv for r in records)]

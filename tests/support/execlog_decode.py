@@ -1,8 +1,11 @@
-"""Prints each execve the audit log at argv[1] holds, as one JSON line {"pid": ..., "argv": [...]}.
+"""Prints each execve the audit log at argv[1] holds, as one JSON line {"pid": ..., "argv": [HEX, ...]}.
 
 Run by Debian's /usr/bin/python3, which has the auparse bindings (package python3-audit); the
-venvs do not see them. auparse decodes the hex-encoded arguments; a long argument comes in
-pieces (a1_len=..., a1[0]=..., a1[1]=... across several EXECVE records), joined here."""
+venvs do not see them. auparse finds the records and fields; each argument's raw value is audit's
+own encoding (printable ones quoted, any other hex-encoded), turned back into its bytes here, not
+through auparse's interpretation, which decodes as UTF-8 and fails on an argument that is not.
+A long argument comes in pieces (a1_len=..., a1[0]=..., a1[1]=... across several EXECVE records),
+joined here. Arguments travel as hex: bytes, exactly."""
 
 import json
 import re
@@ -14,9 +17,16 @@ PIECE = re.compile(r"a(\d+)\[\d+\]")
 WHOLE = re.compile(r"a(\d+)")
 
 
+def raw_bytes(value: str) -> bytes:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1].encode()
+    if value == "(null)":
+        return b""
+    return bytes.fromhex(value)
+
+
 def execs(log: str):
     parser = auparse.AuParser(auparse.AUSOURCE_FILE, log)
-    parser.set_escape_mode(auparse.AUPARSE_ESC_RAW)  # the argument's own characters, unescaped
     while parser.parse_next_event():
         pid, args = None, {}
         while True:
@@ -32,13 +42,13 @@ def execs(log: str):
                     match = PIECE.fullmatch(name) or WHOLE.fullmatch(name)
                     if match:
                         index = int(match[1])
-                        args[index] = args.get(index, "") + parser.interpret_field()
+                        args[index] = args.get(index, b"") + raw_bytes(parser.get_field_str())
                     if not parser.next_field():
                         break
             if not parser.next_record():
                 break
         if args:
-            yield {"pid": pid, "argv": [args[i] for i in sorted(args)]}
+            yield {"pid": pid, "argv": [args[i].hex() for i in sorted(args)]}
 
 
 if __name__ == "__main__":

@@ -39,6 +39,15 @@ def test_a_secret_split_across_arguments_or_across_the_pieces_of_a_long_one_is_c
     assert sorted(name for name, _, _ in hits) == ["long", "split"]
 
 
+def test_arguments_that_are_not_utf_8_are_recorded_byte_exact():
+    """A process may take any bytes on its argv (the VM's tests start some): the recording keeps them."""
+    argv = [b"/bin/true", b"\xff\xfe not utf-8", b"", b"plain", b"with space"]
+    with ExecRecorder() as recorder:
+        child = subprocess.Popen(argv)
+        child.wait()
+    assert (child.pid, argv) in recorder.execs
+
+
 def test_the_recording_says_which_process_ran_with_which_argv():
     with ExecRecorder() as recorder:
         child = subprocess.Popen(["/bin/true", "marker-argv"])
