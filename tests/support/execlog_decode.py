@@ -30,7 +30,10 @@ def execs(log: str):
     while parser.parse_next_event():
         pid, args = None, {}
         while True:
-            kind = parser.get_type_name()
+            try:
+                kind = parser.get_type_name()
+            except LookupError:  # a record type this auparse has no name for (the VM's kernel sends some): not ours
+                kind = None
             if kind == "SYSCALL":
                 parser.first_field()
                 if parser.find_field("pid"):
