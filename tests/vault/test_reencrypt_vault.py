@@ -127,6 +127,21 @@ def test_rotate_reencrypt_rerun_after_the_rotation_resumes_only_the_reencryption
     assert vault_value(bao, secret_path) == (new, 2) and not cryptsetup.read_header(str(lab.image)).reencrypting
 
 
+def test_plain_rotate_during_an_unfinished_reencryption_is_refused_and_changes_nothing(lab, policies, tmp_path, capsys):
+    bao = policies
+    secret_path = bao.store_secret(STORED)
+    subprocess.run(["cryptsetup", "reencrypt", "--init-only", "--force-offline-reencrypt", "--batch-mode", "--key-file=-", *FAST_NEW_SLOT,
+                    str(lab.image)], input=LUKS_LAB_PASSPHRASE, check=True, capture_output=True)
+    slots = cryptsetup.read_header(str(lab.image)).keyslots
+
+    code, answer = lab.run(capsys, "rotate", *FAST_NEW_SLOT, *vault_args(bao, secret_path, token_file(bao, tmp_path, ROTATE)))
+
+    assert code == EXIT_REFUSED and "luksctl reencrypt" in answer["error"], answer
+    assert vault_value(bao, secret_path) == (STORED, 1) and lab.opens(lab.image, LUKS_LAB_PASSPHRASE)
+    header = cryptsetup.read_header(str(lab.image))
+    assert header.reencrypting and header.keyslots == slots
+
+
 def test_recovery_key_options_without_reencrypt_are_a_usage_error(lab, policies, tmp_path, capsys):
     bao = policies
     secret_path = bao.store_secret(STORED)

@@ -216,7 +216,13 @@ def cmd_rotate(args: argparse.Namespace, context: Context) -> Outcome:
     recovery_key = _recovery_key(args, context) if args.reencrypt else None
     rotation = done = None
     with keystore_from_args(args, context.stdin) as keystore, context.locked():
-        if not (args.reencrypt and reencryption_unfinished(volume.device_path, context.state_dir)):  # else only that is left
+        reencrypting = reencryption_unfinished(volume.device_path, context.state_dir)
+        if reencrypting and not args.reencrypt:
+            # A keyslot change under an unfinished re-encryption would leave its two volume keys
+            # behind different passphrases; finishing it first keeps one key behind Vault's.
+            raise Refused(f"a re-encryption of {volume.device_path} is unfinished; finish it first with "
+                          "`luksctl reencrypt` (or `luksctl rotate --reencrypt`), then rotate; nothing was changed")
+        if not reencrypting:  # else only the re-encryption is left (rotate --reencrypt resumes it)
             if args.reencrypt:  # what the re-encryption would refuse is refused now, before the new passphrase
                 passphrases_for(volume.device_path, cryptsetup.read_header(volume.device_path),
                                 Keys(keystore.read(ref).value.encode(), recovery_key, args.drop_other_keyslots))
