@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jinja2
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,13 +102,18 @@ def test_the_front_end_gets_the_report_timer_install_sh_installs_enabled_and_sta
     timer; the role must do the same on a front end, and only there. (The systemd VM boot runs it.)"""
     tasks = yaml.safe_load((ROLE / "tasks" / "service.yml").read_text())
     install_sh = (REPO / "deploy" / "install.sh").read_text()
-    copied, = [task for task in tasks if "luksctl-report.timer" in task.get("loop", [])]
-    started, = [task for task in tasks if task.get("ansible.builtin.systemd_service", {}).get("name") == "luksctl-report.timer"]
+    copied, = [task for task in tasks if "luksctl-report.timer" in task.get("loop", []) and "ansible.builtin.copy" in task]
+    started, = [task for task in tasks if "ansible.builtin.systemd_service" in task]
 
     assert copied["loop"] == re.findall(r'"\$repo/deploy/(luksctl-report\.\w+)"', install_sh)
     assert copied["ansible.builtin.copy"]["dest"] == "/etc/systemd/system/{{ item }}"
+    assert copied["when"] == "luksctl_node_role == 'frontend'"
+    assert tasks.index(copied) < tasks.index(started)
     assert "systemctl enable --now luksctl-report.timer" in install_sh
     assert started["ansible.builtin.systemd_service"] == {
-        "name": "luksctl-report.timer", "enabled": True, "state": "started", "daemon_reload": True}
-    assert copied["when"] == "luksctl_node_role == 'frontend'"
-    assert started["when"] == "luksctl_node_role == 'frontend' and luksctl_manage_service"
+        "name": "{{ item }}", "enabled": True, "state": "started", "daemon_reload": "{{ ansible_loop.first }}"}
+    assert started["when"] == "luksctl_manage_service"
+    units = {role: jinja2.Template(started["loop"]).render(luksctl_service="luksctl-api", luksctl_node_role=role)
+             for role in ("frontend", "worker")}
+    assert units == {"frontend": "['luksctl-api.service', 'luksctl-proxy@luksctl-api.service', 'luksctl-report.timer']",
+                     "worker": "['luksctl-api.service', 'luksctl-proxy@luksctl-api.service']"}
