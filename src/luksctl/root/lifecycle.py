@@ -218,8 +218,8 @@ def cmd_rotate(args: argparse.Namespace, context: Context) -> Outcome:
     with keystore_from_args(args, context.stdin) as keystore, context.locked():
         reencrypting = reencryption_unfinished(volume.device_path, context.state_dir)
         if reencrypting and not args.reencrypt:
-            # A keyslot change under an unfinished re-encryption would leave its two volume keys
-            # behind different passphrases; finishing it first keeps one key behind Vault's.
+            # Mid-way the header holds keyslots of the old and the new volume key; cryptsetup let
+            # rotate change them (exit 0). Whether the resume then still works is not ours to bet on.
             raise Refused(f"a re-encryption of {volume.device_path} is unfinished; finish it first with "
                           "`luksctl reencrypt` (or `luksctl rotate --reencrypt`), then rotate; nothing was changed")
         if not reencrypting:  # else only the re-encryption is left (rotate --reencrypt resumes it)
