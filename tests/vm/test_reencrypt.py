@@ -1,6 +1,6 @@
-"""`luksctl reencrypt` on a real kernel: a new volume key while the volume stays mounted and written
-to, the dashboard's status answering throughout; an online run SIGKILLed at three points that
-re-runs recover and resume, the dashboard's open working after each kill. (An offline run's
+"""`luksctl rotate --reencrypt` and `reencrypt` on a real kernel: a new passphrase and a new volume
+key while the volume stays mounted and written to, the dashboard's status answering throughout; an
+online run SIGKILLed at three points that re-runs recover and resume, the dashboard's open working after each kill. (An offline run's
 resume is tested on image files, tests/unit/test_reencrypt_files.py: here 48 MiB re-encrypt
 offline before a poller sees the header's requirement.)
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_vm import CRYPTSETUP, MOUNTPOINT, Volume, put_back_closed, run
+from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, Volume, put_back_closed, run
 from leaks import watch_for_leaks
 from support.policies import READ_POLICY
 
@@ -30,6 +30,8 @@ FAST_SLOT = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
 SUB = "reencrypt-user-sub"
 OLD_KEY_FILE = Path("/run/reencrypt-test-old-volume-key")  # test only: what `dmsetup table --showkeys` showed an administrator
 OLD_KEY_VIEW = "reencrypt-old-key-view"
+OLD_BACKUP = Path("/run/reencrypt-test-old-header-backup")
+ROTATE_POLICY = "luksctl-reencrypt-rotate"  # read + update: what rotation needs
 EXT4_MAGIC_AT, EXT4_MAGIC = 1024 + 56, b"\x53\xef"  # the superblock's s_magic, little-endian
 BLOCK = 4096
 REFERENCE_SIZE = 4 << 20
@@ -53,10 +55,10 @@ print(written, flush=True)
 """
 
 
-def token_file(bao) -> str:
-    """A plain token that reads the secret (the dashboard's read policy), in a root-only file."""
-    token = bao.request("POST", "auth/token/create", json={"policies": [READ_POLICY], "ttl": "1h"}).json()["auth"]["client_token"]
-    path = Path("/run/reencrypt-token")
+def token_file(bao, policy: str = READ_POLICY) -> str:
+    """A plain token with `policy` (by default the dashboard's read policy), in a root-only file."""
+    token = bao.request("POST", "auth/token/create", json={"policies": [policy], "ttl": "1h"}).json()["auth"]["client_token"]
+    path = Path(f"/run/reencrypt-token-{policy}")
     path.write_text(token + "\n")
     path.chmod(0o600)
     return str(path)
@@ -168,24 +170,34 @@ def mounted_volume(luks_volume, vault, dashboard, passphrase: str) -> tuple[Volu
     return volume, secret_path
 
 
-def test_a_mounted_volume_written_to_the_whole_time_gets_a_new_volume_key(luks_volume, bao_up, dashboard):
+def test_rotate_reencrypt_of_a_mounted_volume_written_to_the_whole_time_leaves_nothing_from_before_that_opens(
+        luks_volume, bao_up, dashboard):
+    """`rotate --reencrypt`, a suspected compromise's answer: a new passphrase in Vault, a new volume
+    key under the writer, a new header backup; afterwards the old passphrase, the old header backup and
+    the old volume key open nothing. (Plain `reencrypt` online: the kill test below, start to end.)"""
     vault = bao_up
+    vault.put_policy(ROTATE_POLICY, 'path "secrets/data/*" { capabilities = ["read", "update"] }')
     passphrase = "reencrypt mounted passphrase"
     volume, secret_path = mounted_volume(luks_volume, vault, dashboard, passphrase)
     reference = write_reference()
     digest_before = volume_key_digest(volume)
     old_table = capture_old_key(volume)
+    run(LUKSCTL, "header", "backup")
+    OLD_BACKUP.write_bytes(HEADER_BACKUP.read_bytes())
+    version_before = secret_version(vault, secret_path)
 
     stop = MOUNTPOINT / "stop-writing"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(MOUNTPOINT / "blocks"), str(stop), str((16 << 20) // BLOCK)],
                               stdout=subprocess.PIPE, text=True)
     poller = StatusPoller(dashboard)
     poller.start()
-    token_path = token_file(vault)
+    token_path = token_file(vault, ROTATE_POLICY)
     token = Path(token_path).read_text().strip()
+    argv = [LUKSCTL, "--json", "rotate", "--reencrypt", *FAST_SLOT, "--vault-url", vault.url, "--vault-allow-http",
+            "--secret-path", secret_path, "--token-file", token_path]
     try:
         with watch_for_leaks({"passphrase": passphrase.encode(), "token": token.encode()}) as watch:
-            command = subprocess.Popen(reencrypt_argv(vault, secret_path, token_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            command = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             during = dashboard.open(vault.open_payload(secret_path))  # mounted all along: the answer says so
             stdout, stderr = command.communicate(timeout=1800)
     finally:
@@ -195,14 +207,21 @@ def test_a_mounted_volume_written_to_the_whole_time_gets_a_new_volume_key(luks_v
     lines = [json.loads(line) for line in stdout.splitlines()]
     assert command.returncode == 0, (lines[-1:], stderr)
     answer = lines[-1]
-    assert answer["online"] is True and answer["resumed"] is False and answer["volume_state"] == "mounted"
+    assert answer["reencryption"]["online"] is True and answer["reencryption"]["resumed"] is False and answer["volume_state"] == "mounted"
     assert lines[:-1] and all(line["event"] == "reencrypt" for line in lines[:-1]) and lines[-2]["percent"] == 100
     assert during.state == "mounted", during.response.text
     assert poller.answers > 0 and poller.failures == [], poller.failures
     watch.assert_nothing_leaked()
 
+    new = vault.request("GET", f"secrets/data/{secret_path}").json()["data"]["data"]["storage_encryption_key"]
+    assert secret_version(vault, secret_path) == version_before + 1 == answer["vault_version"]
     assert volume_key_digest(volume) != digest_before and not reencrypting(volume)
+    assert opens(volume.loop, new) and not opens(volume.loop, passphrase), "the old passphrase still opens the volume"
     assert not old_key_fits(volume), "the old volume key still matches the header"
+    # The old backup still yields a volume key with the old passphrase: the old one, which no longer fits.
+    assert opens(str(OLD_BACKUP), passphrase) and volume_key_from(OLD_BACKUP, passphrase) == OLD_KEY_FILE.read_bytes()
+    assert opens(str(HEADER_BACKUP), new) and not opens(str(HEADER_BACKUP), passphrase), "the header backup was not rewritten"
+    OLD_BACKUP.unlink()
     assert blocks_written > 0
 
     put_back_closed(volume)
@@ -214,6 +233,28 @@ def test_a_mounted_volume_written_to_the_whole_time_gets_a_new_volume_key(luks_v
     count, bad = bad_blocks(MOUNTPOINT / "blocks")
     assert count == blocks_written and bad == [], f"{len(bad)} of {count} blocks differ: {bad[:10]}"
     assert hashlib.sha256((MOUNTPOINT / "reference.bin").read_bytes()).hexdigest() == reference
+
+
+def secret_version(vault, secret_path: str) -> int:
+    return vault.request("GET", f"secrets/data/{secret_path}").json()["data"]["metadata"]["version"]
+
+
+def opens(device: str, passphrase: str) -> bool:
+    """cryptsetup's answer: 0 opens, 2 a wrong passphrase; anything else fails the test."""
+    result = run(CRYPTSETUP, "open", "--test-passphrase", "--key-file=-", device, input=passphrase.encode(), check=False)
+    assert result.returncode in (0, 2), result.stderr
+    return result.returncode == 0
+
+
+def volume_key_from(header: Path, passphrase: str) -> bytes:
+    key = Path("/run/reencrypt-test-key-from-the-old-backup")
+    key.unlink(missing_ok=True)
+    run(CRYPTSETUP, "luksDump", "--dump-volume-key", "--volume-key-file", str(key), "--batch-mode", "--key-file=-", str(header),
+        input=passphrase.encode())
+    try:
+        return key.read_bytes()
+    finally:
+        key.unlink()
 
 
 def mapped(name: str) -> bool:
