@@ -74,12 +74,12 @@ test | test-systemd)
 demo) exec "$prefix/venv/bin/python" scripts/demo.py "$@" ;;
 bench)
     # Arguments pick benchmarks by name and set their knobs, which the guest cannot inherit:
-    # make bench BENCH="SOAK_SECONDS=20 bench_soak". No name runs all four.
+    # make bench BENCH="SOAK_SECONDS=20 bench_soak". No name runs all five.
     benches=()
     for arg in "$@"; do
         if [[ $arg == *=* ]]; then export "${arg?}"; else benches+=("$arg"); fi
     done
-    ((${#benches[@]})) || benches=(bench bench_status bench_cluster bench_soak)
+    ((${#benches[@]})) || benches=(bench bench_status bench_cluster bench_soak bench_reencrypt)
     for bench in "${benches[@]}"; do
         "$prefix/venv/bin/python" "scripts/$bench.py" || exit
     done

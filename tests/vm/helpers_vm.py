@@ -185,6 +185,17 @@ class VolumeFactory:
         self.volumes.clear()
 
 
+def mapped(name: str) -> bool:
+    """Whether device-mapper has a device of that name (from sysfs: no process)."""
+    for path in Path("/sys/block").glob("dm-*/dm/name"):
+        try:
+            if path.read_text().strip() == name:
+                return True
+        except OSError:  # removed while we read it
+            continue
+    return False
+
+
 def kernel_state(volume: Volume) -> tuple[str, bool]:
     """("mounted" | "unmounted", mapper active) from /sys/block/dm-*/dm/name and mountinfo."""
     device = None

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, Volume, put_back_closed, run
+from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, Volume, mapped, put_back_closed, run
 from leaks import watch_for_leaks
 from support.policies import READ_POLICY
 
@@ -255,16 +255,6 @@ def volume_key_from(header: Path, passphrase: str) -> bytes:
         return key.read_bytes()
     finally:
         key.unlink()
-
-
-def mapped(name: str) -> bool:
-    for path in Path("/sys/block").glob("dm-*/dm/name"):
-        try:
-            if path.read_text().strip() == name:
-                return True
-        except OSError:  # removed while we read it
-            continue
-    return False
 
 
 def killed_when(argv: list[str], ready, what: str) -> None:
