@@ -31,14 +31,11 @@ test-host: $(VENV)/.stamp
 vm-prefix: $(VENV)/.stamp
 	scripts/build-vm-prefix.sh $(VM_PREFIX) $(PYTHON)
 
-# Two boots: virtme's init (most tests), then systemd as PID 1 (the unit files, docker and NFS restarts).
-# The systemd boot installs with deploy/install.sh from a wheelhouse (the guest has no network).
-# The Ansible role installs from it too, plus the luksctl wheel it copies to nodes (PREFIX/dist).
+# Four boots (scripts/vm-test.sh): virtme's init (most tests), then the power-cut pair (a hard
+# reset mid-way through an online re-encryption, then the resume), and beside them systemd as
+# PID 1 (the unit files, install.sh, the Ansible role, docker and NFS restarts).
 test-vm: vm-prefix
-	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh test $(PYTEST_ARGS)
-	scripts/build-wheelhouse.sh $(VM_PREFIX)/wheelhouse $(PYTHON)
-	rm -rf $(VM_PREFIX)/dist && $(VENV)/bin/pip wheel --quiet --no-deps -w $(VM_PREFIX)/dist .
-	VM_PREFIX=$(VM_PREFIX) VM_OUT=$(CURDIR)/vm-out-systemd scripts/vm-run.sh test-systemd
+	VM_PREFIX=$(VM_PREFIX) PYTHON=$(PYTHON) scripts/vm-test.sh $(PYTEST_ARGS)
 
 demo: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) scripts/vm-run.sh demo
@@ -75,4 +72,4 @@ mutants: $(VENV)/.stamp
 	$(VENV)/bin/mutmut results --all true | $(VENV)/bin/python scripts/mutants-score.py tests/mutants-survivors.md $(MUTANTS)
 
 clean:
-	rm -rf $(VENV) vm-out vm-out-systemd build src/*.egg-info mutants
+	rm -rf $(VENV) vm-out vm-out-systemd vm-out-systemd.console.log vm-out-powercut build src/*.egg-info mutants

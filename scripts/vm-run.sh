@@ -2,9 +2,10 @@
 # Boots one virtme-ng VM (a real kernel: dm-crypt, loop, NFS) over the host's filesystem and
 # runs MODE inside it via scripts/vm/guest.sh. The guest's exit status becomes ours.
 # test-systemd boots with systemd as PID 1 instead of virtme's own init.
-# usage: VM_PREFIX=/opt/luksctl-test scripts/vm-run.sh test|test-systemd|demo|bench [args...]
+# VM_DISK=FILE attaches FILE as a virtio-scsi disk, /dev/sda in the guest (scripts/vm-powercut.sh).
+# usage: VM_PREFIX=/opt/luksctl-test scripts/vm-run.sh test|test-systemd|demo|bench|powercut-before|powercut-after [args...]
 set -euo pipefail
-mode=${1:?usage: $0 test|test-systemd|demo|bench [args...]}
+mode=${1:?usage: $0 test|test-systemd|demo|bench|powercut-before|powercut-after [args...]}
 shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -32,7 +33,8 @@ export PATH=$repo/.venv/bin:$PATH
 # vng hands --exec to the guest's shell: quote every argument for it.
 guest_cmd=$(printf '%q ' "$repo/scripts/vm/guest.sh" "$mode" "$out" "$prefix" "$@")
 
-root_args=() rwdir=$out systemd_args=()
+root_args=() rwdir=$out systemd_args=() disk_args=()
+[[ -z ${VM_DISK:-} ]] || disk_args=(--disk "persistent=$VM_DISK")
 if [[ $mode == test-systemd ]]; then
     systemd_args=(--systemd)
     if [[ -n ${VM_RUN_ROOT_VIEW:-} ]]; then
@@ -53,7 +55,7 @@ start=$SECONDS
 # offset 0 and clobber (or be clobbered by) the lines before it. A pipe has no offset.
 set +e
 vng "${root_args[@]}" --disable-kvm --force-9p -r "$kernel" --memory 2G --cpus 2 --rwdir "$rwdir" \
-    "${systemd_args[@]}" --exec "$guest_cmd" </dev/null 2>&1 | cat
+    "${systemd_args[@]}" "${disk_args[@]}" --exec "$guest_cmd" </dev/null 2>&1 | cat
 rc=${PIPESTATUS[0]}
 set -e
 echo "vm-run: $mode exited $rc after $((SECONDS - start)) s (kernel $kernel)"

@@ -51,10 +51,14 @@ install -d -m 0755 -o root -g root /etc/luks
 
 cd "$repo"
 case $mode in
-test | test-systemd)
-    # tests/vm/systemd needs systemd as PID 1, so it has a boot of its own (test-systemd).
-    tests=(tests/vm --ignore=tests/vm/systemd)
-    [[ $mode == test ]] || tests=(tests/vm/systemd)
+test | test-systemd | powercut-after)
+    # tests/vm/systemd needs systemd as PID 1, so it has a boot of its own (test-systemd);
+    # tests/vm/powercut runs on the boot after a hard reset (scripts/vm-powercut.sh).
+    case $mode in
+    test) tests=(tests/vm --ignore=tests/vm/systemd --ignore=tests/vm/powercut) ;;
+    test-systemd) tests=(tests/vm/systemd) ;;
+    powercut-after) tests=(tests/vm/powercut) ;;
+    esac
     # The VM tests use no third-party pytest plugin; importing them (hypothesis, schemathesis)
     # costs seconds under software emulation.
     export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
@@ -72,6 +76,8 @@ test | test-systemd)
     exit "${PIPESTATUS[0]}"
     ;;
 demo) exec "$prefix/venv/bin/python" scripts/demo.py "$@" ;;
+# Ends in a hard reset (sysrq b): the script does not return unless it failed before the cut.
+powercut-before) exec "$prefix/venv/bin/python" tests/vm/powercut/before_the_cut.py "$@" ;;
 bench)
     # Arguments pick benchmarks by name and set their knobs, which the guest cannot inherit:
     # make bench BENCH="SOAK_SECONDS=20 bench_soak". No name runs all five.

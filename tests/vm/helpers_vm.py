@@ -185,6 +185,20 @@ class VolumeFactory:
         self.volumes.clear()
 
 
+def luks_metadata(volume: Volume) -> dict:
+    return json.loads(run(CRYPTSETUP, "luksDump", "--dump-json-metadata", volume.loop).stdout)
+
+
+def volume_key_digest(volume: Volume) -> str:
+    return next(digest["digest"] for digest in luks_metadata(volume)["digests"].values() if "0" in digest["segments"])
+
+
+def reencrypting(volume: Volume) -> bool:
+    """A re-encryption started and not finished: cryptsetup's requirement in the header."""
+    return any(requirement.startswith("online-reencrypt")
+               for requirement in luks_metadata(volume)["config"].get("requirements", {}).get("mandatory", []))
+
+
 def mapped(name: str) -> bool:
     """Whether device-mapper has a device of that name (from sysfs: no process)."""
     for path in Path("/sys/block").glob("dm-*/dm/name"):

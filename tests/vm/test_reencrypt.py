@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, Volume, mapped, put_back_closed, run
+from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, Volume, mapped, put_back_closed, reencrypting, run, volume_key_digest
 from leaks import watch_for_leaks
 from support.policies import READ_POLICY
 
@@ -67,18 +67,6 @@ def token_file(bao, policy: str = READ_POLICY) -> str:
 def reencrypt_argv(bao, secret_path: str, token_path: str | None = None) -> list[str]:
     return [LUKSCTL, "--json", "reencrypt", *FAST_SLOT, "--vault-url", bao.url, "--vault-allow-http",
             "--secret-path", secret_path, "--token-file", token_path or token_file(bao)]
-
-
-def luks_metadata(volume: Volume) -> dict:
-    return json.loads(run(CRYPTSETUP, "luksDump", "--dump-json-metadata", volume.loop).stdout)
-
-
-def volume_key_digest(volume: Volume) -> str:
-    return next(digest["digest"] for digest in luks_metadata(volume)["digests"].values() if "0" in digest["segments"])
-
-
-def reencrypting(volume: Volume) -> bool:
-    return any(requirement.startswith("online-reencrypt") for requirement in luks_metadata(volume)["config"].get("requirements", {}).get("mandatory", []))
 
 
 def old_key_fits(volume: Volume) -> bool:

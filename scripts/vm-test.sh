@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# `make test-vm`: every boot. The systemd boot (tests/vm/systemd) runs beside the main boot and
+# then the power-cut pair: one VM under software emulation kept 66 % of this machine's two cores
+# busy (sampled from /proc/stat during the systemd boot), so side by side the boots finish
+# sooner than one after another. Its console goes to a file, since two consoles interleaved
+# cannot be read; its outcome is printed at the end. Every boot runs to its end; the exit status
+# is non-zero if any failed.
+# usage: VM_PREFIX=... PYTHON=... scripts/vm-test.sh [pytest args for the main boot...]
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+prefix=${VM_PREFIX:?VM_PREFIX names the VM prefix}
+python=${PYTHON:?PYTHON names the guest interpreter}
+export VM_PREFIX
+
+# The systemd boot installs with deploy/install.sh from a wheelhouse (the guest has no network);
+# the Ansible role installs from it too, plus the luksctl wheel it copies to nodes (PREFIX/dist).
+"$repo/scripts/build-wheelhouse.sh" "$prefix/wheelhouse" "$python" || exit
+rm -rf "$prefix/dist" && "$repo/.venv/bin/pip" wheel --quiet --no-deps -w "$prefix/dist" "$repo" || exit
+
+console=$repo/vm-out-systemd.console.log
+VM_OUT=$repo/vm-out-systemd "$repo/scripts/vm-run.sh" test-systemd >"$console" 2>&1 &
+systemd_boot=$!
+"$repo/scripts/vm-run.sh" test "$@"
+main=$?
+VM_OUT=$repo/vm-out-powercut "$repo/scripts/vm-powercut.sh"
+powercut=$?
+wait "$systemd_boot"
+systemd=$?
+echo "===== the systemd boot, from its console ($console) ====="
+sed -n '/^vm-run: test-systemd exited/,$p' "$console"
+echo "vm-test: main boot exited $main, power-cut pair $powercut, systemd boot $systemd"
+((main == 0 && powercut == 0 && systemd == 0))
