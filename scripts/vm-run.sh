@@ -2,7 +2,7 @@
 # Boots one virtme-ng VM (a real kernel: dm-crypt, loop, NFS) over the host's filesystem and
 # runs MODE inside it via scripts/vm/guest.sh. The guest's exit status becomes ours.
 # test-systemd boots with systemd as PID 1 instead of virtme's own init.
-# VM_DISK=FILE attaches FILE as a virtio-scsi disk, /dev/sda in the guest (scripts/vm-powercut.sh).
+# VM_DISK=FILE attaches FILE as a virtio-blk disk, /dev/vda in the guest (scripts/vm-powercut.sh).
 # usage: VM_PREFIX=/opt/luksctl-test scripts/vm-run.sh test|test-systemd|demo|bench|powercut-before|powercut-after [args...]
 set -euo pipefail
 mode=${1:?usage: $0 test|test-systemd|demo|bench|powercut-before|powercut-after [args...]}
@@ -34,7 +34,7 @@ export PATH=$repo/.venv/bin:$PATH
 guest_cmd=$(printf '%q ' "$repo/scripts/vm/guest.sh" "$mode" "$out" "$prefix" "$@")
 
 root_args=() rwdir=$out systemd_args=() disk_args=()
-[[ -z ${VM_DISK:-} ]] || disk_args=(--disk "persistent=$VM_DISK")
+[[ -z ${VM_DISK:-} ]] || disk_args=(--disk "$VM_DISK")
 if [[ $mode == test-systemd ]]; then
     systemd_args=(--systemd)
     if [[ -n ${VM_RUN_ROOT_VIEW:-} ]]; then

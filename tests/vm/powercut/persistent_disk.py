@@ -10,8 +10,8 @@ from pathlib import Path
 
 from helpers_vm import LUKS_DIR, Volume, run, wait_until
 
-STATE_PARTITION = "/dev/sda1"
-LUKS_PARTITION = "/dev/sda2"
+STATE_PARTITION = "/dev/vda1"  # vng --disk attaches a virtio-blk disk; the root is 9p
+LUKS_PARTITION = "/dev/vda2"
 PERSIST = Path("/persist")
 NOTES = PERSIST / "notes.json"  # what the first boot did, for the second to check
 PASSPHRASE = b"power cut passphrase"  # a test volume's; the second boot stores it in its own OpenBao
@@ -21,7 +21,7 @@ CUT_AFTER_SECONDS = 2  # after the re-encryption's device stack appears: into th
 
 def attach() -> None:
     """The disk's driver, then its partitions' nodes (devtmpfs makes them; there is no udev)."""
-    run("modprobe", "-a", "virtio_scsi", "sd_mod")
+    run("modprobe", "virtio_blk")
     wait_until(lambda: Path(LUKS_PARTITION).exists(), 60, f"{LUKS_PARTITION} (is VM_DISK attached?)")
 
 
