@@ -12,7 +12,7 @@ from helpers_vm import LUKS_DIR, Volume, run, wait_until
 
 STATE_PARTITION = "/dev/vda1"  # vng --disk attaches a virtio-blk disk; the root is 9p
 LUKS_PARTITION = "/dev/vda2"
-PERSIST = Path("/persist")
+PERSIST = Path("/srv/persist")  # / is read-only in the guest; /srv is a writable overlay
 NOTES = PERSIST / "notes.json"  # what the first boot did, for the second to check
 PASSPHRASE = b"power cut passphrase"  # a test volume's; the second boot stores it in its own OpenBao
 CRYPTDEV = "powercut"
