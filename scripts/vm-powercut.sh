@@ -10,12 +10,13 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${VM_OUT:?VM_OUT names the results directory}
 disk=$(mktemp /tmp/luksctl-powercut.XXXXXX.img)
 trap 'rm -f "$disk"' EXIT
-# 16 MiB for /etc/luks and the notes, the rest (at GPT's alignment) for the LUKS volume: enough
+# 48 MiB for /etc/luks (a LUKS2 header backup is 16 MiB, and luksctl writes it beside the old
+# one before the rename) and the notes; the rest (at GPT's alignment) for the LUKS volume, enough
 # data that the re-encryption is still running seconds after it starts, under emulation.
-truncate -s 272M "$disk"
+truncate -s 304M "$disk"
 sfdisk --quiet "$disk" <<'LAYOUT'
 label: gpt
-size=16MiB, name=state
+size=48MiB, name=state
 name=luks
 LAYOUT
 VM_DISK=$disk VM_OUT=$out/before "$repo/scripts/vm-run.sh" powercut-before || true
