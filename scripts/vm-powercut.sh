@@ -13,7 +13,7 @@ trap 'rm -f "$disk"' EXIT
 # 48 MiB for /etc/luks (a LUKS2 header backup is 16 MiB, and luksctl writes it beside the old
 # one before the rename) and the notes; the rest (at GPT's alignment) for the LUKS volume, enough
 # data that the re-encryption is still running seconds after it starts, under emulation.
-truncate -s 304M "$disk"
+truncate -s 160M "$disk"
 sfdisk --quiet "$disk" <<'LAYOUT'
 label: gpt
 size=48MiB, name=state
