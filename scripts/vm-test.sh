@@ -18,8 +18,16 @@ export VM_PREFIX
 rm -rf "$prefix/dist" && "$repo/.venv/bin/pip" wheel --quiet --no-deps -w "$prefix/dist" "$repo" || exit
 
 console=$repo/vm-out-systemd.console.log
+rm -rf "$repo/vm-out-systemd"  # its pytest.log, below, must be this run's
 VM_OUT=$repo/vm-out-systemd "$repo/scripts/vm-run.sh" test-systemd >"$console" 2>&1 &
 systemd_boot=$!
+# The main boot starts once the systemd boot's tests have: started at the same moment, the
+# systemd guest printed nothing in 15 minutes (alone it reaches pytest in about 3).
+waited=0
+while [[ ! -e $repo/vm-out-systemd/pytest.log ]] && kill -0 "$systemd_boot" 2>/dev/null && ((waited < 900)); do
+    sleep 5
+    ((waited += 5))
+done
 "$repo/scripts/vm-run.sh" test "$@"
 main=$?
 VM_OUT=$repo/vm-out-powercut "$repo/scripts/vm-powercut.sh"
