@@ -3,6 +3,7 @@
 # runs MODE inside it via scripts/vm/guest.sh. The guest's exit status becomes ours.
 # test-systemd boots with systemd as PID 1 instead of virtme's own init.
 # VM_DISK=FILE attaches FILE as a virtio-blk disk, /dev/vda in the guest (scripts/vm-powercut.sh).
+# VM_CPUS: the guest's vCPUs (2; scripts/vm-test.sh gives two VMs side by side one each).
 # usage: VM_PREFIX=/opt/luksctl-test scripts/vm-run.sh test|test-systemd|demo|bench|powercut-before|powercut-after [args...]
 set -euo pipefail
 mode=${1:?usage: $0 test|test-systemd|demo|bench|powercut-before|powercut-after [args...]}
@@ -54,7 +55,7 @@ start=$SECONDS
 # 2>&1 | cat: qemu reopens its stdout and stderr; were they a file, it would write from
 # offset 0 and clobber (or be clobbered by) the lines before it. A pipe has no offset.
 set +e
-vng "${root_args[@]}" --disable-kvm --force-9p -r "$kernel" --memory 2G --cpus 2 --rwdir "$rwdir" \
+vng "${root_args[@]}" --disable-kvm --force-9p -r "$kernel" --memory 2G --cpus "${VM_CPUS:-2}" --rwdir "$rwdir" \
     "${systemd_args[@]}" "${disk_args[@]}" --exec "$guest_cmd" </dev/null 2>&1 | cat
 rc=${PIPESTATUS[0]}
 set -e

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # `make test-vm`: every boot. The systemd boot (tests/vm/systemd) runs beside the main boot and
-# then the power-cut pair: one VM under software emulation kept 66 % of this machine's two cores
-# busy (sampled from /proc/stat during the systemd boot), so side by side the boots finish
-# sooner than one after another. Its console goes to a file, since two consoles interleaved
-# cannot be read; its outcome is printed at the end. Every boot runs to its end; the exit status
-# is non-zero if any failed.
+# then the power-cut pair, each VM with one vCPU. One VM with two vCPUs kept 66-88 % of this
+# machine's two cores busy (sampled from /proc/stat during the systemd boot), and two such VMs
+# side by side (four vCPU threads on two cores) slowed the main boot's first tests threefold;
+# one vCPU each keeps each VM on a core of its own. The systemd boot's console goes to a file,
+# since two consoles interleaved cannot be read; its outcome is printed at the end. Every boot
+# runs to its end; the exit status is non-zero if any failed.
 # usage: VM_PREFIX=... PYTHON=... scripts/vm-test.sh [pytest args for the main boot...]
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 prefix=${VM_PREFIX:?VM_PREFIX names the VM prefix}
 python=${PYTHON:?PYTHON names the guest interpreter}
-export VM_PREFIX
+export VM_PREFIX VM_CPUS=1
 
 # The systemd boot installs with deploy/install.sh from a wheelhouse (the guest has no network);
 # the Ansible role installs from it too, plus the luksctl wheel it copies to nodes (PREFIX/dist).
