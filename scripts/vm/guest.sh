@@ -80,12 +80,12 @@ demo) exec "$prefix/venv/bin/python" scripts/demo.py "$@" ;;
 powercut-before) exec "$prefix/venv/bin/python" tests/vm/powercut/before_the_cut.py "$@" ;;
 bench)
     # Arguments pick benchmarks by name and set their knobs, which the guest cannot inherit:
-    # make bench BENCH="SOAK_SECONDS=20 bench_soak". No name runs all five.
+    # make bench BENCH="SOAK_SECONDS=20 bench_soak". No name runs all four.
     benches=()
     for arg in "$@"; do
         if [[ $arg == *=* ]]; then export "${arg?}"; else benches+=("$arg"); fi
     done
-    ((${#benches[@]})) || benches=(bench bench_status bench_cluster bench_soak bench_reencrypt)
+    ((${#benches[@]})) || benches=(bench bench_status bench_cluster bench_soak)
     for bench in "${benches[@]}"; do
         "$prefix/venv/bin/python" "scripts/$bench.py" || exit
     done
