@@ -298,12 +298,14 @@ def test_keeping_the_recovery_key_refuses_a_stored_passphrase_with_a_newline(tmp
 
 def test_a_killed_online_run_is_unmounted_recovered_by_an_open_mounted_and_resumed(lab, capsys, monkeypatch):
     """What a SIGKILLed online run leaves (the mapping pointing through its hotzone devices, one of them
-    suspended) is put back before the resume: resumed, unmounted, removed top-down, opened, mounted."""
+    suspended) is put back before the resume: the suspended one's I/O failed (an error table, then
+    resumed), unmounted, removed top-down, opened, mounted."""
     interrupt_a_reencryption(lab.image)
     calls = []
     left = {"labvol": "254:0", "labvol-hotzone-forward": "254:1", "labvol-overlay": "254:2"}
     monkeypatch.setattr(reencrypt, "find_mapper_device", left.get)
     monkeypatch.setattr(reencrypt, "_suspended", lambda name: name == "labvol-hotzone-forward")
+    monkeypatch.setattr(reencrypt, "_sectors", {"labvol-hotzone-forward": 491520}.get)
     monkeypatch.setattr(reencrypt, "current_status", lambda volume: VolumeStatus("254:0", True))
     real_run = runner.run
 
@@ -322,7 +324,7 @@ def test_a_killed_online_run_is_unmounted_recovered_by_an_open_mounted_and_resum
     code, lines = run_json(lab, capsys, "reencrypt", *FAST_NEW_SLOT)
 
     assert code == EXIT_OK, lines[-1]
-    assert calls == [["dmsetup", "resume", "labvol-hotzone-forward"], "umount",
+    assert calls == [["dmsetup", "load", "labvol-hotzone-forward", "--table", "0 491520 error"], ["dmsetup", "resume", "labvol-hotzone-forward"], "umount",
                      ["dmsetup", "remove", "labvol"], ["dmsetup", "remove", "labvol-overlay"], ["dmsetup", "remove", "labvol-hotzone-forward"],
                      ("open", PASSPHRASE), ("mount", "nosuid,nodev"),
                      (["cryptsetup", "reencrypt", "--batch-mode", "--resume-only", "--key-file=-", "--progress-json", "--active-name", "labvol"], PASSPHRASE)]

@@ -167,15 +167,22 @@ def recover_killed_online_run(volume: VolumeConfig, passphrase: bytes, stack: li
     """Put back the mapping a SIGKILLed online run left pointing through its hotzone devices.
 
     `--resume-only --active-name` refuses such a mapping ("Mismatching parameters"), and cryptsetup
-    recovers the hotzone from its resilience data only when it activates the device. So: unmount
-    (refused, nothing changed, while something uses the volume), remove the mapping and its stack,
-    open (cryptsetup recovers), mount. The volume is unmounted for that long. Each step looks
-    first, so a run killed during this one picks up where it stopped.
+    recovers the hotzone from its resilience data only when it activates the device. So: fail the
+    I/O a device left suspended holds (below), unmount (refused while something uses the volume),
+    remove the mapping and its stack, open (cryptsetup recovers), mount. The volume is unmounted
+    for that long. Each step looks first, so a run killed during this one picks up where it stopped.
+
+    A run killed mid-hotzone leaves its hotzone device suspended, and the I/O queued there aimed at
+    a layout the kill left half rewritten: resumed as it is, the unmount's writes landed where the
+    resilience data no longer described them, and the filesystem did not mount again (seen in the
+    VM, scripts/bench_reencrypt.py). Loaded with an error table first, that I/O fails, as a power
+    cut would have lost it, and the open recovers exactly what had reached the disk.
     """
     if not opens(volume.device_path, passphrase):
         raise WrongPassphrase(f"the passphrase given does not open {volume.device_path}; nothing was changed")
-    for name in stack:  # a device killed while suspended would hang the unmount and everyone's I/O
+    for name in [volume.cryptdev, *stack]:  # a suspended device would hang the unmount and everyone's I/O
         if _suspended(name):
+            runner.run(["dmsetup", "load", name, "--table", f"0 {_sectors(name)} error"], timeout=DMSETUP_TIMEOUT)
             runner.run(["dmsetup", "resume", name], timeout=DMSETUP_TIMEOUT)
     status = current_status(volume)
     if status.mounted:
@@ -189,6 +196,10 @@ def recover_killed_online_run(volume: VolumeConfig, passphrase: bytes, stack: li
 def _suspended(name: str) -> bool:
     device = find_mapper_device(name)  # major:minor
     return device is not None and (SYS_DEV_BLOCK / device / "dm" / "suspended").read_text().strip() == "1"
+
+
+def _sectors(name: str) -> int:
+    return int((SYS_DEV_BLOCK / find_mapper_device(name) / "size").read_text())
 
 
 def reencryption_unfinished(device: str, state_dir: Path) -> bool:
