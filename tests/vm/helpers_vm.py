@@ -86,10 +86,11 @@ def tail(path: Path, lines: int = 30) -> str:
 
 class Bao(support_bao.Bao):
     """The session's OpenBao in the guest: the prefix's binary, HOME=/tmp (/root is read-only in
-    the guest), its log kept across restarts, and the slow start-up of an emulated machine."""
+    the guest), its log kept across restarts, and the slow start-up of an emulated machine.
+    storage, port: support.bao.Bao's (a server whose data outlives the boot)."""
 
-    def __init__(self, log: Path) -> None:
-        super().__init__(Path("/tmp"), log=log, binary=VENV_BIN / "bao", start_timeout=START_TIMEOUT)
+    def __init__(self, log: Path, *, storage: Path | None = None, port: int | None = None) -> None:
+        super().__init__(Path("/tmp"), log=log, binary=VENV_BIN / "bao", start_timeout=START_TIMEOUT, storage=storage, port=port)
 
 
 @dataclass
@@ -197,6 +198,29 @@ def reencrypting(volume: Volume) -> bool:
     """A re-encryption started and not finished: cryptsetup's requirement in the header."""
     return any(requirement.startswith("online-reencrypt")
                for requirement in luks_metadata(volume)["config"].get("requirements", {}).get("mandatory", []))
+
+
+def opens(device: str, passphrase: str | bytes) -> bool:
+    """cryptsetup's answer: 0 opens, 2 a wrong passphrase; anything else fails the test."""
+    secret = passphrase.encode() if isinstance(passphrase, str) else passphrase
+    result = run(CRYPTSETUP, "open", "--test-passphrase", "--key-file=-", device, input=secret, check=False)
+    assert result.returncode in (0, 2), f"cryptsetup open --test-passphrase {device} exited {result.returncode}: {result.stderr!r}"
+    return result.returncode == 0
+
+
+def stored(bao, secret_path: str, version: int | None = None) -> str:
+    """The passphrase at `secret_path` (KV v2, as the dashboard stores it): the latest, or `version`."""
+    query = f"?version={version}" if version else ""
+    return bao.request("GET", f"secrets/data/{secret_path}{query}").json()["data"]["data"][support_bao.SECRET_KEY]
+
+
+def token_file(bao, policy: str) -> str:
+    """A plain token with `policy`, in a root-only file: luksctl never takes one in argv."""
+    token = bao.request("POST", "auth/token/create", json={"policies": [policy], "ttl": "1h"}).json()["auth"]["client_token"]
+    path = Path("/run") / f"luksctl-test-token-{policy}"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return str(path)
 
 
 def mapped(name: str) -> bool:

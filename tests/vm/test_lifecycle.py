@@ -22,7 +22,8 @@ from typing import NamedTuple
 import pytest
 import requests
 
-from helpers_vm import CRYPTSETUP, HEADER_BACKUP, LUKS_DIR, MOUNTPOINT, OUT, VOLUME_INI, Volume, VolumeFactory, kernel_state, put_back_closed, run, wait_until
+from helpers_vm import (CRYPTSETUP, HEADER_BACKUP, LUKS_DIR, MOUNTPOINT, OUT, VOLUME_INI, Volume, VolumeFactory, kernel_state, opens, put_back_closed, run,
+                        stored, token_file, wait_until)
 from leaks import watch_for_leaks
 from support.policies import DELETE_ONLY
 from support.proc import processes
@@ -36,29 +37,11 @@ PENDING = Path("/etc/luks/rotate-pending.json")  # the new passphrase and its sl
 CRYPTSETUP_WRAPPER = SHIM_DIR / "cryptsetup"  # first on luksctl's fixed PATH
 
 
-def opens(volume: Volume, passphrase: str | bytes) -> bool:
-    secret = passphrase.encode() if isinstance(passphrase, str) else passphrase
-    return run(CRYPTSETUP, "open", "--test-passphrase", "--key-file=-", volume.loop, input=secret, check=False).returncode == 0
-
-
-def stored(bao, secret_path: str) -> str:
-    return bao.request("GET", f"secrets/data/{secret_path}").json()["data"]["data"]["storage_encryption_key"]
-
-
 def stored_or_none(bao, secret_path: str) -> str | None:
     try:
         return stored(bao, secret_path)
     except requests.HTTPError:  # none yet, or OpenBao was restarted and forgot it
         return None
-
-
-def token_file(bao, policy: str) -> str:
-    """A plain token with `policy`, in a root-only file: luksctl never takes one in argv."""
-    token = bao.request("POST", "auth/token/create", json={"policies": [policy], "ttl": "1h"}).json()["auth"]["client_token"]
-    path = Path("/run") / f"lifecycle-token-{policy}"
-    path.write_text(token + "\n")
-    path.chmod(0o600)
-    return str(path)
 
 
 def vault_args(bao, secret_path: str, policy: str) -> list[str]:
@@ -95,7 +78,7 @@ def test_rotate_a_mounted_volume_then_the_dashboard_opens_with_the_new_secret(lu
     assert done.returncode == 0, done.stdout + done.stderr
     new = stored(vault, secret_path)
     assert new != old and kernel_state(volume) == ("mounted", True), "rotation must not unmount"
-    assert opens(volume, new) and not opens(volume, old)
+    assert opens(volume.loop, new) and not opens(volume.loop, old)
 
     watch.needles["new passphrase"] = new.encode()
     assert watch.execs.ran(b"cryptsetup"), "no exec of cryptsetup recorded"
@@ -190,7 +173,7 @@ def test_rotate_killed_at_a_step_then_run_again_opens_by_the_dashboards_flow(kil
 
     # At the kill: what Vault holds opens the volume.
     in_vault = stored(vault, secret_path)
-    assert opens(volume, in_vault), f"killed {when} {subcommand}: Vault's passphrase does not open the volume"
+    assert opens(volume.loop, in_vault), f"killed {when} {subcommand}: Vault's passphrase does not open the volume"
     assert (in_vault == before) == (subcommand == "luksAddKey"), "Vault is written after luksAddKey, before luksKillSlot"
     assert PENDING.exists()
 
@@ -198,7 +181,7 @@ def test_rotate_killed_at_a_step_then_run_again_opens_by_the_dashboards_flow(kil
     assert code == 0, (answer, stderr)
     assert answer["resumed"] is True
     new = stored(vault, secret_path)
-    assert not PENDING.exists() and opens(volume, new) and not opens(volume, before)
+    assert not PENDING.exists() and opens(volume.loop, new) and not opens(volume.loop, before)
     assert not leftovers(), f"killed {when} {subcommand}, the re-run left {leftovers()} in {LUKS_DIR}"
     volume.passphrase = new.encode()  # the next kill test starts from here
     reply = dashboard.open(vault.open_payload(secret_path))
@@ -281,14 +264,14 @@ def test_rotate_killed_at_each_of_its_file_operations_then_run_again_opens_by_th
         assert killed.returncode == -signal.SIGKILL, f"{where}: rotate was not killed there but exited {killed.returncode} (see {log}): {killed.stdout + killed.stderr}"
         assert killed_on(log) == point.seen, f"{where}: the kill landed on {killed_on(log)} instead: the run made other file operations than the counting run (see {log})"
         in_vault = stored(vault, secret_path)
-        assert opens(volume, in_vault), f"{where}: the passphrase in Vault does not open the volume"
+        assert opens(volume.loop, in_vault), f"{where}: the passphrase in Vault does not open the volume"
         holding_a_copy += [str(point) for path in scratch_copies() if (path / "header").is_file()]
 
         code, answer, stderr = luksctl(*rotate_args(vault, secret_path))
         assert code == 0, f"{where}: the re-run exited {code}: {answer} {stderr}"
         new = stored(vault, secret_path)
         volume.passphrase = new.encode()
-        assert not PENDING.exists() and not opens(volume, before), f"{where}: the re-run did not finish the rotation"
+        assert not PENDING.exists() and not opens(volume.loop, before), f"{where}: the re-run did not finish the rotation"
         assert not files_holding({"old passphrase": before, "new passphrase": new}), f"{where}: {files_holding({'old': before, 'new': new})}"
         assert not leftovers(), f"{where}: the re-run left {leftovers()} in {LUKS_DIR} (a header copy, or an interrupted write's temporary)"
         reply = dashboard.open(vault.open_payload(secret_path))
@@ -412,7 +395,7 @@ def test_recovery_key_add_open_with_it_remove(luks_volume, dashboard):
     assert code == 7 and "recovery key itself" in answer["error"], (answer, stderr)
     code, answer, stderr = luksctl("recovery-key", "remove", stdin=volume.passphrase)
     assert code == 0 and answer["removed_slots"] == [added["recovery_slot"]], (answer, stderr)
-    assert not opens(volume, key) and opens(volume, volume.passphrase)
+    assert not opens(volume.loop, key) and opens(volume.loop, volume.passphrase)
 
 
 def test_header_verify_after_a_rotation_and_restore_refuses_another_volume(luks_volume, vault):
@@ -459,7 +442,7 @@ def test_decommission_leaves_nothing_that_opens_the_volume(luks_volume, vault, d
     assert code == 0, (answer, stderr)
     assert not leftovers() and set(left) <= set(answer["removed_files"]), f"decommission left {leftovers()}, removed {answer['removed_files']}"
     assert kernel_state(volume) == ("unmounted", False) and dashboard.status().state == "unavailable"
-    assert not opens(volume, volume.passphrase)
+    assert not opens(volume.loop, volume.passphrase)
     assert not HEADER_BACKUP.exists() and not VOLUME_INI.exists()
     assert backup  # it was there; now no file under /etc/luks holds a header of this volume
     assert not [p for p in Path("/etc/luks").iterdir() if p.is_file() and volume.uuid.encode() in p.read_bytes()[:1 << 20]]

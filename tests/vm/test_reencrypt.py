@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_vm import CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, Volume, mapped, put_back_closed, reencrypting, run, volume_key_digest
+from helpers_vm import (CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, Volume, mapped, opens, put_back_closed, reencrypting, run, stored, token_file,
+                        volume_key_digest)
 from leaks import watch_for_leaks
 from support.policies import READ_POLICY
 
@@ -55,18 +56,9 @@ print(written, flush=True)
 """
 
 
-def token_file(bao, policy: str = READ_POLICY) -> str:
-    """A plain token with `policy` (by default the dashboard's read policy), in a root-only file."""
-    token = bao.request("POST", "auth/token/create", json={"policies": [policy], "ttl": "1h"}).json()["auth"]["client_token"]
-    path = Path(f"/run/reencrypt-token-{policy}")
-    path.write_text(token + "\n")
-    path.chmod(0o600)
-    return str(path)
-
-
 def reencrypt_argv(bao, secret_path: str, token_path: str | None = None) -> list[str]:
     return [LUKSCTL, "--json", "reencrypt", *FAST_SLOT, "--vault-url", bao.url, "--vault-allow-http",
-            "--secret-path", secret_path, "--token-file", token_path or token_file(bao)]
+            "--secret-path", secret_path, "--token-file", token_path or token_file(bao, READ_POLICY)]
 
 
 def old_key_fits(volume: Volume) -> bool:
@@ -201,7 +193,7 @@ def test_rotate_reencrypt_of_a_mounted_volume_written_to_the_whole_time_leaves_n
     assert poller.answers > 0 and poller.failures == [], poller.failures
     watch.assert_nothing_leaked()
 
-    new = vault.request("GET", f"secrets/data/{secret_path}").json()["data"]["data"]["storage_encryption_key"]
+    new = stored(vault, secret_path)
     assert secret_version(vault, secret_path) == version_before + 1 == answer["vault_version"]
     assert volume_key_digest(volume) != digest_before and not reencrypting(volume)
     assert opens(volume.loop, new) and not opens(volume.loop, passphrase), "the old passphrase still opens the volume"
@@ -225,13 +217,6 @@ def test_rotate_reencrypt_of_a_mounted_volume_written_to_the_whole_time_leaves_n
 
 def secret_version(vault, secret_path: str) -> int:
     return vault.request("GET", f"secrets/data/{secret_path}").json()["data"]["metadata"]["version"]
-
-
-def opens(device: str, passphrase: str) -> bool:
-    """cryptsetup's answer: 0 opens, 2 a wrong passphrase; anything else fails the test."""
-    result = run(CRYPTSETUP, "open", "--test-passphrase", "--key-file=-", device, input=passphrase.encode(), check=False)
-    assert result.returncode in (0, 2), result.stderr
-    return result.returncode == 0
 
 
 def volume_key_from(header: Path, passphrase: str) -> bytes:

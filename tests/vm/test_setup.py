@@ -23,7 +23,6 @@ import secrets
 import signal
 import subprocess
 import threading
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers_vm import CRYPTSETUP, HEADER_BACKUP, LUKS_DIR, MOUNTPOINT, OUT, SERVICE_PATH, VENV_BIN, VOLUME_INI, run, wait_until
+from helpers_vm import CRYPTSETUP, HEADER_BACKUP, LUKS_DIR, MOUNTPOINT, OUT, SERVICE_PATH, VENV_BIN, VOLUME_INI, run, stored, wait_until
 from support.execlog import ExecRecorder
 from support.proc import ProcSampler, descends_from, processes
 from support.shim import install_shim, remove_shim
@@ -248,10 +247,6 @@ def dashboard_unlocks(vault, dashboard, disk: Disk) -> None:
     assert reply.state == "mounted", reply.response.text
 
 
-def stored_passphrase(vault, disk: Disk) -> str:
-    return vault.request("GET", f"secrets/data/{disk.secret_path}").json()["data"]["data"][KEY]
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. blank device -> setup -> the dashboard's unlock; close, open, the data is still there
 
@@ -274,7 +269,7 @@ def test_setup_then_dashboard_unlock_close_and_reopen(vault, dashboard, api, bla
     assert wipe and wipe[-1]["percent"] == 100 and wipe[-1]["bytes_done"] == 24 * 1024 * 1024
     assert set(lines[-1]["seconds"]) == {"vault", "format", "wipe", "mkfs"}
 
-    passphrase = stored_passphrase(vault, disk)
+    passphrase = stored(vault, disk.secret_path)
     assert len(passphrase) == 64
     # Neither the passphrase nor the unwrapped token was in any argv, environment or log.
     assert sampler.sweeps >= 3
@@ -368,7 +363,7 @@ def test_vault_cut_off_mid_write_then_rerun_with_a_new_token(vault, dashboard, a
 
     result = setup_once(setup_argv(disk, vault.url, token_file(vault.write_only_wrapping_token())), "setup-cut-rerun")
     assert_set_up(disk, result)
-    assert stored_passphrase(vault, disk) and "resum" in result.stderr
+    assert stored(vault, disk.secret_path) and "resum" in result.stderr
     dashboard_unlocks(vault, dashboard, disk)
 
 
@@ -381,7 +376,7 @@ def test_lost_write_answer_is_resolved_with_the_read_only_token(vault, dashboard
         proxy.shutdown()
     assert result.returncode == 15, result.stdout + result.stderr
     saved = JOURNAL[0].read_bytes()
-    assert stored_passphrase(vault, disk) == saved.decode()  # it landed; setup could not know
+    assert stored(vault, disk.secret_path) == saved.decode()  # it landed; setup could not know
 
     # A create-only token cannot tell whose secret is there: refused, journal kept, device untouched.
     result = setup_once(setup_argv(disk, vault.url, token_file(vault.write_only_wrapping_token())), "setup-lost-2")
@@ -437,7 +432,7 @@ def test_sigkill_during_mkfs_of_fastluks_then_rerun(vault, dashboard, api, blank
     assert run("blkid", "-p", "-s", "UUID", "-o", "value", f"/dev/mapper/{disk.cryptdev}").stdout.strip() not in (killed_fs, b"")
     dump = run(CRYPTSETUP, "luksDump", disk.loop).stdout.decode()
     assert re.search(r"Key:\s+256 bits", dump) and "aes-xts-plain64" in dump  # the older tools' defaults
-    passphrase = stored_passphrase(vault, disk).encode()
+    passphrase = stored(vault, disk.secret_path).encode()
     # The argv token shows on fastluks's argv: the one documented exception. Nothing else does.
     assert execs.hits({"wrapping token": wrapping.encode()})
     assert not execs.hits({"passphrase": passphrase, "unwrapped token": unwrapped.encode()})
