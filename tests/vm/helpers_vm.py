@@ -225,13 +225,26 @@ def token_file(bao, policy: str) -> str:
 
 def mapped(name: str) -> bool:
     """Whether device-mapper has a device of that name (from sysfs: no process)."""
+    return _dm_sysfs(name) is not None
+
+
+def suspended(name: str) -> bool:
+    """Whether that device-mapper device holds its I/O (cryptsetup's hotzone, mid-way)."""
+    directory = _dm_sysfs(name)
+    try:
+        return directory is not None and (directory / "suspended").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def _dm_sysfs(name: str) -> Path | None:
     for path in Path("/sys/block").glob("dm-*/dm/name"):
         try:
             if path.read_text().strip() == name:
-                return True
+                return path.parent
         except OSError:  # removed while we read it
             continue
-    return False
+    return None
 
 
 def kernel_state(volume: Volume) -> tuple[str, bool]:

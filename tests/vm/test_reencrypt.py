@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_vm import (CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, Volume, mapped, opens, put_back_closed, reencrypting, run, stored, token_file,
-                        volume_key_digest)
+from helpers_vm import (CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, Volume, mapped, opens, put_back_closed, reencrypting, run, stored, suspended,
+                        token_file, volume_key_digest)
 from leaks import watch_for_leaks
 from support.policies import READ_POLICY
 
@@ -253,23 +253,27 @@ def resumed(vault, secret_path: str) -> dict:
 
 
 def test_killed_online_three_times_a_rerun_recovers_and_resumes_and_the_data_is_byte_exact(luks_volume, bao_up, dashboard):
-    """Killed in the first hotzone of a fresh run; then in the re-run's recovery of the device stack
-    that kill left (the mapping just removed, the volume unmounted); then in the run that resumed after it."""
+    """Killed in the first hotzone of a fresh run, its I/O suspended while cryptsetup rewrites it;
+    then in the re-run's recovery of the device stack that kill left (the mapping just removed, the
+    volume unmounted); then in the run that resumed after it. The first kill once broke the volume:
+    the recovery resumed the suspended hotzone device, and the filesystem did not mount again."""
     vault = bao_up
     volume, secret_path = mounted_volume(luks_volume, vault, dashboard, "reencrypt kill passphrase online")
     reference = write_reference()
     digest_before = volume_key_digest(volume)
     overlay = f"{volume.cryptdev}-overlay"
 
-    killed_when(reencrypt_argv(vault, secret_path), lambda: mapped(overlay), "its device stack")
+    hotzone = f"{volume.cryptdev}-hotzone-forward"
+    killed_when(reencrypt_argv(vault, secret_path), lambda: suspended(hotzone), "its hotzone suspended")
     assert reencrypting(volume) and mapped(overlay), "the kill left no re-encryption in progress"
+    assert suspended(hotzone), "the kill left the hotzone running: not the case under test"
     assert dashboard.status().state == "mounted"
     reply = dashboard.open(vault.open_payload(secret_path))
     assert reply.state == "mounted", reply.response.text
 
     killed_when(reencrypt_argv(vault, secret_path), lambda: not mapped(volume.cryptdev), "the recovery")
     assert reencrypting(volume)
-    if not any(mapped(name) for name in (overlay, f"{volume.cryptdev}-hotzone-forward")):
+    if not any(mapped(name) for name in (overlay, hotzone)):
         # Killed after the stack was gone and before the open: the volume is closed, and the dashboard opens it.
         reply = dashboard.open(vault.open_payload(secret_path))
         assert reply.state == "mounted", reply.response.text
