@@ -1,14 +1,19 @@
 """The power-cut pair's persistent disk (scripts/vm-powercut.sh makes it, vm-run.sh attaches it):
-partition 1 an ext4 holding /etc/luks and the first boot's notes, partition 2 the LUKS volume.
-Both boots mount it the same way, so the second sees exactly what the cut left on the disk."""
+partition 1 an ext4 holding /etc/luks, OpenBao's storage, each cut point's /etc/luks and the first
+boot's notes; partition 2 the re-encrypted LUKS volume; partitions 3 on, one for each cut point
+of setup and rotate (CUT_POINTS). Both boots mount it the same way, so the second sees exactly
+what the cut left on the disk."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from helpers_vm import LUKS_DIR, Volume, run, wait_until
+from helpers_vm import LUKS_DIR, MOUNTPOINT, Bao, Volume, run, wait_until
 
 STATE_PARTITION = "/dev/vda1"  # vng --disk attaches a virtio-blk disk; the root is 9p
 LUKS_PARTITION = "/dev/vda2"
@@ -17,6 +22,103 @@ NOTES = PERSIST / "notes.json"  # what the first boot did, for the second to che
 PASSPHRASE = b"power cut passphrase"  # a test volume's; the second boot stores it in its own OpenBao
 CRYPTDEV = "powercut"
 CUT_AFTER_SECONDS = 2  # after the re-encryption's device stack appears: into the data, past the first hotzone
+BAO_PORT = 8207  # fixed: the cut points' commands recorded nothing of it, but the API's allowlist names it
+LUKSCTL = "/usr/local/sbin/luksctl"
+SETUP_PBKDF = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
+ROTATE_PBKDF = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
+ROTATE_POLICY = "powercut-rotate"
+ROTATE_RULES = 'path "secrets/data/*" { capabilities = ["read", "update"] }'
+UNREACHABLE_VAULT = "http://127.0.0.1:1"
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """A step of setup or rotate where one volume stops (the first boot) until the power cut.
+
+    tool: the program whose shim stops the command, on a call whose arguments match `pattern` (a sh
+    case pattern, against " $* "), `when` it runs; None: the command is not stopped but ends, as it
+    does when Vault cannot be reached. A rotate point's volume is set up first, to the end."""
+
+    number: int
+    command: str  # "setup" | "rotate"
+    tool: str | None
+    pattern: str
+    when: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.command}, {self.when} {self.tool} {self.pattern.strip('* ')}" if self.tool else f"{self.command}, {self.pattern}"
+
+    @property
+    def partition(self) -> str:
+        return f"/dev/vda{self.number + 2}"
+
+    @property
+    def cryptdev(self) -> str:
+        return f"cut{self.number:02d}"
+
+    @property
+    def directory(self) -> Path:
+        """Its /etc/luks (luks/), its two lock files and the line that tells the shims where it stops."""
+        return PERSIST / "points" / f"{self.number:02d}"
+
+    @property
+    def secret_path(self) -> str:
+        return f"powercut-sub/cut-point-{self.number:02d}/storage_encryption"
+
+
+# The partitions' order (vda3 on): setup's steps, then rotate's, each stopped just before or just
+# after a program ran (README "Encrypting a volume" and "Rotating the passphrase" list the steps).
+CUT_POINTS = [
+    CutPoint(1, "setup", None, "Vault unreachable: the passphrase saved, nothing else", ""),
+    CutPoint(2, "setup", "cryptsetup", "* luksFormat *", "before"),
+    CutPoint(3, "setup", "cryptsetup", "* luksFormat *", "after"),
+    CutPoint(4, "setup", "cryptsetup", "* luksHeaderBackup *", "after"),
+    CutPoint(5, "setup", "cryptsetup", "* open * cut05 *", "before"),  # the ini written; not --test-passphrase
+    CutPoint(6, "setup", "mkfs.ext4", "*", "before"),
+    CutPoint(7, "setup", "mkfs.ext4", "*", "after"),
+    CutPoint(8, "setup", "mount", "*", "after"),
+    CutPoint(9, "rotate", "cryptsetup", "* luksAddKey *", "before"),
+    CutPoint(10, "rotate", "cryptsetup", "* luksAddKey *", "after"),
+    CutPoint(11, "rotate", "cryptsetup", "* luksKillSlot *", "before"),  # Vault written
+    CutPoint(12, "rotate", "cryptsetup", "* luksKillSlot *", "after"),
+    CutPoint(13, "rotate", "cryptsetup", "* luksHeaderBackup *", "after"),
+]
+
+
+def setup_argv(point: CutPoint, vault_url: str, token_file: str | None) -> list[str]:
+    token = ["--wrapping-token-file", token_file] if token_file else []
+    return [LUKSCTL, "--json", "setup", "--device", point.partition, "--cryptdev", point.cryptdev, "--mountpoint", str(MOUNTPOINT),
+            *SETUP_PBKDF, "--vault-url", vault_url, "--vault-allow-http", "--secret-path", point.secret_path, *token]
+
+
+def rotate_argv(point: CutPoint, vault_url: str, token_file: str) -> list[str]:
+    return [LUKSCTL, "--json", "rotate", *ROTATE_PBKDF, "--vault-url", vault_url, "--vault-allow-http",
+            "--secret-path", point.secret_path, "--token-file", token_file]
+
+
+def wrapping_token_file(point: CutPoint, vault) -> str:
+    """A new write-only wrapping token for the point's setup (the dashboard's, PROTOCOL §7), root-only in /run."""
+    path = Path(f"/run/powercut-token-{point.number:02d}")
+    path.unlink(missing_ok=True)
+    path.write_text(vault.write_only_wrapping_token() + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def persistent_bao(log: Path) -> Bao:
+    """OpenBao with raft storage on the persistent disk: what the first boot wrote, the second reads."""
+    return Bao(log, storage=PERSIST / "bao", port=BAO_PORT)
+
+
+@contextlib.contextmanager
+def etc_luks(directory: Path) -> Iterator[None]:
+    """`directory` as /etc/luks until the block ends: the API and luksctl see that volume's files."""
+    run("mount", "--bind", str(directory), str(LUKS_DIR))
+    try:
+        yield
+    finally:
+        run("umount", str(LUKS_DIR))
 
 
 def attach() -> None:
@@ -25,17 +127,11 @@ def attach() -> None:
     wait_until(lambda: Path(LUKS_PARTITION).exists(), 60, f"{LUKS_PARTITION} (is VM_DISK attached?)")
 
 
-def mount_persistent_etc_luks() -> None:
+def mount_persistent(*options: str) -> None:
     attach()
     PERSIST.mkdir(exist_ok=True)
-    run("mount", STATE_PARTITION, str(PERSIST))
+    run("mount", *(["-o", ",".join(options)] if options else []), STATE_PARTITION, str(PERSIST))
     (PERSIST / "luks").mkdir(mode=0o755, exist_ok=True)
-    run("mount", "--bind", str(PERSIST / "luks"), str(LUKS_DIR))
-
-
-def unmount_persistent_etc_luks() -> None:
-    run("umount", str(LUKS_DIR))
-    run("umount", str(PERSIST))
 
 
 def the_volume(uuid: str) -> Volume:
