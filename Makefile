@@ -32,7 +32,8 @@ vm-prefix: $(VENV)/.stamp
 	scripts/build-vm-prefix.sh $(VM_PREFIX) $(PYTHON)
 
 # Four boots (scripts/vm-test.sh): virtme's init (most tests), then the power-cut pair (a hard
-# reset mid-way through an online re-encryption, then the resume), and beside them systemd as
+# reset with setups and rotations stopped at each step and an online re-encryption mid-way, then
+# each command again), and beside them systemd as
 # PID 1 (the unit files, install.sh, the Ansible role, docker and NFS restarts).
 test-vm: vm-prefix
 	VM_PREFIX=$(VM_PREFIX) PYTHON=$(PYTHON) scripts/vm-test.sh $(PYTEST_ARGS)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers_vm import CRYPTSETUP, LUKS_DIR, MOUNTPOINT, OUT, SERVICE_PATH, mapped, run, token_file, volume_key_digest  # noqa: E402
+from helpers_vm import CRYPTSETUP, LUKS_DIR, MOUNTPOINT, OUT, SERVICE_PATH, VOLUME_INI, mapped, run, token_file, volume_key_digest  # noqa: E402
 from persistent_disk import (  # noqa: E402
     CRYPTDEV, CUT_AFTER_SECONDS, CUT_POINTS, LUKS_PARTITION, LUKSCTL, PASSPHRASE, PERSIST, ROTATE_POLICY, ROTATE_RULES, STATE_PARTITION,
     UNREACHABLE_VAULT, CutPoint, attach, mount_persistent, persistent_bao, rotate_argv, setup_argv, the_volume, wrapping_token_file, write_notes)
@@ -116,7 +116,7 @@ def main() -> int:
     vault = persistent_bao(OUT / "bao.log")
     vault.start()
     vault.put_policy(ROTATE_POLICY, ROTATE_RULES)
-    run("sync")  # the layout so far; from here on, only what the commands fsync
+    run("sync")  # the layout so far; from here on, only what is fsynced (not `sync`: it would flush the commands' files too)
     write_back_nothing_by_itself()
     install_stopping_shims()
     Path("/dev/disk/by-uuid").mkdir(parents=True, exist_ok=True)
@@ -132,13 +132,14 @@ def main() -> int:
     volume.link_by_uuid()
     run("mount", "--bind", str(PERSIST / "luks"), str(LUKS_DIR))
     volume.write_ini()
+    fsync_file_and_directory(VOLUME_INI)
     run(CRYPTSETUP, "open", "--key-file=-", LUKS_PARTITION, CRYPTDEV, input=PASSPHRASE)
     run("mkfs.ext4", "-q", volume.mapper)
     MOUNTPOINT.mkdir(exist_ok=True)
     run("mount", volume.mapper, str(MOUNTPOINT))  # the cut points' namespaces, made before, do not see it
     reference = os.urandom(REFERENCE_SIZE)
     (MOUNTPOINT / "reference.bin").write_bytes(reference)
-    run("sync")
+    fsync_file_and_directory(MOUNTPOINT / "reference.bin")
     notes = {"uuid": volume.uuid, "reference_sha256": hashlib.sha256(reference).hexdigest(),
              "volume_key_digest": volume_key_digest(volume), "cut_points": [point.name for point in CUT_POINTS]}
     write_notes(notes)
@@ -162,6 +163,17 @@ def main() -> int:
     Path("/proc/sysrq-trigger").write_text("b\n")  # reboots at once: no sync, no unmount
     time.sleep(60)
     sys.exit("still running 60 s after sysrq b")
+
+
+def fsync_file_and_directory(path: Path) -> None:
+    """The harness's own files, made durable one by one (os.fsync, not luksctl's durable.py, whose
+    fsyncs a break of the product may remove)."""
+    for name, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+        fd = os.open(name, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def mount_persistent_fresh() -> None:

@@ -36,18 +36,19 @@ class CutPoint:
     """A step of setup or rotate where one volume stops (the first boot) until the power cut.
 
     tool: the program whose shim stops the command, on a call whose arguments match `pattern` (a sh
-    case pattern, against " $* "), `when` it runs; None: the command is not stopped but ends, as it
-    does when Vault cannot be reached. A rotate point's volume is set up first, to the end."""
+    case pattern, against " $* "), before or `after` it ran; None: the command is not stopped but
+    ends, as it does when Vault cannot be reached. A rotate point's volume is set up first, to the end."""
 
     number: int
     command: str  # "setup" | "rotate"
-    tool: str | None
-    pattern: str
-    when: str
+    step: str  # where it stops, for people
+    tool: str | None = None
+    pattern: str = "*"
+    when: str = "after"
 
     @property
     def name(self) -> str:
-        return f"{self.command}, {self.when} {self.tool} {self.pattern.strip('* ')}" if self.tool else f"{self.command}, {self.pattern}"
+        return f"{self.command}, {self.step}"
 
     @property
     def partition(self) -> str:
@@ -68,21 +69,21 @@ class CutPoint:
 
 
 # The partitions' order (vda3 on): setup's steps, then rotate's, each stopped just before or just
-# after a program ran (README "Encrypting a volume" and "Rotating the passphrase" list the steps).
+# after a program ran (README: "Crash recovery" and "How rotation stays safe" list the steps).
 CUT_POINTS = [
-    CutPoint(1, "setup", None, "Vault unreachable: the passphrase saved, nothing else", ""),
-    CutPoint(2, "setup", "cryptsetup", "* luksFormat *", "before"),
-    CutPoint(3, "setup", "cryptsetup", "* luksFormat *", "after"),
-    CutPoint(4, "setup", "cryptsetup", "* luksHeaderBackup *", "after"),
-    CutPoint(5, "setup", "cryptsetup", "* open * cut05 *", "before"),  # the ini written; not --test-passphrase
-    CutPoint(6, "setup", "mkfs.ext4", "*", "before"),
-    CutPoint(7, "setup", "mkfs.ext4", "*", "after"),
-    CutPoint(8, "setup", "mount", "*", "after"),
-    CutPoint(9, "rotate", "cryptsetup", "* luksAddKey *", "before"),
-    CutPoint(10, "rotate", "cryptsetup", "* luksAddKey *", "after"),
-    CutPoint(11, "rotate", "cryptsetup", "* luksKillSlot *", "before"),  # Vault written
-    CutPoint(12, "rotate", "cryptsetup", "* luksKillSlot *", "after"),
-    CutPoint(13, "rotate", "cryptsetup", "* luksHeaderBackup *", "after"),
+    CutPoint(1, "setup", "Vault unreachable: the passphrase saved, nothing else"),
+    CutPoint(2, "setup", "before luksFormat", "cryptsetup", "* luksFormat *", "before"),
+    CutPoint(3, "setup", "after luksFormat", "cryptsetup", "* luksFormat *"),
+    CutPoint(4, "setup", "after the header backup", "cryptsetup", "* luksHeaderBackup *"),
+    CutPoint(5, "setup", "before the open (the ini written)", "cryptsetup", "* open * cut05 *", "before"),  # not --test-passphrase
+    CutPoint(6, "setup", "before mkfs", "mkfs.ext4", when="before"),
+    CutPoint(7, "setup", "after mkfs", "mkfs.ext4"),
+    CutPoint(8, "setup", "after the mount", "mount"),
+    CutPoint(9, "rotate", "before luksAddKey", "cryptsetup", "* luksAddKey *", "before"),
+    CutPoint(10, "rotate", "after luksAddKey", "cryptsetup", "* luksAddKey *"),
+    CutPoint(11, "rotate", "before luksKillSlot (Vault written)", "cryptsetup", "* luksKillSlot *", "before"),
+    CutPoint(12, "rotate", "after luksKillSlot", "cryptsetup", "* luksKillSlot *"),
+    CutPoint(13, "rotate", "after the new header backup", "cryptsetup", "* luksHeaderBackup *"),
 ]
 
 
