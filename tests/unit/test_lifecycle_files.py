@@ -164,7 +164,8 @@ def untrusted(lab, what: str) -> None:
             lab.backup.symlink_to(lab.dir / "elsewhere.bck")
 
 
-REFUSAL = {"no checksum": "luks-header.bck.sha256 does not exist", "an empty checksum": "records no checksum"}
+REFUSAL = {"no checksum": "luks-header.bck.sha256 does not exist", "an empty checksum": "records no checksum",
+           "directory group-writable": f"must be a directory owned by root and not writable by group or others (uid {os.geteuid()}, mode 770)"}
 
 
 @pytest.mark.parametrize("what", ["no checksum", "an empty checksum", "backup group-writable", "checksum other-writable", "directory group-writable",
@@ -177,7 +178,7 @@ def test_header_restore_refuses_a_backup_anyone_but_root_could_have_written(lab,
 
     code, answer = lab.run(capsys, "header", "restore", "--yes")
 
-    expected = REFUSAL.get(what, "owned by root and not writable by group or others")
+    expected = REFUSAL.get(what, "must be a regular file owned by root and not writable by group or others")
     assert code == EXIT_REFUSED and expected in answer["error"], answer
     assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
 
