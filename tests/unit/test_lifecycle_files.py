@@ -73,6 +73,15 @@ def test_header_verify_gives_the_backups_age(lab, capsys):
     assert code == EXIT_OK and 3600 <= answer["header_backup"]["age_seconds"] < 3660
 
 
+def test_header_verify_of_a_backup_with_no_checksum_recorded_matches_and_leaves_intact_unknown(lab, capsys):
+    """A backup made by `cryptsetup luksHeaderBackup` alone has no `.sha256`: nothing says it is damaged."""
+    subprocess.run(["cryptsetup", "luksHeaderBackup", str(lab.image), "--header-backup-file", str(lab.backup)], check=True, capture_output=True)
+
+    code, answer = lab.run(capsys, "header", "verify")
+
+    assert code == EXIT_OK and answer["header_backup"]["matches"] is True and "intact" not in answer["header_backup"]
+
+
 def test_header_verify_without_a_backup_exits_8(lab, capsys):
     code, answer = lab.run(capsys, "header", "verify")
 
