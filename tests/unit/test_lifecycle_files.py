@@ -35,6 +35,12 @@ opens = Lab.opens
 luks_format = Lab.format
 
 
+def test_the_header_backup_is_at_fast_luks_default_path_unless_the_ini_names_one():
+    """PROTOCOL §7: an ini without header_path (fast-luks wrote none) means /etc/luks/luks-header.bck."""
+    assert header.backup_path(None) == Path("/etc/luks/luks-header.bck")
+    assert header.backup_path("/srv/luks/volume.bck") == Path("/srv/luks/volume.bck")
+
+
 def test_header_backup_is_0600_with_its_checksum_recorded(lab, capsys):
     code, answer = lab.run(capsys, "header", "backup")
 
