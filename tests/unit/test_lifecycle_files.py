@@ -67,6 +67,7 @@ def test_header_verify_matches_a_fresh_backup(lab, capsys):
     assert code == EXIT_OK
     check = answer["header_backup"]
     assert check["matches"] is True and check["intact"] is True and check["keyslots_current"] is True and check["same_volume"] is True
+    assert check["path"] == str(lab.backup)
 
 
 def test_header_verify_gives_the_backups_age(lab, capsys):
