@@ -549,6 +549,15 @@ def test_report_on_luks1(tmp_path, monkeypatch, capsys):
     assert answer["keyslots"] == [{"slot": 0, "pbkdf": "pbkdf2", "iterations": 1000, "recovery_key": False}]
 
 
+def test_report_when_the_header_backups_directory_does_not_exist(lab, capsys):
+    lab.ini.write_text(lab.ini.read_text().replace(str(lab.backup), str(lab.dir / "not-made-yet" / "luks-header.bck")))
+
+    code, answer = lab.run(capsys, "report")
+
+    assert code == EXIT_OK, answer
+    assert answer["stale_header_copies"] == [] and answer["header_backup"]["exists"] is False
+
+
 def test_report_text(lab, capsys):
     assert main(["report"], paths=lab.paths, stdin=io.BytesIO(b""), stdin_is_tty=False) == EXIT_OK
     out = capsys.readouterr().out
