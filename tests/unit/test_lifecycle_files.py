@@ -35,6 +35,12 @@ opens = Lab.opens
 luks_format = Lab.format
 
 
+def test_the_header_backup_is_at_fast_luks_default_path_unless_the_ini_names_one():
+    """PROTOCOL §7: an ini without header_path (fast-luks wrote none) means /etc/luks/luks-header.bck."""
+    assert header.backup_path(None) == Path("/etc/luks/luks-header.bck")
+    assert header.backup_path("/srv/luks/volume.bck") == Path("/srv/luks/volume.bck")
+
+
 def test_header_backup_is_0600_with_its_checksum_recorded(lab, capsys):
     code, answer = lab.run(capsys, "header", "backup")
 
@@ -43,6 +49,7 @@ def test_header_backup_is_0600_with_its_checksum_recorded(lab, capsys):
     digest = hashlib.sha256(lab.backup.read_bytes()).hexdigest()
     assert answer["header_checksum"] == digest
     assert (lab.dir / "luks-header.bck.sha256").read_text() == f"{digest}  luks-header.bck\n"
+    assert stat.S_IMODE((lab.dir / "luks-header.bck.sha256").stat().st_mode) == 0o600
 
 
 def test_header_backup_leaves_no_scratch_files(lab, capsys):
@@ -60,6 +67,26 @@ def test_header_verify_matches_a_fresh_backup(lab, capsys):
     assert code == EXIT_OK
     check = answer["header_backup"]
     assert check["matches"] is True and check["intact"] is True and check["keyslots_current"] is True and check["same_volume"] is True
+    assert check["path"] == str(lab.backup)
+
+
+def test_header_verify_gives_the_backups_age(lab, capsys):
+    lab.run(capsys, "header", "backup")
+    an_hour_ago = time.time() - 3600
+    os.utime(lab.backup, (an_hour_ago, an_hour_ago))
+
+    code, answer = lab.run(capsys, "header", "verify")
+
+    assert code == EXIT_OK and 3600 <= answer["header_backup"]["age_seconds"] < 3660
+
+
+def test_header_verify_of_a_backup_with_no_checksum_recorded_matches_and_leaves_intact_unknown(lab, capsys):
+    """A backup made by `cryptsetup luksHeaderBackup` alone has no `.sha256`: nothing says it is damaged."""
+    subprocess.run(["cryptsetup", "luksHeaderBackup", str(lab.image), "--header-backup-file", str(lab.backup)], check=True, capture_output=True)
+
+    code, answer = lab.run(capsys, "header", "verify")
+
+    assert code == EXIT_OK and answer["header_backup"]["matches"] is True and "intact" not in answer["header_backup"]
 
 
 def test_header_verify_without_a_backup_exits_8(lab, capsys):
@@ -153,7 +180,8 @@ def untrusted(lab, what: str) -> None:
             lab.backup.symlink_to(lab.dir / "elsewhere.bck")
 
 
-REFUSAL = {"no checksum": "luks-header.bck.sha256 does not exist", "an empty checksum": "records no checksum"}
+REFUSAL = {"no checksum": "luks-header.bck.sha256 does not exist", "an empty checksum": "records no checksum",
+           "directory group-writable": f"must be a directory owned by root and not writable by group or others (uid {os.geteuid()}, mode 770)"}
 
 
 @pytest.mark.parametrize("what", ["no checksum", "an empty checksum", "backup group-writable", "checksum other-writable", "directory group-writable",
@@ -166,7 +194,7 @@ def test_header_restore_refuses_a_backup_anyone_but_root_could_have_written(lab,
 
     code, answer = lab.run(capsys, "header", "restore", "--yes")
 
-    expected = REFUSAL.get(what, "owned by root and not writable by group or others")
+    expected = REFUSAL.get(what, "must be a regular file owned by root and not writable by group or others")
     assert code == EXIT_REFUSED and expected in answer["error"], answer
     assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
 
@@ -225,7 +253,10 @@ def test_header_verify_and_report_on_a_destroyed_header(lab, capsys, monkeypatch
     uuid_link_gone(lab, monkeypatch)
 
     code, answer = lab.run(capsys, "header", "verify")
-    assert code == EXIT_STALE_BACKUP and answer["header_backup"]["device_header_missing"] is True
+    assert code == EXIT_STALE_BACKUP
+    check = answer["header_backup"]  # what to restore from: the backup is there and intact
+    assert check["device_header_missing"] is True and check["matches"] is False
+    assert check["exists"] is True and check["intact"] is True and check["age_seconds"] >= 0 and check["path"] == str(lab.backup)
 
     code, answer = lab.run(capsys, "report")
     assert code == EXIT_OK and answer["device_present"] is True and answer["device_header_missing"] is True
@@ -295,25 +326,63 @@ def test_header_restore_refuses_a_device_smaller_than_the_backup(lab, capsys, mo
     assert lab.image.read_bytes() == bytes(1024 * 1024)
 
 
+def test_header_restore_onto_a_device_exactly_the_size_of_the_backup(lab, capsys, monkeypatch):
+    """"Not smaller than the backup": a device holding nothing but the header is still that volume's."""
+    lab.run(capsys, "header", "backup")
+    uuid_link_gone(lab, monkeypatch)
+    lab.image.unlink()
+    with lab.image.open("xb") as exact:
+        exact.truncate(lab.backup.stat().st_size)
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_OK, answer
+    assert opens(lab.image, PASSPHRASE)
+
+
+def as_block_device(monkeypatch, lab, users: list[str], found: list[str]) -> list:
+    """The lab's image stands in for /dev/vdb (254:16), with these users and signatures; returns
+    what blockdev was asked: ("users", device, allowed_holder) and ("signatures", device)."""
+    monkeypatch.setattr(header.stat, "S_ISBLK", lambda mode: True)
+    vdb = blockdev.BlockDevice(str(lab.image), "254:16")
+    monkeypatch.setattr(blockdev, "block_device", lambda path: vdb if path == vdb.path else None)
+    asked = []
+    monkeypatch.setattr(blockdev, "users", lambda device, allowed_holder=None: asked.append(("users", device, allowed_holder)) or users)
+    monkeypatch.setattr(blockdev, "signatures", lambda device: asked.append(("signatures", device)) or found)
+    return asked
+
+
 @pytest.mark.parametrize("users, found, refusal", [
-    (["partition vdb1 is mounted on /mnt"], [], "is in use: partition vdb1 is mounted on /mnt"),
-    ([], ["signature crypto_LUKS", "signature ext4"], "holds signature ext4, not only a LUKS header"),
+    (["partition vdb1 is mounted on /mnt", "held by dm-3"], [], "is in use: partition vdb1 is mounted on /mnt; held by dm-3; nothing"),
+    ([], ["signature crypto_LUKS", "signature ext4", "partition table gpt"], "holds signature ext4, partition table gpt, not only a LUKS header"),
 ])
 def test_header_restore_on_a_block_device_refuses_one_in_use_or_holding_another_signature(lab, capsys, monkeypatch, users, found, refusal):
     lab.run(capsys, "header", "backup")
     destroy_header(lab.image)
     before = lab.image.read_bytes()
-    monkeypatch.setattr(header.stat, "S_ISBLK", lambda mode: True)  # the image stands in for /dev/vdb
-    monkeypatch.setattr(blockdev, "block_device", lambda path: blockdev.BlockDevice(path, "254:16"))
-    asked = []
-    monkeypatch.setattr(blockdev, "users", lambda device, allowed_holder=None: asked.append(allowed_holder) or users)
-    monkeypatch.setattr(blockdev, "signatures", lambda device: found)
+    asked = as_block_device(monkeypatch, lab, users, found)
 
     code, answer = lab.run(capsys, "header", "restore", "--yes")
 
     assert code == EXIT_REFUSED and refusal in answer["error"]
-    assert asked == ["labvol"], "the volume's own mapper may stay open on it"
+    vdb = blockdev.BlockDevice(str(lab.image), "254:16")
+    assert asked[0] == ("users", vdb, "labvol"), "the volume's own mapper may stay open on it"
+    assert asked[1:] == ([] if users else [("signatures", vdb)])
     assert lab.image.read_bytes() == before
+
+
+def test_header_restore_on_a_block_device_holding_only_its_luks_header(lab, capsys, monkeypatch):
+    """The usual case of a damaged keyslot area: blkid still sees the LUKS signature, nothing else."""
+    lab.run(capsys, "header", "backup")
+    subprocess.run(["cryptsetup", "luksErase", "--batch-mode", str(lab.image)], check=True, capture_output=True)
+    asked = as_block_device(monkeypatch, lab, [], ["signature crypto_LUKS"])
+
+    code, answer = lab.run(capsys, "header", "restore", "--yes")
+
+    assert code == EXIT_OK, answer
+    assert opens(lab.image, PASSPHRASE)
+    vdb = blockdev.BlockDevice(str(lab.image), "254:16")
+    assert asked == [("users", vdb, "labvol"), ("signatures", vdb)] * 2  # checked again once the lock is held
 
 
 def test_recovery_key_add_opens_its_own_slot_and_refreshes_the_backup(lab, capsys):
@@ -460,6 +529,16 @@ def test_report_describes_header_keyslots_and_backup(lab, capsys):
     assert "last_open" in answer
 
 
+def test_report_lists_the_keyslots_in_slot_order(lab, capsys):
+    for slot in (5, 1):  # the header's JSON keeps them in the order they were added: 0, 5, 1
+        subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(PASSPHRASE)}", *FAST_NEW_SLOT, "--key-slot", str(slot),
+                        str(lab.image)], input=PASSPHRASE + f"slot {slot}".encode(), check=True, capture_output=True)
+
+    code, answer = lab.run(capsys, "report")
+
+    assert code == EXIT_OK and [keyslot["slot"] for keyslot in answer["keyslots"]] == [0, 1, 5]
+
+
 def test_report_on_luks1(tmp_path, monkeypatch, capsys):
     lab = Lab(tmp_path, monkeypatch, "luks1")
 
@@ -468,6 +547,15 @@ def test_report_on_luks1(tmp_path, monkeypatch, capsys):
     assert code == EXIT_OK
     assert answer["luks_version"] == 1 and answer["cipher"] == "aes-xts-plain64" and answer["key_size"] == 512
     assert answer["keyslots"] == [{"slot": 0, "pbkdf": "pbkdf2", "iterations": 1000, "recovery_key": False}]
+
+
+def test_report_when_the_header_backups_directory_does_not_exist(lab, capsys):
+    lab.ini.write_text(lab.ini.read_text().replace(str(lab.backup), str(lab.dir / "not-made-yet" / "luks-header.bck")))
+
+    code, answer = lab.run(capsys, "report")
+
+    assert code == EXIT_OK, answer
+    assert answer["stale_header_copies"] == [] and answer["header_backup"]["exists"] is False
 
 
 def test_report_text(lab, capsys):
@@ -514,14 +602,34 @@ def test_header_copies_a_killed_run_left_are_listed_by_report_and_removed_by_the
     left = killed_runs_scratch(lab)
     live = lab.dir / f".luksctl-{os.getpid()}-abcdefgh"  # a run still going keeps its own
     live.mkdir()
+    unrelated = lab.dir / "keys.d"  # and /etc/luks's other contents are not luksctl's to remove
+    unrelated.mkdir()
 
     code, answer = lab.run(capsys, "report")
     assert code == EXIT_OK and answer["stale_header_copies"] == sorted(str(path) for path in left)
 
     lab.run(capsys, "header", "backup")
-    assert not any(path.exists() for path in left) and live.is_dir()
+    assert not any(path.exists() for path in left) and live.is_dir() and unrelated.is_dir()
     code, answer = lab.run(capsys, "report")
     assert answer["stale_header_copies"] == []
+
+
+def test_header_backup_goes_on_when_another_run_removed_the_killed_runs_copies_first(lab, capsys, monkeypatch):
+    """`header verify` and `report` take no lock and remove them too: both may find the same ones."""
+    left = killed_runs_scratch(lab)
+    find = header.stale_copies
+
+    def removed_by_another_run_once_found(backup):
+        found = find(backup)
+        for path in found:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return found
+
+    monkeypatch.setattr(header, "stale_copies", removed_by_another_run_once_found)
+    code, answer = lab.run(capsys, "header", "backup")
+
+    assert code == EXIT_OK, answer
+    assert not any(path.exists() for path in left)
 
 
 def test_decommission_removes_header_copies_a_killed_run_left(lab):
@@ -608,6 +716,26 @@ def test_header_restore_on_a_terminal_needs_the_volume_name_typed(lab, capsys):
 
     typed = main(["header", "restore"], paths=lab.paths, stdin=io.BytesIO(b"labvol\n"), stdin_is_tty=True)
     assert typed == EXIT_OK and opens(lab.image, PASSPHRASE)
+
+
+def test_header_restore_checks_the_device_again_after_the_answer(lab, capsys):
+    """The disk is swapped for another volume while the operator types the name: nothing is written."""
+    lab.run(capsys, "header", "backup")
+    swapped = {}
+
+    class SwapsTheDiskWhileAsking(io.BytesIO):
+        def readline(self, *args):
+            lab.image.unlink()
+            swapped["uuid"] = luks_format(lab.image, b"another volume")
+            swapped["header"] = lab.image.read_bytes()
+            return b"labvol\n"
+
+    code = main(["--json", "header", "restore"], paths=lab.paths, stdin=SwapsTheDiskWhileAsking(), stdin_is_tty=True)
+
+    assert code == EXIT_REFUSED
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error == f"{lab.image} holds volume {swapped['uuid']}, not {lab.uuid}; nothing was written"
+    assert lab.image.read_bytes() == swapped["header"]
 
 
 def test_rotate_and_decommission_take_no_token_in_argv(lab, capsys):
