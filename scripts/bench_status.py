@@ -112,7 +112,8 @@ def serving(name: str, workdir: Path, config: dict | None = None, port: int = PO
     wait_port_free(port)  # else a server left behind would answer in this one's place
     directory = workdir / name
     directory.mkdir(exist_ok=True)
-    config_file = write_config(directory, {"VAULT_URL_ALLOWLIST": [NO_VAULT], "METRICS": name != "proxy-no-metrics", **(config or {})})
+    metrics = {} if name == "direct-old-worker" else {"METRICS": name != "proxy-no-metrics"}  # the old tree has no METRICS key
+    config_file = write_config(directory, {"VAULT_URL_ALLOWLIST": [NO_VAULT], **metrics, **(config or {})})
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(directory)}
     stack = Serving(directory, config_file, env=env, ready_timeout=600)
     log = OUT / f"bench.{name}{'' if IN_VM else '.host'}.log"
