@@ -5,8 +5,10 @@
 # side by side (four vCPU threads on two cores) slowed the main boot's first tests threefold;
 # one vCPU each keeps each VM on a core of its own. The systemd boot's console goes to a file,
 # since two consoles interleaved cannot be read; its outcome is printed at the end. Every boot
-# runs to its end; the exit status is non-zero if any failed.
-# usage: VM_PREFIX=... PYTHON=... scripts/vm-test.sh [pytest args for the main boot...]
+# runs to its end; the exit status is non-zero if any failed. HOST_TESTS, if set, is a command
+# (`make test` gives the host suites) run once the systemd boot has started, on the core the main
+# boot does not have yet: the systemd boot ends last, so what runs before it adds to the total.
+# usage: VM_PREFIX=... PYTHON=... [HOST_TESTS=...] scripts/vm-test.sh [pytest args for the main boot...]
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 prefix=${VM_PREFIX:?VM_PREFIX names the VM prefix}
@@ -22,6 +24,11 @@ console=$repo/vm-out-systemd.console.log
 rm -rf "$repo/vm-out-systemd"  # its pytest.log, below, must be this run's
 VM_OUT=$repo/vm-out-systemd "$repo/scripts/vm-run.sh" test-systemd >"$console" 2>&1 &
 systemd_boot=$!
+host=0
+if [[ -n ${HOST_TESTS:-} ]]; then
+    eval "$HOST_TESTS"
+    host=$?
+fi
 # The main boot starts once the systemd boot's tests have: started at the same moment, the
 # systemd guest printed nothing in 15 minutes (alone it reaches pytest in about 3).
 waited=0
@@ -37,5 +44,5 @@ wait "$systemd_boot"
 systemd=$?
 echo "===== the systemd boot, from its console ($console) ====="
 sed -n '/^vm-run: test-systemd exited/,$p' "$console"
-echo "vm-test: main boot exited $main, power-cut pair $powercut, systemd boot $systemd"
-((main == 0 && powercut == 0 && systemd == 0))
+echo "vm-test: host suites exited $host, main boot $main, power-cut pair $powercut, systemd boot $systemd"
+((host == 0 && main == 0 && powercut == 0 && systemd == 0))
