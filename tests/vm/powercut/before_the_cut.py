@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers_vm import CRYPTSETUP, LUKS_DIR, MOUNTPOINT, OUT, SERVICE_PATH, VOLUME_INI, mapped, run, token_file, volume_key_digest  # noqa: E402
 from persistent_disk import (  # noqa: E402
-    CRYPTDEV, CUT_AFTER_SECONDS, CUT_POINTS, LUKS_PARTITION, LUKSCTL, PASSPHRASE, PERSIST, ROTATE_POLICY, ROTATE_RULES, STATE_PARTITION,
+    CRYPTDEV, CUT_AFTER_SECONDS, CUT_POINTS, LUKS_PARTITION, LUKSCTL, PASSPHRASE, PERSIST, ROTATE_POLICY, ROTATE_RULES, SERVICE_ENV, STATE_PARTITION,
     UNREACHABLE_VAULT, CutPoint, attach, mount_persistent, persistent_bao, rotate_argv, setup_argv, the_volume, wrapping_token_file, write_notes)
 from support.shim import install_shim  # noqa: E402
 
@@ -55,7 +55,6 @@ if [ "$tool" = {tool} ]; then
 fi
 exec {real} "$@"
 """
-SERVICE_ENV = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": "/nonexistent"}
 
 
 def write_back_nothing_by_itself() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers_vm import LUKS_DIR, MOUNTPOINT, Bao, Volume, run, wait_until
+from helpers_vm import LUKS_DIR, MOUNTPOINT, SERVICE_PATH, Bao, Volume, run, wait_until
 
 STATE_PARTITION = "/dev/vda1"  # vng --disk attaches a virtio-blk disk; the root is 9p
 LUKS_PARTITION = "/dev/vda2"
@@ -29,6 +29,7 @@ ROTATE_PBKDF = ["--pbkdf", "pbkdf2", "--iter-time", "1"]
 ROTATE_POLICY = "powercut-rotate"
 ROTATE_RULES = 'path "secrets/data/*" { capabilities = ["read", "update"] }'
 UNREACHABLE_VAULT = "http://127.0.0.1:1"
+SERVICE_ENV = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": "/nonexistent"}  # what sudo or a unit gives luksctl
 
 
 @dataclass(frozen=True)

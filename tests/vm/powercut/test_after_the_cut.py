@@ -11,12 +11,11 @@ import json
 import subprocess
 
 import pytest
-from helpers_vm import CRYPTSETUP, MOUNTPOINT, SERVICE_PATH, Volume, opens, put_back_closed, reencrypting, run, stored, token_file, volume_key_digest
+from helpers_vm import CRYPTSETUP, MOUNTPOINT, Volume, opens, put_back_closed, reencrypting, run, stored, token_file, volume_key_digest
 from persistent_disk import (
-    CUT_POINTS, LUKSCTL, NOTES, PASSPHRASE, PERSIST, ROTATE_POLICY, CutPoint, etc_luks, rotate_argv, setup_argv, the_volume, wrapping_token_file)
+    CUT_POINTS, LUKSCTL, NOTES, PASSPHRASE, PERSIST, ROTATE_POLICY, SERVICE_ENV, CutPoint, etc_luks, rotate_argv, setup_argv, the_volume, wrapping_token_file)
 
 SUB = "powercut-user-sub"
-SERVICE_ENV = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": "/nonexistent"}
 # What an unfinished setup or rotation keeps in /etc/luks (README), and what an interrupted write leaves.
 UNFINISHED = ("setup-pending-passphrase", "setup-state.json", "rotate-pending.json")
 
