@@ -5,6 +5,7 @@ Running it is tested for real in the systemd boot (tests/vm/systemd/test_ansible
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -117,3 +118,47 @@ def test_the_front_end_gets_the_report_timer_install_sh_installs_enabled_and_sta
              for role in ("frontend", "worker")}
     assert units == {"frontend": "['luksctl-api.service', 'luksctl-proxy@luksctl-api.service', 'luksctl-report.timer']",
                      "worker": "['luksctl-api.service', 'luksctl-proxy@luksctl-api.service']"}
+
+
+def test_config_json_for_a_single_vm_and_a_cluster_front_end_passes_the_services_check_config(tmp_path):
+    """The role's config.json task, run for real with the role's vars and validated by the installed
+    luksctl-api check-config, as on a node: a single VM (no worker setting) and a cluster front end
+    with two workers (every worker's address, in inventory order). The systemd boot runs the role
+    for a cluster only; this is where the single-VM file is checked."""
+    task, = [task for task in yaml.safe_load((ROLE / "tasks" / "service.yml").read_text())
+             if task["name"].startswith("Write config.json")]
+    for ownership in ("owner", "group"):  # root's on a node; the VM test checks it there
+        del task["ansible.builtin.copy"][ownership]
+    lock_dir = tmp_path / "run"
+    lock_dir.mkdir(mode=0o700)
+    inventory = {"all": {"children": {
+        "luksctl_frontend": {"hosts": {"localhost": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}}},
+        "luksctl_workers": {"hosts": {"wn1": {"luksctl_node_address": "10.0.0.11"}, "wn2": {"luksctl_node_address": "10.0.0.12"}}}}}}
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    env = {**os.environ, "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"), "ANSIBLE_NOCOLOR": "1"}
+    written = {}
+    for infrastructure in ("single_vm", "cluster"):
+        config_dir = tmp_path / infrastructure
+        config_dir.mkdir()
+        playbook = tmp_path / f"{infrastructure}.yml"
+        playbook.write_text(yaml.safe_dump([{
+            "name": "config.json", "hosts": "luksctl_frontend", "gather_facts": False, "tasks": [task],
+            "vars_files": [str(ROLE / "vars" / "main.yml")],
+            "vars": {**defaults, "luksctl_node_role": "frontend", "luksctl_infrastructure": infrastructure,
+                     "luks_config_path": str(config_dir), "luksctl_vault_url_allowlist": ["https://vault.example:8200"],
+                     "luksctl_api_extra_config": {"LOCK_FILE": str(lock_dir / "luksctl-api.lock")}},
+            "handlers": [{"name": "Restart luksctl", "ansible.builtin.debug": {"msg": "notified"}}]}]))
+        # The venv this test runs from, over the role's fixed one (vars/main.yml outranks play vars).
+        venv = json.dumps({"luksctl_venv": str(VENV_BIN.parent)})
+
+        result = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.yml"), "-e", venv, str(playbook)],
+                                capture_output=True, text=True, timeout=300, env=env)
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        written[infrastructure] = json.loads((config_dir / "config.json").read_text())
+    common = {"VAULT_URL_ALLOWLIST": ["https://vault.example:8200"], "LOCK_FILE": str(lock_dir / "luksctl-api.lock")}
+    assert written == {
+        "single_vm": {"INFRASTRUCTURE_CONFIGURATION": "single_vm", **common},
+        "cluster": {"INFRASTRUCTURE_CONFIGURATION": "cluster", **common, "WN_IPS": ["10.0.0.11", "10.0.0.12"],
+                    "WN_CA_BUNDLE": str(tmp_path / "cluster" / "wn-ca-bundle.pem")}}

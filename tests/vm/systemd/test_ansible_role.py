@@ -199,50 +199,6 @@ def unlock(dashboard: Dashboard, bao, device: str, secret_path: str) -> dict:
     return reply.response.json()
 
 
-def frontend_only() -> dict:
-    # OpenBao listens on plain http:// here: the API may reach it only with ALLOW_PLAIN_HTTP.
-    return {"all": {"children": {"luksctl_frontend": {"hosts": {"localhost": {**LOCAL_HOST, "luksctl_api_extra_config": {"ALLOW_PLAIN_HTTP": True}}}}}}}
-
-
-def test_single_vm_from_a_blank_device_to_the_dashboards_unlock(operator_machine, systemd, bao_up, blank_device):
-    """That a second run changes nothing is checked once, by the cluster test's second run: its
-    front end runs every task this run does (plus the cluster's), and each run costs minutes here."""
-    playbook = operator_machine
-    secret_path = f"user-sub/{secrets.token_hex(8)}/storage_encryption"
-    extra_vars = role_vars(playbook, blank_device, bao_up, secret_path)
-    token = extra_vars["vault_wrapping_token"]
-
-    first = playbook.run(frontend_only(), extra_vars)
-
-    assert first["localhost"]["failed"] == 0 and first["localhost"]["changed"] > 0, first
-    # Installed as install.sh installs: a venv of our own, the sudoers path linked to it.
-    assert PREFIX.is_dir() and not PREFIX.is_symlink()
-    assert os.readlink("/usr/local/sbin/luksctl") == str(PREFIX / "venv" / "bin" / "luksctl")
-    assert_fastluks_on_roots_path(PREFIX)
-    sudoers = Path("/etc/sudoers.d/luksctl-api")
-    assert sudoers.read_bytes() == (REPO / "deploy" / "sudoers.d" / "luksctl-api").read_bytes()
-    assert oct(sudoers.stat().st_mode & 0o777) == "0o440"
-    assert json.loads(API_CONFIG.read_text()) == {"INFRASTRUCTURE_CONFIGURATION": "single_vm",
-                                                   "VAULT_URL_ALLOWLIST": [bao_up.url], "ALLOW_PLAIN_HTTP": True}
-    # Encrypted by luksctl setup with the deployment's write-only token, which is now spent.
-    for path, text in SUCCESS_FILES.items():
-        assert path.read_text().strip() == text
-    assert not bao_up.lookup_wrapping(token)
-    assert f"cryptdev = {extra_vars['cryptdev']}" in VOLUME_INI.read_text()
-    # The service, started by systemd as its own user, answers the dashboard.
-    main_pid = systemd.show(UNIT, "MainPID")
-    uid = int(Path(f"/proc/{main_pid}/status").read_text().split("Uid:")[1].split()[0])
-    assert pwd.getpwuid(uid).pw_name == "luksctl_api"
-    assert systemd.systemctl("is-enabled", PROXY) == "enabled"  # port 5000 is the proxy's
-    assert systemd.systemctl("is-enabled", REPORT_TIMER) == "enabled" and systemd.systemctl("is-active", REPORT_TIMER) == "active"
-    dashboard = Dashboard("https://127.0.0.1:5000")
-    wait_until(lambda: answers(dashboard), 120, UNIT)
-    assert dashboard.status().state == "mounted"  # setup leaves it mounted
-
-    assert unlock(dashboard, bao_up, blank_device, secret_path) == {"volume_state": "mounted"}
-    assert token not in playbook.output()
-
-
 def answers(dashboard: Dashboard) -> bool:
     try:
         return dashboard.status().response.status_code == 200
@@ -372,8 +328,11 @@ def cluster_network():
             path.unlink(missing_ok=True)
 
 
-def test_cluster_token_certificates_exports_and_mounts_then_the_dashboards_unlock_reaches_every_worker(
+def test_a_cluster_from_a_blank_device_installed_encrypted_and_shared_then_the_dashboards_unlock_reaches_every_worker(
         operator_machine, systemd, bao_up, blank_device, cluster_network):
+    """The role's one run from nothing: the front end installs as a single VM's would (its tasks
+    are a single VM's plus the cluster's; a single VM's config.json is checked on the host), then
+    a second run that must change nothing. Each run costs over 15 minutes under emulation."""
     playbook = operator_machine
     workers = cluster_network
     secret_path = f"cluster-sub/{secrets.token_hex(8)}/storage_encryption"
@@ -392,9 +351,29 @@ def test_cluster_token_certificates_exports_and_mounts_then_the_dashboards_unloc
         "luksctl_nfs_mount_options": "rw,nofail,_netdev,soft,timeo=50",
     }
 
+    wrapping_token = extra_vars["vault_wrapping_token"]
+
     first = playbook.run(inventory, extra_vars)
 
-    assert all(host["failed"] == 0 for host in first.values()), first
+    assert all(host["failed"] == 0 and host["changed"] > 0 for host in first.values()), first
+    # Installed as install.sh installs: a venv of our own, the sudoers path linked to it.
+    assert PREFIX.is_dir() and not PREFIX.is_symlink()
+    assert os.readlink("/usr/local/sbin/luksctl") == str(PREFIX / "venv" / "bin" / "luksctl")
+    assert_fastluks_on_roots_path(PREFIX)
+    sudoers = Path("/etc/sudoers.d/luksctl-api")
+    assert sudoers.read_bytes() == (REPO / "deploy" / "sudoers.d" / "luksctl-api").read_bytes()
+    assert oct(sudoers.stat().st_mode & 0o777) == "0o440"
+    # Encrypted by luksctl setup with the deployment's write-only token, which is now spent.
+    for path, text in SUCCESS_FILES.items():
+        assert path.read_text().strip() == text
+    assert not bao_up.lookup_wrapping(wrapping_token)
+    assert f"cryptdev = {extra_vars['cryptdev']}" in VOLUME_INI.read_text()
+    # The service, started by systemd as its own user, behind the proxy, with the report timer.
+    main_pid = systemd.show(UNIT, "MainPID")
+    uid = int(Path(f"/proc/{main_pid}/status").read_text().split("Uid:")[1].split()[0])
+    assert pwd.getpwuid(uid).pw_name == "luksctl_api"
+    assert systemd.systemctl("is-enabled", PROXY) == "enabled"  # port 5000 is the proxy's
+    assert systemd.systemctl("is-enabled", REPORT_TIMER) == "enabled" and systemd.systemctl("is-active", REPORT_TIMER) == "active"
     config = json.loads(API_CONFIG.read_text())
     assert config == {"INFRASTRUCTURE_CONFIGURATION": "cluster", "VAULT_URL_ALLOWLIST": [bao_up.url],
                       "WN_IPS": [worker.ip for worker in workers], "WN_CA_BUNDLE": str(CA_BUNDLE),
@@ -422,6 +401,7 @@ def test_cluster_token_certificates_exports_and_mounts_then_the_dashboards_unloc
         worker.wait_ready()
     dashboard = Dashboard("https://127.0.0.1:5000")
     wait_until(lambda: answers(dashboard), 120, UNIT)
+    assert dashboard.status().state == "mounted"  # setup leaves it mounted
     systemd.systemctl("stop", "nfs-server.service")  # it holds the export: no close while it runs
     reply = unlock(dashboard, bao_up, blank_device, secret_path)  # the open restarts it
     assert reply == {"volume_state": "mounted", "nodes": {worker.ip: "mounted" for worker in workers}}
@@ -433,4 +413,4 @@ def test_cluster_token_certificates_exports_and_mounts_then_the_dashboards_unloc
     assert {name: host["changed"] for name, host in second.items()} == {"fe": 0, "wn1": 0, "wn2": 0}, \
         f"second run changed something: see {OUT}/ansible.{playbook.runs}.log"
     assert dashboard.status().state == "mounted" and all(worker.nfs_mounted() for worker in workers)
-    assert token not in playbook.output()
+    assert token not in playbook.output() and wrapping_token not in playbook.output()
