@@ -28,6 +28,7 @@ import pytest
 import requests
 from support.bao import KV2_ROOT, ROOT_TOKEN, SECRET_KEY, Bao, open_body  # noqa: F401 - the tests' names
 from support.bridge import FakeBridge, Kernel
+from support.secret_file import write_secret_file
 
 from luksctl.api.certs import build_certificate
 
@@ -363,10 +364,7 @@ def token_file(bao, tmp_path, policy: str, *, wrapped: bool = False, client_toke
         value = bao.request("POST", "auth/token/create", headers={"X-Vault-Wrap-TTL": "60s"}, json=body).json()["wrap_info"]["token"]
     else:
         value = bao.request("POST", "auth/token/create", json=body).json()["auth"]["client_token"]
-    path = tmp_path / f"token-{policy}-{'wrapped' if wrapped else 'plain'}"
-    path.write_text(value + "\n")
-    path.chmod(0o600)
-    return str(path)
+    return write_secret_file(tmp_path / f"token-{policy}-{'wrapped' if wrapped else 'plain'}", value)
 
 
 def vault_args(bao, secret_path: str, token: str, *, wrapped: bool = False, root: str = KV2_ROOT, kv_version: int = 2) -> list[str]:

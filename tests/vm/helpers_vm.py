@@ -31,6 +31,7 @@ import urllib3
 # tests/, for the helpers host and VM tests share (pytest puts it there; the VM scripts do not).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support import bao as support_bao  # noqa: E402
+from support.secret_file import write_secret_file  # noqa: E402
 from support.shim import SHIM_DIR, install_shim, remove_shim  # noqa: E402
 from support.waiting import wait_until  # noqa: E402
 
@@ -217,10 +218,7 @@ def stored(bao, secret_path: str, version: int | None = None) -> str:
 def token_file(bao, policy: str) -> str:
     """A plain token with `policy`, in a root-only file: luksctl never takes one in argv."""
     token = bao.request("POST", "auth/token/create", json={"policies": [policy], "ttl": "1h"}).json()["auth"]["client_token"]
-    path = Path("/run") / f"luksctl-test-token-{policy}"
-    path.write_text(token + "\n")
-    path.chmod(0o600)
-    return str(path)
+    return write_secret_file(Path("/run") / f"luksctl-test-token-{policy}", token)
 
 
 def mapped(name: str) -> bool:

@@ -33,6 +33,7 @@ import requests
 from helpers_vm import CRYPTSETUP, HEADER_BACKUP, LUKS_DIR, MOUNTPOINT, OUT, SERVICE_PATH, VENV_BIN, VOLUME_INI, run, stored, wait_until
 from support.execlog import ExecRecorder
 from support.proc import ProcSampler, descends_from, processes
+from support.secret_file import write_secret_file
 from support.shim import install_shim, remove_shim
 
 LUKSCTL = "/usr/local/sbin/luksctl"
@@ -120,11 +121,8 @@ def blank_disk():
     image.unlink(missing_ok=True)
 
 
-def token_file(token: str) -> Path:
-    path = WORKDIR / f"token-{secrets.token_hex(4)}"
-    path.write_text(token + "\n")
-    path.chmod(0o600)
-    return path
+def token_file(token: str) -> str:
+    return write_secret_file(WORKDIR / f"token-{secrets.token_hex(4)}", token)
 
 
 def setup_argv(disk: Disk, url: str, token: Path | None, *extra: str, wrapping: bool = True) -> list[str]:

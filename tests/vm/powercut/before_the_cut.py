@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers_vm import CRYPTSETUP, LUKS_DIR, MOUNTPOINT, OUT, SERVICE_PATH, VOLUME_INI, mapped, run, token_file, volume_key_digest  # noqa: E402
 from persistent_disk import (  # noqa: E402
     CRYPTDEV, CUT_AFTER_SECONDS, CUT_POINTS, LUKS_PARTITION, LUKSCTL, PASSPHRASE, PERSIST, ROTATE_POLICY, ROTATE_RULES, SERVICE_ENV, STATE_PARTITION,
-    UNREACHABLE_VAULT, CutPoint, attach, mount_persistent, persistent_bao, rotate_argv, setup_argv, the_volume, wrapping_token_file, write_notes)
+    UNREACHABLE_VAULT, CutPoint, attach, fsync_file_and_directory, mount_persistent, persistent_bao, rotate_argv, setup_argv, the_volume,
+    wrapping_token_file, write_notes)
 from support.shim import install_shim  # noqa: E402
 
 from luksctl.root.cli import LOCK_FILE, SETUP_LOCK  # noqa: E402
@@ -162,17 +163,6 @@ def main() -> int:
     Path("/proc/sysrq-trigger").write_text("b\n")  # reboots at once: no sync, no unmount
     time.sleep(60)
     sys.exit("still running 60 s after sysrq b")
-
-
-def fsync_file_and_directory(path: Path) -> None:
-    """The harness's own files, made durable one by one (os.fsync, not luksctl's durable.py, whose
-    fsyncs a break of the product may remove)."""
-    for name, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
-        fd = os.open(name, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def mount_persistent_fresh() -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers_vm import LUKS_DIR, MOUNTPOINT, SERVICE_PATH, Bao, Volume, run, wait_until
+from support.secret_file import write_secret_file
 
 STATE_PARTITION = "/dev/vda1"  # vng --disk attaches a virtio-blk disk; the root is 9p
 LUKS_PARTITION = "/dev/vda2"
@@ -101,11 +102,7 @@ def rotate_argv(point: CutPoint, vault_url: str, token_file: str) -> list[str]:
 
 def wrapping_token_file(point: CutPoint, vault) -> str:
     """A new write-only wrapping token for the point's setup (the dashboard's, PROTOCOL §7), root-only in /run."""
-    path = Path(f"/run/powercut-token-{point.number:02d}")
-    path.unlink(missing_ok=True)
-    path.write_text(vault.write_only_wrapping_token() + "\n")
-    path.chmod(0o600)
-    return str(path)
+    return write_secret_file(Path(f"/run/powercut-token-{point.number:02d}"), vault.write_only_wrapping_token())
 
 
 def persistent_bao(log: Path) -> Bao:
@@ -140,16 +137,21 @@ def the_volume(uuid: str) -> Volume:
     return Volume(PASSPHRASE, Path(LUKS_PARTITION), LUKS_PARTITION, uuid=uuid, cryptdev=CRYPTDEV)
 
 
+def fsync_file_and_directory(path: Path) -> None:
+    """The harness's own files, made durable one by one (os.fsync, not luksctl's durable.py, whose
+    fsyncs a break of the product may remove)."""
+    for name, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+        fd = os.open(name, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_notes(notes: dict) -> None:
     """Durably: a power cut may follow at once."""
     temporary = NOTES.with_suffix(".tmp")
-    with temporary.open("w") as stream:
-        json.dump(notes, stream)
-        stream.flush()
-        os.fsync(stream.fileno())
+    temporary.write_text(json.dumps(notes))
+    fsync_file_and_directory(temporary)
     temporary.replace(NOTES)
-    directory = os.open(PERSIST, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_file_and_directory(NOTES)

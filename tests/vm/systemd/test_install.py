@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers_vm import API_CONFIG, LUKS_DIR, OUT, PREFIX, REPO, SERVICE_PATH, Dashboard, assert_fastluks_on_roots_path, run, wait_until
+from support.secret_file import write_secret_file
 
 UNIT = "luksctl-api.service"
 PROXY_UNIT_FILE, PROXY = "luksctl-proxy@.service", "luksctl-proxy@luksctl-api.service"
@@ -116,8 +117,7 @@ def operator_machine(systemd):
 
 def test_install_sh_installs_a_running_service_and_a_reinstall_keeps_config_cert_and_token(operator_machine, systemd):
     token = secrets.token_hex(32) + "\n"
-    TOKEN.write_text(token)  # copied here by the operator (README, cluster deployment step 4)
-    TOKEN.chmod(0o600)
+    write_secret_file(TOKEN, token.strip())  # copied here by the operator (README, cluster deployment step 4)
 
     first = install(1)
 
