@@ -12,6 +12,7 @@ packages=(
     hyperfine                       # make bench: the root CLI's start-up against a bare interpreter, natively
     prometheus prometheus-node-exporter  # promtool (the alert rules' tests); tests/vm/test_metrics.py's scraper and node exporter
     auditd python3-audit            # tests/support/execlog.py: every exec's argv, recorded by the kernel's audit
+    bpftrace                        # tests/support/envlog.py: every exec's environment, copied by a probe as it starts
     fdisk                           # sfdisk: scripts/vm-powercut.sh partitions the persistent disk
 )
 missing=()

@@ -1,6 +1,7 @@
 """Watching a request for secrets where they must never be: any process's argv (every exec,
-recorded by the kernel's audit as it starts), any process's environment (/proc, sampled while it
-runs: audit does not record it), the CLI's syslog lines, and every log file written meanwhile."""
+recorded by the kernel's audit as it starts), any process's environment (every exec's, copied
+by a bpftrace probe as it starts: audit does not record it), the CLI's syslog lines, and every
+log file written meanwhile."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from helpers_vm import OUT
 from support.execlog import ExecRecorder
-from support.proc import ProcSampler
+from support.envlog import EnvRecorder
 
 # Every log the system writes: the API's stdout/stderr, /var/log, the service's runtime files.
 LOG_ROOTS = [OUT, Path("/var/log"), Path("/run/luksctl-api")]
@@ -91,7 +92,7 @@ def files_written_since(roots: list[Path], since: float, skip: set[Path]) -> lis
 class Watch:
     needles: dict[str, bytes]
     execs: ExecRecorder
-    sampler: ProcSampler
+    environments: EnvRecorder
     catcher: SyslogCatcher
     logs: list[Path] = field(default_factory=list)
 
@@ -103,40 +104,44 @@ class Watch:
 
     def assert_nothing_leaked(self) -> None:
         assert any(path.name.startswith("api.") for path in self.logs), f"the API's logs were not read: {self.logs}"
-        assert self.sampler.sweeps >= 5, f"only {self.sampler.sweeps} sweeps of /proc"
         leaks = [(name, str(path)) for path in self.logs for name, needle in self.needles.items() if needle in path.read_bytes()]
         leaks += [(name, "syslog") for m in self.catcher.messages for name, needle in self.needles.items() if needle in m]
         assert not leaks, f"secrets written to logs: {leaks}"
         assert not self.argv_hits(), f"secrets on an argv: {self.argv_hits()}"
-        hits = self.sampler.environ_hits(self.needles)
-        assert not hits, f"secrets in an environment: {hits}"
+        assert not self.environ_hits(), f"secrets in an environment: {self.environ_hits()}"
 
     def argv_hits(self) -> list[tuple[str, int, list[bytes]]]:
         return self.execs.hits(self.needles)
 
+    def environ_hits(self) -> list[tuple[str, int]]:
+        return self.environments.hits(self.needles)
+
 
 @contextmanager
 def watch_for_leaks(needles: dict[str, bytes]) -> Iterator[Watch]:
-    """Records every exec, samples /proc and catches syslog while the block runs; then lists the
-    logs written meanwhile, and the API's (all its starts). The caller asserts on the Watch, after
-    adding to its needles any secret made during the block. A recording that lost a record or
-    missed its own canary execs (it was not recording) fails here."""
+    """Records every exec's argv and environment and catches syslog while the block runs; then
+    lists the logs written meanwhile, and the API's (all its starts). The caller asserts on the
+    Watch, after adding to its needles any secret made during the block. A recording that lost
+    a record or missed its own canaries (it was not recording) fails here."""
     started = time.time() - 2
-    execs = ExecRecorder()
-    execs.start()
+    environments = EnvRecorder()
+    environments.start()
     try:
-        catcher = SyslogCatcher()
-        catcher.start()
-        sampler = ProcSampler()
-        sampler.start()
-        watch = Watch(needles, execs, sampler, catcher)
+        execs = ExecRecorder()
+        execs.start()
         try:
-            yield watch
+            catcher = SyslogCatcher()
+            catcher.start()
+            watch = Watch(needles, execs, environments, catcher)
+            try:
+                yield watch
+            finally:
+                catcher.close()
         finally:
-            sampler.stop()
-            catcher.close()
+            execs.stop()  # the kernel's audit rules go, whatever happened
     finally:
-        execs.stop()  # the kernel's audit rules go, whatever happened
+        environments.stop()
     execs.check()
+    environments.check()
     watch.logs = files_written_since(LOG_ROOTS, started, NOT_THE_PRODUCTS)
     watch.logs += [path for path in OUT.glob("api.*.log") if path not in watch.logs]

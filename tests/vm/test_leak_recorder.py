@@ -23,3 +23,18 @@ def test_the_leak_watch_catches_every_canary_on_an_argv():
         subprocess.run(["/bin/true", "x" * 3700 + in_a_long_argument + "x" * 20000], check=True)
     assert sorted({name for name, _, _ in watch.argv_hits()}) == sorted(needles)
     assert watch.execs.lost == 0
+
+
+def test_the_leak_watch_catches_every_canary_in_an_environment():
+    """Each in the environment of a process that lives about a millisecond: 20 alone, one across
+    the probe's 64-byte chunks, one at the end of a 20 kB environment."""
+    canaries = {f"canary {n}": secrets.token_hex(16).encode() for n in range(20)}
+    across_chunks, at_the_end = secrets.token_hex(16), secrets.token_hex(16)
+    needles = {**canaries, "across chunks": across_chunks.encode(), "at the end": at_the_end.encode()}
+    with watch_for_leaks(needles) as watch:
+        for secret in canaries.values():
+            subprocess.run(["/bin/true"], env={"VAULT_TOKEN": secret.decode()}, check=True)
+        subprocess.run(["/bin/true"], env={"PADDING": "x" * 50, "SECRET": across_chunks}, check=True)
+        subprocess.run(["/bin/true"], env={"PADDING": "x" * 20000, "SECRET": at_the_end}, check=True)
+    assert sorted({name for name, _ in watch.environ_hits()}) == sorted(needles)
+    assert watch.environments.lost == 0

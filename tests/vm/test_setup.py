@@ -32,7 +32,8 @@ import requests
 
 from helpers_vm import CRYPTSETUP, HEADER_BACKUP, LUKS_DIR, MOUNTPOINT, OUT, SERVICE_PATH, VENV_BIN, VOLUME_INI, run, stored, wait_until
 from support.execlog import ExecRecorder
-from support.proc import ProcSampler, descends_from, processes
+from support.envlog import EnvRecorder
+from support.proc import descends_from, processes
 from support.secret_file import write_secret_file
 from support.shim import install_shim, remove_shim
 
@@ -253,13 +254,8 @@ def test_setup_then_dashboard_unlock_close_and_reopen(vault, dashboard, api, bla
     disk = blank_disk
     unwrapped = "setupunwrapped" + secrets.token_hex(10)
     wrapping = vault.write_only_wrapping_token(unwrapped)
-    sampler = ProcSampler()  # for the environments; every argv is recorded at exec time
-    sampler.start()
-    try:
-        with ExecRecorder() as execs:
-            result = setup_once(setup_argv(disk, vault.url, token_file(wrapping), "--wipe", "--json"), "setup-main")
-    finally:
-        sampler.stop()
+    with EnvRecorder() as environments, ExecRecorder() as execs:
+        result = setup_once(setup_argv(disk, vault.url, token_file(wrapping), "--wipe", "--json"), "setup-main")
     assert_set_up(disk, result)
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[-1]["event"] == "result" and lines[-1]["volume_state"] == "mounted"
@@ -270,11 +266,10 @@ def test_setup_then_dashboard_unlock_close_and_reopen(vault, dashboard, api, bla
     passphrase = stored(vault, disk.secret_path)
     assert len(passphrase) == 64
     # Neither the passphrase nor the unwrapped token was in any argv, environment or log.
-    assert sampler.sweeps >= 3
-    assert execs.ran(b"cryptsetup"), "no exec of cryptsetup recorded"
+    assert execs.ran(b"cryptsetup") and environments.ran(b"cryptsetup"), "no exec of cryptsetup recorded"
     for needle in (passphrase.encode(), unwrapped.encode(), wrapping.encode()):
         assert not execs.hits({"secret": needle})
-        assert not sampler.environ_hits({"secret": needle})
+        assert not environments.hits({"secret": needle})
         for log in (OUT / "setup-main.stdout.log", OUT / "setup-main.stderr.log"):
             assert needle not in log.read_bytes()
     assert not vault.lookup_wrapping(wrapping)
@@ -410,21 +405,16 @@ def test_sigkill_during_mkfs_of_fastluks_then_rerun(vault, dashboard, api, blank
             "-c", "aes-xts-plain64", "-s", "256", "--hash", "sha256", "--header-backup-file", str(HEADER_BACKUP),
             "--cryptdev-file", str(VOLUME_INI), "-l", "64", "--vault", "--vault-url", vault.url, "--vault-allow-http",
             "--wrapping-token", wrapping, "--secret-path", disk.secret_path, "--user-key", KEY, *FAST_PBKDF]
-    sampler = ProcSampler()  # for the environments; every argv is recorded at exec time
-    sampler.start()
-    try:
-        with ExecRecorder() as execs:
-            # Killed once mkfs has written its filesystem but before setup saw it finish: the journal
-            # says mkfs-started, not mkfs-done, as for a kill halfway through.
-            with stopping_at("mkfs.ext4", "/sbin/mkfs.ext4", when=f"/dev/mapper/{disk.cryptdev}", after=True):
-                Setup(argv, "fastluks-kill-mkfs").kill_when_stopped_at("mkfs.ext4")
-            steps = json.loads(JOURNAL[1].read_text())["steps"]
-            assert "mkfs-started" in steps and "mkfs-done" not in steps, steps
-            killed_fs = run("blkid", "-p", "-s", "UUID", "-o", "value", f"/dev/mapper/{disk.cryptdev}").stdout.strip()
-            assert killed_fs  # mkfs did write a filesystem before the kill
-            result = setup_once(argv, "fastluks-kill-mkfs-rerun")
-    finally:
-        sampler.stop()
+    with EnvRecorder() as environments, ExecRecorder() as execs:
+        # Killed once mkfs has written its filesystem but before setup saw it finish: the journal
+        # says mkfs-started, not mkfs-done, as for a kill halfway through.
+        with stopping_at("mkfs.ext4", "/sbin/mkfs.ext4", when=f"/dev/mapper/{disk.cryptdev}", after=True):
+            Setup(argv, "fastluks-kill-mkfs").kill_when_stopped_at("mkfs.ext4")
+        steps = json.loads(JOURNAL[1].read_text())["steps"]
+        assert "mkfs-started" in steps and "mkfs-done" not in steps, steps
+        killed_fs = run("blkid", "-p", "-s", "UUID", "-o", "value", f"/dev/mapper/{disk.cryptdev}").stdout.strip()
+        assert killed_fs  # mkfs did write a filesystem before the kill
+        result = setup_once(argv, "fastluks-kill-mkfs-rerun")
     assert_set_up(disk, result)
     # The re-run did not trust the filesystem it found: it wiped it and made a new one.
     assert run("blkid", "-p", "-s", "UUID", "-o", "value", f"/dev/mapper/{disk.cryptdev}").stdout.strip() not in (killed_fs, b"")
@@ -434,8 +424,8 @@ def test_sigkill_during_mkfs_of_fastluks_then_rerun(vault, dashboard, api, blank
     # The argv token shows on fastluks's argv: the one documented exception. Nothing else does.
     assert execs.hits({"wrapping token": wrapping.encode()})
     assert not execs.hits({"passphrase": passphrase, "unwrapped token": unwrapped.encode()})
-    assert not sampler.environ_hits({"wrapping token": wrapping.encode(), "passphrase": passphrase,
-                                     "unwrapped token": unwrapped.encode()})
+    assert not environments.hits({"wrapping token": wrapping.encode(), "passphrase": passphrase,
+                                  "unwrapped token": unwrapped.encode()})
     for name in ("fastluks-kill-mkfs", "fastluks-kill-mkfs-rerun"):
         for suffix in ("stdout", "stderr"):
             log = (OUT / f"{name}.{suffix}.log").read_bytes()
