@@ -5,8 +5,8 @@ strings the kernel has just put on its stack) into bpftrace's output, 64 bytes a
 The audit subsystem records argv only (support.execlog), and a /proc sampler misses a process
 that lives a millisecond. This misses no exec, and says when it did miss one: bpftrace reports
 every event its buffer dropped ("Lost N events"), and the recorder fails if it reported any or
-if it did not record the canary environments it execs itself right after it starts and right
-before it stops (so a recorder that saw nothing cannot pass). Limit: an environment over
+if it did not record the canary environments it execs itself once it starts and right before it
+stops (so a recorder that saw nothing cannot pass). Limit: an environment over
 ENV_LIMIT bytes is recorded up to that size, and the recorder fails if it met one."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -87,6 +88,7 @@ class EnvRecorder:
     def __init__(self) -> None:
         self.environments: list[ExecEnvironment] = []
         self.lost = self.too_large = 0
+        self.last_canary_printed = False
         self.canaries: list[bytes] = []
         self.canaries_missed: list[bytes] = []
 
@@ -94,25 +96,26 @@ class EnvRecorder:
         if not os.path.ismount("/sys/kernel/tracing"):  # the probe's tracepoint is described there
             subprocess.run(["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"], check=True)
         self.output = tempfile.TemporaryFile()
+        self.directory = tempfile.TemporaryDirectory(prefix="envlog.")  # the canary programs
         # Room for bursts: 16 MiB a CPU, where a Python start with a 2 KiB environment is 2 KiB.
         env = {"PATH": os.environ["PATH"], "BPFTRACE_PERF_RB_PAGES": "4096"}
         self.tracer = subprocess.Popen(["bpftrace", "-e", PROGRAM], stdout=self.output, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120  # the probe is compiled first: tens of seconds under emulation
-        while b"Attaching 1 probe" not in self._output():
+        # The probe is compiled first (tens of seconds under emulation), and bpftrace says
+        # "Attaching" before it attaches: canaries until one is recorded.
+        deadline = time.monotonic() + 120
+        while not self._canary(wait=1):
             assert self.tracer.poll() is None and time.monotonic() < deadline, \
-                f"bpftrace did not attach: {self._output()[-2000:]!r}"
-            time.sleep(0.1)
-        self._canary()
+                f"bpftrace did not record its canary: {self._output()[-2000:]!r}"
 
     def stop(self) -> None:
         try:
-            self._canary()
-            time.sleep(1)  # bpftrace prints what its buffers hold every 100 ms or so
+            self.last_canary_printed = self._canary(wait=30)
         finally:
             self.tracer.send_signal(signal.SIGINT)
             self.tracer.wait(60)
         self.environments, self.lost, self.too_large = parse(self._output())
         self.output.close()
+        self.directory.cleanup()
         recorded = {environment.environ for environment in self.environments}
         self.canaries_missed = [canary for canary in self.canaries
                                 if not any(f"{CANARY_VARIABLE}=".encode() + canary in environ for environ in recorded)]
@@ -123,13 +126,26 @@ class EnvRecorder:
         self.output.seek(0)
         return self.output.read()
 
-    def _canary(self) -> None:
+    def _canary(self, wait: float) -> bool:
+        """Execs /bin/true under a name of its own, the canary in its environment; whether bpftrace
+        printed that exec within `wait` seconds. Only a canary it printed is checked in the recording."""
         canary = secrets.token_hex(16).encode()
+        name = f"envcanary{canary[:6].decode()}"  # the kernel's comm keeps 15 bytes
+        program = Path(self.directory.name) / name
+        program.symlink_to("/bin/true")
+        subprocess.run([program], env={CANARY_VARIABLE: canary.decode()}, check=True)
+        deadline = time.monotonic() + wait
+        while not re.search(rb"^E \d+ \d+ \d+ " + name.encode() + rb"$", self._output(), re.M):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
         self.canaries.append(canary)
-        subprocess.run(["/bin/true"], env={CANARY_VARIABLE: canary.decode()}, check=True)
+        return True
 
     def check(self) -> None:
-        """Fails unless the recording is complete: no event lost, none cut short, both canaries recorded."""
+        """Fails unless the recording is complete: no event lost, none cut short, the canaries of the
+        start and the stop printed and their environments decoded."""
+        assert self.last_canary_printed, "bpftrace did not print the canary exec made as it stopped: it was not recording"
         assert self.lost == 0, f"bpftrace lost {self.lost} events: an environment may have gone unrecorded"
         assert self.too_large == 0, f"{self.too_large} environments over {ENV_LIMIT} bytes were recorded only in part"
         assert not self.canaries_missed, f"the recorder missed its own canary environments {self.canaries_missed}: it was not recording"
