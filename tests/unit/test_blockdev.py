@@ -89,7 +89,13 @@ class Machine:
         with self.mountinfo.open("a") as stream:
             stream.write(f"40 22 {dev} / {mountpoint} rw,relatime shared:9 - ext4 /dev/whatever rw\n")
 
-    def swap(self, path: str) -> None:
+    def swap(self, path: str, numbers: str | None) -> None:
+        """A swap partition (a node with those numbers) or, with numbers None, a swap file."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if numbers is None:
+            Path(path).write_bytes(b"")
+        else:
+            os.mknod(path, stat.S_IFBLK | 0o600, os.makedev(*map(int, numbers.split(":"))))  # the tests run as root
         with self.swaps.open("a") as stream:
             stream.write(f"{path}\tpartition\t1048572\t\t0\t\t-2\n")
 
@@ -105,7 +111,7 @@ def machine(tmp_path, monkeypatch) -> Machine:
 
 def test_an_idle_disk_has_no_users(machine):
     machine.partition(1)
-    machine.swap("/dev/vda2")  # another disk's swap
+    machine.swap(f"{machine.root}/dev/vda2", "254:2")  # another disk's swap
 
     assert blockdev.users(machine.device) == []
 
@@ -115,7 +121,9 @@ def test_users_are_its_mounts_its_swap_and_what_is_stacked_on_it(machine):
     machine.partition(2)
     machine.mount("254:16", "/mnt/data")
     machine.mount("254:17", "/srv")
-    machine.swap(f"{machine.device.path}2")
+    machine.swap(f"{machine.device.path}2", "254:18")
+    machine.swap(f"{machine.device.path}b", "254:32")  # vdbb, another disk whose name starts with vdb's
+    machine.swap(f"{machine.root}/srv/swapfile", None)  # a file on a filesystem: its mount is the user
     machine.stack(machine.vdb, "dm-0", "crypt")
     machine.stack(vdb1, "md127", None)
 

@@ -95,15 +95,22 @@ def users(device: BlockDevice, *, allowed_holder: str | None = None) -> list[str
     for part in _partitions(device):
         numbers[_read(part / "dev")] = f"partition {part.name}"
     reasons = [f"{numbers[m.device]} is mounted on {m.mountpoint}" for m in read_mounts() if m.device in numbers]
-    real_path = os.path.realpath(device.path)
     for line in _read(PROC_SWAPS).splitlines()[1:]:
         swap = line.split()[0] if line.split() else ""
-        if swap and os.path.realpath(swap).startswith(real_path):
+        if swap and _numbers_of(swap) in numbers:  # by number: /dev/vdaa is not a partition of /dev/vda
             reasons.append(f"{swap} is in use as swap")
     for name, dm_name in holders(device).items():
         if dm_name != allowed_holder:
             reasons.append(f"{dm_name} ({name}) is stacked on it (close it first)")
     return reasons
+
+
+def _numbers_of(path: str) -> str | None:
+    """A block device's major:minor; None for a swap file (its filesystem's mount is the user)."""
+    try:
+        return block_device(path).dev
+    except NotBlockDevice:
+        return None
 
 
 def signatures(device: BlockDevice) -> list[str]:
