@@ -74,9 +74,12 @@ def test_the_process_snapshot_sees_a_running_child_its_argv_and_its_parent():
     argv = [sys.executable, "-c", "import time; time.sleep(30)", f"marker-{os.getpid()}-{time.monotonic_ns()}"]
     child = subprocess.Popen(argv)
     try:
+        # Until its exec is done the child shows its parent's argv.
+        wait_until(lambda: child.pid in processes() and processes()[child.pid].argv == [os.fsencode(arg) for arg in argv],
+                   10, "the child's argv in the snapshot", interval=0.05)
         table = processes()
-        assert table[child.pid].argv == [os.fsencode(arg) for arg in argv] and table[child.pid].pgrp == os.getpgrp()
-        assert descends_from(child.pid, os.getpid(), table) and table[child.pid].state in ("S", "R")
+        assert table[child.pid].pgrp == os.getpgrp()
+        assert descends_from(child.pid, os.getpid(), table) and table[child.pid].state in ("S", "R", "D")
     finally:
         child.kill()
         child.wait()
