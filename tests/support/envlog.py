@@ -22,6 +22,8 @@ from pathlib import Path
 from collections import defaultdict
 from typing import NamedTuple
 
+from support.execlog import Recording
+
 CHUNK = 64  # bpftrace 0.17's largest buf() by default (BPFTRACE_STRLEN)
 ENV_LIMIT = 32768  # bytes of one environment the probe copies: 512 chunks, a bounded loop
 # The last chunk ends at env_end rather than running past it: the stack's top page ends a few
@@ -82,7 +84,7 @@ def parse(output: bytes) -> tuple[list[ExecEnvironment], int, int]:
     return environments, lost, too_large
 
 
-class EnvRecorder:
+class EnvRecorder(Recording):
     """with EnvRecorder() as recorder: ... then recorder.environments, recorder.hits(needles)."""
 
     def __init__(self) -> None:
@@ -158,12 +160,3 @@ class EnvRecorder:
         """(secret's name, pid) for each exec whose environment holds a secret."""
         return [(name, environment.pid) for environment in self.environments
                 for name, needle in needles.items() if needle in environment.environ]
-
-    def __enter__(self) -> EnvRecorder:
-        self.start()
-        return self
-
-    def __exit__(self, kind, error, traceback) -> None:
-        self.stop()
-        if kind is None:
-            self.check()

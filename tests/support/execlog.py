@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 KEY = "luksctl-leak"
 RULES = [["always,exit", "-F", f"arch={arch}", "-S", "execve", "-S", "execveat", "-k", KEY] for arch in ("b64", "b32")]
@@ -63,7 +63,21 @@ def daemon_config(directory: Path) -> str:
         "disk_full_action = IGNORE", "disk_error_action = SYSLOG", ""])
 
 
-class ExecRecorder:
+class Recording:
+    """A recorder as a context manager: start() on entry; on exit stop(), then check() unless the
+    block failed (its own error is the one to see)."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.stop()
+        if kind is None:
+            self.check()
+
+
+class ExecRecorder(Recording):
     """with ExecRecorder() as recorder: ... then recorder.execs, recorder.hits(needles).
     Leaves the kernel's audit settings as it found them, even when the block fails."""
 
@@ -155,12 +169,3 @@ class ExecRecorder:
         return [(name, record.pid, [arg[:200] for arg in record.argv]) for record in self.execs
                 for name, needle in needles.items()
                 if any(needle in joined for joined in (b"\0".join(record.argv), b"".join(record.argv), b" ".join(record.argv)))]
-
-    def __enter__(self) -> ExecRecorder:
-        self.start()
-        return self
-
-    def __exit__(self, kind, error, traceback) -> None:
-        self.stop()
-        if kind is None:
-            self.check()
