@@ -6,8 +6,10 @@ The audit subsystem records argv only (support.execlog), and a /proc sampler mis
 that lives a millisecond. This misses no exec, and says when it did miss one: bpftrace reports
 every event its buffer dropped ("Lost N events"), and the recorder fails if it reported any or
 if it did not record the canary environments it execs itself once it starts and right before it
-stops (so a recorder that saw nothing cannot pass). Limit: an environment over
-ENV_LIMIT bytes is recorded up to that size, and the recorder fails if it met one."""
+stops (so a recorder that saw nothing cannot pass). A chunk bpftrace could not read comes out as
+zeros, which no environment holds (its strings are NAME=value), so the recorder fails on one.
+Limit: an environment over ENV_LIMIT bytes is recorded up to that size, and the recorder fails
+if it met one."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import signal
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 from collections import defaultdict
+from pathlib import Path
 from typing import NamedTuple
 
 from support.execlog import Recording
@@ -58,8 +60,14 @@ def unescape(printed: bytes) -> bytes:
     return bytes.fromhex(printed.replace(b"\\x", b"").decode())
 
 
-def parse(output: bytes) -> tuple[list[ExecEnvironment], int, int]:
-    """(each exec's environment, events bpftrace lost, environments over ENV_LIMIT)."""
+class Recorded(NamedTuple):
+    environments: list[ExecEnvironment]
+    lost: int  # events bpftrace's buffers dropped
+    too_large: int  # environments over ENV_LIMIT
+    unreadable: int  # chunks the probe could not read (all zeros)
+
+
+def parse(output: bytes) -> Recorded:
     execs: dict[tuple[int, int], tuple[int, bytes]] = {}  # (pid, exec time): (size, program)
     chunks: dict[tuple[int, int], dict[int, bytes]] = defaultdict(dict)
     lost = 0
@@ -74,6 +82,7 @@ def parse(output: bytes) -> tuple[list[ExecEnvironment], int, int]:
         else:
             lost += int(match[9])
     environments, too_large = [], 0
+    unreadable = sum(data == bytes(CHUNK) for by_offset in chunks.values() for data in by_offset.values())
     for (pid, exec_time), (size, program) in execs.items():
         block = bytearray(min(size, ENV_LIMIT))
         for offset, data in chunks[pid, exec_time].items():
@@ -81,7 +90,7 @@ def parse(output: bytes) -> tuple[list[ExecEnvironment], int, int]:
             block[max(0, offset):max(0, offset) + len(piece)] = piece
         environments.append(ExecEnvironment(pid, program, bytes(block)))
         too_large += size > ENV_LIMIT
-    return environments, lost, too_large
+    return Recorded(environments, lost, too_large, unreadable)
 
 
 class EnvRecorder(Recording):
@@ -89,7 +98,7 @@ class EnvRecorder(Recording):
 
     def __init__(self) -> None:
         self.environments: list[ExecEnvironment] = []
-        self.lost = self.too_large = 0
+        self.lost = self.too_large = self.unreadable = 0
         self.last_canary_printed = False
         self.canaries: list[bytes] = []
         self.canaries_missed: list[bytes] = []
@@ -115,7 +124,7 @@ class EnvRecorder(Recording):
         finally:
             self.tracer.send_signal(signal.SIGINT)
             self.tracer.wait(60)
-        self.environments, self.lost, self.too_large = parse(self._output())
+        self.environments, self.lost, self.too_large, self.unreadable = parse(self._output())
         self.output.close()
         self.directory.cleanup()
         recorded = {environment.environ for environment in self.environments}
@@ -150,6 +159,7 @@ class EnvRecorder(Recording):
         assert self.last_canary_printed, "bpftrace did not print the canary exec made as it stopped: it was not recording"
         assert self.lost == 0, f"bpftrace lost {self.lost} events: an environment may have gone unrecorded"
         assert self.too_large == 0, f"{self.too_large} environments over {ENV_LIMIT} bytes were recorded only in part"
+        assert self.unreadable == 0, f"bpftrace could not read {self.unreadable} chunks of environments"
         assert not self.canaries_missed, f"the recorder missed its own canary environments {self.canaries_missed}: it was not recording"
 
     def ran(self, program: bytes) -> bool:

@@ -28,18 +28,20 @@ def test_each_exec_gets_its_whole_environment_back_whatever_its_size_and_bytes()
               *probe_output(10, 3, exact, b"luksctl")]
     output.insert(4, b"an unrelated line")
 
-    environments, lost, too_large = parse(b"\n".join(output) + b"\n")
+    recorded = parse(b"\n".join(output) + b"\n")
 
-    assert sorted(environments) == sorted([ExecEnvironment(10, b"true", long), ExecEnvironment(11, b"cryptsetup", short),
-                                           ExecEnvironment(10, b"luksctl", exact)])
-    assert (lost, too_large) == (0, 0)
+    assert sorted(recorded.environments) == sorted([ExecEnvironment(10, b"true", long), ExecEnvironment(11, b"cryptsetup", short),
+                                                    ExecEnvironment(10, b"luksctl", exact)])
+    assert (recorded.lost, recorded.too_large, recorded.unreadable) == (0, 0, 0)
 
 
-def test_lost_events_and_an_environment_over_the_limit_are_counted():
+def test_lost_events_an_environment_over_the_limit_and_an_unreadable_chunk_are_counted():
     huge = b"H=" + b"z" * ENV_LIMIT + b"\x00"
-    output = [*probe_output(12, 1, huge), b"Lost 3 events", b"Lost 2 events"]
+    unread = probe_output(13, 2, b"A=" + b"b" * 200 + b"\x00")
+    unread[2] = b"C 13 2 64 " + b"\\x00" * CHUNK  # a read that failed: bpftrace's zeros
+    output = [*probe_output(12, 1, huge), b"Lost 3 events", *unread, b"Lost 2 events"]
 
-    environments, lost, too_large = parse(b"\n".join(output))
+    recorded = parse(b"\n".join(output))
 
-    assert environments == [ExecEnvironment(12, b"true", huge[:ENV_LIMIT])]
-    assert (lost, too_large) == (5, 1)
+    assert recorded.environments[0] == ExecEnvironment(12, b"true", huge[:ENV_LIMIT])
+    assert (recorded.lost, recorded.too_large, recorded.unreadable) == (5, 1, 1)
