@@ -122,8 +122,8 @@ def blank_disk():
     image.unlink(missing_ok=True)
 
 
-def token_file(token: str) -> str:
-    return write_secret_file(WORKDIR / f"token-{secrets.token_hex(4)}", token)
+def token_file(token: str) -> Path:
+    return Path(write_secret_file(WORKDIR / f"token-{secrets.token_hex(4)}", token))
 
 
 def setup_argv(disk: Disk, url: str, token: Path | None, *extra: str, wrapping: bool = True) -> list[str]:
