@@ -84,6 +84,10 @@ class Playbook:
                # One process per task instead of a copy, then a run: process start-ups are the
                # expensive part under software emulation.
                "ANSIBLE_PIPELINING": "1", "ANSIBLE_LOCAL_TEMP": str(self.workdir / "tmp"),
+               # One host at a time: the lab's workers share the front end's /opt/luksctl, and a
+               # first run from nothing had three `python3 -m venv` race on it ("File exists").
+               # On one vCPU, parallel hosts bought no time anyway.
+               "ANSIBLE_FORKS": "1",
                # become resets HOME to root's, and the guest's /root is read-only (TESTING-REAL.md).
                "ANSIBLE_REMOTE_TMP": str(self.workdir / "remote-tmp"),
                # Each task's duration, in OUT/ansible-junit.N/*.xml (without arguments: no secret).
