@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 from luks_lab import LUKS_LAB_PASSPHRASE, Lab
 from support import shim
 from support.proc import descends_from, processes
+from support.secret_file import write_secret_file
 from support.waiting import wait_until
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -103,3 +105,13 @@ def test_lab_opens_says_no_for_a_header_without_keyslots(lab):
     subprocess.run(["cryptsetup", "luksErase", "--batch-mode", str(lab.image)], check=True, capture_output=True)
 
     assert Lab.opens(lab.image, LUKS_LAB_PASSPHRASE) is False
+
+
+def test_a_secret_file_is_created_owner_only_and_replaces_what_was_there(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("an older token\n")
+    path.chmod(0o644)
+
+    assert write_secret_file(path, "s.abc") == str(path)
+
+    assert path.read_text() == "s.abc\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
