@@ -58,6 +58,7 @@ ROLE_FILES = [API_CONFIG, Path("/etc/systemd/system") / UNIT, Path("/etc/systemd
 SUDOERS = [Path("/etc/sudoers.d/luksctl-api"), Path("/etc/sudoers.d/luksctl-api-wn")]
 EXPORTS = Path("/etc/exports")
 LAB_ROOT = Path("/srv/ansible-lab")
+LAB_PREFIXES = Path("/srv/ansible-lab-prefixes")  # each worker's /opt/luksctl
 # Already root: no become (each sudo costs seconds under emulation).
 LOCAL_HOST = {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3", "ansible_become": False}
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
@@ -84,10 +85,6 @@ class Playbook:
                # One process per task instead of a copy, then a run: process start-ups are the
                # expensive part under software emulation.
                "ANSIBLE_PIPELINING": "1", "ANSIBLE_LOCAL_TEMP": str(self.workdir / "tmp"),
-               # One host at a time: the lab's workers share the front end's /opt/luksctl, and a
-               # first run from nothing had three `python3 -m venv` race on it ("File exists").
-               # On one vCPU, parallel hosts bought no time anyway.
-               "ANSIBLE_FORKS": "1",
                # become resets HOME to root's, and the guest's /root is read-only (TESTING-REAL.md).
                "ANSIBLE_REMOTE_TMP": str(self.workdir / "remote-tmp"),
                # Each task's duration, in OUT/ansible-junit.N/*.xml (without arguments: no secret).
@@ -98,7 +95,7 @@ class Playbook:
         try:
             with log.open("wb") as out:  # written as it goes: a run under emulation takes minutes
                 result = subprocess.run([str(self.binary), "-i", str(inventory_file), "-e", f"@{vars_file}", "site.yml"],
-                                        cwd=ANSIBLE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=1800)
+                                        cwd=ANSIBLE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=2400)
         finally:
             vars_file.unlink()
         with (OUT / "ansible-timings.jsonl").open("a") as timings:
@@ -121,6 +118,7 @@ def operator_machine(systemd):
     the link to the VM prefix back, the role's unit stopped and removed, its files gone."""
     vm_prefix = Path(os.readlink(PREFIX))
     PREFIX.unlink()
+    PREFIX.mkdir(mode=0o755)  # where each worker mounts its own (RoleWorker)
     for path in SUDOERS:
         path.unlink()
     workdir = Path("/tmp/ansible-role-test")
@@ -213,13 +211,15 @@ def answers(dashboard: Dashboard) -> bool:
 # --- cluster: the front end here, two workers in network namespaces --------------------------
 
 # Runs as root in the node's new mount and UTS namespaces: $1 hostname, $2 its /etc/luks,
-# $3 and $4 the upper and work directories of its /etc, $5 and $6 the worker service's uid/gid.
+# $3 and $4 the upper and work directories of its /etc, $5 and $6 the worker service's uid/gid,
+# $7 its /opt/luksctl.
 NODE_BOOT = r"""
 set -e
 hostname "$1"
 mount -t overlay node-etc -o lowerdir=/etc,upperdir="$3",workdir="$4" /etc
 printf '127.0.1.1 %s\n' "$1" >>/etc/hosts  # as a real host resolves its own name (sudo looks it up)
 mount --bind "$2" /etc/luks
+mount --bind "$7" /opt/luksctl
 mkdir -p /run/luksctl-api-wn
 mount -t tmpfs -o mode=0750,uid="$5",gid="$6" node-run /run/luksctl-api-wn
 """
@@ -247,8 +247,8 @@ def copy_files_mounted_in_etc(upper: Path) -> None:
 class RoleWorker(WorkerNode):
     """A worker host for the role: netns wnN, plus a mount and a UTS namespace kept open in
     files. There /etc is an overlay whose changes (fstab, the sudoers rule, the unit) are the
-    node's own, /etc/luks is the node's own directory, and /run/luksctl-api-wn the unit's
-    RuntimeDirectory=. Every other file is the front end's, /opt/luksctl included. Ansible
+    node's own, /etc/luks and /opt/luksctl are the node's own directories, and
+    /run/luksctl-api-wn the unit's RuntimeDirectory=. Every other file is the front end's. Ansible
     reaches the node through `python`, a wrapper that runs the interpreter, so every module,
     inside these namespaces; the worker's service starts in them too. systemd cannot run a
     unit in them, so the role installs the unit (luksctl_manage_service: false) and the test
@@ -258,6 +258,8 @@ class RoleWorker(WorkerNode):
         super().__init__(index, token="")
         self.root = LAB_ROOT / self.name
         self.luks_dir = self.root / "luks"
+        # A venv on the guest's disk, not in the lab's tmpfs, which takes from the guest's 2 GiB of RAM.
+        self.prefix = LAB_PREFIXES / self.name
         self.etc_changes = self.root / "etc"  # the overlay's upper directory
         self.python = self.root / "python"
         self.namespaces = {kind: LAB_ROOT / f"{self.name}.{kind}" for kind in ("mnt", "uts")}
@@ -271,6 +273,7 @@ class RoleWorker(WorkerNode):
         self.add_to_network()
         self.luks_dir.mkdir(parents=True)  # root-owned 0755: luksctl refuses anything else
         self.luks_dir.chmod(0o755)
+        self.prefix.mkdir(mode=0o755)
         self.etc_changes.mkdir()
         copy_files_mounted_in_etc(self.etc_changes)
         (self.root / "etc-work").mkdir()
@@ -278,7 +281,7 @@ class RoleWorker(WorkerNode):
             path.touch()
         run("unshare", f"--mount={self.namespaces['mnt']}", f"--uts={self.namespaces['uts']}", "--propagation",
             "private", "sh", "-c", NODE_BOOT, "node-boot", self.name, str(self.luks_dir), str(self.etc_changes),
-            str(self.root / "etc-work"), str(user.pw_uid), str(user.pw_gid))
+            str(self.root / "etc-work"), str(user.pw_uid), str(user.pw_gid), str(self.prefix))
         self.python.write_text(f'#!/bin/sh\nexec {" ".join(self.enter_node())} /usr/bin/python3 "$@"\n')
         self.python.chmod(0o755)
 
@@ -301,12 +304,14 @@ class RoleWorker(WorkerNode):
 @pytest.fixture
 def cluster_network():
     """Bridge LAB_BRIDGE with the front end's FRONT_IP, and two RoleWorkers on it, whose files
-    live in a tmpfs at LAB_ROOT (an overlay's upper directory cannot be on the guest's overlays)."""
+    live in a tmpfs at LAB_ROOT (an overlay's upper directory cannot be on the guest's overlays)
+    and under LAB_PREFIXES."""
     run("modprobe", "bridge")
     LAB_ROOT.mkdir()
     run("mount", "-t", "tmpfs", "ansible-lab", str(LAB_ROOT))
     # A namespace can be kept open in a file only on a mount that does not propagate.
     run("mount", "--make-private", str(LAB_ROOT))
+    LAB_PREFIXES.mkdir()
     exports_before = EXPORTS.read_text() if EXPORTS.exists() else None
     run("ip", "link", "add", LAB_BRIDGE, "type", "bridge")
     workers = [RoleWorker(index) for index in (1, 2)]
@@ -322,6 +327,7 @@ def cluster_network():
         run("ip", "link", "del", LAB_BRIDGE, check=False)
         run("umount", "--lazy", str(LAB_ROOT), check=False)
         LAB_ROOT.rmdir()
+        shutil.rmtree(LAB_PREFIXES)
         if exports_before is None:
             EXPORTS.unlink(missing_ok=True)
         else:
@@ -360,8 +366,10 @@ def test_a_cluster_from_a_blank_device_installed_encrypted_and_shared_then_the_d
     first = playbook.run(inventory, extra_vars)
 
     assert all(host["failed"] == 0 and host["changed"] > 0 for host in first.values()), first
-    # Installed as install.sh installs: a venv of our own, the sudoers path linked to it.
-    assert PREFIX.is_dir() and not PREFIX.is_symlink()
+    # Installed as install.sh installs: a venv of our own on each node, the sudoers path linked to it.
+    for prefix in (PREFIX, *(worker.prefix for worker in workers)):
+        assert (prefix / "venv" / ".luksctl-installed-from").is_file(), prefix
+        assert (prefix / "venv" / "bin" / "luksctl").is_file(), prefix
     assert os.readlink("/usr/local/sbin/luksctl") == str(PREFIX / "venv" / "bin" / "luksctl")
     assert_fastluks_on_roots_path(PREFIX)
     sudoers = Path("/etc/sudoers.d/luksctl-api")
