@@ -106,11 +106,14 @@ class EnvRecorder(Recording):
     def start(self) -> None:
         if not os.path.ismount("/sys/kernel/tracing"):  # the probe's tracepoint is described there
             subprocess.run(["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"], check=True)
-        self.output = tempfile.TemporaryFile()
-        self.directory = tempfile.TemporaryDirectory(prefix="envlog.")  # the canary programs
+        self.directory = tempfile.TemporaryDirectory(prefix="envlog.")  # bpftrace's output, the canary programs
+        self.output = Path(self.directory.name) / "bpftrace.out"
         # Room for bursts: 16 MiB a CPU, where a Python start with a 2 KiB environment is 2 KiB.
         env = {"PATH": os.environ["PATH"], "BPFTRACE_PERF_RB_PAGES": "4096"}
-        self.tracer = subprocess.Popen(["bpftrace", "-e", PROGRAM], stdout=self.output, stderr=subprocess.STDOUT, env=env)
+        # Appended through a descriptor of bpftrace's own: with one shared file offset, a read
+        # here moved where bpftrace wrote next, over lines already written.
+        with self.output.open("ab") as output:
+            self.tracer = subprocess.Popen(["bpftrace", "-e", PROGRAM], stdout=output, stderr=subprocess.STDOUT, env=env)
         # The probe is compiled first (tens of seconds under emulation), and bpftrace says
         # "Attaching" before it attaches: canaries until one is recorded.
         deadline = time.monotonic() + 120
@@ -125,7 +128,6 @@ class EnvRecorder(Recording):
             self.tracer.send_signal(signal.SIGINT)
             self.tracer.wait(60)
         self.environments, self.lost, self.too_large, self.unreadable = parse(self._output())
-        self.output.close()
         self.directory.cleanup()
         recorded = {environment.environ for environment in self.environments}
         self.canaries_missed = [canary for canary in self.canaries
@@ -133,9 +135,10 @@ class EnvRecorder(Recording):
         self.environments = [environment for environment in self.environments
                              if CANARY_VARIABLE.encode() not in environment.environ]  # without our own
 
-    def _output(self) -> bytes:
-        self.output.seek(0)
-        return self.output.read()
+    def _output(self, since: int = 0) -> bytes:
+        with self.output.open("rb") as output:
+            output.seek(since)
+            return output.read()
 
     def _canary(self, wait: float) -> bool:
         """Execs /bin/true under a name of its own, the canary in its environment; whether bpftrace
@@ -144,9 +147,10 @@ class EnvRecorder(Recording):
         name = f"envcanary{canary[:6].decode()}"  # the kernel's comm keeps 15 bytes
         program = Path(self.directory.name) / name
         program.symlink_to("/bin/true")
+        since = self.output.stat().st_size  # its line comes after: the whole output is not read again
         subprocess.run([program], env={CANARY_VARIABLE: canary.decode()}, check=True)
         deadline = time.monotonic() + wait
-        while not re.search(rb"^E \d+ \d+ \d+ " + name.encode() + rb"$", self._output(), re.M):
+        while not re.search(rb"^E \d+ \d+ \d+ " + name.encode() + rb"$", self._output(since), re.M):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
