@@ -162,3 +162,68 @@ def test_config_json_for_a_single_vm_and_a_cluster_front_end_passes_the_services
         "single_vm": {"INFRASTRUCTURE_CONFIGURATION": "single_vm", **common},
         "cluster": {"INFRASTRUCTURE_CONFIGURATION": "cluster", **common, "WN_IPS": ["10.0.0.11", "10.0.0.12"],
                     "WN_CA_BUNDLE": str(tmp_path / "cluster" / "wn-ca-bundle.pem")}}
+
+
+def test_the_cluster_tasks_give_two_workers_one_token_and_the_front_end_both_certificates_exports_and_their_mounts(tmp_path):
+    """The role's cluster tasks, run for real on three local hosts, each with its own directory for
+    /etc/luks, /etc/exports and /etc/fstab: the front end and two workers, twice. What the systemd
+    boot checks with one worker, here with two: one token everywhere, a bundle of both
+    certificates in inventory order, one export line naming both, a mount on each; the second run
+    changes nothing."""
+    tasks = yaml.safe_load((ROLE / "tasks" / "cluster.yml").read_text())
+    for task in tasks:
+        module = task.get("ansible.builtin.copy") or task.get("ansible.builtin.lineinfile") or {}
+        for ownership in ("owner", "group"):  # root and the service group on a node; the VM test checks them
+            module.pop(ownership, None)
+        if module.get("path") in ("/etc/exports", "/etc/fstab"):
+            module["path"] = "{{ node_root }}/" + Path(module["path"]).name
+    hosts = {"fe": "10.0.0.10", "wn1": "10.0.0.11", "wn2": "10.0.0.12"}
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inventory = {"all": {"children": {
+        group: {"hosts": {name: {**local, "luksctl_node_address": hosts[name], "node_root": str(tmp_path / name),
+                                 "luks_config_path": str(tmp_path / name / "luks")} for name in names}}
+        for group, names in (("luksctl_frontend", ["fe"]), ("luksctl_workers", ["wn1", "wn2"]))}}}
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    for name in hosts:
+        (tmp_path / name / "luks").mkdir(parents=True)
+    for name in hosts:
+        (tmp_path / name / "fstab").write_text("/dev/vda1 / ext4 defaults 0 1\n")
+    for name in ("wn1", "wn2"):  # gen-cert's, on a real node
+        (tmp_path / name / "luks" / "gunicorn-cert.pem").write_text(f"-----BEGIN CERTIFICATE-----\n{name}\n-----END CERTIFICATE-----\n")
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    del defaults["luks_config_path"]  # each host's, from the inventory (play vars outrank it)
+    playbook = tmp_path / "cluster.yml"
+    playbook.write_text(yaml.safe_dump([{
+        "name": "cluster", "hosts": "luksctl_frontend:luksctl_workers", "gather_facts": False, "tasks": tasks,
+        "vars_files": [str(ROLE / "vars" / "main.yml")],
+        "vars": {**defaults, "luksctl_infrastructure": "cluster", "mountpoint": "/export",
+                 "luksctl_nfs_mounts": [{"src": "10.0.0.10:/export", "path": "{{ node_root }}/export"}]},
+        "handlers": [{"name": name, "ansible.builtin.debug": {"msg": "notified"}}
+                     for name in ("Restart luksctl", "Reload the NFS exports")]}]))
+    # The venv this test runs from, over the role's fixed one (the token is made with its python).
+    venv = json.dumps({"luksctl_venv": str(VENV_BIN.parent)})
+    env = {**os.environ, "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"), "ANSIBLE_NOCOLOR": "1"}
+
+    def play() -> dict[str, int]:
+        result = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(tmp_path / "inventory.yml"), "-e", venv, str(playbook)],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return {host: int(changed) for host, changed in re.findall(r"^(\w+)\s*:\s*ok=\d+\s+changed=(\d+)", result.stdout, re.M)}
+
+    first = play()
+    second = play()
+
+    token = (tmp_path / "fe" / "luks" / "cluster-token").read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}\n", token)
+    for name in ("wn1", "wn2"):
+        assert (tmp_path / name / "luks" / "cluster-token").read_text() == token
+        assert (tmp_path / name / "fstab").read_text().splitlines() == [
+            "/dev/vda1 / ext4 defaults 0 1", f"10.0.0.10:/export {tmp_path / name / 'export'} nfs4 rw,nofail,_netdev,nosuid,nodev 0 0"]
+        assert (tmp_path / name / "export").is_dir()
+        assert not (tmp_path / name / "exports").exists() and not (tmp_path / name / "luks" / "wn-ca-bundle.pem").exists()
+    assert (tmp_path / "fe" / "luks" / "wn-ca-bundle.pem").read_text() == "".join(
+        (tmp_path / name / "luks" / "gunicorn-cert.pem").read_text() for name in ("wn1", "wn2"))
+    options = defaults["luksctl_nfs_export_options"]
+    assert (tmp_path / "fe" / "exports").read_text() == f"/export 10.0.0.11({options}) 10.0.0.12({options})\n"
+    assert (tmp_path / "fe" / "fstab").read_text() == "/dev/vda1 / ext4 defaults 0 1\n"
+    assert all(first.values()) and second == {"fe": 0, "wn1": 0, "wn2": 0}, (first, second)

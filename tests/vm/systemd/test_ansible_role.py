@@ -208,7 +208,7 @@ def answers(dashboard: Dashboard) -> bool:
         return False
 
 
-# --- cluster: the front end here, two workers in network namespaces --------------------------
+# --- cluster: the front end here, a worker in network namespaces ------------------------------
 
 # Runs as root in the node's new mount and UTS namespaces: $1 hostname, $2 its /etc/luks,
 # $3 and $4 the upper and work directories of its /etc, $5 and $6 the worker service's uid/gid,
@@ -303,7 +303,7 @@ class RoleWorker(WorkerNode):
 
 @pytest.fixture
 def cluster_network():
-    """Bridge LAB_BRIDGE with the front end's FRONT_IP, and two RoleWorkers on it, whose files
+    """Bridge LAB_BRIDGE with the front end's FRONT_IP, and a RoleWorker on it, whose files
     live in a tmpfs at LAB_ROOT (an overlay's upper directory cannot be on the guest's overlays)
     and under LAB_PREFIXES."""
     run("modprobe", "bridge")
@@ -314,7 +314,10 @@ def cluster_network():
     LAB_PREFIXES.mkdir()
     exports_before = EXPORTS.read_text() if EXPORTS.exists() else None
     run("ip", "link", "add", LAB_BRIDGE, "type", "bridge")
-    workers = [RoleWorker(index) for index in (1, 2)]
+    # One: each host adds its share of every task, 2,229 s for the first run with two workers
+    # (make test, 2026-12-06). Two workers' tokens, bundle, exports and mounts are checked on
+    # the host (tests/unit/test_ansible_role.py), the fan-out to several in tests/vm/cluster.
+    workers = [RoleWorker(1)]
     try:
         run("ip", "addr", "add", f"{FRONT_IP}/24", "dev", LAB_BRIDGE)
         run("ip", "link", "set", LAB_BRIDGE, "up")
@@ -405,7 +408,7 @@ def test_a_cluster_from_a_blank_device_installed_encrypted_and_shared_then_the_d
         assert f"{FRONT_IP}:/ {NFS_MNT} nfs4 rw,nofail,_netdev,soft,timeo=50,nosuid,nodev 0 0" in worker.fstab.read_text().splitlines()
     assert f" {NFS_MNT} " not in FSTAB.read_text()  # the workers' fstab, not the front end's
 
-    # The dashboard's unlock on the front end reaches both workers, verified by the bundle and
+    # The dashboard's unlock on the front end reaches the worker, verified by the bundle and
     # authenticated by the token, and each mounts the export from the fstab line the role wrote.
     for worker in workers:
         worker.spawn()
@@ -422,7 +425,7 @@ def test_a_cluster_from_a_blank_device_installed_encrypted_and_shared_then_the_d
     # The operator runs the same playbook again (the spent token still in its vars).
     second = playbook.run(inventory, extra_vars)
 
-    assert {name: host["changed"] for name, host in second.items()} == {"fe": 0, "wn1": 0, "wn2": 0}, \
+    assert {name: host["changed"] for name, host in second.items()} == {"fe": 0, **{worker.name: 0 for worker in workers}}, \
         f"second run changed something: see {OUT}/ansible.{playbook.runs}.log"
     assert dashboard.status().state == "mounted" and all(worker.nfs_mounted() for worker in workers)
     assert token not in playbook.output() and wrapping_token not in playbook.output()
