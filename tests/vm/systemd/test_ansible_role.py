@@ -94,7 +94,7 @@ class Playbook:
         try:
             with log.open("wb") as out:  # written as it goes: a run under emulation takes minutes
                 result = subprocess.run([str(self.binary), "-i", str(inventory_file), "-e", f"@{vars_file}", "site.yml"],
-                                        cwd=ANSIBLE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=2400)
+                                        cwd=ANSIBLE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=3600)
         finally:
             vars_file.unlink()
         with (OUT / "ansible-timings.jsonl").open("a") as timings:
