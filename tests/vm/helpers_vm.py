@@ -481,16 +481,17 @@ class Dashboard:
 
     timeout = 120
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, session: requests.Session | None = None) -> None:
         self.base_url = base_url
+        self.http = session or requests  # the dashboard: a new connection for every call
 
     def status(self) -> Reply:
-        r = requests.get(f"{self.base_url}/luksctl_api/v1.0/status", verify=False, timeout=self.timeout)
+        r = self.http.get(f"{self.base_url}/luksctl_api/v1.0/status", verify=False, timeout=self.timeout)
         return Reply(json.loads(r.text)["volume_state"], r)
 
     def open(self, payload: dict) -> Reply:
-        r = requests.post(f"{self.base_url}/luksctl_api/v1.0/open", json=payload, verify=False,
-                          timeout=self.timeout)
+        r = self.http.post(f"{self.base_url}/luksctl_api/v1.0/open", json=payload, verify=False,
+                           timeout=self.timeout)
         return Reply(json.loads(r.text)["volume_state"], r)
 
 

@@ -127,16 +127,16 @@ class StatusPoller(threading.Thread):
 
     def __init__(self, dashboard) -> None:
         super().__init__(daemon=True)
-        self.url, self.answers, self.failures = f"{dashboard.base_url}/luksctl_api/v1.0/status", 0, []
+        self.dashboard = Dashboard(dashboard.base_url, session=requests.Session())
+        self.answers, self.failures = 0, []
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        session = requests.Session()
         while not self.stopping.is_set():
             try:
-                response = session.get(self.url, verify=False, timeout=Dashboard.timeout)
-                if response.status_code != 200 or json.loads(response.text)["volume_state"] != "mounted":
-                    self.failures.append(f"{response.status_code} {response.text[:200]}")
+                reply = self.dashboard.status()
+                if reply.response.status_code != 200 or reply.state != "mounted":
+                    self.failures.append(f"{reply.response.status_code} {reply.response.text[:200]}")
             except Exception as exc:  # noqa: BLE001 - any failure is what this counts
                 self.failures.append(repr(exc))
             self.answers += 1
