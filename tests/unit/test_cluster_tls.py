@@ -107,4 +107,6 @@ def test_a_worker_silent_in_the_tls_handshake_is_a_timeout_at_the_connect_timeou
         elapsed = time.monotonic() - started
 
     assert nodes == {WORKER_IP: "timeout"}
-    assert client.connect_timeout <= elapsed < client.connect_timeout + 1, elapsed
+    # Below the read timeout, not near the connect timeout: a loaded host (mutmut at nice 19 beside
+    # two VMs) took 3.8 s for a 2 s connect timeout.
+    assert client.connect_timeout <= elapsed < client.read_timeout, elapsed
