@@ -76,4 +76,4 @@ mutants: $(VENV)/.stamp
 	$(VENV)/bin/mutmut results --all true | $(VENV)/bin/python scripts/mutants-score.py tests/mutants-survivors.md $(MUTANTS)
 
 clean:
-	rm -rf $(VENV) vm-out vm-out-systemd vm-out-systemd.console.log vm-out-powercut build src/*.egg-info mutants
+	rm -rf $(VENV) vm-out vm-out-systemd vm-out-systemd.console.log vm-out-powercut vm-out-powercut.console.log build src/*.egg-info mutants

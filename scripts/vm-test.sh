@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# `make test-vm`: every boot. The systemd boot (tests/vm/systemd) runs beside the main boot and
-# then the power-cut pair, each VM with one vCPU. One VM with two vCPUs kept 66-88 % of this
+# `make test-vm`: every boot. The systemd boot (tests/vm/systemd) runs beside the main boot, and
+# the power-cut pair starts on whichever of their cores frees first, each VM with one vCPU. One VM with two vCPUs kept 66-88 % of this
 # machine's two cores busy (sampled from /proc/stat during the systemd boot), and two such VMs
 # side by side (four vCPU threads on two cores) slowed the main boot's first tests threefold;
-# one vCPU each keeps each VM on a core of its own. The systemd boot's console goes to a file,
-# since two consoles interleaved cannot be read; its outcome is printed at the end. Every boot
+# one vCPU each keeps each VM on a core of its own. The systemd boot's and the pair's consoles go
+# to files, since consoles interleaved cannot be read; their outcomes are printed at the end. Every boot
 # runs to its end; the exit status is non-zero if any failed. HOST_TESTS, if set, is a command
 # (`make test` gives the host suites) run once the systemd boot has started, on the core the main
 # boot does not have yet: the systemd boot ends last, so what runs before it adds to the total.
@@ -36,13 +36,35 @@ while [[ ! -e $repo/vm-out-systemd/pytest.log ]] && kill -0 "$systemd_boot" 2>/d
     sleep 5
     ((waited += 5))
 done
-"$repo/scripts/vm-run.sh" test "$@"
-main=$?
-VM_OUT=$repo/vm-out-powercut "$repo/scripts/vm-powercut.sh"
+"$repo/scripts/vm-run.sh" test "$@" &
+main_boot=$!
+# Whichever of the two ends first leaves its core to the pair; bash keeps the other's status.
+# (wait -n skips a job that ended before it was called, hence the check.)
+if kill -0 "$systemd_boot" 2>/dev/null; then
+    wait -n -p ended "$main_boot" "$systemd_boot"
+    first=$?
+else
+    ended=$systemd_boot
+    wait "$systemd_boot"
+    first=$?
+fi
+powercut_console=$repo/vm-out-powercut.console.log
+VM_OUT=$repo/vm-out-powercut "$repo/scripts/vm-powercut.sh" >"$powercut_console" 2>&1
 powercut=$?
-wait "$systemd_boot"
-systemd=$?
+if [[ $ended == "$main_boot" ]]; then
+    main=$first
+    wait "$systemd_boot"
+    systemd=$?
+else
+    systemd=$first
+    wait "$main_boot"
+    main=$?
+fi
 echo "===== the systemd boot, from its console ($console) ====="
 sed -n '/^vm-run: test-systemd exited/,$p' "$console"
+echo "===== the power-cut pair, from its console ($powercut_console) ====="
+grep '^vm-run: powercut-before exited' "$powercut_console"
+sed -n '/^vm-run: powercut-after exited/,$p' "$powercut_console"
+((powercut == 0)) || tail -n 30 "$powercut_console"
 echo "vm-test: host suites exited $host, main boot $main, power-cut pair $powercut, systemd boot $systemd"
 ((host == 0 && main == 0 && powercut == 0 && systemd == 0))
