@@ -31,6 +31,7 @@ import urllib3
 # tests/, for the helpers host and VM tests share (pytest puts it there; the VM scripts do not).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support import bao as support_bao  # noqa: E402
+from support import raw_http  # noqa: E402
 from support.secret_file import write_secret_file  # noqa: E402
 from support.shim import SHIM_DIR, install_shim, remove_shim  # noqa: E402
 from support.waiting import wait_until  # noqa: E402
@@ -411,7 +412,7 @@ class Api:
             raise RuntimeError(f"the proxy exited {self.proxy.proc.returncode}:\n{tail(self.proxy.log)}")
         try:
             # 502: the proxy is up, gunicorn's socket not yet.
-            return requests.get(f"{self.base_url}/luksctl_api/v1.0/status", verify=False, timeout=5).status_code != 502
+            return unverified_request("GET", f"{self.base_url}/luksctl_api/v1.0/status", timeout=5).status_code != 502
         except requests.RequestException:  # refused, or workers still importing
             return False
 
@@ -472,6 +473,24 @@ class Reply(NamedTuple):
     response: requests.Response
 
 
+class _UnverifiedTLSAdapter(requests.adapters.HTTPAdapter):
+    """requests' verify=False makes an SSL context for each connection and loads the system's CA
+    bundle into it after the TCP connect, with the GIL held: 65 ms natively, seconds on the
+    emulated guest. Ten such threads queued behind one another past nginx's 10 s handshake
+    deadline (SSLZeroReturnError in test_ten_concurrent_opens_run_cryptsetup_once). This
+    adapter gives every connection one context made once, with nothing to load."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, ssl_context=raw_http.TLS, **kwargs)
+
+
+def unverified_request(method: str, url: str, **kwargs) -> requests.Response:
+    """requests.request(method, url, verify=False, ...): a new connection, no certificate checked."""
+    with requests.Session() as session:
+        session.mount("https://", _UnverifiedTLSAdapter())
+        return session.request(method, url, verify=False, **kwargs)
+
+
 class Dashboard:
     """Calls the API exactly as the dashboard does (PROTOCOL §3), and parses the same way.
 
@@ -483,16 +502,21 @@ class Dashboard:
 
     def __init__(self, base_url: str, session: requests.Session | None = None) -> None:
         self.base_url = base_url
-        self.http = session or requests  # the dashboard: a new connection for every call
+        self.session = session  # None: the dashboard's way, a new connection for every call
 
     def status(self) -> Reply:
-        r = self.http.get(f"{self.base_url}/luksctl_api/v1.0/status", verify=False, timeout=self.timeout)
+        r = self._call("GET", "status")
         return Reply(json.loads(r.text)["volume_state"], r)
 
     def open(self, payload: dict) -> Reply:
-        r = self.http.post(f"{self.base_url}/luksctl_api/v1.0/open", json=payload, verify=False,
-                           timeout=self.timeout)
+        r = self._call("POST", "open", json=payload)
         return Reply(json.loads(r.text)["volume_state"], r)
+
+    def _call(self, method: str, endpoint: str, **kwargs) -> requests.Response:
+        url = f"{self.base_url}/luksctl_api/v1.0/{endpoint}"
+        if self.session is not None:
+            return self.session.request(method, url, verify=False, timeout=self.timeout, **kwargs)
+        return unverified_request(method, url, timeout=self.timeout, **kwargs)
 
 
 class CryptsetupCounter:

@@ -43,6 +43,7 @@ from helpers_vm import (
     run,
     stop_process,
     tail,
+    unverified_request,
     wait_until,
 )
 from support.proc import processes
@@ -301,7 +302,7 @@ class WorkerNode:
             raise RuntimeError(f"{self.name}: exited {self.proc.returncode}:\n{tail(self.log)}")
         try:
             # 502: the proxy is up, gunicorn's socket not yet.
-            return requests.get(self.url("status"), verify=False, timeout=10).status_code != 502
+            return unverified_request("GET", self.url("status"), timeout=10).status_code != 502
         except requests.RequestException:
             return False
 

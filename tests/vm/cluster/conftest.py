@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from cluster_lab import Lab, WorkerNode, record_timing  # noqa: F401 (test_cluster.py imports record_timing from here)
-from helpers_vm import Api, Bao, Dashboard
+from helpers_vm import Api, Bao, Dashboard, unverified_request
 
 # The connect timeout is small; the read timeout must cover a real remount under software
 # emulation: three concurrent `sudo luksctl nfs-mount` took ~31 s each here, so 20 s was too
@@ -37,7 +37,7 @@ class Cluster:
         return self.lab.workers
 
     def nodes(self) -> requests.Response:
-        return requests.get(f"{self.api.base_url}/luksctl_api/v1.0/nodes", verify=False, timeout=300)
+        return unverified_request("GET", f"{self.api.base_url}/luksctl_api/v1.0/nodes", timeout=300)
 
     def open(self):
         """A fresh volume, its passphrase in Bao, and the dashboard's open: (reply, seconds)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers_vm import LUKS_DIR, OUT, REPO, run, wait_until
+from helpers_vm import LUKS_DIR, OUT, REPO, run, unverified_request, wait_until
 
 API_UNIT = "luksctl-api.service"
 WORKER_UNIT = "luksctl-api-wn.service"
@@ -131,7 +131,7 @@ def worker(systemd, api_unit, frontend):
 
     def answers() -> bool:
         try:
-            return requests.get(f"{WORKER_URL}/status", verify=False, timeout=10).status_code == 200
+            return unverified_request("GET", f"{WORKER_URL}/status", timeout=10).status_code == 200
         except requests.RequestException:
             return False
 
@@ -146,9 +146,9 @@ def test_an_nfs_mount_and_a_refused_one_each_leave_exactly_one_audit_line(worker
     token, share = worker
     start = cursor()
 
-    remount = requests.post(f"{WORKER_URL}/nfs-mount", headers={"X-Luksctl-Token": token}, verify=False, timeout=120)
+    remount = unverified_request("POST", f"{WORKER_URL}/nfs-mount", headers={"X-Luksctl-Token": token}, timeout=120)
     assert (remount.status_code, remount.json()["nfs_state"]) == (502, "unmounted"), remount.text
-    refused = requests.post(f"{WORKER_URL}/nfs-mount", verify=False, timeout=30)
+    refused = unverified_request("POST", f"{WORKER_URL}/nfs-mount", timeout=30)
     assert (refused.status_code, refused.json()["nfs_state"]) == (403, "unmounted"), refused.text
 
     records = journal_after(start)
