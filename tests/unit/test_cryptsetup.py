@@ -18,14 +18,14 @@ STORED = b"stored\nwith a newline \xc3\xbc"
 
 
 class Recorder:
-    def __init__(self, returncode: int = 0, stdout: str = "") -> None:
+    def __init__(self, returncode: int = 0, stdout: str = "", stderr: str = "") -> None:
         self.calls: list[tuple[list[str], bytes | None]] = []
-        self.returncode, self.stdout = returncode, stdout
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
     def run(self, argv, *, timeout, stdin=None, check=True):
         assert timeout > 0
         self.calls.append((list(argv), stdin))
-        return runner.Result(list(argv), self.returncode, self.stdout, "")
+        return runner.Result(list(argv), self.returncode, self.stdout, self.stderr)
 
 
 @pytest.fixture
@@ -260,3 +260,19 @@ def test_a_started_reencryption_is_read_from_the_luks2_requirements(recorder):
 
     assert header.reencrypting is True and list(header.keyslots) == [0] and header.key_size == 512
     assert header.volume_key_digest == "old"
+
+
+@pytest.mark.parametrize(("call", "what"), [
+    (lambda: cryptsetup.close_mapper("vol"), "close vol"),
+    (lambda: cryptsetup.kill_slot(DEVICE, 1, STORED), f"remove keyslot 1 of {DEVICE}"),
+    (lambda: cryptsetup.add_key(DEVICE, STORED, b"new-key", 1, cryptsetup.Pbkdf()), f"add a key to slot 1 of {DEVICE}"),
+], ids=["close", "luksKillSlot", "luksAddKey"])
+def test_any_other_failure_says_what_could_not_be_done_with_cryptsetups_argv_exit_code_and_stderr(recorder, call, what):
+    """Not a wrong passphrase (2) nor busy (5): the operator gets cryptsetup's own words."""
+    recorder.returncode, recorder.stderr = 1, "Device vol is not active."
+
+    with pytest.raises(CommandFailed) as failed:
+        call()
+
+    assert failed.value.message == f"cryptsetup could not {what}"
+    assert (failed.value.argv, failed.value.returncode, failed.value.stderr) == (recorder.calls[0][0], 1, "Device vol is not active.")
