@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import tokenize
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +22,13 @@ STORED = b"stored\nwith a newline \xc3\xbc"
 class Recorder:
     def __init__(self, returncode: int = 0, stdout: str = "", stderr: str = "") -> None:
         self.calls: list[tuple[list[str], bytes | None]] = []
+        self.timeouts: list[float] = []
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
     def run(self, argv, *, timeout, stdin=None, check=True):
         assert timeout > 0
         self.calls.append((list(argv), stdin))
+        self.timeouts.append(timeout)
         return runner.Result(list(argv), self.returncode, self.stdout, self.stderr)
 
 
@@ -54,12 +58,12 @@ def test_add_key_with_cryptsetups_defaults_names_no_pbkdf(recorder):
 def test_add_key_wrong_passphrase(recorder):
     recorder.returncode = 2
 
-    with pytest.raises(WrongPassphrase):
+    with pytest.raises(WrongPassphrase, match=f"^the passphrase given does not open {DEVICE}; nothing was changed$"):
         cryptsetup.add_key(DEVICE, b"wrong", b"new-key", 1, cryptsetup.Pbkdf())
 
 
 def test_a_new_key_with_a_newline_is_never_sent(recorder):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^a new key must not contain a newline$"):
         cryptsetup.add_key(DEVICE, STORED, b"new\nkey", 1, cryptsetup.Pbkdf())
     assert recorder.calls == []
 
@@ -75,6 +79,18 @@ def test_opening_slot_none_for_a_wrong_passphrase(recorder):
     recorder.returncode = 2
 
     assert cryptsetup.opening_slot(DEVICE, b"wrong") is None
+
+
+def test_opening_slot_refuses_an_answer_that_names_no_keyslot(recorder):
+    """Exit 0 without "Key slot N unlocked" (another cryptsetup's wording): guessing a slot could
+    kill the wrong one, so it is a failure that quotes cryptsetup."""
+    recorder.stdout, recorder.stderr = "Command successful.\n", "No usable token is available.\n"
+
+    with pytest.raises(CommandFailed) as failed:
+        cryptsetup.opening_slot(DEVICE, STORED)
+
+    assert failed.value.message == f"cryptsetup did not say which keyslot of {DEVICE} opened"
+    assert (failed.value.argv, failed.value.returncode, failed.value.stderr) == (recorder.calls[0][0], 0, "No usable token is available.\n")
 
 
 def test_opening_slot_other_failures_raise(recorder):
@@ -132,6 +148,54 @@ def test_luks_format_sends_the_passphrase_on_stdin_only(recorder):
          "--hash", "sha256", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file=-", DEVICE],
         STORED,
     )]
+    assert recorder.timeouts == [cryptsetup.FORMAT_TIMEOUT], "argon2id's benchmark and 1 GiB take minutes on a slow VM"
+
+
+def test_open_with_a_wrong_passphrase_says_what_to_do(recorder):
+    recorder.returncode = cryptsetup.NO_KEY
+
+    with pytest.raises(WrongPassphrase, match=f"^the passphrase does not open {DEVICE}; ask Vault again$"):
+        cryptsetup.open_mapper(DEVICE, "vol", STORED, on_wrong_key="ask Vault again")
+
+
+def test_a_header_with_every_keyslot_used_has_no_free_one():
+    used = {slot: cryptsetup.Keyslot(slot, "pbkdf2", {"iterations": 1000}, "") for slot in range(8)}
+
+    with pytest.raises(Refused, match="^all 8 keyslots are in use; remove one first$"):
+        cryptsetup.LuksHeader(1, "uuid", "aes-xts-plain64", 512, used, {}).free_slot()
+
+
+def test_a_luks1_header_is_read_from_cryptsetups_text(tmp_path):
+    """Real cryptsetup. LUKS1 has no JSON dump: luksctl refuses or reports these volumes from the
+    text, and each keyslot's salt is what tells a rewritten slot (or a header backup's) apart."""
+    image = tmp_path / "luks1.img"
+    with image.open("xb") as f:
+        f.truncate(4 << 20)
+    fast = ["--pbkdf-force-iterations", "1000", "--batch-mode"]
+    subprocess.run(["cryptsetup", "luksFormat", "--type", "luks1", "--cipher", "aes-xts-plain64", "--key-size", "512", *fast,
+                    "--key-file=-", str(image)], input=STORED, check=True, capture_output=True)
+    subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(STORED)}", "--key-slot", "3", *fast, str(image)],
+                   input=STORED + b"second\n", check=True, capture_output=True)
+    uuid = subprocess.run(["cryptsetup", "luksUUID", str(image)], check=True, capture_output=True, text=True).stdout.strip()
+
+    header = cryptsetup.read_header(image)
+
+    assert (header.version, header.uuid, header.cipher, header.key_size) == (1, uuid, "aes-xts-plain64", 512)
+    assert sorted(header.keyslots) == [0, 3] and header.max_keyslots == 8
+    salts = [header.keyslots[slot].fingerprint for slot in (0, 3)]
+    assert all(re.fullmatch("[0-9a-f]{64}", salt) for salt in salts) and salts[0] != salts[1]
+    assert {(k.pbkdf, k.cost["iterations"]) for k in header.keyslots.values()} == {("pbkdf2", 1000)}
+
+
+def test_a_luks1_field_cryptsetup_leaves_out_reads_as_unknown(monkeypatch):
+    """Older or newer cryptsetups word the dump differently: a missing field is empty (0 bits), never an error."""
+    answers = iter([runner.Result([], 0, "f0e0-uuid\n", ""), runner.Result([], 1, "", "not LUKS2"),
+                    runner.Result([], 0, "LUKS header information\nVersion:       \t1\nCipher name:   \taes\n", "")])
+    monkeypatch.setattr(runner, "run", lambda argv, **kw: next(answers))
+
+    header = cryptsetup.read_header(DEVICE)
+
+    assert (header.version, header.uuid, header.cipher, header.key_size, header.keyslots) == (1, "f0e0-uuid", "aes", 0, {})
 
 
 def test_close_of_a_busy_mapper_is_volume_busy(recorder):
@@ -186,18 +250,19 @@ def test_no_module_but_cryptsetup_py_speaks_cryptsetup():
 class StreamingRecorder:
     """runner.run_streaming's seam: the argv and stdin of each `cryptsetup reencrypt`, and progress lines it prints."""
 
-    def __init__(self, monkeypatch, returncode: int = 0, lines: tuple[str, ...] = ()) -> None:
+    def __init__(self, monkeypatch, returncode: int = 0, lines: tuple[str, ...] = (), stderr: str = "") -> None:
         self.calls: list[tuple[list[str], bytes]] = []
-        self.returncode, self.lines = returncode, lines
+        self.returncode, self.lines, self.stderr = returncode, lines, stderr
         monkeypatch.setattr(runner, "run_streaming", self.run)
         monkeypatch.setattr(cryptsetup, "size_in_bytes", lambda device: 64 << 30)
 
     def run(self, argv, *, timeout, stdin, on_line):
         assert timeout >= 64 << 30 >> 20, "a deadline that grows with the device"
         self.calls.append((list(argv), stdin))
-        for line in self.lines:
-            on_line(line)
-        return runner.Result(list(argv), self.returncode, "", "")
+        if on_line:  # else cryptsetup prints its lines (a bar) on our stdout, as runner.run_streaming does
+            for line in self.lines:
+                on_line(line)
+        return runner.Result(list(argv), self.returncode, "", self.stderr)
 
 
 ONLINE = cryptsetup.Reencryption(DEVICE, "crypt")
@@ -219,7 +284,7 @@ def test_reencryption_keeping_every_keyslot_sends_one_passphrase_a_line_in_slot_
 
     assert recorder.calls == [(["cryptsetup", "reencrypt", "--batch-mode", "--cipher", "aes-xts-plain64", "--key-size", "256",
                                 "--pbkdf", "pbkdf2", "--iter-time", "10", "--active-name", "crypt"], b"slot 0\nslot 1\n")]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^passphrases sent one a line must not contain a newline$"):
         cryptsetup.start_reencryption(ONLINE, [STORED, b"recovery"], keep_only_slot=None, cipher=None, key_size=None, pbkdf=cryptsetup.Pbkdf())
 
 
@@ -241,10 +306,34 @@ def test_resumed_offline_reencryption_of_a_block_device_leaves_the_check_for_a_m
     assert progress == [{"device_bytes": "1", "device_size": "2"}]
 
 
+def test_reencryption_without_a_listener_leaves_cryptsetups_lines_to_the_terminal(monkeypatch):
+    recorder = StreamingRecorder(monkeypatch, lines=('{"device_bytes":"1","device_size":"2"}',))
+
+    cryptsetup.start_reencryption(cryptsetup.Reencryption(DEVICE, "crypt"), [STORED], keep_only_slot=None, cipher=None,
+                                  key_size=None, pbkdf=cryptsetup.Pbkdf())
+
+    assert "--progress-json" not in recorder.calls[0][0]
+
+
+@pytest.mark.parametrize(("call", "what"), [
+    (lambda: cryptsetup.start_reencryption(ONLINE, [STORED], keep_only_slot=None, cipher=None, key_size=None, pbkdf=cryptsetup.Pbkdf()),
+     f"re-encrypt {DEVICE}"),
+    (lambda: cryptsetup.resume_reencryption(ONLINE, STORED), f"resume the re-encryption of {DEVICE}"),
+], ids=["start", "resume"])
+def test_a_failed_reencryption_says_what_could_not_be_done_with_cryptsetups_words(monkeypatch, call, what):
+    recorder = StreamingRecorder(monkeypatch, returncode=1, stderr="Device crypt is not active.")
+
+    with pytest.raises(CommandFailed) as failed:
+        call()
+
+    assert failed.value.message == f"cryptsetup could not {what}"
+    assert (failed.value.argv, failed.value.returncode, failed.value.stderr) == (recorder.calls[0][0], 1, "Device crypt is not active.")
+
+
 def test_reencryption_with_a_wrong_passphrase(monkeypatch):
     StreamingRecorder(monkeypatch, returncode=cryptsetup.NO_KEY)
 
-    with pytest.raises(WrongPassphrase, match="nothing was changed"):
+    with pytest.raises(WrongPassphrase, match=f"^the passphrase given does not open {DEVICE}; nothing was changed$"):
         cryptsetup.resume_reencryption(ONLINE, b"wrong")
 
 
@@ -262,11 +351,25 @@ def test_a_started_reencryption_is_read_from_the_luks2_requirements(recorder):
     assert header.volume_key_digest == "old"
 
 
+BACKUP = cryptsetup.DEFAULT_HEADER_BACKUP
+
+
 @pytest.mark.parametrize(("call", "what"), [
+    (lambda: cryptsetup.luks_format(DEVICE, STORED, cryptsetup.Format("aes-xts-plain64", 512, "sha256", cryptsetup.Pbkdf())),
+     f"format {DEVICE}"),
+    (lambda: cryptsetup.open_mapper(DEVICE, "vol", STORED, on_wrong_key="ask again"), f"open {DEVICE}"),
     (lambda: cryptsetup.close_mapper("vol"), "close vol"),
+    (lambda: cryptsetup.opens(DEVICE, STORED), f"test a passphrase on {DEVICE}"),
     (lambda: cryptsetup.kill_slot(DEVICE, 1, STORED), f"remove keyslot 1 of {DEVICE}"),
     (lambda: cryptsetup.add_key(DEVICE, STORED, b"new-key", 1, cryptsetup.Pbkdf()), f"add a key to slot 1 of {DEVICE}"),
-], ids=["close", "luksKillSlot", "luksAddKey"])
+    (lambda: cryptsetup.import_token(DEVICE, {"type": cryptsetup.RECOVERY_TOKEN}), f"label a keyslot of {DEVICE}"),
+    (lambda: cryptsetup.remove_token(DEVICE, 3), f"remove token 3 of {DEVICE}"),
+    (lambda: cryptsetup.erase(DEVICE), f"erase the keyslots of {DEVICE}"),
+    (lambda: cryptsetup.luks_uuid(DEVICE), f"read the LUKS uuid of {DEVICE}"),
+    (lambda: cryptsetup.backup_header(DEVICE, BACKUP), f"back up the header of {DEVICE}"),
+    (lambda: cryptsetup.restore_header(DEVICE, BACKUP), f"restore the header of {DEVICE}"),
+], ids=["luksFormat", "open", "close", "test-passphrase", "luksKillSlot", "luksAddKey", "token import", "token remove",
+        "luksErase", "luksUUID", "luksHeaderBackup", "luksHeaderRestore"])
 def test_any_other_failure_says_what_could_not_be_done_with_cryptsetups_argv_exit_code_and_stderr(recorder, call, what):
     """Not a wrong passphrase (2) nor busy (5): the operator gets cryptsetup's own words."""
     recorder.returncode, recorder.stderr = 1, "Device vol is not active."
