@@ -484,10 +484,16 @@ class _UnverifiedTLSAdapter(requests.adapters.HTTPAdapter):
         super().init_poolmanager(*args, ssl_context=raw_http.TLS, **kwargs)
 
 
+def unverified_session() -> requests.Session:
+    """A session whose https:// connections share one prebuilt context; each call still passes verify=False."""
+    session = requests.Session()
+    session.mount("https://", _UnverifiedTLSAdapter())
+    return session
+
+
 def unverified_request(method: str, url: str, **kwargs) -> requests.Response:
     """requests.request(method, url, verify=False, ...): a new connection, no certificate checked."""
-    with requests.Session() as session:
-        session.mount("https://", _UnverifiedTLSAdapter())
+    with unverified_session() as session:
         return session.request(method, url, verify=False, **kwargs)
 
 
@@ -500,9 +506,10 @@ class Dashboard:
 
     timeout = 120
 
-    def __init__(self, base_url: str, session: requests.Session | None = None) -> None:
+    def __init__(self, base_url: str, *, keep_alive: bool = False) -> None:
         self.base_url = base_url
-        self.session = session  # None: the dashboard's way, a new connection for every call
+        # Without keep_alive, the dashboard's way: a new connection for every call.
+        self.session = unverified_session() if keep_alive else None
 
     def status(self) -> Reply:
         r = self._call("GET", "status")

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 from helpers_vm import (CRYPTSETUP, HEADER_BACKUP, MOUNTPOINT, Dashboard, Volume, mapped, opens, put_back_closed, reencrypting, run, stored,
                         suspended, token_file, volume_key_digest)
 from leaks import watch_for_leaks
@@ -127,7 +126,7 @@ class StatusPoller(threading.Thread):
 
     def __init__(self, dashboard) -> None:
         super().__init__(daemon=True)
-        self.dashboard = Dashboard(dashboard.base_url, session=requests.Session())
+        self.dashboard = Dashboard(dashboard.base_url, keep_alive=True)
         self.answers, self.failures = 0, []
         self.stopping = threading.Event()
 
