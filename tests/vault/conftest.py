@@ -85,11 +85,13 @@ def bao(tmp_path_factory) -> Iterator[Bao]:
 READ_WRITE = "luksctl-test-read-write"
 ROTATE = "luksctl-test-rotate"  # read + update: what rotation needs
 UPDATE_ONLY = "luksctl-test-update-only"
+CREATE_READ = "luksctl-test-create-read"  # read, but no update: the new version could not be written
 DELETE = "luksctl-test-delete"
 TEST_POLICIES = {
     READ_WRITE: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["create", "read", "update"] }}',
     ROTATE: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["read", "update"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["read", "update"] }}',
     UPDATE_ONLY: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["update"] }}',
+    CREATE_READ: f'path "{KV2_ROOT}/data/*" {{ capabilities = ["create", "read"] }}',
     DELETE: f'path "{KV2_ROOT}/metadata/*" {{ capabilities = ["delete"] }}\npath "{KV1_ROOT}/*" {{ capabilities = ["delete", "read"] }}',
 }
 

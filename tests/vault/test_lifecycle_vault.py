@@ -22,7 +22,7 @@ from luksctl.root.journal import VAULT_WRITTEN, Journal
 from luksctl.root.setup import VaultTarget, store_in_vault
 from luksctl.vault import SecretRef
 
-from .conftest import KV1_ROOT, KV2_ROOT, ROTATE, SECRET_KEY, UPDATE_ONLY, token_file, vault_args, vault_value
+from .conftest import CREATE_READ, KV1_ROOT, KV2_ROOT, ROTATE, SECRET_KEY, UPDATE_ONLY, token_file, vault_args, vault_value
 
 OLD = LUKS_LAB_PASSPHRASE.decode()
 EXIT_VAULT_DENIED = 4  # VaultDenied keeps the generic "command failed" code
@@ -75,7 +75,8 @@ def test_rotate_on_kv1_overwrites(lab, policies, tmp_path, capsys):
     assert new != OLD and lab.opens(lab.image, new.encode()) and not lab.opens(lab.image, OLD.encode())
 
 
-@pytest.mark.parametrize(("policy", "has"), [(READ_POLICY, "read"), (WRITE_ONLY, "create"), (UPDATE_ONLY, "update")])
+@pytest.mark.parametrize(("policy", "has"), [(READ_POLICY, "read"), (WRITE_ONLY, "create"), (UPDATE_ONLY, "update"),
+                                            (CREATE_READ, "create, read")])
 def test_rotate_without_read_and_update_is_refused_and_changes_nothing(lab, policies, tmp_path, capsys, policy, has):
     bao = policies
     secret_path = bao.store_secret(OLD)
