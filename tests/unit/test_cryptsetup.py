@@ -187,6 +187,20 @@ def test_a_luks1_header_is_read_from_cryptsetups_text(tmp_path):
     assert {(k.pbkdf, k.cost["iterations"]) for k in header.keyslots.values()} == {("pbkdf2", 1000)}
 
 
+def test_an_argon2_keyslots_cost_is_read_from_the_luks2_metadata(tmp_path):
+    """Real cryptsetup: argon2's time, memory (KiB) and threads, as `report` shows them."""
+    image = tmp_path / "argon2.img"
+    with image.open("xb") as f:
+        f.truncate(20 << 20)
+    subprocess.run(["cryptsetup", "luksFormat", "--type", "luks2", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4",
+                    "--pbkdf-memory", "64", "--pbkdf-parallel", "1", "--batch-mode", "--key-file=-", str(image)],
+                   input=STORED, check=True, capture_output=True)
+
+    keyslot = cryptsetup.read_header(image).keyslots[0]
+
+    assert (keyslot.pbkdf, keyslot.cost) == ("argon2id", {"time": 4, "memory": 64, "cpus": 1})
+
+
 def test_a_luks1_field_cryptsetup_leaves_out_reads_as_unknown(monkeypatch):
     """Older or newer cryptsetups word the dump differently: a missing field is empty (0 bits), never an error."""
     answers = iter([runner.Result([], 0, "f0e0-uuid\n", ""), runner.Result([], 1, "", "not LUKS2"),
