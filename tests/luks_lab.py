@@ -37,10 +37,11 @@ class Lab:
         monkeypatch.setattr(VolumeConfig, "device_path", property(lambda self: image))
 
     @staticmethod
-    def format(image: Path, passphrase: bytes, luks_type: str = "luks2") -> str:
+    def format(image: Path, passphrase: bytes, luks_type: str = "luks2", options: list[str] = LUKS_LAB_FAST) -> str:
+        """A new 20 MiB image formatted with `options` (the keyslot's PBKDF, a cipher); its LUKS uuid."""
         with image.open("xb") as f:
             f.truncate(20 * 1024 * 1024)
-        subprocess.run(["cryptsetup", "luksFormat", "--type", luks_type, *LUKS_LAB_FAST, "--batch-mode", "--key-file=-", str(image)],
+        subprocess.run(["cryptsetup", "luksFormat", "--type", luks_type, *options, "--batch-mode", "--key-file=-", str(image)],
                        input=passphrase, check=True, capture_output=True)
         return subprocess.run(["cryptsetup", "luksUUID", str(image)], check=True, capture_output=True, text=True).stdout.strip()
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from luks_lab import LUKS_LAB_FAST, Lab
 
 from luksctl import runner
 from luksctl.errors import CommandFailed, Refused, VolumeBusy, WrongPassphrase
@@ -169,14 +170,9 @@ def test_a_luks1_header_is_read_from_cryptsetups_text(tmp_path):
     """Real cryptsetup. LUKS1 has no JSON dump: luksctl refuses or reports these volumes from the
     text, and each keyslot's salt is what tells a rewritten slot (or a header backup's) apart."""
     image = tmp_path / "luks1.img"
-    with image.open("xb") as f:
-        f.truncate(4 << 20)
-    fast = ["--pbkdf-force-iterations", "1000", "--batch-mode"]
-    subprocess.run(["cryptsetup", "luksFormat", "--type", "luks1", "--cipher", "aes-xts-plain64", "--key-size", "512", *fast,
-                    "--key-file=-", str(image)], input=STORED, check=True, capture_output=True)
-    subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(STORED)}", "--key-slot", "3", *fast, str(image)],
-                   input=STORED + b"second\n", check=True, capture_output=True)
-    uuid = subprocess.run(["cryptsetup", "luksUUID", str(image)], check=True, capture_output=True, text=True).stdout.strip()
+    uuid = Lab.format(image, STORED, "luks1", [*LUKS_LAB_FAST, "--cipher", "aes-xts-plain64", "--key-size", "512"])
+    subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(STORED)}", "--key-slot", "3", *LUKS_LAB_FAST,
+                    "--batch-mode", str(image)], input=STORED + b"second\n", check=True, capture_output=True)
 
     header = cryptsetup.read_header(image)
 
@@ -190,11 +186,7 @@ def test_a_luks1_header_is_read_from_cryptsetups_text(tmp_path):
 def test_an_argon2_keyslots_cost_is_read_from_the_luks2_metadata(tmp_path):
     """Real cryptsetup: argon2's time, memory (KiB) and threads, as `report` shows them."""
     image = tmp_path / "argon2.img"
-    with image.open("xb") as f:
-        f.truncate(20 << 20)
-    subprocess.run(["cryptsetup", "luksFormat", "--type", "luks2", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4",
-                    "--pbkdf-memory", "64", "--pbkdf-parallel", "1", "--batch-mode", "--key-file=-", str(image)],
-                   input=STORED, check=True, capture_output=True)
+    Lab.format(image, STORED, options=["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "64", "--pbkdf-parallel", "1"])
 
     keyslot = cryptsetup.read_header(image).keyslots[0]
 
