@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import tokenize
 from collections.abc import Iterator
@@ -160,15 +159,14 @@ def test_open_with_a_wrong_passphrase_says_what_to_do(recorder):
 
 
 def test_a_header_with_every_keyslot_used_has_no_free_one():
-    used = {slot: cryptsetup.Keyslot(slot, "pbkdf2", {"iterations": 1000}, "") for slot in range(8)}
+    used = {slot: cryptsetup.Keyslot(slot, "pbkdf2", {"iterations": 1000}) for slot in range(8)}
 
     with pytest.raises(Refused, match="^all 8 keyslots are in use; remove one first$"):
         cryptsetup.LuksHeader(1, "uuid", "aes-xts-plain64", 512, used, {}).free_slot()
 
 
 def test_a_luks1_header_is_read_from_cryptsetups_text(tmp_path):
-    """Real cryptsetup. LUKS1 has no JSON dump: luksctl refuses or reports these volumes from the
-    text, and each keyslot's salt is what tells a rewritten slot (or a header backup's) apart."""
+    """Real cryptsetup. LUKS1 has no JSON dump: luksctl refuses or reports these volumes from the text."""
     image = tmp_path / "luks1.img"
     uuid = Lab.format(image, STORED, "luks1", [*LUKS_LAB_FAST, "--cipher", "aes-xts-plain64", "--key-size", "512"])
     subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(STORED)}", "--key-slot", "3", *LUKS_LAB_FAST,
@@ -177,10 +175,8 @@ def test_a_luks1_header_is_read_from_cryptsetups_text(tmp_path):
     header = cryptsetup.read_header(image)
 
     assert (header.version, header.uuid, header.cipher, header.key_size) == (1, uuid, "aes-xts-plain64", 512)
-    assert sorted(header.keyslots) == [0, 3] and header.max_keyslots == 8
-    salts = [header.keyslots[slot].fingerprint for slot in (0, 3)]
-    assert all(re.fullmatch("[0-9a-f]{64}", salt) for salt in salts) and salts[0] != salts[1]
-    assert {(k.pbkdf, k.cost["iterations"]) for k in header.keyslots.values()} == {("pbkdf2", 1000)}
+    assert header.keyslots == {slot: cryptsetup.Keyslot(slot, "pbkdf2", {"iterations": 1000}) for slot in (0, 3)}
+    assert header.max_keyslots == 8
 
 
 def test_an_argon2_keyslots_cost_is_read_from_the_luks2_metadata(tmp_path):

@@ -83,7 +83,6 @@ class Keyslot:
     slot: int
     pbkdf: str
     cost: dict[str, int]  # pbkdf2: iterations; argon2*: time, memory (KiB), cpus
-    fingerprint: str  # changes whenever the slot is rewritten (its salt)
 
 
 @dataclass(frozen=True)
@@ -250,7 +249,7 @@ def _parse_luks2(uuid: str, metadata: dict) -> LuksHeader:
         kdf = info["kdf"]
         cost_keys = ("iterations",) if kdf["type"] == "pbkdf2" else ("time", "memory", "cpus")
         cost = {key: int(kdf[key]) for key in cost_keys if key in kdf}
-        keyslots[int(slot)] = Keyslot(int(slot), kdf["type"], cost, kdf.get("salt", ""))
+        keyslots[int(slot)] = Keyslot(int(slot), kdf["type"], cost)
     segment = metadata["segments"].get("0", {})
     key_size = next(iter(passphrase_slots.values()), {}).get("key_size", 0) * 8
     tokens = {
@@ -270,9 +269,9 @@ def _parse_luks1(uuid: str, text: str) -> LuksHeader:
         return match.group(1) if match else ""
 
     keyslots = {}
-    for match in re.finditer(r"^Key Slot (\d+): ENABLED\n\s*Iterations:\s*(\d+)\n\s*Salt:\s*((?:[0-9a-f ]+\n?\s*)+?)\s*Key material", text, re.MULTILINE):
+    for match in re.finditer(r"^Key Slot (\d+): ENABLED\n\s*Iterations:\s*(\d+)\n", text, re.MULTILINE):
         slot = int(match.group(1))
-        keyslots[slot] = Keyslot(slot, "pbkdf2", {"iterations": int(match.group(2))}, "".join(match.group(3).split()))
+        keyslots[slot] = Keyslot(slot, "pbkdf2", {"iterations": int(match.group(2))})
     cipher = "-".join(part for part in (field("Cipher name"), field("Cipher mode")) if part)
     return LuksHeader(1, uuid, cipher, int(field("MK bits") or 0), keyslots, {})
 
