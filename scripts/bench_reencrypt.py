@@ -10,7 +10,7 @@ the order of the first two alternating between rounds:
   reencrypt`: its throughput idle and during;
 - `luksctl reencrypt` SIGKILLed (with its cryptsetup) once its device stack is up, then run again:
   the re-run's wall time, and the cost of the kill (killed run + re-run - an uninterrupted run).
-With REENCRYPT_RATIO_ONLY=1 a round is the first two runs only (at 1 GiB, 7 minutes instead of 15).
+With REENCRYPT_RATIO_ONLY=1 a round is the first two runs only (at 1 GiB, about 8 minutes instead of 15).
 Results: stdout (Markdown) and vm-out/bench_reencrypt.json. For sizes over 512 MiB, attach a disk
 for the images (each round keeps its own until the end: ROUNDS x REENCRYPT_MIB, plus room), made
 with every block allocated on the host, or the first round also pays for the host's allocation:
