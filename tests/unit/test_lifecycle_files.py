@@ -24,7 +24,7 @@ from luks_lab import Lab
 
 from luksctl import secret_input
 from luksctl.config import VolumeConfig, load_volume_config
-from luksctl.errors import EXIT_COMMAND_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_USAGE, EXIT_WRONG_PASSPHRASE, Refused
+from luksctl.errors import EXIT_COMMAND_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_STALE_BACKUP, EXIT_USAGE, EXIT_WRONG_PASSPHRASE, Refused, VaultDenied
 from luksctl.root import blockdev, cli, cryptsetup, header, keys, pending, report, rotate
 from luksctl.root.cli import main
 from luksctl.root.decommission import decommission
@@ -868,18 +868,20 @@ def test_rotate_killed_at_each_of_its_pending_file_operations_finishes_on_a_reru
             assert_rotated(lab, vault)
 
 
-@pytest.mark.parametrize("old_form", ["passphrase only", "passphrase and state", "after luksAddKey", "after the Vault write"])
+@pytest.mark.parametrize("old_form", ["passphrase only", "passphrase and state", "after luksAddKey", "after the Vault write",
+                                      "after luksAddKey, state lost"])
 def test_rotate_finishes_a_rotation_an_older_version_left_in_two_files(lab, old_form):
-    """Killed between its two writes, the old form left the passphrase alone: exit 7 until a person came."""
+    """Killed between its two writes, the old form left the passphrase alone: exit 7 until a person came.
+    A passphrase already in a keyslot keeps that slot, even with the state gone: it is not added twice."""
     vault = MemoryVault(PASSPHRASE)
     header.write_backup(str(lab.image), lab.backup)  # setup's, which opens with the old passphrase
     new = b"NewPassphraseSavedByAnOlderVersion0123456789"
     (lab.dir / "rotate-pending-passphrase").write_bytes(new)
     (lab.dir / "rotate-pending-passphrase").chmod(0o600)
-    if old_form != "passphrase only":
+    if old_form not in ("passphrase only", "after luksAddKey, state lost"):
         (lab.dir / "rotate-state.json").write_text('{"old_slot": 0, "new_slot": 1}\n')
         (lab.dir / "rotate-state.json").chmod(0o600)
-    if old_form in ("after luksAddKey", "after the Vault write"):
+    if old_form.startswith("after"):
         subprocess.run(["cryptsetup", "luksAddKey", "--key-file=-", f"--keyfile-size={len(PASSPHRASE)}", *FAST_NEW_SLOT, str(lab.image)],
                        input=PASSPHRASE + new, check=True, capture_output=True)
     if old_form == "after the Vault write":  # its state file is what tells the old slot from the new
@@ -889,6 +891,48 @@ def test_rotate_finishes_a_rotation_an_older_version_left_in_two_files(lab, old_
 
     assert rotation.resumed and vault.value.encode() == new
     assert_rotated(lab, vault)
+    assert sorted(cryptsetup.read_header(str(lab.image)).keyslots) == [1]
+
+
+def test_rotate_refuses_an_old_form_passphrase_vault_holds_without_its_state(lab):
+    """Its slots cannot be worked out: Vault's passphrase is the new one, and nothing tells the old slot."""
+    new = b"NewPassphraseSavedByAnOlderVersion0123456789"
+    (lab.dir / "rotate-pending-passphrase").write_bytes(new)
+    (lab.dir / "rotate-pending-passphrase").chmod(0o600)
+    before = hashlib.sha256(lab.image.read_bytes()).hexdigest()
+
+    with pytest.raises(Refused) as refused:
+        rotate_lab(lab, MemoryVault(new))
+
+    assert str(refused.value) == (f"Vault holds the pending passphrase of {lab.dir / 'rotate-pending-passphrase'} but its rotation "
+                                  "state is gone; compare it with the device, then move it away")
+    assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
+    assert (lab.dir / "rotate-pending-passphrase").read_bytes() == new
+
+
+def test_rotate_refuses_an_old_form_passphrase_when_vaults_does_not_open_the_volume(lab):
+    (lab.dir / "rotate-pending-passphrase").write_bytes(b"NewPassphraseSavedByAnOlderVersion0123456789")
+    (lab.dir / "rotate-pending-passphrase").chmod(0o600)
+
+    with pytest.raises(Refused) as refused:
+        rotate_lab(lab, MemoryVault(b"not this volume's passphrase"))
+
+    assert str(refused.value) == f"the passphrase in Vault at {REF} does not open {lab.image}; nothing was changed"
+    assert opens(lab.image, PASSPHRASE)
+
+
+class NoCapabilityVault(MemoryVault):
+    def capabilities(self, ref):
+        return set()
+
+
+def test_rotate_with_a_token_that_has_no_capability_there_says_so(lab):
+    with pytest.raises(VaultDenied) as refused:
+        rotate_lab(lab, NoCapabilityVault(PASSPHRASE))
+
+    assert str(refused.value) == (f"rotation needs read and update on {REF}; this token has nothing there "
+                                  "(the dashboard's tokens are create-only or read-only); nothing was changed")
+    assert opens(lab.image, PASSPHRASE) and not (lab.dir / "rotate-pending.json").exists()
 
 
 def test_a_pending_file_that_is_not_private_is_refused(lab):
@@ -922,8 +966,10 @@ def test_rotate_from_the_recovery_key_is_refused_and_changes_nothing(lab, capsys
     before = hashlib.sha256(lab.image.read_bytes()).hexdigest()
     vault = MemoryVault(recovery_key)  # someone stored the recovery key in Vault
 
-    with pytest.raises(Refused, match="recovery key"):
+    with pytest.raises(Refused) as refused:
         rotate_lab(lab, vault)
+
+    assert str(refused.value) == f"the passphrase in Vault at {REF} is the recovery key (keyslot 1); nothing was changed"
 
     assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
     assert vault.value.encode() == recovery_key and not (lab.dir / "rotate-pending.json").exists()

@@ -85,8 +85,8 @@ def test_rotate_without_read_and_update_is_refused_and_changes_nothing(lab, poli
     code, answer = lab.run(capsys, "rotate", *FAST_NEW_SLOT, *vault_args(bao, secret_path, token_file(bao, tmp_path, policy)))
 
     assert code == EXIT_VAULT_DENIED
-    assert answer["error"].startswith(f"rotation needs read and update on {KV2_ROOT}/{secret_path}")
-    assert f"this token has {has} there" in answer["error"]
+    assert answer["error"] == (f"rotation needs read and update on {KV2_ROOT}/{secret_path} (key 'storage_encryption_key', KV v2); "
+                               f"this token has {has} there (the dashboard's tokens are create-only or read-only); nothing was changed")
     assert digest(lab.image) == before and vault_value(bao, secret_path) == (OLD, 1)
     assert not (lab.dir / "rotate-pending.json").exists()
 
