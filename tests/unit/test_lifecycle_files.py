@@ -889,7 +889,7 @@ def test_rotate_finishes_a_rotation_an_older_version_left_in_two_files(lab, old_
 
     rotation = rotate_lab(lab, vault)
 
-    assert rotation.resumed and vault.value.encode() == new
+    assert rotation.resumed and vault.value.encode() == new and rotation.vault_version == vault.version
     assert_rotated(lab, vault)
     assert sorted(cryptsetup.read_header(str(lab.image)).keyslots) == [1]
 
@@ -908,6 +908,30 @@ def test_rotate_refuses_an_old_form_passphrase_vault_holds_without_its_state(lab
                                   "state is gone; compare it with the device, then move it away")
     assert hashlib.sha256(lab.image.read_bytes()).hexdigest() == before
     assert (lab.dir / "rotate-pending-passphrase").read_bytes() == new
+
+
+def test_rotate_reports_each_step_it_took(tmp_path, monkeypatch):
+    lab = fresh_lab(tmp_path, "steps", monkeypatch)
+    vault = MemoryVault(PASSPHRASE)
+
+    rotation = rotate_lab(lab, vault)
+
+    assert rotation.steps == ["added new keyslot", "stored in Vault", "removed old keyslot", "wrote header backup"]
+    assert (rotation.new_slot, rotation.removed_slot, rotation.vault_version, rotation.resumed) == (1, 0, 2, False)
+
+
+def test_rotate_refuses_when_vault_holds_the_pending_passphrase_but_no_keyslot_does(lab):
+    """Only a restored header (or a hand-killed slot) gets here: the pending file is then the one copy left that is known."""
+    new = b"NewPassphraseNoKeyslotHolds0123456789abcdefgh"
+    (lab.dir / "rotate-pending.json").write_text(json.dumps({"passphrase": new.decode(), "old_slot": 0, "new_slot": 1}))
+    (lab.dir / "rotate-pending.json").chmod(0o600)
+
+    with pytest.raises(Refused) as refused:
+        rotate_lab(lab, MemoryVault(new))
+
+    assert str(refused.value) == (f"Vault holds the pending passphrase but it opens no keyslot of {lab.image}; "
+                                  f"keep {lab.dir / 'rotate-pending.json'} and restore the header backup")
+    assert opens(lab.image, PASSPHRASE) and (lab.dir / "rotate-pending.json").exists()
 
 
 def test_rotate_refuses_an_old_form_passphrase_when_vaults_does_not_open_the_volume(lab):
