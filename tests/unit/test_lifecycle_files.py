@@ -920,6 +920,18 @@ def test_rotate_reports_each_step_it_took(tmp_path, monkeypatch):
     assert (rotation.new_slot, rotation.removed_slot, rotation.vault_version, rotation.resumed) == (1, 0, 2, False)
 
 
+def test_rotate_stops_before_vault_if_luksaddkey_added_nothing(lab, monkeypatch):
+    """cryptsetup said yes but the new passphrase opens nothing: Vault must keep the one that opens."""
+    monkeypatch.setattr(rotate, "add_key", lambda *args: None)
+    vault = MemoryVault(PASSPHRASE)
+
+    with pytest.raises(Refused) as refused:
+        rotate_lab(lab, vault)
+
+    assert str(refused.value) == f"the new passphrase does not open keyslot 1 of {lab.image} after luksAddKey; the old one still does"
+    assert (vault.value.encode(), vault.version) == (PASSPHRASE, 1) and opens(lab.image, PASSPHRASE)
+
+
 def test_rotate_refuses_when_vault_holds_the_pending_passphrase_but_no_keyslot_does(lab):
     """Only a restored header (or a hand-killed slot) gets here: the pending file is then the one copy left that is known."""
     new = b"NewPassphraseNoKeyslotHolds0123456789abcdefgh"
