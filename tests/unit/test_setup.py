@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -170,7 +172,7 @@ def disk(monkeypatch, tmp_path) -> Disk:
     fake = Disk()
     monkeypatch.setattr(runner, "run", fake.run)
     monkeypatch.setattr(blockdev, "block_device", lambda path: blockdev.BlockDevice(path, "254:16"))
-    monkeypatch.setattr(blockdev, "identity", lambda device: dict(fake.identity))
+    monkeypatch.setattr(blockdev, "identity", lambda device: dict(fake.identity) if device.path == DEVICE else pytest.fail(f"identity of {device}"))
     monkeypatch.setattr(blockdev, "users", lambda device, allowed_holder=None: [])
     monkeypatch.setattr(blockdev, "holders", lambda device: {"dm-0": "crypt"} if fake.mapper_open else {})
     monkeypatch.setattr(setup, "find_mapper_device", lambda name: "253:0" if fake.mapper_open else None)
@@ -364,8 +366,41 @@ def test_dry_run_prints_the_plan_and_changes_nothing(tmp_path, disk, vault):
     report = run(make_options(tmp_path, dry_run=True, wipe=True))
 
     assert disk.events == ["blkid -p"] and vault.unwrapped == [] and not (tmp_path / "luks").exists()
-    assert any("zero /dev/mapper/crypt" in step for step in report.plan)
-    assert any("--pbkdf argon2id" in step for step in report.plan)
+    luks = tmp_path / "luks"
+    assert report.plan == [
+        f"save the passphrase to {luks / journal.PASSPHRASE_FILE} (root, 0600) until the end",
+        f"store the passphrase at {REF} on https://vault.example:8200 (create only)",
+        f"format {DEVICE}: luksFormat --batch-mode --type luks2 --cipher aes-xts-plain64 --key-size 512 --hash sha256 "
+        f"--pbkdf argon2id --key-file=- {DEVICE}",
+        f"back up the LUKS header to {luks / 'luks-header.bck'} (0600)",
+        f"describe the volume in {luks / 'luks-cryptdev.ini'}",
+        "open it as /dev/mapper/crypt",
+        "zero /dev/mapper/crypt",
+        "make a ext4 filesystem",
+        "mount it on /export",
+        f"write {setup.ENCRYPTION_SUCCESS[0]} and {setup.VOLUME_SUCCESS[0]}",
+        "delete the saved passphrase",
+    ]
+
+
+def test_dry_run_without_vault_or_wipe_plans_neither(tmp_path, disk):
+    options = make_options(tmp_path, token="none", passphrase=b"the operator's own", dry_run=True)
+    report = run(options)
+
+    with_both = setup.plan(replace(options, vault=make_options(tmp_path).vault, wipe=True), [])
+    assert report.plan == [step for step in with_both if not step.startswith(("store the passphrase at", "zero "))]
+    assert len(report.plan) == 9
+
+
+def test_dry_run_of_an_unfinished_setup_says_what_is_done(tmp_path, disk, vault):
+    disk.kill_at = ("cryptsetup", "luksFormat")
+    with pytest.raises(Killed):
+        run(make_options(tmp_path))
+
+    report = run(make_options(tmp_path, token="wrapping-2", dry_run=True))
+
+    assert report.plan[0] == "resume the unfinished setup (done: vault-write-started, vault-written, format-started)"
+    assert report.plan[1:] == setup.plan(make_options(tmp_path), [])
 
 
 # --- crash safety: a kill anywhere, then the same command again ---------------------------
@@ -391,8 +426,13 @@ def test_lost_write_answer_with_a_write_only_token_is_refused_then_a_read_token_
         run(make_options(tmp_path))
     saved = pending(tmp_path).read_bytes()
 
-    with pytest.raises(SetupConflict, match="may not read"):
+    with pytest.raises(SetupConflict) as refused:
         run(make_options(tmp_path, token="wrapping-2"))  # create-only: cannot tell whose secret it is
+    assert str(refused.value) == (
+        f"an earlier run was interrupted while writing the passphrase to {REF}, and the path now holds a secret "
+        "that this token may not read. If the earlier write landed, it is ours. Run the same command again with a token "
+        "that may read the path (e.g. the dashboard's read-only wrapping token) to check. The passphrase stays in "
+        f"{pending(tmp_path)}; the device is untouched")
     assert pending(tmp_path).read_bytes() == saved and disk.key is None
 
     vault.capabilities, vault.readable = {"read"}, True  # the dashboard's read-only token
@@ -598,6 +638,35 @@ def test_wipe_progress_on_a_tty_is_a_percentage(tmp_path):
     assert err.getvalue() == "\rwiping:  50% of 0 MiB\rwiping: 100% of 0 MiB\n"
 
 
+def test_wipe_progress_prints_each_percentage_once_and_counts_in_mib():
+    out, err = io.StringIO(), io.StringIO()
+    as_json = setup.Progress(json_lines=True, out=out, err=io.StringIO(), tty=False)
+    on_tty = setup.Progress(json_lines=False, out=io.StringIO(), err=err, tty=True)
+    total = 3 * 2**20
+    for done in (2**20, 2**20 + 1, total):
+        as_json.wiped(done, total)
+        on_tty.wiped(done, total)
+    setup.Progress(json_lines=True, out=out, err=io.StringIO(), tty=False).wiped(1, 1)
+
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [
+        {"event": "wipe", "bytes_done": 2**20, "bytes_total": total, "percent": 33},
+        {"event": "wipe", "bytes_done": total, "bytes_total": total, "percent": 100},
+        {"event": "wipe", "bytes_done": 1, "bytes_total": 1, "percent": 100},
+    ]
+    assert err.getvalue() == "\rwiping:  33% of 3 MiB\rwiping: 100% of 3 MiB\n"
+
+
+@pytest.mark.parametrize("json_lines", [True, False])
+def test_wipe_progress_reaches_a_pipe_at_once(json_lines):
+    """The dashboard and a terminal read it while the wipe runs: each line is flushed, not buffered."""
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb", buffering=0) as reader, os.fdopen(write_end, "w") as writer:
+        os.set_blocking(read_end, False)
+        progress = setup.Progress(json_lines=json_lines, out=writer, err=writer, tty=True)
+        progress.wiped(1, 2)
+        assert b"50" in (reader.read() or b"")
+
+
 def test_cli_refuses_passphrase_and_token_both_on_stdin(capsys, monkeypatch):
     from luksctl.root import cli
 
@@ -631,6 +700,6 @@ def test_kv_v1_secret_is_looked_for_first_when_the_token_may_read(tmp_path, disk
     vault.secrets[str(ref)] = "someone else's"
     options = replace(make_options(tmp_path), vault=setup.VaultTarget("https://v:8200", ref, token="wrapping-1"))
 
-    with pytest.raises(SecretExists):
+    with pytest.raises(SecretExists, match=rf"^{re.escape(str(ref))} already holds a secret; it was not overwritten$"):
         run(options)
     assert vault.secrets[str(ref)] == "someone else's" and disk.key is None
