@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from luksctl import runner
+from luksctl import runner, status
 from luksctl.errors import (
     CommandFailed,
     DeviceInUse,
@@ -28,16 +28,18 @@ from luksctl.errors import (
     VaultUnreachable,
     VaultWriteDenied,
     WrappingTokenInvalid,
+    WrongPassphrase,
 )
 from luksctl.vault import SecretRef
 from luksctl.root import blockdev, header, journal, setup, volume
 from luksctl.secret_input import read_token
-from luksctl.status import VolumeStatus
+from luksctl.status import Mount
 
 DEVICE = "/dev/vdb"
 UUID = "5a0c2f1e-8d7b-4c3a-9e6f-1b2d3c4e5f60"
 REF = SecretRef("secrets", "sub/deploy-1/storage_encryption", "storage_encryption_key")
 MAPPER = "/dev/mapper/crypt"
+OTHER_DISK = {"dev": "254:16", "size": "2097152", "serial": "vol-ffffff"}  # attached later under the same name
 
 
 class Killed(BaseException):
@@ -50,9 +52,13 @@ class Disk:
 
     key: bytes | None = None  # set by luksFormat
     signature: str | None = None
-    mapper_open: bool = False
+    partition_table: str | None = None
+    mapper_open: bool = False  # /dev/mapper/crypt, stacked on this disk
     filesystem: bool = False
-    mounted: bool = False
+    mounted: bool = False  # the mapper on /export
+    busy: list[str] = field(default_factory=list)  # what blockdev.users finds besides stacked mappers
+    foreign_mapper: str | None = None  # a mapper of that name open on another disk
+    foreign_mounts: list[str] = field(default_factory=list)  # other filesystems' mountpoints
     identity: dict = field(default_factory=lambda: {"dev": "254:16", "size": "2097152", "serial": "vol-0a1b2c"})
     calls: list[tuple[list[str], bytes | None]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
@@ -68,7 +74,8 @@ class Disk:
         code, out = 0, ""
         match argv[:2]:
             case ["blkid", "-p"]:
-                code, out = (0, f"TYPE={self.signature}\n") if self.signature else (2, "")
+                found = [f"{key}={value}\n" for key, value in (("TYPE", self.signature), ("PTTYPE", self.partition_table)) if value]
+                code, out = (0, "".join(found)) if found else (2, "")
             case ["cryptsetup", "isLuks"]:
                 code = 0 if self.key is not None else 1
             case ["cryptsetup", "luksFormat"]:
@@ -173,13 +180,28 @@ def disk(monkeypatch, tmp_path) -> Disk:
     monkeypatch.setattr(runner, "run", fake.run)
     monkeypatch.setattr(blockdev, "block_device", lambda path: blockdev.BlockDevice(path, "254:16"))
     monkeypatch.setattr(blockdev, "identity", lambda device: dict(fake.identity) if device.path == DEVICE else pytest.fail(f"identity of {device}"))
-    monkeypatch.setattr(blockdev, "users", lambda device, allowed_holder=None: [])
-    monkeypatch.setattr(blockdev, "holders", lambda device: {"dm-0": "crypt"} if fake.mapper_open else {})
-    monkeypatch.setattr(setup, "find_mapper_device", lambda name: "253:0" if fake.mapper_open else None)
-    monkeypatch.setattr(setup, "read_mounts", lambda: [])
-    status = lambda *args: VolumeStatus("253:0" if fake.mapper_open else None, fake.mounted)  # noqa: E731
-    monkeypatch.setattr(setup, "volume_status", status)
-    monkeypatch.setattr(volume, "current_status", status)
+
+    def holders(device):
+        assert device.path == DEVICE, device
+        return {"dm-0": "crypt"} if fake.mapper_open else {}
+
+    def users(device, allowed_holder=None):  # as blockdev.users: a stacked mapper counts unless allowed
+        return [*fake.busy, *(f"{dm_name} ({sysfs_name}) is stacked on it (close it first)"
+                             for sysfs_name, dm_name in holders(device).items() if dm_name != allowed_holder)]
+
+    def find_mapper_device(name, *_sysfs):
+        return "253:0" if fake.mapper_open and name == "crypt" else "253:7" if name == fake.foreign_mapper else None
+
+    def read_mounts(*_mountinfo):
+        ours = [Mount("253:0", "/export", "ext4", MAPPER)] if fake.mounted else []
+        return [Mount("254:1", "/", "ext4", "/dev/vda1"), *ours, *(Mount("0:52", path, "nfs", "nfs:/x") for path in fake.foreign_mounts)]
+
+    monkeypatch.setattr(blockdev, "users", users)
+    monkeypatch.setattr(blockdev, "holders", holders)
+    # status.volume_status (setup's and volume's) runs for real on these two:
+    for module in (setup, status):
+        monkeypatch.setattr(module, "find_mapper_device", find_mapper_device)
+        monkeypatch.setattr(module, "read_mounts", read_mounts)
 
     def mount(described, options):
         fake.events.append(f"mount -o {options}")
@@ -239,6 +261,7 @@ def test_fresh_setup_runs_every_command_in_order_with_the_passphrase_only_on_std
     ]
     assert disk.argv_of("blkid") == [["blkid", "-p", "-o", "export", DEVICE]] * 2
     assert disk.argv_of("mkfs.ext4") == [["mkfs.ext4", MAPPER]]
+    assert disk.argv_of("cryptsetup", "luksUUID") == [["cryptsetup", "luksUUID", DEVICE]]
     assert all(passphrase.decode() not in arg for argv, _ in disk.calls for arg in argv)
     assert (report.volume_state, report.uuid, report.changed, report.resumed) == ("mounted", UUID, True, False)
     assert vault.revoked == 1
@@ -253,13 +276,14 @@ def test_fresh_setup_writes_the_ini_header_and_success_files_then_forgets_the_pa
         f"device = {DEVICE}\nuuid = {UUID}\ncryptdev = crypt\nmapper = {MAPPER}\nmountpoint = /export\n"
         f"filesystem = ext4\nheader_path = {options.header_path}\n\n"
     )
+    assert stat.S_IMODE(options.ini_path.stat().st_mode) == 0o644  # README's file table; 0600 only with a passphrase in it
     assert stat.S_IMODE(options.header_path.stat().st_mode) == 0o600
     # Its checksum beside it, as `luksctl header backup` records it: `header verify` can tell it intact.
     sidecar = tmp_path / "luks" / "luks-header.bck.sha256"
     assert sidecar.read_text() == f"{header.sha256_of(options.header_path)}  luks-header.bck\n"
     assert stat.S_IMODE(sidecar.stat().st_mode) == 0o600
-    assert setup.ENCRYPTION_SUCCESS[0].read_text() == "LUKS encryption completed."
-    assert setup.VOLUME_SUCCESS[0].read_text() == "Volume setup completed."
+    for (path, _), text in ((setup.ENCRYPTION_SUCCESS, "LUKS encryption completed."), (setup.VOLUME_SUCCESS, "Volume setup completed.")):
+        assert (path.read_text(), stat.S_IMODE(path.stat().st_mode)) == (text, 0o644)
     assert not pending(tmp_path).exists() and not (tmp_path / "luks" / journal.STATE_FILE).exists()
 
 
@@ -309,12 +333,23 @@ def test_save_passphrase_locally_puts_it_in_a_private_ini(tmp_path, disk, vault)
 # --- refusals: nothing changes --------------------------------------------------------------
 
 
-def test_signature_is_refused_and_nothing_changes(tmp_path, disk, vault):
-    disk.signature = "ext4"
-    with pytest.raises(DeviceNotBlank, match="ext4"):
+@pytest.mark.parametrize("found, error, message", [
+    ({"signature": "ext4", "partition_table": "gpt"}, DeviceNotBlank,
+     f"{DEVICE} is not blank (signature ext4, partition table gpt); setup changed nothing. If its content may be destroyed, run again with --force"),
+    # A mapper called crypt on it counts too: only a resumed setup may find its own there.
+    ({"busy": [f"{DEVICE} is mounted on /mnt"], "mapper_open": True}, DeviceInUse,
+     f"{DEVICE} is in use: {DEVICE} is mounted on /mnt; crypt (dm-0) is stacked on it (close it first). setup changed nothing"),
+    ({"foreign_mapper": "crypt"}, SetupConflict, "the mapper name crypt is already used by another device; choose another --cryptdev"),
+    ({"foreign_mounts": ["/export"]}, SetupConflict, "something else is mounted on /export; setup never unmounts what it did not mount"),
+])
+def test_a_device_that_is_not_free_is_refused_and_nothing_changes(tmp_path, disk, vault, found, error, message):
+    for name, value in found.items():
+        setattr(disk, name, value)
+    with pytest.raises(error) as refused:
         run(make_options(tmp_path))
 
-    assert disk.events == ["blkid -p"] and vault.unwrapped == [] and not (tmp_path / "luks").exists()
+    assert str(refused.value) == message
+    assert disk.argv_of("cryptsetup") == [] and vault.unwrapped == [] and not (tmp_path / "luks").exists()
 
 
 def test_force_overrides_the_signature_check_only(tmp_path, disk, vault, monkeypatch):
@@ -335,14 +370,17 @@ def test_not_a_block_device_is_refused(tmp_path):
     assert regular.read_bytes() == b"x" * 4096
 
 
-def test_existing_header_backup_is_never_overwritten(tmp_path, disk, vault):
+@pytest.mark.parametrize("option, what", [("header_path", "header backup"), ("ini_path", "volume description")])
+def test_existing_header_backup_or_ini_is_never_overwritten(tmp_path, disk, vault, option, what):
     options = make_options(tmp_path)
-    options.header_path.parent.mkdir()
-    options.header_path.write_bytes(b"someone's header")
+    path = getattr(options, option)
+    path.parent.mkdir()
+    path.write_bytes(b"someone's")
 
-    with pytest.raises(SetupConflict, match="header backup already exists"):
+    with pytest.raises(SetupConflict) as refused:
         run(options)
-    assert options.header_path.read_bytes() == b"someone's header" and disk.key is None
+    assert str(refused.value) == f"a {what} already exists at {path}; setup never overwrites it. Move it away first"
+    assert path.read_bytes() == b"someone's" and disk.key is None
 
 
 def test_token_that_may_not_create_is_refused_before_the_device_is_touched(tmp_path, disk, vault):
@@ -463,14 +501,22 @@ def test_kill_right_after_luks_format_resumes_without_formatting_again(tmp_path,
     report = run(make_options(tmp_path, token=None))  # Vault has it: no token needed any more
 
     assert disk.argv_of("cryptsetup", "luksFormat") == [] and disk.key == key
+    # What tells the format finished: this device is LUKS and the journal's passphrase opens it.
+    assert disk.argv_of("cryptsetup", "isLuks") + disk.argv_of("cryptsetup", "open", "--test-passphrase") == [
+        ["cryptsetup", "isLuks", DEVICE], ["cryptsetup", "open", "--test-passphrase", "--verbose", "--key-file=-", DEVICE]]
+    assert disk.stdin_of("cryptsetup", "open", "--test-passphrase") == key
     assert report.resumed and report.volume_state == "mounted" and vault.unwrapped == ["wrapping-1"]
 
 
-def test_kill_during_luks_format_formats_again(tmp_path, disk, vault):
-    disk.kill_at = ("cryptsetup", "luksFormat")  # killed before cryptsetup wrote a usable header
+# Killed before cryptsetup wrote a usable header: before it wrote anything, or after the LUKS
+# magic (blkid sees crypto_LUKS) but before a keyslot. Not blank then, and still formatted again.
+@pytest.mark.parametrize("signature_left", [None, "crypto_LUKS"])
+def test_kill_during_luks_format_formats_again(tmp_path, disk, vault, signature_left):
+    disk.kill_at = ("cryptsetup", "luksFormat")
     with pytest.raises(Killed):
         run(make_options(tmp_path))
     assert journal.FORMAT_STARTED in json.loads((tmp_path / "luks" / journal.STATE_FILE).read_text())["steps"]
+    disk.signature = signature_left
 
     run(make_options(tmp_path, token=None))
 
@@ -489,12 +535,26 @@ def test_kill_during_luks_format_of_a_device_with_an_old_luks_header_formats_aga
     assert len(disk.argv_of("cryptsetup", "luksFormat")) == 1 and disk.key == vault.secrets[str(REF)].encode()
 
 
+def test_a_new_header_that_refuses_the_passphrase_stops_setup_before_the_backup(tmp_path, disk, vault, monkeypatch):
+    def format_sets_another_key(argv, **kwargs):
+        result = disk.run(argv, **kwargs)
+        if argv[:2] == ["cryptsetup", "luksFormat"]:
+            disk.key = b"not the passphrase given"
+        return result
+
+    monkeypatch.setattr(runner, "run", format_sets_another_key)
+    with pytest.raises(WrongPassphrase) as refused:
+        run(make_options(tmp_path))
+    assert str(refused.value) == f"the new LUKS header on {DEVICE} does not accept the passphrase just set"
+    assert disk.argv_of("cryptsetup", "luksHeaderBackup") == [] and pending(tmp_path).exists()
+
+
 def test_a_resumed_setup_refuses_another_disk_attached_under_the_same_name(tmp_path, disk, vault):
     vault.down = True  # the first run stops at the Vault step; the journal records the disk
     with pytest.raises(VaultUnreachable):
         run(make_options(tmp_path))
     vault.down = False
-    disk.identity["serial"] = "vol-ffffff"  # same path, same major:minor, same size: another disk
+    disk.identity = dict(OTHER_DISK)  # same path, same major:minor, same size: another disk
 
     with pytest.raises(SetupConflict, match="not the disk the unfinished setup"):
         run(make_options(tmp_path, token="wrapping-2"))
@@ -526,16 +586,28 @@ def test_a_resumed_setup_refuses_a_device_no_longer_blank(tmp_path, disk, vault)
     assert disk.argv_of("cryptsetup", "luksFormat") == []
 
 
-def test_a_device_written_to_during_the_vault_exchange_is_not_formatted(tmp_path, disk, vault, monkeypatch):
+@pytest.mark.parametrize("meanwhile, error, message", [
+    ({"signature": "xfs", "partition_table": "dos"}, DeviceNotBlank,
+     f"{DEVICE} is not blank (signature xfs, partition table dos); setup changed nothing. If its content may be destroyed, run again with --force"),
+    ({"busy": [f"{DEVICE} is mounted on /mnt", f"{DEVICE} is in use as swap"]}, DeviceInUse,
+     f"{DEVICE} is in use: {DEVICE} is mounted on /mnt; {DEVICE} is in use as swap. It was not formatted"),
+    ({"identity": OTHER_DISK}, SetupConflict,
+     f"{DEVICE} is not the disk the unfinished setup in <journal> began on (it recorded {Disk().identity}, this one is {OTHER_DISK}); "
+     "attach that disk, or move the journal away"),
+])
+def test_a_device_changed_during_the_vault_exchange_is_not_formatted(tmp_path, disk, vault, monkeypatch, meanwhile, error, message):
+    """The path is resolved and checked again just before luksFormat: the Vault exchange took time."""
     write = _Client.write
 
-    def someone_uses_the_device_meanwhile(client, ref, value, *, cas):
-        disk.signature = "xfs"
+    def the_device_changes_meanwhile(client, ref, value, *, cas):
+        for name, changed in meanwhile.items():
+            setattr(disk, name, changed)
         return write(client, ref, value, cas=cas)
 
-    monkeypatch.setattr(_Client, "write", someone_uses_the_device_meanwhile)
-    with pytest.raises(DeviceNotBlank):
+    monkeypatch.setattr(_Client, "write", the_device_changes_meanwhile)
+    with pytest.raises(error) as refused:
         run(make_options(tmp_path))
+    assert str(refused.value) == message.replace("<journal>", str(tmp_path / "luks" / journal.STATE_FILE))
     assert disk.argv_of("cryptsetup", "luksFormat") == []
 
 
@@ -586,23 +658,95 @@ def test_kill_during_mkfs_wipes_the_partial_filesystem_and_makes_it_again(tmp_pa
     assert disk.argv_of("wipefs") == [["wipefs", "--all", MAPPER]]
 
 
-def test_a_finished_setup_run_again_changes_nothing(tmp_path, disk, vault):
+@pytest.mark.parametrize("mounted, state", [(True, "mounted"), (False, "unmounted")])
+def test_a_finished_setup_run_again_changes_nothing(tmp_path, disk, vault, mounted, state):
     run(make_options(tmp_path))
     disk.calls.clear()
+    disk.events.clear()
+    disk.mounted = mounted  # unmounted since: reported so, not mounted again
 
     report = run(make_options(tmp_path, token="wrapping-2"))
 
-    assert not report.changed and vault.unwrapped == ["wrapping-1"]
-    assert [argv[:2] for argv, _ in disk.calls] == [["cryptsetup", "isLuks"], ["cryptsetup", "luksUUID"]]
+    assert report == setup.SetupReport(state, DEVICE, UUID, changed=False)
+    assert vault.unwrapped == ["wrapping-1"] and disk.events == ["cryptsetup isLuks", "cryptsetup luksUUID"]
+    assert [argv for argv, _ in disk.calls] == [["cryptsetup", "isLuks", DEVICE], ["cryptsetup", "luksUUID", DEVICE]]
 
 
-def test_resume_with_other_settings_is_refused(tmp_path, disk, vault):
+def test_a_finished_setup_whose_ini_names_another_luks_uuid_is_not_taken_as_done(tmp_path, disk, vault):
+    """The device was closed and formatted again since: the ini describes a volume that is gone."""
+    options = make_options(tmp_path)
+    run(options)
+    disk.mounted = disk.mapper_open = False
+    options.ini_path.write_text(options.ini_path.read_text().replace(UUID, "00000000-0000-4000-8000-000000000001"))
+
+    with pytest.raises(DeviceNotBlank):
+        run(make_options(tmp_path, token="wrapping-2"))
+    assert vault.unwrapped == ["wrapping-1"]
+
+
+def test_resume_with_other_settings_is_refused_naming_what_was_recorded(tmp_path, disk, vault):
     vault.down = True
     with pytest.raises(VaultUnreachable):
         run(make_options(tmp_path))
+    elsewhere = replace(make_options(tmp_path).vault, ref=SecretRef("secrets", "sub/deploy-2/storage_encryption", "storage_encryption_key"))
 
-    with pytest.raises(SetupConflict, match="cryptdev"):
-        run(make_options(tmp_path, cryptdev="other"))
+    with pytest.raises(SetupConflict) as refused:
+        run(make_options(tmp_path, cryptdev="other", vault=elsewhere))
+    assert str(refused.value) == (
+        f"an unfinished setup is recorded in {tmp_path / 'luks' / journal.STATE_FILE} with other settings "
+        f"(cryptdev='crypt', vault={str(REF)!r}); run that same command again to finish it")
+
+
+@pytest.mark.parametrize("token, recorded_vault, steps", [
+    ("wrapping-1", str(REF), [journal.VAULT_WRITE_STARTED, journal.VAULT_WRITTEN, journal.FORMAT_STARTED]),
+    ("none", None, [journal.FORMAT_STARTED]),
+])
+def test_the_journal_records_what_the_setup_began_with(tmp_path, disk, vault, token, recorded_vault, steps):
+    """A re-run compares itself with these, and a later version reads them: the keys are a file format."""
+    disk.kill_at = ("cryptsetup", "luksFormat")
+    with pytest.raises(Killed):
+        run(make_options(tmp_path, token=token, passphrase=b"the operator's own"))
+
+    assert json.loads((tmp_path / "luks" / journal.STATE_FILE).read_text()) == {
+        "device": DEVICE, "dev": "254:16", "identity": disk.identity, "cryptdev": "crypt", "vault": recorded_vault, "steps": steps,
+    }
+
+
+def test_a_journal_that_recorded_no_disk_identity_is_resumed(tmp_path, disk, vault):
+    """Versions before the identity check wrote none: their unfinished setups still finish."""
+    vault.down = True
+    with pytest.raises(VaultUnreachable):
+        run(make_options(tmp_path))
+    vault.down = False
+    state_file = tmp_path / "luks" / journal.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["identity"]
+    state_file.write_text(json.dumps(state))
+
+    report = run(make_options(tmp_path, token="wrapping-2"))
+    assert report.resumed and disk.key == vault.secrets[str(REF)].encode()
+
+
+@pytest.mark.parametrize("mounted_before_the_kill, rerun_events", [(False, ["mount -o nosuid,nodev"]), (True, [])])
+def test_kill_around_the_mount_resumes_with_the_mount_alone(tmp_path, disk, vault, monkeypatch, mounted_before_the_kill, rerun_events):
+    """The mapper is open (ours: not "in use") and holds the filesystem already; mounted too, perhaps."""
+    mount = volume.mount
+
+    def killed(described, options):
+        if mounted_before_the_kill:
+            mount(described, options)
+        raise Killed()
+
+    monkeypatch.setattr(volume, "mount", killed)
+    with pytest.raises(Killed):
+        run(make_options(tmp_path))
+    monkeypatch.setattr(volume, "mount", mount)
+    disk.events.clear()
+
+    report = run(make_options(tmp_path, token=None))
+
+    assert disk.events == rerun_events and report.resumed and disk.mounted
+    assert setup.VOLUME_SUCCESS[0].exists() and not pending(tmp_path).exists()
 
 
 # --- inputs and output ----------------------------------------------------------------------
