@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from luksctl import runner, status
 from luksctl.errors import (
     CommandFailed,
+    ConfigError,
     DeviceInUse,
     DeviceNotBlank,
+    LuksctlError,
     NotBlockDevice,
     SecretExists,
     SetupConflict,
@@ -800,15 +804,101 @@ def test_wipe_progress_prints_each_percentage_once_and_counts_in_mib():
     assert err.getvalue() == "\rwiping:  33% of 3 MiB\rwiping: 100% of 3 MiB\n"
 
 
-@pytest.mark.parametrize("json_lines", [True, False])
-def test_wipe_progress_reaches_a_pipe_at_once(json_lines):
-    """The dashboard and a terminal read it while the wipe runs: each line is flushed, not buffered."""
+@pytest.mark.parametrize("json_lines, report, shown", [
+    (True, lambda progress: progress.wiped(1, 2), b'{"event": "wipe", "bytes_done": 1, "bytes_total": 2, "percent": 50}\n'),
+    (False, lambda progress: progress.wiped(1, 2), b"\rwiping:  50% of 0 MiB"),
+    (True, lambda progress: progress.step("mkfs", "making"), b'{"event": "step", "step": "mkfs", "message": "making"}\n'),
+])
+def test_progress_reaches_a_pipe_at_once(json_lines, report, shown):
+    """The dashboard and a terminal read it while setup runs: each line is flushed, not buffered."""
     read_end, write_end = os.pipe()
     with os.fdopen(read_end, "rb", buffering=0) as reader, os.fdopen(write_end, "w") as writer:
         os.set_blocking(read_end, False)
-        progress = setup.Progress(json_lines=json_lines, out=writer, err=writer, tty=True)
-        progress.wiped(1, 2)
-        assert b"50" in (reader.read() or b"")
+        report(setup.Progress(json_lines=json_lines, out=writer, err=writer, tty=True))
+        assert reader.read() == shown
+
+
+@pytest.mark.parametrize("json_lines", [True, False])
+def test_each_step_is_a_json_line_on_stdout_with_json_else_a_log_line(tmp_path, disk, vault, caplog, json_lines):
+    caplog.set_level(logging.INFO, logger="luksctl")
+    out = io.StringIO()
+    setup.run_setup(make_options(tmp_path), setup.Progress(json_lines=json_lines, out=out, err=io.StringIO(), tty=False))
+
+    steps = [
+        ("passphrase", f"passphrase saved to {pending(tmp_path)} until setup completes"),
+        ("vault", f"storing the passphrase at {REF}"),
+        ("format", f"formatting {DEVICE} (LUKS2, aes-xts-plain64, 512-bit key)"),
+        ("encrypted", "LUKS encryption completed"),
+        ("mkfs", f"making a ext4 filesystem on {MAPPER}"),
+        ("done", "Volume setup completed"),
+    ]
+    lines = [{"event": "step", "step": name, "message": message} for name, message in steps]
+    logged = [("luksctl", logging.INFO, message) for _, message in steps]
+    printed = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert (printed, caplog.record_tuples) == ((lines, []) if json_lines else ([], logged))
+
+
+def test_step_timings_add_up_per_step_in_milliseconds(monkeypatch):
+    clock = iter([10.0, 10.0012345, 20.0, 21.5])
+    monkeypatch.setattr(setup, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    progress = setup.Progress(json_lines=False, err=io.StringIO(), tty=False)
+
+    assert progress.timed("wipe", lambda: "zeroed") == "zeroed"
+    assert progress.timings == {"wipe": 0.001}
+    progress.timed("wipe", lambda: None)  # a resumed wipe adds to the time of the first
+    assert progress.timings == {"wipe": 1.501}
+
+
+def test_passphrase_length_is_8_to_512(tmp_path):
+    for length in (8, 512):
+        setup.validate_names(make_options(tmp_path, passphrase_length=length))
+    for length in (7, 513):
+        with pytest.raises(LuksctlError) as refused:
+            setup.validate_names(make_options(tmp_path, passphrase_length=length))
+        assert str(refused.value) == "the passphrase length must be between 8 and 512 characters"
+
+
+@pytest.mark.parametrize("kept", [{"passphrase": b"the operator's own"}, {"save_passphrase_locally": True}])
+def test_without_vault_the_passphrase_is_kept_by_the_operator_or_in_the_ini(tmp_path, kept):
+    setup.validate_names(make_options(tmp_path, token="none", **kept))
+
+
+def test_a_passphrase_that_would_be_stored_nowhere_is_refused(tmp_path):
+    with pytest.raises(LuksctlError) as refused:
+        setup.validate_names(make_options(tmp_path, token="none"))
+    assert str(refused.value) == (
+        "the passphrase would be stored nowhere: give the Vault location (--vault-url ...), "
+        "or supply the passphrase yourself on stdin (--passphrase-stdin)")
+
+
+def test_a_fixed_pbkdf_cost_reaches_luks_format(tmp_path):
+    options = make_options(tmp_path, pbkdf="pbkdf2", iter_time=None, pbkdf_force_iterations=1000)
+    assert options.luks_format().argv(DEVICE) == [
+        "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", "aes-xts-plain64", "--key-size", "512",
+        "--hash", "sha256", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file=-", DEVICE,
+    ]
+
+
+def test_mount_options_are_not_taken_from_a_config_json_others_may_write(tmp_path, monkeypatch):
+    """Root mounts with them: a group-writable config.json could add exec or suid."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"MOUNT_OPTIONS": "exec,suid"}))
+    config.chmod(0o664)
+    monkeypatch.setattr(setup, "API_CONFIG", config)
+
+    with pytest.raises(ConfigError) as refused:
+        setup.mount_options()
+    assert str(refused.value) == f"{config} must be owned by root and not writable by group or others (owner uid {os.geteuid()}, mode 664)"
+
+
+def test_the_ini_directory_is_made_0755_with_its_parents_whatever_the_umask(tmp_path, disk, vault):
+    options = make_options(tmp_path, ini_path=tmp_path / "etc" / "luks" / "luks-cryptdev.ini")
+    umask = os.umask(0)
+    try:
+        run(options)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(options.ini_path.parent.stat().st_mode) == 0o755 and options.ini_path.exists()
 
 
 def test_cli_refuses_passphrase_and_token_both_on_stdin(capsys, monkeypatch):
