@@ -13,12 +13,13 @@ import time
 import uuid
 
 import pytest
+from support.bao import ROOT_TOKEN
 from support.policies import READ_POLICY, WRITE_ONLY
 
 from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
 from luksctl.vault import SecretRef, VaultClient
 
-from .conftest import DELETE, KV1_ROOT, KV2_ROOT, READ_WRITE, SECRET_KEY
+from .conftest import DELETE, KV1_ROOT, KV2_ROOT, READ_WRITE, SECRET_KEY, json_answer
 
 def dashboard_wrapping_token(bao, policy: str = WRITE_ONLY) -> str:
     """`POST /v1/auth/token/create` as the dashboard sends it at deployment time."""
@@ -260,3 +261,26 @@ def test_answer_cut_off_midway_is_unreachable_not_a_crash():
     finally:
         thread.join(5)
         listener.close()
+
+
+def test_create_wrapped_token_is_made_at_token_create_with_the_policy_and_wrap_ttl(policies):
+    """luksctl-client open's wrapping token, as the dashboard makes it: the front end checks where it was made."""
+    bao = policies
+    token = VaultClient(bao.url, token=ROOT_TOKEN, timeout=5, allow_http=True).create_wrapped_token(READ_POLICY, "123s")
+
+    lookup = bao.request("POST", "sys/wrapping/lookup", json={"token": token}).json()["data"]
+    assert (lookup["creation_path"], lookup["creation_ttl"]) == ("auth/token/create", 123)
+    assert bao.unwrap(token)["auth"]["policies"] == ["default", READ_POLICY]
+    assert not bao.lookup_wrapping(token), "single use"
+
+
+@pytest.mark.parametrize("answer", [{"auth": {"client_token": "not wrapped"}}, {"wrap_info": {"token": ""}}])
+def test_create_wrapped_token_refuses_an_answer_without_one(local_server, answer):
+    server = local_server(lambda seen, body: json_answer(answer))
+
+    with pytest.raises(VaultError) as refused:
+        VaultClient(server.url, token="the user's", timeout=5, allow_http=True).create_wrapped_token(READ_POLICY, "300s")
+
+    assert refused.value.message == f"Vault at {server.url} created no wrapping token (no wrap_info.token in its answer)"
+    (seen,) = server.seen
+    assert (seen.method, seen.path, seen.headers["x-vault-wrap-ttl"]) == ("POST", "/v1/auth/token/create", "300s")
