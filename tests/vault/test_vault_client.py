@@ -236,7 +236,8 @@ def test_redirect_is_not_followed_and_the_token_goes_nowhere_else():
 
 def test_repr_hides_the_token(policies):
     client = VaultClient(policies.url, token="hvs.very-secret", timeout=5, allow_http=True)
-    assert "very-secret" not in repr(client)
+    assert repr(client) == f"VaultClient({policies.url!r}, token=set)"
+    assert repr(VaultClient(policies.url, timeout=5, allow_http=True)) == f"VaultClient({policies.url!r}, token=none)"
 
 
 def test_answer_cut_off_midway_is_unreachable_not_a_crash():
@@ -284,3 +285,33 @@ def test_create_wrapped_token_refuses_an_answer_without_one(local_server, answer
     assert refused.value.message == f"Vault at {server.url} created no wrapping token (no wrap_info.token in its answer)"
     (seen,) = server.seen
     assert (seen.method, seen.path, seen.headers["x-vault-wrap-ttl"]) == ("POST", "/v1/auth/token/create", "300s")
+
+
+def test_delete_on_kv1_deletes_the_secret_itself(policies):
+    """KV v1 keeps no metadata: its DELETE goes to the data path."""
+    bao = policies
+    ref = new_ref(kv_version=1)
+    client = VaultClient(bao.url, token=ROOT_TOKEN, timeout=5, allow_http=True)
+    client.write(ref, "to be deleted", cas=None)
+
+    client.delete_metadata(ref)
+
+    with pytest.raises(SecretNotFound):
+        client.read(ref)
+
+
+@pytest.mark.parametrize(("status", "error"), [(200, None), (204, None), (500, "failed during delete secret"),
+                                               (403, "the token may not delete")])
+def test_delete_takes_200_and_204_and_names_its_step_in_a_failure(local_server, status, error):
+    server = local_server(lambda seen, body: (status, {}, b""))
+    client = VaultClient(server.url, token="a token", timeout=5, allow_http=True)
+    ref = SecretRef(KV2_ROOT, "a/b/storage_encryption", SECRET_KEY)
+
+    if error is None:
+        client.delete_metadata(ref)
+    else:
+        with pytest.raises(VaultError) as failed:
+            client.delete_metadata(ref)
+        expected = {500: f"Vault at {server.url} failed during delete secret", 403: f"the token may not delete {ref}"}[status]
+        assert failed.value.message == expected
+    assert [(seen.method, seen.path) for seen in server.seen] == [("DELETE", f"/v1/{ref.metadata_path}")]

@@ -103,6 +103,29 @@ def test_the_apis_open_sends_no_token_to_a_vault_signed_by_the_environments_ca(f
     assert attacker_vault.seen == [] and fake_bridge.passphrases == []
 
 
+def test_tls_verifies_by_default():
+    context = vault.tls_context()
+    assert (context.verify_mode, context.check_hostname, context.minimum_version) == (ssl.CERT_REQUIRED, True, ssl.TLSVersion.TLSv1_2)
+
+
+def test_no_system_bundle_and_none_named_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(vault, "SYSTEM_CA_FILES", (str(tmp_path / "a.crt"), str(tmp_path / "b.crt")))
+    with pytest.raises(vault.VaultError) as refused:
+        vault.tls_context()
+    assert refused.value.message == f"no system CA bundle at {tmp_path / 'a.crt'} or {tmp_path / 'b.crt'}; name a CA bundle"
+
+
+@pytest.mark.parametrize(("content", "reason"), [(None, "No such file or directory"), (b"not a certificate", "[X509: NO_CERTIFICATE_OR_CRL_FOUND]")])
+def test_a_ca_bundle_that_cannot_be_loaded_says_which_and_why(tmp_path, content, reason):
+    bundle = tmp_path / "ca.crt"
+    if content is not None:
+        bundle.write_bytes(content)
+    with pytest.raises(vault.VaultError) as refused:
+        vault.tls_context(str(bundle))
+    # OpenSSL's reason ends in its source line ("(_ssl.c:4123)"), which changes with its version.
+    assert refused.value.message.startswith(f"the CA bundle {bundle} cannot be loaded: {reason}")
+
+
 def test_the_system_bundle_is_a_file_named_explicitly():
     """What the client trusts by default: OpenSSL's compiled-in file (Debian's ca-certificates.crt), not SSL_CERT_FILE."""
     assert "/etc/ssl/certs/ca-certificates.crt" in vault.SYSTEM_CA_FILES
