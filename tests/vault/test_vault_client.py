@@ -315,3 +315,20 @@ def test_delete_takes_200_and_204_and_names_its_step_in_a_failure(local_server, 
         expected = {500: f"Vault at {server.url} failed during delete secret", 403: f"the token may not delete {ref}"}[status]
         assert failed.value.message == expected
     assert [(seen.method, seen.path) for seen in server.seen] == [("DELETE", f"/v1/{ref.metadata_path}")]
+
+
+def test_kv_version_is_the_mounts_own_with_the_mount_named_with_slashes_around(policies):
+    bao = policies
+    mount = f"kv1-{uuid.uuid4().hex[:8]}-X"  # ends in a letter a sloppy strip would cut
+    bao.request("POST", f"sys/mounts/{mount}", json={"type": "kv"})  # no version option: v1
+    client = VaultClient(bao.url, token=ROOT_TOKEN, timeout=5, allow_http=True)
+
+    assert [client.kv_version(name) for name in (f"/{mount}/", mount, KV1_ROOT, KV2_ROOT)] == [1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+def test_kv_version_of_a_mount_vault_will_not_describe_is_the_dashboards_v2(local_server, status):
+    server = local_server(lambda seen, body: json_answer({"errors": ["no"]}, status))
+
+    assert VaultClient(server.url, token="a token", timeout=5, allow_http=True).kv_version("secrets") == 2
+    assert [seen.path for seen in server.seen] == ["/v1/sys/internal/ui/mounts/secrets"]
