@@ -63,8 +63,11 @@ def test_wrapping_token_from_another_creation_path_is_not_unwrapped(bao):
     response = bao.request("POST", "sys/wrapping/wrap", headers={"X-Vault-Wrap-TTL": "60s"}, json={"anything": "x"})
     token = response.json()["wrap_info"]["token"]
 
-    with pytest.raises(WrappingTokenInvalid, match="sys/wrapping/wrap"):
-        vault.fetch_passphrase(*location(bao.url, bao.store_secret(passphrase())), token, SETTINGS)
+    settings = vault.VaultSettings(timeout=5, allow_http=True, creation_paths=("auth/token/create", "auth/approle/login"))
+    with pytest.raises(WrappingTokenInvalid) as refused:
+        vault.fetch_passphrase(*location(bao.url, bao.store_secret(passphrase())), token, settings)
+    assert refused.value.message == ("the wrapping token was created at 'sys/wrapping/wrap', not at auth/token/create or "
+                                     "auth/approle/login; it was not unwrapped")
     assert bao.lookup_wrapping(token)
 
 
@@ -178,3 +181,16 @@ def test_https_to_a_plain_http_vault_fails_fast(bao):
         vault.fetch_passphrase(*location(https_url, bao.store_secret(passphrase())), bao.wrap_token().token, settings)
 
     assert time.monotonic() - started < settings.timeout
+
+
+def test_a_failed_revoke_is_logged_and_the_token_forgotten(local_server, caplog):
+    """Best effort: the token dies with its TTL anyway; the log says the revoke failed and why."""
+    server = local_server(lambda seen, body: (500, {}, b""))
+    client = vault.VaultClient(server.url, token="hvs.to-revoke", timeout=5, allow_http=True)
+
+    with caplog.at_level("WARNING", logger="luksctl.vault"):
+        client.revoke_self()
+
+    assert caplog.messages[-1] == f"could not revoke our Vault token: Vault at {server.url} failed during revoke"
+    assert repr(client).endswith("token=none)")
+    assert "hvs.to-revoke" not in caplog.text
