@@ -8,6 +8,7 @@ grants `create` only on secrets/data/<user>/*, and the token is created with
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from support.bao import ROOT_TOKEN
 from support.policies import READ_POLICY, WRITE_ONLY
 
 from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
-from luksctl.vault import SecretRef, VaultClient
+from luksctl.vault import Deadline, SecretRef, VaultClient
 
 from .conftest import DELETE, KV1_ROOT, KV2_ROOT, READ_WRITE, SECRET_KEY, json_answer
 
@@ -332,3 +333,35 @@ def test_kv_version_of_a_mount_vault_will_not_describe_is_the_dashboards_v2(loca
 
     assert VaultClient(server.url, token="a token", timeout=5, allow_http=True).kv_version("secrets") == 2
     assert [seen.path for seen in server.seen] == ["/v1/sys/internal/ui/mounts/secrets"]
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404])
+def test_a_wrapping_token_vault_will_not_unwrap_is_invalid(local_server, status):
+    server = local_server(lambda seen, body: json_answer({"errors": ["wrapping token is not valid or does not exist"]}, status))
+
+    with pytest.raises(WrappingTokenInvalid) as refused:
+        VaultClient(server.url, timeout=5, allow_http=True).unwrap("hvs.used-wrapping-token")
+
+    assert refused.value.message == "the wrapping token is invalid, expired or already used; request a new one from the dashboard"
+
+
+@pytest.mark.parametrize("auth", [{}, {"client_token": ""}, {"client_token": 7}])
+def test_an_unwrapped_answer_without_a_token_is_refused(local_server, auth):
+    server = local_server(lambda seen, body: json_answer({"auth": auth}))
+
+    with pytest.raises(WrappingTokenInvalid) as refused:
+        VaultClient(server.url, timeout=5, allow_http=True).unwrap("hvs.wraps-data")
+
+    assert refused.value.message == "the wrapping token does not wrap a Vault token (expected auth.client_token)"
+
+
+def test_a_socket_tracked_after_the_deadline_expired_is_cut_at_once():
+    """A connection made as the timer fires would otherwise miss it, and its TLS handshake could trickle on."""
+    ours, theirs = socket.socketpair()
+    unconnected = socket.socket()
+    with ours, theirs, unconnected, Deadline(0.01) as deadline:
+        time.sleep(0.1)
+        deadline.track(ours)
+        deadline.track(unconnected)  # shutdown fails (not connected): ignored
+        ours.settimeout(2)
+        assert ours.recv(1) == b""
