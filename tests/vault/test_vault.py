@@ -194,3 +194,32 @@ def test_a_failed_revoke_is_logged_and_the_token_forgotten(local_server, caplog)
     assert caplog.messages[-1] == f"could not revoke our Vault token: Vault at {server.url} failed during revoke"
     assert repr(client).endswith("token=none)")
     assert "hvs.to-revoke" not in caplog.text
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+def test_a_wrapping_token_vault_cannot_look_up_is_refused_before_unwrap(local_server, status):
+    server = local_server(lambda seen, body: (status, {}, b'{"errors": ["bad token"]}'))
+
+    with pytest.raises(WrappingTokenInvalid) as refused:
+        vault.fetch_passphrase(*location(server.url, "a/b/storage_encryption"), "hvs.used", SETTINGS)
+
+    assert refused.value.message == ("the wrapping token is expired or was already used (if not by you, it may have been "
+                                     "intercepted); request a new one from the dashboard")
+    assert refused.value.possible_interception and [seen.path for seen in server.seen] == ["/v1/sys/wrapping/lookup"]
+
+
+def test_a_creation_path_that_is_not_a_string_is_none(local_server):
+    server = local_server(lambda seen, body: (200, {}, b'{"data": {"creation_path": 123}}'))
+
+    with pytest.raises(WrappingTokenInvalid) as refused:
+        vault.fetch_passphrase(*location(server.url, "a/b/storage_encryption"), "hvs.odd", SETTINGS)
+
+    assert refused.value.message == "the wrapping token was created at None, not at auth/token/create; it was not unwrapped"
+
+
+def test_a_connection_failure_is_logged_with_its_step_and_cause(closed_port_url, caplog):
+    """The caller hears only "unreachable"; the service log has what failed where."""
+    with caplog.at_level("WARNING", logger="luksctl.vault"), pytest.raises(VaultUnreachable):
+        vault.fetch_passphrase(*location(closed_port_url, "a/b/storage_encryption"), "hvs.some-token", SETTINGS)
+
+    assert caplog.messages == [f"Vault at {closed_port_url}: wrapping lookup failed: ConnectionRefusedError: [Errno 111] Connection refused"]
