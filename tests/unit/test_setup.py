@@ -8,6 +8,7 @@ tests). A kill is a BaseException raised by the fake at the step where the signa
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from luksctl.errors import (
     NotBlockDevice,
     SecretExists,
     SetupConflict,
+    VaultError,
     VaultUnreachable,
     VaultWriteDenied,
     WrappingTokenInvalid,
@@ -116,7 +118,9 @@ class FakeVault:
         self.disk = disk
         self.secrets: dict[str, str] = {}
         self.capabilities = {"create"}
+        self.lookup_denied = False  # a policy without `default`: the token may not look its capabilities up
         self.readable = False
+        self.version = 1  # of the secret a write makes
         self.down = False
         self.cut_write = False  # the connection drops before the write reaches Vault
         self.lose_answer = False  # the write lands, the answer does not come back
@@ -137,6 +141,10 @@ class _Client:
         self.vault = vault
 
     def capabilities(self, ref):
+        from luksctl.errors import VaultDenied
+
+        if self.vault.lookup_denied:
+            raise VaultDenied("may not look up")
         return set(self.vault.capabilities)
 
     def write(self, ref, value, *, cas):
@@ -158,7 +166,7 @@ class _Client:
         if vault.lose_answer:
             vault.lose_answer = False
             raise VaultUnreachable("the answer was lost")
-        return 1
+        return vault.version
 
     def read(self, ref):
         from luksctl.errors import SecretNotFound
@@ -208,7 +216,7 @@ def disk(monkeypatch, tmp_path) -> Disk:
         monkeypatch.setattr(module, "read_mounts", read_mounts)
 
     def mount(described, options):
-        fake.events.append(f"mount -o {options}")
+        fake.events.append(f"mount {described.mapper_path} -o {options}")
         fake.mounted = True
 
     monkeypatch.setattr(volume, "mount", mount)
@@ -223,6 +231,21 @@ def vault(disk, monkeypatch) -> FakeVault:
     fake = FakeVault(disk)
     monkeypatch.setattr(setup.VaultClient, "unwrap", lambda client, token: fake.unwrap(client.url, token))
     return fake
+
+
+@pytest.fixture
+def zeroing(disk, monkeypatch) -> list[str]:
+    """blockdev.zero_device, which a fake disk has no mapper for: the paths zeroed; each reports 50% then 100%."""
+    zeroed = []
+
+    def zero_device(path, report):
+        zeroed.append(path)
+        for done in (1, 2):
+            report(done, 2)
+        return 2
+
+    monkeypatch.setattr(blockdev, "zero_device", zero_device)
+    return zeroed
 
 
 def make_options(tmp_path, *, token: str | None = "wrapping-1", **overrides) -> setup.SetupOptions:
@@ -252,7 +275,7 @@ def test_fresh_setup_runs_every_command_in_order_with_the_passphrase_only_on_std
     assert disk.events == [
         "blkid -p", "vault write", "blkid -p",  # still blank after the Vault exchange
         "cryptsetup luksFormat", "cryptsetup open", "cryptsetup luksUUID",
-        "cryptsetup luksHeaderBackup", "cryptsetup open", "mkfs.ext4 /dev/mapper/crypt", "mount -o nosuid,nodev",
+        "cryptsetup luksHeaderBackup", "cryptsetup open", "mkfs.ext4 /dev/mapper/crypt", "mount /dev/mapper/crypt -o nosuid,nodev",
     ]
     assert disk.argv_of("cryptsetup", "luksFormat") == [[
         "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", "aes-xts-plain64",
@@ -387,11 +410,13 @@ def test_existing_header_backup_or_ini_is_never_overwritten(tmp_path, disk, vaul
     assert path.read_bytes() == b"someone's" and disk.key is None
 
 
-def test_token_that_may_not_create_is_refused_before_the_device_is_touched(tmp_path, disk, vault):
-    vault.capabilities = {"read"}
-    with pytest.raises(VaultWriteDenied, match="may not write"):
+@pytest.mark.parametrize("capabilities, listed", [({"read", "list"}, "list, read"), (set(), "none")])
+def test_token_that_may_not_create_is_refused_before_the_device_is_touched(tmp_path, disk, vault, capabilities, listed):
+    vault.capabilities = capabilities
+    with pytest.raises(VaultWriteDenied) as refused:
         run(make_options(tmp_path))
 
+    assert str(refused.value) == f"the token may not write {REF} (its capabilities there: {listed}); setup changed nothing on the device"
     assert disk.key is None and vault.secrets == {}
     assert not pending(tmp_path).exists()  # stored nowhere and used nowhere: nothing to keep
 
@@ -408,6 +433,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(tmp_path, disk, vault):
     report = run(make_options(tmp_path, dry_run=True, wipe=True))
 
     assert disk.events == ["blkid -p"] and vault.unwrapped == [] and not (tmp_path / "luks").exists()
+    assert (report.volume_state, report.device, report.uuid, report.changed) == ("unavailable", DEVICE, None, False)
     luks = tmp_path / "luks"
     assert report.plan == [
         f"save the passphrase to {luks / journal.PASSPHRASE_FILE} (root, 0600) until the end",
@@ -462,14 +488,17 @@ def test_vault_failure_keeps_the_passphrase_and_a_rerun_with_a_new_token_finishe
     assert report.resumed and disk.key == saved and vault.secrets[str(REF)] == saved.decode()
 
 
-def test_lost_write_answer_with_a_write_only_token_is_refused_then_a_read_token_confirms(tmp_path, disk, vault):
+# The next token: create-only (Vault refuses the create), or one that may not write there at all.
+@pytest.mark.parametrize("capabilities", [{"create"}, {"deny"}])
+def test_lost_write_answer_with_a_token_that_may_not_read_is_refused_then_a_read_token_confirms(tmp_path, disk, vault, capabilities):
     vault.lose_answer = True
     with pytest.raises(VaultUnreachable):
         run(make_options(tmp_path))
     saved = pending(tmp_path).read_bytes()
+    vault.capabilities = capabilities
 
     with pytest.raises(SetupConflict) as refused:
-        run(make_options(tmp_path, token="wrapping-2"))  # create-only: cannot tell whose secret it is
+        run(make_options(tmp_path, token="wrapping-2"))  # it cannot tell whose secret it is
     assert str(refused.value) == (
         f"an earlier run was interrupted while writing the passphrase to {REF}, and the path now holds a secret "
         "that this token may not read. If the earlier write landed, it is ours. Run the same command again with a token "
@@ -551,6 +580,31 @@ def test_a_new_header_that_refuses_the_passphrase_stops_setup_before_the_backup(
         run(make_options(tmp_path))
     assert str(refused.value) == f"the new LUKS header on {DEVICE} does not accept the passphrase just set"
     assert disk.argv_of("cryptsetup", "luksHeaderBackup") == [] and pending(tmp_path).exists()
+
+
+def test_a_resumed_setup_refuses_another_passphrase_than_the_one_it_began_with(tmp_path, disk, vault):
+    vault.down = True
+    with pytest.raises(VaultUnreachable):
+        run(make_options(tmp_path, passphrase=b"the first one"))
+    vault.down = False
+
+    with pytest.raises(SetupConflict) as refused:
+        run(make_options(tmp_path, token="wrapping-2", passphrase=b"another one"))
+    assert str(refused.value) == f"the unfinished setup uses the passphrase saved in {pending(tmp_path)}, not the one given now"
+
+    report = run(make_options(tmp_path, token="wrapping-3", passphrase=b"the first one"))
+    assert report.resumed and disk.key == b"the first one"
+
+
+def test_a_setup_that_has_yet_to_write_to_vault_needs_a_token(tmp_path, disk, vault):
+    vault.down = True
+    with pytest.raises(VaultUnreachable):
+        run(make_options(tmp_path))
+
+    with pytest.raises(LuksctlError) as refused:
+        run(make_options(tmp_path, token=None))
+    assert str(refused.value) == "a Vault token is needed to store the passphrase: --wrapping-token-file FILE or --token-file FILE ('-' for stdin)"
+    assert disk.key is None and pending(tmp_path).exists()
 
 
 def test_a_resumed_setup_refuses_another_disk_attached_under_the_same_name(tmp_path, disk, vault):
@@ -658,7 +712,7 @@ def test_kill_during_mkfs_wipes_the_partial_filesystem_and_makes_it_again(tmp_pa
 
     run(make_options(tmp_path, token=None))
 
-    assert disk.events == ["wipefs --all", "mkfs.ext4 /dev/mapper/crypt", "mount -o nosuid,nodev"]
+    assert disk.events == ["wipefs --all", "mkfs.ext4 /dev/mapper/crypt", "mount /dev/mapper/crypt -o nosuid,nodev"]
     assert disk.argv_of("wipefs") == [["wipefs", "--all", MAPPER]]
 
 
@@ -731,7 +785,7 @@ def test_a_journal_that_recorded_no_disk_identity_is_resumed(tmp_path, disk, vau
     assert report.resumed and disk.key == vault.secrets[str(REF)].encode()
 
 
-@pytest.mark.parametrize("mounted_before_the_kill, rerun_events", [(False, ["mount -o nosuid,nodev"]), (True, [])])
+@pytest.mark.parametrize("mounted_before_the_kill, rerun_events", [(False, ["mount /dev/mapper/crypt -o nosuid,nodev"]), (True, [])])
 def test_kill_around_the_mount_resumes_with_the_mount_alone(tmp_path, disk, vault, monkeypatch, mounted_before_the_kill, rerun_events):
     """The mapper is open (ours: not "in use") and holds the filesystem already; mounted too, perhaps."""
     mount = volume.mount
@@ -746,10 +800,12 @@ def test_kill_around_the_mount_resumes_with_the_mount_alone(tmp_path, disk, vaul
         run(make_options(tmp_path))
     monkeypatch.setattr(volume, "mount", mount)
     disk.events.clear()
+    ini = make_options(tmp_path).ini_path.stat().st_ino
 
     report = run(make_options(tmp_path, token=None))
 
     assert disk.events == rerun_events and report.resumed and disk.mounted
+    assert make_options(tmp_path).ini_path.stat().st_ino == ini  # read, not written again
     assert setup.VOLUME_SUCCESS[0].exists() and not pending(tmp_path).exists()
 
 
@@ -778,12 +834,18 @@ def test_wipe_progress_is_json_lines_and_zeroes_everything(tmp_path, monkeypatch
     assert [line["percent"] for line in lines] == [66, 100] and lines[-1]["bytes_done"] == written
 
 
-def test_wipe_progress_on_a_tty_is_a_percentage(tmp_path):
-    err = io.StringIO()
-    progress = setup.Progress(json_lines=False, out=io.StringIO(), err=err, tty=True)
-    progress.wiped(50, 100)
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stderr, shown", [(Terminal, "\rwiping:   1% of 0 MiB\rwiping: 100% of 0 MiB\n"), (io.StringIO, "")])
+def test_wipe_progress_is_a_percentage_on_stderr_when_it_is_a_tty(stderr, shown):
+    err = stderr()
+    progress = setup.Progress(json_lines=False, out=io.StringIO(), err=err)
+    progress.wiped(1, 100)
     progress.wiped(100, 100)
-    assert err.getvalue() == "\rwiping:  50% of 0 MiB\rwiping: 100% of 0 MiB\n"
+    assert err.getvalue() == shown
 
 
 def test_wipe_progress_prints_each_percentage_once_and_counts_in_mib():
@@ -818,24 +880,50 @@ def test_progress_reaches_a_pipe_at_once(json_lines, report, shown):
         assert reader.read() == shown
 
 
-@pytest.mark.parametrize("json_lines", [True, False])
-def test_each_step_is_a_json_line_on_stdout_with_json_else_a_log_line(tmp_path, disk, vault, caplog, json_lines):
-    caplog.set_level(logging.INFO, logger="luksctl")
-    out = io.StringIO()
-    setup.run_setup(make_options(tmp_path), setup.Progress(json_lines=json_lines, out=out, err=io.StringIO(), tty=False))
+def step(name: str, message: str) -> dict:
+    return {"event": "step", "step": name, "message": message}
 
-    steps = [
-        ("passphrase", f"passphrase saved to {pending(tmp_path)} until setup completes"),
-        ("vault", f"storing the passphrase at {REF}"),
-        ("format", f"formatting {DEVICE} (LUKS2, aes-xts-plain64, 512-bit key)"),
-        ("encrypted", "LUKS encryption completed"),
-        ("mkfs", f"making a ext4 filesystem on {MAPPER}"),
-        ("done", "Volume setup completed"),
+
+@pytest.mark.parametrize("json_lines", [True, False])
+def test_each_step_is_a_json_line_on_stdout_with_json_else_a_log_line(tmp_path, disk, vault, zeroing, caplog, monkeypatch, json_lines):
+    caplog.set_level(logging.INFO, logger="luksctl")
+    monkeypatch.setattr(setup, "time", SimpleNamespace(monotonic=itertools.count(step=0.25).__next__))  # each timed step: 0.25 s
+    out = io.StringIO()
+    report = setup.run_setup(make_options(tmp_path, wipe=True), setup.Progress(json_lines=json_lines, out=out, err=io.StringIO(), tty=False))
+
+    lines = [
+        step("passphrase", f"passphrase saved to {pending(tmp_path)} until setup completes"),
+        step("vault", f"storing the passphrase at {REF}"),
+        step("format", f"formatting {DEVICE} (LUKS2, aes-xts-plain64, 512-bit key)"),
+        step("encrypted", "LUKS encryption completed"),
+        step("wipe", f"zeroing {MAPPER}"),
+        {"event": "wipe", "bytes_done": 1, "bytes_total": 2, "percent": 50},
+        {"event": "wipe", "bytes_done": 2, "bytes_total": 2, "percent": 100},
+        step("mkfs", f"making a ext4 filesystem on {MAPPER}"),
+        step("done", "Volume setup completed"),
     ]
-    lines = [{"event": "step", "step": name, "message": message} for name, message in steps]
-    logged = [("luksctl", logging.INFO, message) for _, message in steps]
+    logged = [("luksctl", logging.INFO, line["message"]) for line in lines if line["event"] == "step"]
     printed = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert (printed, caplog.record_tuples) == ((lines, []) if json_lines else ([], logged))
+    assert (printed, caplog.record_tuples) == ((lines, []) if json_lines else ([], logged))  # no warning either
+    assert zeroing == [MAPPER]
+    assert report == setup.SetupReport("mounted", DEVICE, UUID, changed=True, seconds={"vault": 0.25, "format": 0.25, "wipe": 0.25, "mkfs": 0.25})
+
+
+@pytest.mark.parametrize("vault_down, kill_at, done", [
+    (True, None, "nothing"),
+    (False, ("mkfs.ext4",), "vault-write-started, vault-written, format-started, formatted, header-saved, ini-written, wiped, mkfs-started"),
+])
+def test_a_resumed_setup_says_what_was_done_and_zeroes_the_volume_once(tmp_path, disk, vault, zeroing, vault_down, kill_at, done):
+    vault.down, disk.kill_at = vault_down, kill_at
+    with pytest.raises((VaultUnreachable, Killed)):
+        run(make_options(tmp_path, wipe=True))
+    vault.down = False
+    out = io.StringIO()
+
+    setup.run_setup(make_options(tmp_path, token="wrapping-2", wipe=True), setup.Progress(json_lines=True, out=out, err=io.StringIO(), tty=False))
+
+    assert json.loads(out.getvalue().splitlines()[0]) == step("resume", f"resuming the unfinished setup of {DEVICE} (done: {done})")
+    assert zeroing == [MAPPER]
 
 
 def test_step_timings_add_up_per_step_in_milliseconds(monkeypatch):
@@ -925,6 +1013,36 @@ def test_a_second_setup_is_refused_while_one_runs(tmp_path, disk, vault, capsys,
     assert code == 6 and disk.calls == [] and vault.unwrapped == []
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["event"] == "result" and "another luksctl setup" in result["error"]
+
+
+def test_a_kv_v2_secret_is_not_read_first_as_the_create_only_write_refuses_to_overwrite(tmp_path, disk, vault):
+    vault.capabilities = {"create", "update", "read"}
+    vault.secrets[str(REF)] = "someone else's"
+
+    with pytest.raises(SecretExists):
+        run(make_options(tmp_path))
+    assert disk.events == ["blkid -p", "vault write"] and vault.secrets[str(REF)] == "someone else's"
+
+
+def test_a_token_that_may_not_look_up_its_capabilities_still_writes(tmp_path, disk, vault):
+    vault.lookup_denied = True
+    report = run(make_options(tmp_path))
+    assert report.volume_state == "mounted" and vault.secrets == {str(REF): disk.key.decode()}
+
+
+def test_a_secret_stored_as_another_version_than_1_is_warned_about(tmp_path, disk, vault, caplog):
+    vault.version = 3
+    run(make_options(tmp_path))
+    assert [record for record in caplog.record_tuples if record[1] >= logging.WARNING] == [
+        ("luksctl", logging.WARNING, f"Vault stored the passphrase as version 3 of {REF}, not version 1")]
+
+
+def test_vault_is_reached_only_through_the_ca_bundle_given(tmp_path, disk, vault):
+    bundle = tmp_path / "no-such-ca.pem"
+    with pytest.raises(VaultError) as refused:
+        run(make_options(tmp_path, vault=replace(make_options(tmp_path).vault, ca_bundle=str(bundle))))
+    assert str(refused.value) == f"the CA bundle {bundle} cannot be loaded: No such file or directory"
+    assert disk.key is None and vault.unwrapped == []
 
 
 def test_kv_v1_secret_is_looked_for_first_when_the_token_may_read(tmp_path, disk, vault):
