@@ -243,8 +243,6 @@ def test_repr_hides_the_token(policies):
 
 def test_answer_cut_off_midway_is_unreachable_not_a_crash():
     """A write whose answer is cut off may or may not have landed: setup must see 'unreachable'."""
-    import socket
-
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -257,9 +255,11 @@ def test_answer_cut_off_midway_is_unreachable_not_a_crash():
 
     thread = threading.Thread(target=answer_half, daemon=True)
     thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
-        with pytest.raises(VaultUnreachable, match="cannot be reached"):
-            VaultClient(f"http://127.0.0.1:{listener.getsockname()[1]}", token="hvs.t", timeout=5, allow_http=True).write(new_ref(), "v", cas=0)
+        with pytest.raises(VaultUnreachable) as failed:
+            VaultClient(url, token="hvs.t", timeout=5, allow_http=True).write(new_ref(), "v", cas=0)
+        assert failed.value.message == f"Vault at {url} cannot be reached (write secret): IncompleteRead"
     finally:
         thread.join(5)
         listener.close()
@@ -365,3 +365,27 @@ def test_a_socket_tracked_after_the_deadline_expired_is_cut_at_once():
         deadline.track(unconnected)  # shutdown fails (not connected): ignored
         ours.settimeout(2)
         assert ours.recv(1) == b""
+
+
+def test_a_refused_connection_and_a_silent_vault_say_which_step_and_why(closed_port_url, silent_server_url):
+    ref = new_ref()
+    with pytest.raises(VaultUnreachable) as refused:
+        VaultClient(closed_port_url, token="hvs.t", timeout=5, allow_http=True).read(ref)
+    with pytest.raises(VaultUnreachable) as silent:
+        VaultClient(silent_server_url, token="hvs.t", timeout=0.3, deadline=5, allow_http=True).read(ref)
+
+    assert refused.value.message == f"Vault at {closed_port_url} cannot be reached (read secret): Connection refused"
+    assert silent.value.message == f"Vault at {silent_server_url} did not answer within 0.3 s (read secret)"
+
+
+@pytest.mark.parametrize(("kv_version", "cas", "or_exists"), [(2, 0, True), (2, 4, False), (2, None, False), (1, None, True)])
+def test_a_refused_write_says_the_path_may_hold_a_secret_only_where_a_create_only_policy_can_tell(local_server, kv_version, cas, or_exists):
+    """A create-only policy answers 403 to a create on an existing path (cas=0), and to any KV v1 write there."""
+    server = local_server(lambda seen, body: json_answer({"errors": ["permission denied"]}, 403))
+    ref = new_ref(kv_version=kv_version)
+
+    with pytest.raises(VaultWriteDenied) as refused:
+        VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).write(ref, "v", cas=cas)
+
+    assert refused.value.message == (f"Vault refused to write {ref}: the token may not write this path"
+                                     + (", or (with a create-only policy) the path already holds a secret" if or_exists else ""))
