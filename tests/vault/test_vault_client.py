@@ -389,3 +389,39 @@ def test_a_refused_write_says_the_path_may_hold_a_secret_only_where_a_create_onl
 
     assert refused.value.message == (f"Vault refused to write {ref}: the token may not write this path"
                                      + (", or (with a create-only policy) the path already holds a secret" if or_exists else ""))
+
+
+REF = SecretRef(KV2_ROOT, "a/b/storage_encryption", SECRET_KEY)
+
+
+@pytest.mark.parametrize(("answer", "capabilities"), [
+    ({REF.data_path: ["read"], "capabilities": ["read"]}, {"read"}),  # what Vault sends
+    ({REF.data_path: ["read"]}, {"read"}),
+    ({"capabilities": ["update"]}, {"update"}),
+    ({}, set()),
+    ({"capabilities": "root"}, set()),  # not a list: nothing is assumed
+])
+def test_capabilities_are_read_from_the_paths_key_or_the_summary(local_server, answer, capabilities):
+    server = local_server(lambda seen, body: json_answer(answer))
+    assert VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).capabilities(REF) == capabilities
+
+
+@pytest.mark.parametrize(("call", "status", "answer", "error", "message"), [
+    ("capabilities", 403, {}, VaultDenied, "Vault at {url} refused the capabilities lookup: permission denied"),
+    ("read", 401, {}, VaultDenied, "the token may not read secrets/a/b/storage_encryption; check its Vault policy"),
+    ("read", 404, {}, SecretNotFound, "no secret at secrets/a/b/storage_encryption (KV v2) at {url}"),
+    ("write", 400, {"errors": ["check-and-set parameter did not match the current version"]}, SecretExists,
+     "{ref} already holds a secret (version is not 0); it was not overwritten"),
+    ("write", 400, {"errors": ["no data provided"]}, VaultError, "Vault refused the write to {ref}: no data provided"),
+    ("write", 400, {}, VaultError, "Vault refused the write to {ref}: bad request"),
+    ("write", 200, {"data": {}}, VaultError, "Vault accepted the write to {ref} but did not report its version"),
+])
+def test_each_refusal_of_a_call_says_what_and_where(local_server, call, status, answer, error, message):
+    server = local_server(lambda seen, body: json_answer(answer, status))
+    client = VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True)
+    calls = {"capabilities": lambda: client.capabilities(REF), "read": lambda: client.read(REF), "write": lambda: client.write(REF, "v", cas=0)}
+
+    with pytest.raises(error) as refused:
+        calls[call]()
+
+    assert type(refused.value) is error and refused.value.message == message.format(url=server.url, ref=REF)
