@@ -716,12 +716,16 @@ def test_kill_during_mkfs_wipes_the_partial_filesystem_and_makes_it_again(tmp_pa
     assert disk.argv_of("wipefs") == [["wipefs", "--all", MAPPER]]
 
 
-@pytest.mark.parametrize("mounted, state", [(True, "mounted"), (False, "unmounted")])
-def test_a_finished_setup_run_again_changes_nothing(tmp_path, disk, vault, mounted, state):
+@pytest.mark.parametrize("mounted, state, rebooted", [(True, "mounted", False), (False, "unmounted", False), (False, "unmounted", True)])
+def test_a_finished_setup_run_again_changes_nothing(tmp_path, disk, vault, mounted, state, rebooted):
     run(make_options(tmp_path))
     disk.calls.clear()
     disk.events.clear()
     disk.mounted = mounted  # unmounted since: reported so, not mounted again
+    if rebooted:  # /var/run is a tmpfs: the success files are gone
+        disk.mapper_open = False
+        for path, _ in (setup.ENCRYPTION_SUCCESS, setup.VOLUME_SUCCESS):
+            path.unlink()
 
     report = run(make_options(tmp_path, token="wrapping-2"))
 

@@ -194,8 +194,9 @@ def validate_names(options: SetupOptions) -> None:
 
 
 def already_set_up(options: SetupOptions) -> VolumeConfig | None:
-    """The volume this command would make exists already: a re-run of a finished setup does nothing."""
-    if not options.ini_path.exists() or not all(path.exists() for path, _ in (ENCRYPTION_SUCCESS, VOLUME_SUCCESS)):
+    """The volume this command would make exists already: a re-run of a finished setup does nothing.
+    Its ini and the device's LUKS UUID tell, not the success files: a reboot empties /var/run."""
+    if not options.ini_path.exists():
         return None
     try:
         existing = load_volume_config(options.ini_path)
