@@ -646,7 +646,8 @@ def test_a_resumed_setup_refuses_a_device_no_longer_blank(tmp_path, disk, vault)
 
 @pytest.mark.parametrize("meanwhile, error, message", [
     ({"signature": "xfs", "partition_table": "dos"}, DeviceNotBlank,
-     f"{DEVICE} is not blank (signature xfs, partition table dos); setup changed nothing. If its content may be destroyed, run again with --force"),
+     f"{DEVICE} is not blank (signature xfs, partition table dos); it was not formatted, and the passphrase stays in <passphrase>. "
+     "If its content may be destroyed, run again with --force"),
     ({"busy": [f"{DEVICE} is mounted on /mnt", f"{DEVICE} is in use as swap"]}, DeviceInUse,
      f"{DEVICE} is in use: {DEVICE} is mounted on /mnt; {DEVICE} is in use as swap. It was not formatted"),
     ({"identity": OTHER_DISK}, SetupConflict,
@@ -665,7 +666,7 @@ def test_a_device_changed_during_the_vault_exchange_is_not_formatted(tmp_path, d
     monkeypatch.setattr(_Client, "write", the_device_changes_meanwhile)
     with pytest.raises(error) as refused:
         run(make_options(tmp_path))
-    assert str(refused.value) == message.replace("<journal>", str(tmp_path / "luks" / journal.STATE_FILE))
+    assert str(refused.value) == message.replace("<journal>", str(tmp_path / "luks" / journal.STATE_FILE)).replace("<passphrase>", str(pending(tmp_path)))
     assert disk.argv_of("cryptsetup", "luksFormat") == []
 
 

@@ -227,11 +227,11 @@ def check_device(options: SetupOptions, device: blockdev.BlockDevice, resuming: 
                 raise SetupConflict(f"a {what} already exists at {path}; setup never overwrites it. Move it away first")
 
 
-def require_blank(options: SetupOptions, device: blockdev.BlockDevice) -> None:
+def require_blank(options: SetupOptions, device: blockdev.BlockDevice, untouched: str = "setup changed nothing") -> None:
     found = blockdev.signatures(device)
     if found and not options.force:
         raise DeviceNotBlank(
-            f"{options.device} is not blank ({', '.join(found)}); setup changed nothing. "
+            f"{options.device} is not blank ({', '.join(found)}); {untouched}. "
             "If its content may be destroyed, run again with --force"
         )
 
@@ -244,8 +244,8 @@ def check_before_format(options: SetupOptions, record: Journal) -> None:
     busy = blockdev.users(device)
     if busy:
         raise DeviceInUse(f"{options.device} is in use: {'; '.join(busy)}. It was not formatted")
-    if not record.done(journal.FORMAT_STARTED):
-        require_blank(options, device)
+    if not record.done(journal.FORMAT_STARTED):  # the passphrase may be in Vault by now: say what was kept
+        require_blank(options, device, f"it was not formatted, and the passphrase stays in {record.passphrase_path}")
 
 
 def _require_same_disk(options: SetupOptions, state: dict, device: blockdev.BlockDevice) -> None:
