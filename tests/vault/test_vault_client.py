@@ -425,3 +425,32 @@ def test_each_refusal_of_a_call_says_what_and_where(local_server, call, status, 
         calls[call]()
 
     assert type(refused.value) is error and refused.value.message == message.format(url=server.url, ref=REF)
+
+
+def test_slashes_around_the_mount_and_path_are_dropped():
+    ref = SecretRef("/secrets/", "/sub/x@y/", SECRET_KEY)
+    assert (ref.data_path, ref.metadata_path) == ("secrets/data/sub/x@y", "secrets/metadata/sub/x@y")
+
+
+@pytest.mark.parametrize(("kv_version", "answer", "stored"), [
+    (2, {"data": {"data": {SECRET_KEY: "p"}, "metadata": {"version": 3}}}, ("p", 3)),
+    (2, {"data": {"data": {SECRET_KEY: "p"}, "metadata": {"version": "3"}}}, ("p", None)),  # not a number: unknown
+    (1, {"data": {SECRET_KEY: "p", "metadata": {"version": 3}}}, ("p", None)),  # KV v1 keeps no versions, whatever the secret holds
+])
+def test_read_takes_the_version_only_from_kv_v2s_metadata(local_server, kv_version, answer, stored):
+    server = local_server(lambda seen, body: json_answer(answer))
+    ref = SecretRef(KV2_ROOT if kv_version == 2 else KV1_ROOT, "a/b/storage_encryption", SECRET_KEY, kv_version)
+
+    secret = VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(ref)
+
+    assert (secret.value, secret.version) == stored
+
+
+@pytest.mark.parametrize("data", [[SECRET_KEY], {SECRET_KEY: ""}, {SECRET_KEY: 7}, {"other": "p"}])
+def test_a_secret_without_a_non_empty_string_at_its_key_is_not_found(local_server, data):
+    server = local_server(lambda seen, body: json_answer({"data": {"data": data}}))
+
+    with pytest.raises(SecretNotFound) as missing:
+        VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(REF)
+
+    assert missing.value.message == f"the secret {REF.where} has no non-empty key {SECRET_KEY!r}"
