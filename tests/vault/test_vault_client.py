@@ -18,7 +18,7 @@ from support.bao import ROOT_TOKEN
 from support.policies import READ_POLICY, WRITE_ONLY
 
 from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
-from luksctl.vault import Deadline, SecretRef, VaultClient
+from luksctl.vault import Deadline, PlainHttpRefused, SecretRef, VaultClient
 
 from .conftest import DELETE, KV1_ROOT, KV2_ROOT, READ_WRITE, SECRET_KEY, json_answer
 
@@ -454,3 +454,57 @@ def test_a_secret_without_a_non_empty_string_at_its_key_is_not_found(local_serve
         VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(REF)
 
     assert missing.value.message == f"the secret {REF.where} has no non-empty key {SECRET_KEY!r}"
+
+
+PATH_RULE = "must be non-empty '/'-separated names without '..' or spaces"
+
+
+@pytest.mark.parametrize(("mount", "path", "key", "kv_version", "message"), [
+    ("", "a/b", "k", 2, f"the secret mount '' {PATH_RULE}"),
+    ("sec rets", "a/b", "k", 2, f"the secret mount 'sec rets' {PATH_RULE}"),
+    ("secrets", "a/../b", "k", 2, f"the secret path 'a/../b' {PATH_RULE}"),
+    ("secrets", "a/./b", "k", 2, f"the secret path 'a/./b' {PATH_RULE}"),
+    ("secrets", "a//b", "k", 2, f"the secret path 'a//b' {PATH_RULE}"),
+    ("secrets", "a/b\tc", "k", 2, f"the secret path 'a/b\\tc' {PATH_RULE}"),
+    ("secrets", "a/b\x01", "k", 2, f"the secret path 'a/b\\x01' {PATH_RULE}"),
+    ("secrets", "/", "k", 2, f"the secret path '/' {PATH_RULE}"),
+    ("secrets", "a/b", "", 2, "the secret key must be non-empty"),
+    ("secrets", "a/b", "k", 3, "kv_version must be 1 or 2"),
+])
+def test_a_secret_ref_refuses_what_vault_would_misread(mount, path, key, kv_version, message):
+    with pytest.raises(ValueError) as refused:
+        SecretRef(mount, path, key, kv_version)
+    assert str(refused.value) == message
+
+
+def test_a_secret_ref_takes_the_characters_dashboards_use():
+    ref = SecretRef("/secrets/", "sub-1_a.b~c@d+e=f:g,h/storage_encryption/", "storage_encryption_key", 1)
+    assert ref.data_path == "secrets/sub-1_a.b~c@d+e=f:g,h/storage_encryption"
+
+
+@pytest.mark.parametrize("url", ["ftp://vault.example:8200", "https://", "https://user@vault.example", "https://vault.example?x=1",
+                                 "https://vault.example#f", "vault.example:8200"])
+def test_a_vault_url_that_is_not_one_is_refused(url):
+    with pytest.raises(VaultError) as refused:
+        VaultClient(url)
+    assert refused.value.message == f"the Vault URL {url!r} must look like https://vault.example:8200"
+
+
+def test_plain_http_is_refused_unless_allowed():
+    with pytest.raises(PlainHttpRefused) as refused:
+        VaultClient("http://vault.example:8200")
+    assert refused.value.message == "the Vault URL http://vault.example:8200 is plain http://: a token would cross the network unencrypted; use https://"
+    assert VaultClient("http://vault.example:8200/", allow_http=True).url == "http://vault.example:8200"
+
+
+@pytest.mark.parametrize(("timeout", "deadline", "accepted"), [
+    (600, None, True), (0.1, 600, True), (0, None, False), (600.5, None, False), (10, 0, False), (10, 601, False), (-1, 5, False),
+])
+def test_timeouts_are_bounded_to_600_seconds(timeout, deadline, accepted):
+    if accepted:
+        client = VaultClient("http://vault.example", timeout=timeout, deadline=deadline, allow_http=True)
+        assert (client.timeout, client.deadline) == (timeout, timeout if deadline is None else deadline)
+    else:
+        with pytest.raises(VaultError) as refused:
+            VaultClient("http://vault.example", timeout=timeout, deadline=deadline, allow_http=True)
+        assert refused.value.message == "the Vault timeout must be between 0 and 600 seconds"
