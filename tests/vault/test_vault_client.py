@@ -8,6 +8,7 @@ grants `create` only on secrets/data/<user>/*, and the token is created with
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import threading
 import time
@@ -508,3 +509,61 @@ def test_timeouts_are_bounded_to_600_seconds(timeout, deadline, accepted):
         with pytest.raises(VaultError) as refused:
             VaultClient("http://vault.example", timeout=timeout, deadline=deadline, allow_http=True)
         assert refused.value.message == "the Vault timeout must be between 0 and 600 seconds"
+
+
+@pytest.mark.parametrize(("status", "payload", "error", "message"), [
+    (503, b"{}", VaultUnreachable, "Vault at {url} is sealed or not initialised (read secret)"),
+    (500, b'{"errors": ["internal"]}', VaultUnreachable, "Vault at {url} failed during read secret"),
+    (502, b"", VaultUnreachable, "Vault at {url} failed during read secret"),
+    (504, b"", VaultUnreachable, "Vault at {url} failed during read secret"),
+    (429, b"{}", VaultUnreachable, "Vault at {url} is rate limiting us (read secret); try again later"),
+    (418, b'{"errors": ["teapot", "short"]}', VaultError, "Vault at {url} answered the read secret with HTTP 418: teapot; short"),
+    (405, b"{}", VaultError, "Vault at {url} answered the read secret with HTTP 405: no detail"),
+    (200, b"[1, 2]", VaultError, "Vault at {url} gave an answer that is not Vault's JSON (read secret)"),
+    (200, b"x" * (1024 * 1024 + 1), VaultError, "Vault at {url} sent more than 1048576 bytes (read secret)"),
+])
+def test_each_answer_vault_should_not_give_is_named_with_its_step(local_server, caplog, status, payload, error, message):
+    server = local_server(lambda seen, body: (status, {"Content-Type": "application/json"}, payload))
+
+    with caplog.at_level("WARNING", logger="luksctl.vault"), pytest.raises(error) as failed:
+        VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(REF)
+
+    assert type(failed.value) is error and failed.value.message == message.format(url=server.url)
+    if status in (500, 502, 504):  # the operator's log gets Vault's own words
+        assert caplog.messages == [f"Vault at {server.url} failed during read secret: HTTP {status} {'internal' if status == 500 else ''}"]
+
+
+def test_each_request_says_it_is_vaults_and_sends_json_and_the_token_only_when_there_is_one(local_server):
+    bodies = []
+
+    def respond(seen, body):
+        bodies.append(body)
+        return json_answer({"data": {"creation_path": "auth/token/create"}, "capabilities": ["read"]})
+
+    server = local_server(respond)
+    client = VaultClient(server.url, token="hvs.ours", timeout=5, allow_http=True)
+    client.wrapping_lookup("hvs.wrapping")
+    client.capabilities(REF)
+
+    lookup, capabilities = server.seen
+    assert (lookup.headers["x-vault-request"], lookup.headers["content-type"], "x-vault-token" in lookup.headers) == ("true", "application/json", False)
+    assert (capabilities.headers["x-vault-token"], capabilities.headers["content-type"]) == ("hvs.ours", "application/json")
+    assert [json.loads(body) for body in bodies] == [{"token": "hvs.wrapping"}, {"paths": [REF.data_path]}]
+
+
+def test_a_call_without_a_token_is_refused_before_anything_is_sent(local_server):
+    server = local_server(lambda seen, body: json_answer({}))
+    with pytest.raises(VaultError) as refused:
+        VaultClient(server.url, timeout=5, allow_http=True).read(REF)
+    assert refused.value.message == "no Vault token for the read secret" and server.seen == []
+
+
+def test_each_request_is_timed_for_the_caller_with_its_step(local_server):
+    server = local_server(lambda seen, body: json_answer({"data": {"data": {SECRET_KEY: "p"}}}))
+    timed = []
+    client = VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True, on_request=lambda step, seconds: timed.append((step, seconds)))
+
+    client.read(REF)
+    client.read(REF)
+
+    assert [step for step, _ in timed] == ["read secret", "read secret"] and all(0 < seconds < 5 for _, seconds in timed)
