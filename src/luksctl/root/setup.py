@@ -369,7 +369,7 @@ def write_ini(options: SetupOptions, uuid: str, passphrase: bytes, record: Journ
     return described
 
 
-def open_mapper(options: SetupOptions, described: VolumeConfig, passphrase: bytes) -> None:
+def open_mapper(options: SetupOptions, passphrase: bytes) -> None:
     if find_mapper_device(options.cryptdev) is None:
         volume.open_mapper(options.device, options.cryptdev, passphrase)
 
@@ -462,7 +462,7 @@ def run_setup(options: SetupOptions, progress: Progress) -> SetupReport:
     write_success(ENCRYPTION_SUCCESS)
     progress.step("encrypted", "LUKS encryption completed")
 
-    open_mapper(options, described, passphrase)
+    open_mapper(options, passphrase)
     if options.wipe and not record.done(journal.WIPED):
         progress.step("wipe", f"zeroing {described.mapper_path}")
         progress.timed("wipe", lambda: blockdev.zero_device(described.mapper_path, progress.wiped))
