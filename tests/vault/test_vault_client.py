@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import socket
 import threading
 import time
@@ -250,7 +251,13 @@ def test_answer_cut_off_midway_is_unreachable_not_a_crash():
 
     def answer_half():
         conn, _ = listener.accept()
-        conn.recv(65536)
+        request = b""
+        while b"\r\n\r\n" not in request:  # the whole request first: closing on unread bytes would send a reset instead
+            request += conn.recv(65536)
+        head, _, body = request.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            body += conn.recv(65536)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\"")
         conn.close()
 
