@@ -18,6 +18,7 @@ import uuid
 import pytest
 from support.bao import ROOT_TOKEN
 from support.policies import READ_POLICY, WRITE_ONLY
+from support.waiting import wait_until
 
 from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
 from luksctl.vault import Deadline, PlainHttpRefused, SecretRef, VaultClient
@@ -368,7 +369,7 @@ def test_a_socket_tracked_after_the_deadline_expired_is_cut_at_once():
     ours, theirs = socket.socketpair()
     unconnected = socket.socket()
     with ours, theirs, unconnected, Deadline(0.01) as deadline:
-        time.sleep(0.1)
+        wait_until(lambda: deadline.expired, 5, "the deadline's timer", interval=0.01)
         deadline.track(ours)
         deadline.track(unconnected)  # shutdown fails (not connected): ignored
         ours.settimeout(2)
