@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from lock_holder import lock_held_elsewhere, lock_is_free
-from luks_lab import LUKS_LAB_FAST as FAST
 from luks_lab import LUKS_LAB_FAST_NEW_SLOT as FAST_NEW_SLOT
 from luks_lab import LUKS_LAB_PASSPHRASE as PASSPHRASE
 from luks_lab import Lab
