@@ -424,11 +424,13 @@ def test_capabilities_are_read_from_the_paths_key_or_the_summary(local_server, a
     ("write", 400, {"errors": ["no data provided"]}, VaultError, "Vault refused the write to {ref}: no data provided"),
     ("write", 400, {}, VaultError, "Vault refused the write to {ref}: bad request"),
     ("write", 200, {"data": {}}, VaultError, "Vault accepted the write to {ref} but did not report its version"),
+    ("create", 500, {}, VaultUnreachable, "Vault at {url} failed during token create"),
 ])
 def test_each_refusal_of_a_call_says_what_and_where(local_server, call, status, answer, error, message):
     server = local_server(lambda seen, body: json_answer(answer, status))
     client = VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True)
-    calls = {"capabilities": lambda: client.capabilities(REF), "read": lambda: client.read(REF), "write": lambda: client.write(REF, "v", cas=0)}
+    calls = {"capabilities": lambda: client.capabilities(REF), "read": lambda: client.read(REF), "write": lambda: client.write(REF, "v", cas=0),
+             "create": lambda: client.create_wrapped_token(READ_POLICY, "300s")}
 
     with pytest.raises(error) as refused:
         calls[call]()
@@ -439,6 +441,7 @@ def test_each_refusal_of_a_call_says_what_and_where(local_server, call, status, 
 def test_slashes_around_the_mount_and_path_are_dropped():
     ref = SecretRef("/secrets/", "/sub/x@y/", SECRET_KEY)
     assert (ref.data_path, ref.metadata_path) == ("secrets/data/sub/x@y", "secrets/metadata/sub/x@y")
+    assert SecretRef("/X-kv/", "/a/bX/", SECRET_KEY, 1).data_path == "X-kv/a/bX"  # only slashes
 
 
 @pytest.mark.parametrize(("kv_version", "answer", "stored"), [
@@ -575,3 +578,18 @@ def test_each_request_is_timed_for_the_caller_with_its_step(local_server):
     client.read(REF)
 
     assert [step for step, _ in timed] == ["read secret", "read secret"] and all(0 < seconds < 5 for _, seconds in timed)
+
+
+def test_once_the_deadline_is_spent_no_further_request_is_sent(local_server):
+    """Only the revoke gets a grace period; every other call after the deadline fails at once."""
+    server = local_server(lambda seen, body: json_answer({}))
+    server.trickle = lambda seen: 1.0  # a byte a second: the 0.3 s deadline strikes mid-answer
+    client = VaultClient(server.url, token="hvs.t", timeout=5, deadline=0.3, allow_http=True)
+
+    with pytest.raises(VaultUnreachable):
+        client.read(REF)
+    with pytest.raises(VaultUnreachable) as spent:
+        client.read(REF)
+
+    assert spent.value.message == f"Vault at {server.url} did not answer within 0.3 s (read secret)"
+    assert len(server.seen) == 1
