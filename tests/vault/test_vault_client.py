@@ -549,17 +549,19 @@ def test_each_request_says_it_is_vaults_and_sends_json_and_the_token_only_when_t
 
     def respond(seen, body):
         bodies.append(body)
-        return json_answer({"data": {"creation_path": "auth/token/create"}, "capabilities": ["read"]})
+        return json_answer({"data": {"creation_path": "auth/token/create", "data": {SECRET_KEY: "p"}}, "capabilities": ["read"]})
 
     server = local_server(respond)
     client = VaultClient(server.url, token="hvs.ours", timeout=5, allow_http=True)
     client.wrapping_lookup("hvs.wrapping")
     client.capabilities(REF)
+    client.read(REF)
 
-    lookup, capabilities = server.seen
+    lookup, capabilities, read = server.seen
     assert (lookup.headers["x-vault-request"], lookup.headers["content-type"], "x-vault-token" in lookup.headers) == ("true", "application/json", False)
     assert (capabilities.headers["x-vault-token"], capabilities.headers["content-type"]) == ("hvs.ours", "application/json")
-    assert [json.loads(body) for body in bodies] == [{"token": "hvs.wrapping"}, {"paths": [REF.data_path]}]
+    assert [json.loads(body) for body in bodies[:2]] == [{"token": "hvs.wrapping"}, {"paths": [REF.data_path]}]
+    assert (bodies[2], "content-type" in read.headers) == (b"", False)  # a GET carries no body
 
 
 def test_a_call_without_a_token_is_refused_before_anything_is_sent(local_server):
