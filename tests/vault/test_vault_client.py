@@ -595,3 +595,12 @@ def test_once_the_deadline_is_spent_no_further_request_is_sent(local_server):
 
     assert spent.value.message == f"Vault at {server.url} did not answer within 0.3 s (read secret)"
     assert len(server.seen) == 1
+
+
+def test_each_request_is_logged_at_debug_with_its_step_and_time_left_and_no_token(local_server, caplog):
+    server = local_server(lambda seen, body: json_answer({"data": {"data": {SECRET_KEY: "the passphrase"}}}))
+
+    with caplog.at_level("DEBUG", logger="luksctl.vault"):
+        VaultClient(server.url, token="hvs.secret-token", timeout=5, allow_http=True).read(REF)
+
+    assert caplog.messages == [f"Vault at {server.url}: GET /v1/{REF.data_path} (read secret), 5.0 s left"]
