@@ -604,3 +604,13 @@ def test_each_request_is_logged_at_debug_with_its_step_and_time_left_and_no_toke
         VaultClient(server.url, token="hvs.secret-token", timeout=5, allow_http=True).read(REF)
 
     assert caplog.messages == [f"Vault at {server.url}: GET /v1/{REF.data_path} (read secret), 5.0 s left"]
+
+
+def test_a_redirect_is_refused_and_logged_with_its_step(local_server, caplog):
+    server = local_server(lambda seen, body: (307, {"Location": "http://127.0.0.1:1/v1/elsewhere"}, b""))
+
+    with caplog.at_level("WARNING", logger="luksctl.vault"), pytest.raises(VaultError) as refused:
+        VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(REF)
+
+    assert refused.value.message == f"Vault at {server.url} answered with a redirect; redirects are not followed"
+    assert caplog.messages == [f"Vault at {server.url} answered the read secret with a redirect; not followed"]
