@@ -614,3 +614,27 @@ def test_a_redirect_is_refused_and_logged_with_its_step(local_server, caplog):
 
     assert refused.value.message == f"Vault at {server.url} answered with a redirect; redirects are not followed"
     assert caplog.messages == [f"Vault at {server.url} answered the read secret with a redirect; not followed"]
+
+
+def test_the_deadline_is_shared_by_every_call_of_a_client(local_server):
+    """Each answer takes 0.4 s: two fit in the 1 s deadline, and the third gets what is left."""
+    def slow(seen, body):
+        time.sleep(0.4)
+        return json_answer({"data": {"data": {SECRET_KEY: "p"}}})
+
+    server = local_server(slow)
+    client = VaultClient(server.url, token="hvs.t", timeout=5, deadline=1, allow_http=True)
+    client.read(REF)
+    client.read(REF)
+
+    with pytest.raises(VaultUnreachable) as late:
+        client.read(REF)
+    assert late.value.message == f"Vault at {server.url} did not answer within 1 s (read secret)"
+
+
+def test_an_answer_of_exactly_the_size_limit_is_read(local_server):
+    answer = {"data": {"data": {SECRET_KEY: "p"}}, "pad": ""}
+    answer["pad"] = "x" * (1024 * 1024 - len(json.dumps(answer)))
+    server = local_server(lambda seen, body: (200, {}, json.dumps(answer).encode()))
+
+    assert VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(REF).value == "p"
