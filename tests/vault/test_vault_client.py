@@ -417,6 +417,7 @@ def test_capabilities_are_read_from_the_paths_key_or_the_summary(local_server, a
 
 @pytest.mark.parametrize(("call", "status", "answer", "error", "message"), [
     ("capabilities", 403, {}, VaultDenied, "Vault at {url} refused the capabilities lookup: permission denied"),
+    ("capabilities", 401, {}, VaultDenied, "Vault at {url} refused the capabilities lookup: permission denied"),
     ("read", 401, {}, VaultDenied, "the token may not read secrets/a/b/storage_encryption; check its Vault policy"),
     ("read", 404, {}, SecretNotFound, "no secret at secrets/a/b/storage_encryption (KV v2) at {url}"),
     ("write", 400, {"errors": ["check-and-set parameter did not match the current version"]}, SecretExists,
@@ -542,6 +543,8 @@ def test_each_answer_vault_should_not_give_is_named_with_its_step(local_server, 
     assert type(failed.value) is error and failed.value.message == message.format(url=server.url)
     if status in (500, 502, 504):  # the operator's log gets Vault's own words
         assert caplog.messages == [f"Vault at {server.url} failed during read secret: HTTP {status} {'internal' if status == 500 else ''}"]
+    if payload == b"[1, 2]":
+        assert caplog.messages == [f"Vault at {server.url} answered the read secret with no JSON object"]
 
 
 def test_each_request_says_it_is_vaults_and_sends_json_and_the_token_only_when_there_is_one(local_server):
