@@ -35,6 +35,11 @@ def new_ref(*, kv_version: int = 2) -> SecretRef:
     return SecretRef(root, f"sub-{uuid.uuid4().hex[:10]}/{uuid.uuid4()}/storage_encryption", SECRET_KEY, kv_version)
 
 
+def client_of(server) -> VaultClient:
+    """A client of a LocalServer, with a token: what most answer-shape tests need."""
+    return VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True)
+
+
 def root_read(bao, ref: SecretRef) -> dict:
     return bao.request("GET", ref.data_path).json()["data"]
 
@@ -394,7 +399,7 @@ def test_a_refused_write_says_the_path_may_hold_a_secret_only_where_a_create_onl
     ref = new_ref(kv_version=kv_version)
 
     with pytest.raises(VaultWriteDenied) as refused:
-        VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).write(ref, "v", cas=cas)
+        client_of(server).write(ref, "v", cas=cas)
 
     assert refused.value.message == (f"Vault refused to write {ref}: the token may not write this path"
                                      + (", or (with a create-only policy) the path already holds a secret" if or_exists else ""))
@@ -412,7 +417,7 @@ REF = SecretRef(KV2_ROOT, "a/b/storage_encryption", SECRET_KEY)
 ])
 def test_capabilities_are_read_from_the_paths_key_or_the_summary(local_server, answer, capabilities):
     server = local_server(lambda seen, body: json_answer(answer))
-    assert VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).capabilities(REF) == capabilities
+    assert client_of(server).capabilities(REF) == capabilities
 
 
 @pytest.mark.parametrize(("call", "status", "answer", "error", "message"), [
@@ -429,7 +434,7 @@ def test_capabilities_are_read_from_the_paths_key_or_the_summary(local_server, a
 ])
 def test_each_refusal_of_a_call_says_what_and_where(local_server, call, status, answer, error, message):
     server = local_server(lambda seen, body: json_answer(answer, status))
-    client = VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True)
+    client = client_of(server)
     calls = {"capabilities": lambda: client.capabilities(REF), "read": lambda: client.read(REF), "write": lambda: client.write(REF, "v", cas=0),
              "create": lambda: client.create_wrapped_token(READ_POLICY, "300s")}
 
@@ -454,7 +459,7 @@ def test_read_takes_the_version_only_from_kv_v2s_metadata(local_server, kv_versi
     server = local_server(lambda seen, body: json_answer(answer))
     ref = SecretRef(KV2_ROOT if kv_version == 2 else KV1_ROOT, "a/b/storage_encryption", SECRET_KEY, kv_version)
 
-    secret = VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(ref)
+    secret = client_of(server).read(ref)
 
     assert (secret.value, secret.version) == stored
 
@@ -464,7 +469,7 @@ def test_a_secret_without_a_non_empty_string_at_its_key_is_not_found(local_serve
     server = local_server(lambda seen, body: json_answer({"data": {"data": data}}))
 
     with pytest.raises(SecretNotFound) as missing:
-        VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(REF)
+        client_of(server).read(REF)
 
     assert missing.value.message == f"the secret {REF.where} has no non-empty key {SECRET_KEY!r}"
 
@@ -538,7 +543,7 @@ def test_each_answer_vault_should_not_give_is_named_with_its_step(local_server, 
     server = local_server(lambda seen, body: (status, {"Content-Type": "application/json"}, payload))
 
     with caplog.at_level("WARNING", logger="luksctl.vault"), pytest.raises(error) as failed:
-        VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(REF)
+        client_of(server).read(REF)
 
     assert type(failed.value) is error and failed.value.message == message.format(url=server.url)
     if status in (500, 502, 504):  # the operator's log gets Vault's own words
@@ -613,7 +618,7 @@ def test_a_redirect_is_refused_and_logged_with_its_step(local_server, caplog):
     server = local_server(lambda seen, body: (307, {"Location": "http://127.0.0.1:1/v1/elsewhere"}, b""))
 
     with caplog.at_level("WARNING", logger="luksctl.vault"), pytest.raises(VaultError) as refused:
-        VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(REF)
+        client_of(server).read(REF)
 
     assert refused.value.message == f"Vault at {server.url} answered with a redirect; redirects are not followed"
     assert caplog.messages == [f"Vault at {server.url} answered the read secret with a redirect; not followed"]
@@ -640,4 +645,4 @@ def test_an_answer_of_exactly_the_size_limit_is_read(local_server):
     answer["pad"] = "x" * (1024 * 1024 - len(json.dumps(answer)))
     server = local_server(lambda seen, body: (200, {}, json.dumps(answer).encode()))
 
-    assert VaultClient(server.url, token="hvs.t", timeout=5, allow_http=True).read(REF).value == "p"
+    assert client_of(server).read(REF).value == "p"
