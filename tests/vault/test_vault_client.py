@@ -21,7 +21,7 @@ from support.policies import READ_POLICY, WRITE_ONLY
 from support.waiting import wait_until
 
 from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
-from luksctl.vault import Deadline, PlainHttpRefused, SecretRef, VaultClient
+from luksctl.vault import Deadline, DeadlineExceeded, PlainHttpRefused, SecretRef, VaultClient
 
 from .conftest import DELETE, KV1_ROOT, KV2_ROOT, READ_WRITE, SECRET_KEY, json_answer
 
@@ -381,6 +381,17 @@ def test_a_socket_tracked_after_the_deadline_expired_is_cut_at_once():
         assert ours.recv(1) == b""
 
 
+def test_a_deadline_counts_down_and_is_spent_when_its_time_is_up_even_before_its_timer_fires():
+    """`left()` bounds each socket's timeout; past its end it refuses whether or not the timer has run."""
+    running = Deadline(30)
+    assert 29 < running.left() <= 30
+    unstarted = Deadline(0.01)  # its timer never starts: only the clock can say it is spent
+    time.sleep(0.02)
+    with pytest.raises(DeadlineExceeded) as spent:
+        unstarted.left()
+    assert str(spent.value) == "the 0.01 s deadline expired"
+
+
 def test_a_refused_connection_and_a_silent_vault_say_which_step_and_why(closed_port_url, silent_server_url):
     ref = new_ref()
     with pytest.raises(VaultUnreachable) as refused:
@@ -498,6 +509,7 @@ def test_a_secret_ref_refuses_what_vault_would_misread(mount, path, key, kv_vers
 def test_a_secret_ref_takes_the_characters_dashboards_use():
     ref = SecretRef("/secrets/", "sub-1_a.b~c@d+e=f:g,h/storage_encryption/", "storage_encryption_key", 1)
     assert ref.data_path == "secrets/sub-1_a.b~c@d+e=f:g,h/storage_encryption"
+    assert SecretRef("X", "X/Y", "k").data_path == "X/data/X/Y"
 
 
 @pytest.mark.parametrize("url", ["ftp://vault.example:8200", "https://", "https://user@vault.example", "https://vault.example?x=1",
@@ -513,10 +525,12 @@ def test_plain_http_is_refused_unless_allowed():
         VaultClient("http://vault.example:8200")
     assert refused.value.message == "the Vault URL http://vault.example:8200 is plain http://: a token would cross the network unencrypted; use https://"
     assert VaultClient("http://vault.example:8200/", allow_http=True).url == "http://vault.example:8200"
+    assert VaultClient("http://X/", allow_http=True).url == "http://X"
 
 
 @pytest.mark.parametrize(("timeout", "deadline", "accepted"), [
-    (600, None, True), (0.1, 600, True), (0, None, False), (600.5, None, False), (10, 0, False), (10, 601, False), (-1, 5, False),
+    (600, None, True), (0.1, 600, True), (0, None, False), (0, 5, False), (600.5, None, False), (600.5, 5, False), (10, 0, False),
+    (10, 601, False), (-1, 5, False),
 ])
 def test_timeouts_are_bounded_to_600_seconds(timeout, deadline, accepted):
     if accepted:
