@@ -493,7 +493,7 @@ class VaultClient:
         if status == 200 and response.body is None:
             log.warning("Vault at %s answered the %s with no JSON object", self.url, step)
             raise VaultError(f"Vault at {self.url} gave an answer that is not Vault's JSON ({step})")
-        return replace(response, body=response.body or {})
+        return response
 
     def _failed(self, step: str, reason: BaseException) -> ConnectionFailed:
         log.warning("Vault at %s: %s failed: %s: %s", self.url, step, reason.__class__.__name__, reason)
