@@ -11,6 +11,7 @@ import http.server
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -21,7 +22,7 @@ from support.policies import READ_POLICY, WRITE_ONLY
 from support.waiting import wait_until
 
 from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
-from luksctl.vault import Deadline, DeadlineExceeded, PlainHttpRefused, SecretRef, VaultClient
+from luksctl.vault import Deadline, DeadlineExceeded, PlainHttpRefused, SecretRef, VaultClient, request, tls_context
 
 from .conftest import DELETE, KV1_ROOT, KV2_ROOT, READ_WRITE, SECRET_KEY, json_answer
 
@@ -390,6 +391,38 @@ def test_a_deadline_counts_down_and_is_spent_when_its_time_is_up_even_before_its
     with pytest.raises(DeadlineExceeded) as spent:
         unstarted.left()
     assert str(spent.value) == "the 0.01 s deadline expired"
+
+
+def test_check_peer_gets_the_servers_der_certificate_and_what_it_raises_ends_the_request(self_signed_server):
+    """luksctl-client's pinning: it compares these bytes with the fingerprint it recorded."""
+    with open(self_signed_server.ca_bundle) as pem:
+        served = ssl.PEM_cert_to_DER_cert(pem.read())
+    seen = []
+    with Deadline(5) as deadline:
+        answer = request("GET", f"{self_signed_server.url}/v1/x", deadline=deadline, timeout=5, tls=tls_context(verify=False),
+                         headers={}, check_peer=seen.append)
+    assert (seen, answer) == ([served], (200, b"{}"))
+
+    def impostor(der: bytes) -> None:
+        raise ssl.SSLError("the certificate is not the one recorded")
+    with Deadline(5) as deadline, pytest.raises(ssl.SSLError, match="not the one recorded"):
+        request("GET", f"{self_signed_server.url}/v1/x", deadline=deadline, timeout=5, tls=tls_context(verify=False),
+                headers={}, check_peer=impostor)
+
+
+@pytest.mark.parametrize(("url", "dialled"), [("https://vault.example", ("vault.example", 443)),
+                                              ("http://vault.example/", ("vault.example", 80)),
+                                              ("https://vault.example:8200", ("vault.example", 8200))])
+def test_a_url_without_a_port_dials_the_schemes_port(monkeypatch, url, dialled):
+    addresses = []
+
+    def refuse(address, *args, **kwargs):
+        addresses.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with pytest.raises(VaultUnreachable):
+        VaultClient(url, token="hvs.t", timeout=5, allow_http=True).read(new_ref())
+    assert addresses == [dialled]
 
 
 def test_a_refused_connection_and_a_silent_vault_say_which_step_and_why(closed_port_url, silent_server_url):
