@@ -425,6 +425,14 @@ def test_a_url_without_a_port_dials_the_schemes_port(monkeypatch, url, dialled):
     assert addresses == [dialled]
 
 
+def test_request_sends_the_urls_path_with_its_query(local_server):
+    server = local_server(lambda seen, body: json_answer({}))
+    with Deadline(5) as deadline:
+        request("GET", f"{server.url}/v1/sys/mounts?list=true", deadline=deadline, timeout=5, tls=None, headers={})
+        request("GET", f"{server.url}/v1/sys/mounts", deadline=deadline, timeout=5, tls=None, headers={})
+    assert [seen.path for seen in server.seen] == ["/v1/sys/mounts?list=true", "/v1/sys/mounts"]
+
+
 def test_a_refused_connection_and_a_silent_vault_say_which_step_and_why(closed_port_url, silent_server_url):
     ref = new_ref()
     with pytest.raises(VaultUnreachable) as refused:
