@@ -7,6 +7,7 @@ grants `create` only on secrets/data/<user>/*, and the token is created with
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import re
@@ -15,6 +16,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 from support.bao import ROOT_TOKEN
@@ -250,34 +252,51 @@ def test_repr_hides_the_token(policies):
     assert repr(VaultClient(policies.url, timeout=5, allow_http=True)) == f"VaultClient({policies.url!r}, token=none)"
 
 
-def test_answer_cut_off_midway_is_unreachable_not_a_crash():
-    """A write whose answer is cut off may or may not have landed: setup must see 'unreachable'."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
+@contextlib.contextmanager
+def raw_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """One connection: reads the whole request, then `answer(conn)` writes what it likes."""
+    listener = socket.create_server(("127.0.0.1", 0))
 
-    def answer_half():
+    def serve():
         conn, _ = listener.accept()
-        request = b""
-        while b"\r\n\r\n" not in request:  # the whole request first: closing on unread bytes would send a reset instead
-            request += conn.recv(65536)
-        head, _, body = request.partition(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-        while len(body) < length:
-            body += conn.recv(65536)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\"")
-        conn.close()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:  # the whole request first: closing on unread bytes would send a reset instead
+                request += conn.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)) if b"ontent-" in head else 0
+            while len(body) < length:
+                body += conn.recv(65536)
+            with contextlib.suppress(OSError):
+                answer(conn)
 
-    thread = threading.Thread(target=answer_half, daemon=True)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
-        with pytest.raises(VaultUnreachable) as failed:
-            VaultClient(url, token="hvs.t", timeout=5, allow_http=True).write(new_ref(), "v", cas=0)
-        assert failed.value.message == f"Vault at {url} cannot be reached (write secret): IncompleteRead"
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         thread.join(5)
         listener.close()
+
+
+@pytest.mark.parametrize("declared", [100, 1024 * 1024])
+def test_answer_cut_off_midway_is_unreachable_not_a_crash(declared):
+    """A write whose answer is cut off may or may not have landed: setup must see 'unreachable'."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % declared
+    with raw_server(lambda conn: conn.sendall(head + b'{"data"')) as url, pytest.raises(VaultUnreachable) as failed:
+        VaultClient(url, token="hvs.t", timeout=5, allow_http=True).write(new_ref(), "v", cas=0)
+    assert failed.value.message == f"Vault at {url} cannot be reached (write secret): IncompleteRead"
+
+
+def test_an_endless_answer_without_a_length_is_refused_after_one_mib():
+    def endless(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+        while True:
+            conn.sendall(b"x" * 65536)
+
+    with raw_server(endless) as url, pytest.raises(VaultError) as refused:
+        VaultClient(url, token="hvs.t", timeout=5, allow_http=True).read(REF)
+    assert refused.value.message == f"Vault at {url} sent more than 1048576 bytes (read secret)"
 
 
 def test_create_wrapped_token_is_made_at_token_create_with_the_policy_and_wrap_ttl(policies):
