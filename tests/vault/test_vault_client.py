@@ -24,7 +24,7 @@ from support.policies import READ_POLICY, WRITE_ONLY
 from support.waiting import wait_until
 
 from luksctl.errors import SecretExists, SecretNotFound, VaultDenied, VaultError, VaultUnreachable, VaultWriteDenied, WrappingTokenInvalid
-from luksctl.vault import Deadline, DeadlineExceeded, PlainHttpRefused, SecretRef, VaultClient, request, tls_context
+from luksctl.vault import Deadline, DeadlineExceeded, PlainHttpRefused, RedirectRefused, SecretRef, VaultClient, request, tls_context
 
 from .conftest import DELETE, KV1_ROOT, KV2_ROOT, READ_WRITE, SECRET_KEY, json_answer
 
@@ -288,15 +288,33 @@ def test_answer_cut_off_midway_is_unreachable_not_a_crash(declared):
     assert failed.value.message == f"Vault at {url} cannot be reached (write secret): IncompleteRead"
 
 
-def test_an_endless_answer_without_a_length_is_refused_after_one_mib():
-    def endless(conn):
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
-        while True:
-            conn.sendall(b"x" * 65536)
+def endless(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+    while True:
+        conn.sendall(b"x" * 65536)
+
+
+def test_an_endless_answer_without_a_length_is_read_to_one_byte_past_one_mib_and_refused():
+    with raw_server(endless) as url, Deadline(5) as deadline:
+        status, raw = request("GET", f"{url}/v1/x", deadline=deadline, timeout=5, tls=None, headers={})
+    assert (status, len(raw)) == (200, 1024 * 1024 + 1)
 
     with raw_server(endless) as url, pytest.raises(VaultError) as refused:
         VaultClient(url, token="hvs.t", timeout=5, allow_http=True).read(REF)
     assert refused.value.message == f"Vault at {url} sent more than 1048576 bytes (read secret)"
+
+
+@pytest.mark.parametrize(("status", "refused"), [(299, False), (300, True), (399, True), (400, False)])
+def test_request_refuses_every_3xx_answer(local_server, status, refused):
+    server = local_server(lambda seen, body: (status, {"Location": "http://127.0.0.1:1/"}, b"{}"))
+    url = f"{server.url}/v1/x"
+    with Deadline(5) as deadline:
+        if refused:
+            with pytest.raises(RedirectRefused) as caught:
+                request("GET", url, deadline=deadline, timeout=5, tls=None, headers={})
+            assert str(caught.value) == f"{url} answered {status}"
+        else:
+            assert request("GET", url, deadline=deadline, timeout=5, tls=None, headers={}) == (status, b"{}")
 
 
 def test_create_wrapped_token_is_made_at_token_create_with_the_policy_and_wrap_ttl(policies):
