@@ -430,6 +430,17 @@ def test_a_deadline_counts_down_and_is_spent_when_its_time_is_up_even_before_its
     assert str(spent.value) == "the 0.01 s deadline expired"
 
 
+def test_a_deadline_fires_on_time_from_a_daemon_timer():
+    """Under a second too (a `VaultClient` deadline may be 0.1 s), and a pending timer never holds the process's exit."""
+    before = set(threading.enumerate())
+    with Deadline(0.3) as deadline:
+        started = time.monotonic()
+        (timer,) = [thread for thread in threading.enumerate() if thread not in before and isinstance(thread, threading.Timer)]
+        assert timer.daemon is True
+        wait_until(lambda: deadline.expired, 5, "the deadline's timer", interval=0.01)
+        assert 0.25 < time.monotonic() - started < 0.9
+
+
 def test_check_peer_gets_the_servers_der_certificate_and_what_it_raises_ends_the_request(self_signed_server):
     """luksctl-client's pinning: it compares these bytes with the fingerprint it recorded."""
     with open(self_signed_server.ca_bundle) as pem:
