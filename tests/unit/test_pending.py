@@ -45,13 +45,24 @@ def test_something_other_than_a_file_is_refused(tmp_path):
         store.read(ROTATION)
 
 
-def test_write_makes_a_missing_directory_private_parents_included(tmp_path):
+def test_write_makes_a_missing_directory_as_install_sh_does_and_its_file_private(tmp_path):
+    """The directory is the ini's (/etc/luks): made 0700, the ini setup writes into it later could not be read by the API user."""
     store = PendingStore(tmp_path / "etc" / "luks", "rotate")
+    umask = os.umask(0o077)  # a hardened root's
+    try:
+        store.write(ROTATION, b"{}")
+    finally:
+        os.umask(umask)
 
-    store.write(ROTATION, b"{}")
-
-    assert stat.S_IMODE((tmp_path / "etc" / "luks").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "etc" / "luks").stat().st_mode) == 0o755
+    assert stat.S_IMODE(store.path(ROTATION).stat().st_mode) == 0o600
     assert store.read(ROTATION) == b"{}"
+
+
+def test_write_leaves_an_existing_directorys_mode_alone(tmp_path):
+    (tmp_path / "luks").mkdir(mode=0o750)
+    PendingStore(tmp_path / "luks", "rotate").write(ROTATION, b"{}")
+    assert stat.S_IMODE((tmp_path / "luks").stat().st_mode) == 0o750
 
 
 def test_unfinished_names_every_file_of_an_operation(tmp_path):

@@ -15,6 +15,7 @@ removes its own, decommission removes all, report lists them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -81,7 +82,9 @@ class PendingStore:
 
     def write(self, name: str, data: bytes) -> None:
         """Atomically and durably, 0600; first removes what an earlier killed write of ours left."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # /etc/luks, made as install.sh makes it: the ini beside us is the API's
+            self.directory.mkdir(parents=True)
+            self.directory.chmod(0o755)  # whatever root's umask
         self.remove_temporaries()
         write_atomically(self.path(name), data, mode=0o600)
 
