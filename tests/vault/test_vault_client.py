@@ -264,8 +264,8 @@ def raw_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
             while b"\r\n\r\n" not in request:  # the whole request first: closing on unread bytes would send a reset instead
                 request += conn.recv(65536)
             head, _, body = request.partition(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)) if b"ontent-" in head else 0
-            while len(body) < length:
+            declared = re.search(rb"(?i)content-length: *(\d+)", head)
+            while len(body) < (int(declared.group(1)) if declared else 0):
                 body += conn.recv(65536)
             with contextlib.suppress(OSError):
                 answer(conn)
