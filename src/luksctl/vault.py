@@ -244,7 +244,7 @@ class SecretRef:
 
     @property
     def where(self) -> str:
-        return f"{self.mount}/{self.path}"
+        return f"{self.mount.strip('/')}/{self.path.strip('/')}"
 
     def __str__(self) -> str:
         return f"{self.where} (key {self.key!r}, KV v{self.kv_version})"

@@ -598,6 +598,7 @@ def test_a_secret_ref_refuses_what_vault_would_misread(mount, path, key, kv_vers
 def test_a_secret_ref_takes_the_characters_dashboards_use():
     ref = SecretRef("/secrets/", "sub-1_a.b~c@d+e=f:g,h/storage_encryption/", "storage_encryption_key", 1)
     assert ref.data_path == "secrets/sub-1_a.b~c@d+e=f:g,h/storage_encryption"
+    assert str(ref) == "secrets/sub-1_a.b~c@d+e=f:g,h/storage_encryption (key 'storage_encryption_key', KV v1)"
     assert SecretRef("X", "X/Y", "k").data_path == "X/data/X/Y"
 
 
