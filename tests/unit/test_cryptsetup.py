@@ -353,6 +353,17 @@ def test_a_started_reencryption_is_read_from_the_luks2_requirements(recorder):
     assert header.volume_key_digest == "old"
 
 
+def test_luks2_fields_the_metadata_leaves_out_read_as_unknown(recorder):
+    """A header with no passphrase keyslot, no data segment and a recovery token naming no keyslot: reported, never an error."""
+    recorder.stdout = json.dumps({"keyslots": {"1": {"type": "reencrypt", "key_size": 1}}, "segments": {},
+                                  "tokens": {"2": {"type": cryptsetup.RECOVERY_TOKEN}}})
+
+    header = cryptsetup.read_header(DEVICE)
+
+    assert (header.cipher, header.key_size, header.keyslots, header.recovery_tokens) == ("unknown", 0, {}, {2: []})
+    assert (header.reencrypting, header.volume_key_digest) == (False, "")
+
+
 BACKUP = cryptsetup.DEFAULT_HEADER_BACKUP
 
 
