@@ -354,9 +354,9 @@ def test_a_started_reencryption_is_read_from_the_luks2_requirements(recorder):
 
 
 def test_luks2_fields_the_metadata_leaves_out_read_as_unknown(recorder):
-    """A header with no passphrase keyslot, no data segment and a recovery token naming no keyslot: reported, never an error."""
+    """No passphrase keyslot, no data segment, a token and a digest naming nothing: reported, never an error."""
     recorder.stdout = json.dumps({"keyslots": {"1": {"type": "reencrypt", "key_size": 1}}, "segments": {},
-                                  "tokens": {"2": {"type": cryptsetup.RECOVERY_TOKEN}}})
+                                  "tokens": {"2": {"type": cryptsetup.RECOVERY_TOKEN}}, "digests": {"0": {"digest": "of no segment"}}})
 
     header = cryptsetup.read_header(DEVICE)
 
