@@ -200,6 +200,26 @@ def test_a_luks1_field_cryptsetup_leaves_out_reads_as_unknown(monkeypatch):
     assert (header.version, header.uuid, header.cipher, header.key_size, header.keyslots) == (1, "f0e0-uuid", "aes", 0, {})
 
 
+JSON_DUMP = runner.Result(["cryptsetup", "luksDump", "--dump-json-metadata", DEVICE], 1, "", "Unsupported LUKS version 3.")
+NOT_LUKS = runner.Result(["cryptsetup", "luksDump", DEVICE], 1, "", "Device is not a valid LUKS device.")
+NOT_LUKS1 = runner.Result(["cryptsetup", "luksDump", DEVICE], 0, "LUKS header information\nVersion:       \t3\n", "")
+
+
+@pytest.mark.parametrize(("text_dump", "what", "shown"), [
+    (NOT_LUKS, f"dump the header of {DEVICE}", NOT_LUKS),
+    (NOT_LUKS1, f"dump the LUKS2 metadata of {DEVICE}", JSON_DUMP),  # the JSON dump's failure says why
+], ids=["no dump at all", "neither LUKS2 JSON nor LUKS1 text"])
+def test_a_header_neither_dump_reads_names_the_dump_that_failed(monkeypatch, text_dump, what, shown):
+    answers = [runner.Result(["cryptsetup", "luksUUID", DEVICE], 0, "f0e0-uuid\n", ""), JSON_DUMP, text_dump]
+    monkeypatch.setattr(runner, "run", lambda argv, **kw: answers.pop(0) if answers[0].argv == argv else pytest.fail(f"unexpected {argv}"))
+
+    with pytest.raises(CommandFailed) as failed:
+        cryptsetup.read_header(DEVICE)
+
+    assert failed.value.message == f"cryptsetup could not {what}"
+    assert (failed.value.argv, failed.value.returncode, failed.value.stderr) == (shown.argv, shown.returncode, shown.stderr)
+
+
 def test_close_of_a_busy_mapper_is_volume_busy(recorder):
     recorder.returncode = cryptsetup.BUSY
 
