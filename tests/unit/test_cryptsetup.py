@@ -373,10 +373,11 @@ def test_a_started_reencryption_is_read_from_the_luks2_requirements(recorder):
     assert header.volume_key_digest == "old"
 
 
-def test_luks2_fields_the_metadata_leaves_out_read_as_unknown(recorder):
+@pytest.mark.parametrize("digests", [None, {"0": {"digest": "of no segment"}}], ids=["no digests", "a digest naming no segment"])
+def test_luks2_fields_the_metadata_leaves_out_read_as_unknown(recorder, digests):
     """No passphrase keyslot, no data segment, a token and a digest naming nothing: reported, never an error."""
-    recorder.stdout = json.dumps({"keyslots": {"1": {"type": "reencrypt", "key_size": 1}}, "segments": {},
-                                  "tokens": {"2": {"type": cryptsetup.RECOVERY_TOKEN}}, "digests": {"0": {"digest": "of no segment"}}})
+    metadata = {"keyslots": {"1": {"type": "reencrypt", "key_size": 1}}, "segments": {}, "tokens": {"2": {"type": cryptsetup.RECOVERY_TOKEN}}}
+    recorder.stdout = json.dumps(metadata if digests is None else {**metadata, "digests": digests})
 
     header = cryptsetup.read_header(DEVICE)
 
